@@ -1,0 +1,530 @@
+//! The connection state machine after the upgrade: frames in, events out.
+//!
+//! Owns framing rules that span frames (fragmentation, control frames between fragments, UTF-8
+//! across fragments, the closing handshake, size limits) and the replies the protocol obliges
+//! (a pong for each ping, the close echo, the close that fails a connection). It reads from a
+//! caller's `BytesMut` and never does IO, never allocates per frame on the unfragmented path,
+//! and never copies a payload unless a message arrives in several fragments.
+
+use std::collections::VecDeque;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::{
+    close::CloseFrame,
+    error::ProtocolError,
+    frame::{encode_frame, FrameHeader, OpCode},
+    limits::Limits,
+    mask::apply_mask,
+    utf8::{Utf8Bytes, Utf8Validator},
+};
+
+/// Which end of the connection a codec speaks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Expects masked frames, sends unmasked ones.
+    Server,
+    /// Expects unmasked frames, sends masked ones.
+    Client,
+}
+
+/// What the peer sent, one whole message or control frame at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A complete text message, validated as UTF-8.
+    Text(Utf8Bytes),
+    /// A complete binary message.
+    Binary(Bytes),
+    /// A ping. The matching pong is already queued; see [`Codec::poll_transmit`].
+    Ping(Bytes),
+    /// A pong.
+    Pong(Bytes),
+    /// The peer's close frame (`None` when it carried no code). If this side had not sent a
+    /// close yet, the echo is queued and the handshake is complete: the server should flush and
+    /// close the TCP connection.
+    Close(Option<CloseFrame>),
+}
+
+/// Progress of the closing handshake (RFC 6455 §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseState {
+    /// Data flows both ways.
+    Open,
+    /// This side sent a close frame and waits for the peer's.
+    CloseSent,
+    /// Both close frames have been exchanged (or the echo is queued). Nothing more is read.
+    Closed,
+    /// The peer broke the protocol; the failing close frame is queued. Nothing more is read.
+    Failed,
+}
+
+/// The frame whose header has been consumed and whose payload is still arriving.
+#[derive(Debug, Clone, Copy)]
+struct Partial {
+    header: FrameHeader,
+    /// Payload bytes at the front of the caller's buffer already unmasked and validated.
+    done: usize,
+}
+
+/// A message arriving in several fragments, reassembled here.
+#[derive(Debug)]
+struct Fragmented {
+    text: bool,
+    data: BytesMut,
+}
+
+/// A sans-IO WebSocket connection.
+///
+/// Drive it in this order, repeating while the connection lives:
+/// 1. read bytes from the socket onto the end of a `BytesMut`;
+/// 2. call [`Codec::poll_event`] with that buffer until it returns `Ok(None)`, handling each
+///    event (an `Err` means the connection has failed);
+/// 3. send what [`Codec::poll_transmit`] returns (pongs, close frames), then your own frames;
+/// 4. once [`Codec::close_state`] is `Closed` or `Failed` and the transmits are flushed, close
+///    the socket (a server closes first, RFC 6455 §7.1.1).
+///
+/// Bytes left in the buffer after `poll_event` returns `Ok(None)` belong to a frame still
+/// arriving; some may already be unmasked in place. Keep them, in order, at the front of the
+/// next buffer you pass (moving them to another buffer is fine).
+#[derive(Debug)]
+pub struct Codec {
+    role: Role,
+    state: CloseState,
+    limits: Limits,
+    partial: Option<Partial>,
+    fragmented: Option<Fragmented>,
+    utf8: Utf8Validator,
+    owed: VecDeque<Bytes>,
+    /// SplitMix64 state for client masking keys.
+    mask_state: u64,
+}
+
+impl Codec {
+    /// A server-side codec.
+    pub fn server(limits: Limits) -> Self {
+        Self::new(Role::Server, limits, 0)
+    }
+
+    /// A client-side codec. `seed` starts the generator of masking keys; take it from a random
+    /// source (RFC 6455 §5.3 asks for keys an intermediary cannot predict). The generator is
+    /// SplitMix64: fast, not cryptographic.
+    pub fn client(limits: Limits, seed: u64) -> Self {
+        Self::new(Role::Client, limits, seed)
+    }
+
+    /// A codec for `role`.
+    pub fn new(role: Role, limits: Limits, seed: u64) -> Self {
+        Self {
+            role,
+            state: CloseState::Open,
+            limits,
+            partial: None,
+            fragmented: None,
+            utf8: Utf8Validator::new(),
+            owed: VecDeque::new(),
+            mask_state: seed,
+        }
+    }
+
+    /// The role this codec plays.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Where the closing handshake stands.
+    pub fn close_state(&self) -> CloseState {
+        self.state
+    }
+
+    /// Whether data frames may still be sent: no close frame has gone out.
+    pub fn can_send(&self) -> bool {
+        self.state == CloseState::Open
+    }
+
+    /// The payload length of the frame now arriving, if its header has been read. A caller can
+    /// size its buffer for the whole frame at once.
+    pub fn partial_frame_len(&self) -> Option<usize> {
+        self.partial.map(|p| p.header.payload_len as usize)
+    }
+
+    /// Parses the next event from the front of `buf`.
+    ///
+    /// Returns `Ok(None)` when `buf` holds no complete frame, and always after the connection
+    /// is closed or failed. Payloads are split off `buf` without copying, except for messages
+    /// in several fragments, which are reassembled.
+    ///
+    /// # Errors
+    /// The peer broke the protocol. The failing close frame (with
+    /// [`ProtocolError::close_code`]) is queued for [`Codec::poll_transmit`] and the state is
+    /// `Failed`.
+    pub fn poll_event(&mut self, buf: &mut BytesMut) -> Result<Option<Event>, ProtocolError> {
+        loop {
+            if matches!(self.state, CloseState::Closed | CloseState::Failed) {
+                return Ok(None);
+            }
+            let mut partial = match self.partial {
+                Some(p) => p,
+                None => {
+                    let parsed = FrameHeader::parse(buf).map_err(|e| self.fail(e))?;
+                    let Some((header, header_len)) = parsed else {
+                        return Ok(None);
+                    };
+                    self.check_header(&header).map_err(|e| self.fail(e))?;
+                    buf.advance(header_len);
+                    Partial { header, done: 0 }
+                }
+            };
+            // check_header bounded the length by max_frame_bytes, a usize.
+            let len = partial.header.payload_len as usize;
+            let avail = buf.len().min(len);
+            if avail > partial.done {
+                let fresh = &mut buf[partial.done..avail];
+                if let Some(key) = partial.header.mask {
+                    apply_mask(fresh, key, partial.done);
+                }
+                if self.is_text(partial.header.opcode) {
+                    // Validate as bytes arrive, so bad text fails before the frame ends.
+                    if self.utf8.feed(fresh).is_err() {
+                        return Err(self.fail(ProtocolError::InvalidUtf8));
+                    }
+                }
+                partial.done = avail;
+            }
+            if avail < len {
+                self.partial = Some(partial);
+                return Ok(None);
+            }
+            self.partial = None;
+            let payload = buf.split_to(len).freeze();
+            if let Some(event) = self.complete_frame(partial.header, payload)? {
+                return Ok(Some(event));
+            }
+        }
+    }
+
+    /// The next frame the protocol obliges this side to send (pong, close echo, failing close),
+    /// fully encoded.
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        self.owed.pop_front()
+    }
+
+    /// Starts the closing handshake by queueing a close frame (`None` sends one with no code).
+    /// Returns `false`, queueing nothing, if a close frame was already sent or the connection
+    /// already failed.
+    pub fn close(&mut self, frame: Option<CloseFrame>) -> bool {
+        if self.state != CloseState::Open {
+            return false;
+        }
+        self.queue_close(frame.as_ref());
+        self.state = CloseState::CloseSent;
+        true
+    }
+
+    /// Encodes one data frame into `dst`, masked when this is a client. Call it only while
+    /// [`Codec::can_send`] holds (RFC 6455 §5.5.1: no data after a close frame).
+    pub fn encode_frame(&mut self, fin: bool, opcode: OpCode, payload: &[u8], dst: &mut BytesMut) {
+        let mask = self.next_mask();
+        encode_frame(dst, fin, opcode, payload, mask);
+    }
+
+    fn next_mask(&mut self) -> Option<[u8; 4]> {
+        if self.role == Role::Server {
+            return None;
+        }
+        // SplitMix64 (Steele, Lea, Flood 2014).
+        self.mask_state = self.mask_state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.mask_state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        Some((z as u32).to_ne_bytes())
+    }
+
+    fn is_text(&self, opcode: OpCode) -> bool {
+        match opcode {
+            OpCode::Text => true,
+            OpCode::Continuation => self.fragmented.as_ref().is_some_and(|f| f.text),
+            _ => false,
+        }
+    }
+
+    /// Per-frame rules that need no payload: RFC 6455 §5.1, §5.2, §5.4, §5.5 and the limits.
+    fn check_header(&self, h: &FrameHeader) -> Result<(), ProtocolError> {
+        if h.rsv != 0 {
+            return Err(ProtocolError::ReservedBits);
+        }
+        match (self.role, h.mask.is_some()) {
+            (Role::Server, false) => return Err(ProtocolError::UnmaskedFrame),
+            (Role::Client, true) => return Err(ProtocolError::MaskedFrame),
+            _ => {}
+        }
+        if h.opcode.is_control() {
+            if !h.fin {
+                return Err(ProtocolError::FragmentedControl);
+            }
+            if h.payload_len > 125 {
+                return Err(ProtocolError::ControlTooLong(h.payload_len));
+            }
+            return Ok(());
+        }
+        match (h.opcode, &self.fragmented) {
+            (OpCode::Continuation, None) => return Err(ProtocolError::UnexpectedContinuation),
+            (OpCode::Text | OpCode::Binary, Some(_)) => {
+                return Err(ProtocolError::ExpectedContinuation)
+            }
+            _ => {}
+        }
+        if h.payload_len > self.limits.max_frame_bytes as u64 {
+            return Err(ProtocolError::FrameTooLarge {
+                size: h.payload_len,
+                max: self.limits.max_frame_bytes,
+            });
+        }
+        let so_far = self.fragmented.as_ref().map_or(0, |f| f.data.len() as u64);
+        let total = so_far.saturating_add(h.payload_len);
+        if total > self.limits.max_message_bytes as u64 {
+            return Err(ProtocolError::MessageTooLarge {
+                size: total,
+                max: self.limits.max_message_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Handles a frame whose payload is complete (unmasked, and for text validated so far).
+    /// Returns the event it finishes, if any.
+    fn complete_frame(
+        &mut self,
+        header: FrameHeader,
+        payload: Bytes,
+    ) -> Result<Option<Event>, ProtocolError> {
+        match header.opcode {
+            OpCode::Text | OpCode::Binary if header.fin => self
+                .finish_message(header.opcode == OpCode::Text, payload)
+                .map(Some),
+            OpCode::Text | OpCode::Binary => {
+                self.fragmented = Some(Fragmented {
+                    text: header.opcode == OpCode::Text,
+                    data: BytesMut::from(&payload[..]),
+                });
+                Ok(None)
+            }
+            OpCode::Continuation => {
+                let frag = self
+                    .fragmented
+                    .as_mut()
+                    .expect("check_header rejects a continuation with no message");
+                frag.data.extend_from_slice(&payload);
+                if !header.fin {
+                    return Ok(None);
+                }
+                let frag = self.fragmented.take().expect("checked just above");
+                self.finish_message(frag.text, frag.data.freeze()).map(Some)
+            }
+            OpCode::Ping => {
+                if self.state == CloseState::Open {
+                    let mut pong = BytesMut::with_capacity(payload.len() + 14);
+                    let mask = self.next_mask();
+                    encode_frame(&mut pong, true, OpCode::Pong, &payload, mask);
+                    self.owed.push_back(pong.freeze());
+                }
+                Ok(Some(Event::Ping(payload)))
+            }
+            OpCode::Pong => Ok(Some(Event::Pong(payload))),
+            OpCode::Close => {
+                let frame = CloseFrame::parse(&payload).map_err(|e| self.fail(e))?;
+                if self.state == CloseState::Open {
+                    // Echo the code we received (§5.5.1); an empty close gets an empty echo.
+                    let echo = frame.as_ref().map(|f| CloseFrame {
+                        code: f.code,
+                        reason: Utf8Bytes::new(),
+                    });
+                    self.queue_close(echo.as_ref());
+                }
+                self.state = CloseState::Closed;
+                Ok(Some(Event::Close(frame)))
+            }
+        }
+    }
+
+    fn finish_message(&mut self, text: bool, payload: Bytes) -> Result<Event, ProtocolError> {
+        if !text {
+            return Ok(Event::Binary(payload));
+        }
+        if self.utf8.finish().is_err() {
+            return Err(self.fail(ProtocolError::InvalidUtf8));
+        }
+        Ok(Event::Text(Utf8Bytes::from_validated(payload)))
+    }
+
+    fn queue_close(&mut self, frame: Option<&CloseFrame>) {
+        let payload = frame.map(CloseFrame::to_payload).unwrap_or_default();
+        let mut out = BytesMut::with_capacity(payload.len() + 14);
+        let mask = self.next_mask();
+        encode_frame(&mut out, true, OpCode::Close, &payload, mask);
+        self.owed.push_back(out.freeze());
+    }
+
+    /// Fails the connection: queue a close with the error's code unless one went out already.
+    fn fail(&mut self, err: ProtocolError) -> ProtocolError {
+        if self.state == CloseState::Open {
+            let frame = CloseFrame::new(err.close_code(), &err.to_string());
+            self.queue_close(Some(&frame));
+        }
+        self.state = CloseState::Failed;
+        self.partial = None;
+        self.fragmented = None;
+        err
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::close::CloseCode;
+
+    fn client_frame(opcode: OpCode, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        encode_frame(
+            &mut buf,
+            fin,
+            opcode,
+            payload,
+            Some([0x11, 0x22, 0x33, 0x44]),
+        );
+        buf.to_vec()
+    }
+
+    fn events(codec: &mut Codec, bytes: &[u8]) -> Vec<Result<Event, ProtocolError>> {
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        loop {
+            match codec.poll_event(&mut buf) {
+                Ok(Some(ev)) => out.push(Ok(ev)),
+                Ok(None) => return out,
+                Err(e) => {
+                    out.push(Err(e));
+                    return out;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unfragmented_text_is_delivered_without_copy() {
+        let mut codec = Codec::server(Limits::default());
+        let bytes = client_frame(OpCode::Text, true, b"hello");
+        let mut buf = BytesMut::from(&bytes[..]);
+        let payload_ptr = buf[6..].as_ptr();
+        let ev = codec.poll_event(&mut buf).unwrap().unwrap();
+        match ev {
+            Event::Text(t) => {
+                assert_eq!(t.as_str(), "hello");
+                assert_eq!(t.as_ptr(), payload_ptr, "payload must be split, not copied");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn fragments_with_a_ping_between_reassemble() {
+        let mut codec = Codec::server(Limits::default());
+        let mut bytes = client_frame(OpCode::Text, false, "frag".as_bytes());
+        bytes.extend(client_frame(OpCode::Ping, true, b"p"));
+        bytes.extend(client_frame(OpCode::Continuation, true, "ment".as_bytes()));
+        let evs = events(&mut codec, &bytes);
+        assert_eq!(
+            evs,
+            vec![
+                Ok(Event::Ping(Bytes::from_static(b"p"))),
+                Ok(Event::Text(Utf8Bytes::from_static("fragment"))),
+            ]
+        );
+        assert_eq!(
+            codec.poll_transmit().unwrap(),
+            Bytes::from_static(&[0x8A, 1, b'p'])
+        );
+    }
+
+    #[test]
+    fn unmasked_client_frame_fails_with_1002() {
+        let mut codec = Codec::server(Limits::default());
+        let evs = events(&mut codec, &[0x81, 0x01, b'x']);
+        assert_eq!(evs, vec![Err(ProtocolError::UnmaskedFrame)]);
+        let close = codec.poll_transmit().unwrap();
+        assert_eq!(&close[..4], &[0x88, close[1], 0x03, 0xEA]);
+        assert_eq!(codec.close_state(), CloseState::Failed);
+    }
+
+    #[test]
+    fn oversized_frame_fails_on_the_header_alone() {
+        let mut codec = Codec::server(Limits::default().with_max_frame_bytes(10));
+        let bytes = client_frame(OpCode::Binary, true, &[0; 11]);
+        let evs = events(&mut codec, &bytes[..8]);
+        assert_eq!(
+            evs,
+            vec![Err(ProtocolError::FrameTooLarge { size: 11, max: 10 })]
+        );
+        let close = codec.poll_transmit().unwrap();
+        assert_eq!(&close[2..4], &1009u16.to_be_bytes());
+    }
+
+    #[test]
+    fn invalid_utf8_fails_before_the_frame_is_complete() {
+        let mut codec = Codec::server(Limits::default());
+        let bytes = client_frame(OpCode::Text, true, b"abc\xFFdefghijkl");
+        // Header (6 bytes) plus the first 4 payload bytes only.
+        let evs = events(&mut codec, &bytes[..10]);
+        assert_eq!(evs, vec![Err(ProtocolError::InvalidUtf8)]);
+    }
+
+    #[test]
+    fn close_is_echoed_with_its_code() {
+        let mut codec = Codec::server(Limits::default());
+        let evs = events(
+            &mut codec,
+            &client_frame(OpCode::Close, true, b"\x03\xE8bye"),
+        );
+        assert_eq!(
+            evs,
+            vec![Ok(Event::Close(Some(CloseFrame::new(
+                CloseCode::NORMAL,
+                "bye"
+            ))))]
+        );
+        assert_eq!(
+            codec.poll_transmit().unwrap(),
+            Bytes::from_static(&[0x88, 2, 0x03, 0xE8])
+        );
+        assert_eq!(codec.close_state(), CloseState::Closed);
+    }
+
+    #[test]
+    fn close_after_our_close_completes_without_a_second_echo() {
+        let mut codec = Codec::server(Limits::default());
+        assert!(codec.close(Some(CloseFrame::new(CloseCode::GOING_AWAY, "bye"))));
+        assert!(!codec.close(None));
+        let _ours = codec.poll_transmit().unwrap();
+        let evs = events(&mut codec, &client_frame(OpCode::Close, true, b"\x03\xE9"));
+        assert_eq!(evs.len(), 1);
+        assert!(codec.poll_transmit().is_none());
+        assert_eq!(codec.close_state(), CloseState::Closed);
+    }
+
+    #[test]
+    fn client_masks_and_server_reads_it() {
+        let mut client = Codec::client(Limits::default(), 42);
+        let mut server = Codec::server(Limits::default());
+        let mut wire = BytesMut::new();
+        client.encode_frame(true, OpCode::Binary, b"payload", &mut wire);
+        assert_ne!(
+            &wire[wire.len() - 7..],
+            b"payload",
+            "client frames are masked"
+        );
+        let ev = server.poll_event(&mut wire).unwrap().unwrap();
+        assert_eq!(ev, Event::Binary(Bytes::from_static(b"payload")));
+    }
+}
