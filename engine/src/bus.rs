@@ -1,0 +1,71 @@
+//! Messages into a shard from other threads.
+//!
+//! Owns each shard's inbox: a crossbeam channel plus a waker the shard's inbox task registers,
+//! so a sender wakes a parked shard without the shard ever polling in a loop. It carries only
+//! commands for now (stop); cross-shard fan-out travels the same way.
+
+use std::{future::poll_fn, sync::Arc, task::Poll};
+
+use atomic_waker::AtomicWaker;
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+/// A command for one shard.
+#[derive(Debug)]
+pub(crate) enum ShardMsg {
+    /// Stop accepting, close every connection with 1001, and exit within the shutdown timeout.
+    Stop,
+}
+
+/// The sending side, held by the engine handle (any thread).
+#[derive(Debug, Clone)]
+pub(crate) struct Mailbox {
+    tx: Sender<ShardMsg>,
+    waker: Arc<AtomicWaker>,
+}
+
+/// The receiving side, owned by the shard.
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    rx: Receiver<ShardMsg>,
+    waker: Arc<AtomicWaker>,
+}
+
+pub(crate) fn channel() -> (Mailbox, Inbox) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let waker = Arc::new(AtomicWaker::new());
+    (
+        Mailbox {
+            tx,
+            waker: waker.clone(),
+        },
+        Inbox { rx, waker },
+    )
+}
+
+impl Mailbox {
+    /// Delivers `msg` and wakes the shard. Gives the message back if the shard has exited.
+    pub(crate) fn send(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
+        self.tx.send(msg).map_err(|e| e.into_inner())?;
+        self.waker.wake();
+        Ok(())
+    }
+}
+
+impl Inbox {
+    /// Waits for the next message; `None` once every mailbox is gone.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: a message is only taken out of the channel when it is returned.
+    pub(crate) async fn recv(&self) -> Option<ShardMsg> {
+        poll_fn(|cx| {
+            // Register before looking, so a send between the look and the return still wakes us.
+            self.waker.register(cx.waker());
+            match self.rx.try_recv() {
+                Ok(msg) => Poll::Ready(Some(msg)),
+                Err(TryRecvError::Disconnected) => Poll::Ready(None),
+                Err(TryRecvError::Empty) => Poll::Pending,
+            }
+        })
+        .await
+    }
+}

@@ -1,0 +1,369 @@
+//! Engine configuration: every tunable and limit, its default, and its validation.
+//!
+//! Owns [`EngineConfig`] and its sections, their TOML form, and [`EngineConfig::validate`].
+//! All defaults live in the `Default` impls here and nowhere else. Nothing is clamped: a value
+//! out of range is a [`ConfigError`] at startup.
+
+use std::{net::SocketAddr, time::Duration};
+
+use ringcast_protocol::Limits;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// Everything an [`Engine`](crate::Engine) needs to run. Load it from TOML with
+/// [`EngineConfig::from_toml`] or build it in code from `EngineConfig::default()`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct EngineConfig {
+    /// Address every shard listens on, each with its own `SO_REUSEPORT` socket so the kernel
+    /// spreads connections across shards. Default `127.0.0.1:9000`. Port 0 picks a free port
+    /// once; all shards share it.
+    pub listen: SocketAddr,
+    /// Number of shards (threads, each with its own io_uring). Default 0: one per CPU the
+    /// process may run on. Each shard costs one thread, one ring and one read buffer.
+    pub shards: usize,
+    /// Pin shard `i` to the `i`-th CPU the process may run on (wrapping). Default true.
+    pub pin_shards: bool,
+    /// IO driver. Default `io-uring`; starting fails if io_uring is unavailable unless this is
+    /// `epoll`, which must be chosen explicitly.
+    pub driver: Driver,
+    /// Limits on what peers may send and on what is queued for them.
+    pub limits: LimitsConfig,
+    /// Deadlines.
+    pub timeouts: TimeoutsConfig,
+    /// Socket and buffer settings.
+    pub io: IoConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+            shards: 0,
+            pin_shards: true,
+            driver: Driver::IoUring,
+            limits: LimitsConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+            io: IoConfig::default(),
+        }
+    }
+}
+
+/// Which kernel interface the shards use for IO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Driver {
+    /// io_uring, with readiness for sockets and completions for accepts and timers.
+    IoUring,
+    /// epoll. Only when asked for: hosts with io_uring disabled, or comparisons.
+    Epoll,
+}
+
+impl Driver {
+    /// The name used in config files and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::IoUring => "io-uring",
+            Driver::Epoll => "epoll",
+        }
+    }
+}
+
+/// What happens when a message is sent to a connection whose outbound queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum OverflowPolicy {
+    /// Close the connection with 1008 "slow consumer": for streams that must not lose data.
+    Disconnect,
+    /// Drop the new message and count it: for loss-tolerant streams.
+    DropNewest,
+}
+
+/// Limits. Each is enforced; reaching one gives the peer a close code or an HTTP status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct LimitsConfig {
+    /// Largest frame payload a peer may send, in bytes. Default 16 MiB. Over it: close 1009,
+    /// decided on the header alone. Memory: one frame is buffered whole.
+    pub max_frame_bytes: usize,
+    /// Largest message a peer may send, summed over fragments, in bytes. Default 16 MiB. Over
+    /// it: close 1009. Memory: a fragmented message is reassembled in one buffer.
+    pub max_message_bytes: usize,
+    /// Largest upgrade request head, in bytes. Default 8 KiB. Over it: HTTP 431.
+    pub max_header_bytes: usize,
+    /// Bytes that may wait in one connection's outbound queue. Default 1 MiB. A message that
+    /// would cross it is handled by `outbound_overflow`, except that an empty queue always takes
+    /// one message (so a message larger than the limit can still be sent once). Reading from
+    /// the connection pauses while half of it is used, so a peer that sends without reading
+    /// is slowed rather than buffered. Memory: up to this much per connection, shared payloads
+    /// counted once per connection.
+    pub max_outbound_bytes: usize,
+    /// What to do with a message that does not fit `max_outbound_bytes`. Default `disconnect`.
+    pub outbound_overflow: OverflowPolicy,
+    /// Connections one shard holds at once. Default 65536. At the limit the shard stops
+    /// accepting (new connections wait in the kernel backlog) until one closes. Keep
+    /// shards x this below the open-files limit. Memory: the slab grows to the peak count.
+    pub max_connections_per_shard: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let protocol = Limits::default();
+        Self {
+            max_frame_bytes: protocol.max_frame_bytes,
+            max_message_bytes: protocol.max_message_bytes,
+            max_header_bytes: protocol.max_header_bytes,
+            max_outbound_bytes: 1 << 20,
+            outbound_overflow: OverflowPolicy::Disconnect,
+            max_connections_per_shard: 65_536,
+        }
+    }
+}
+
+/// Deadlines, written in TOML as `"10s"`, `"250ms"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TimeoutsConfig {
+    /// Time a new connection has to send its whole upgrade request. Default 10 s. Past it:
+    /// HTTP 408 and close, so half-sent requests cannot hold sockets.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Time the peer has to answer our close frame, and then to close TCP after we shut down
+    /// our side. Default 5 s. Past it the socket is closed regardless.
+    #[serde(with = "humantime_serde")]
+    pub close_timeout: Duration,
+    /// Time a stopping shard gives its connections to finish the closing handshake. Default
+    /// 10 s. Past it the remaining sockets are closed.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Socket and buffer settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct IoConfig {
+    /// Size of each shard's read buffer, in bytes. Default 64 KiB. Every read of every
+    /// connection on the shard goes here first; only an unfinished frame's bytes are copied to
+    /// the connection. One read takes at most this much from one socket.
+    pub read_buffer_bytes: usize,
+    /// Reads one connection may do before other connections on the shard get a turn.
+    /// Default 16 (so up to 16 x `read_buffer_bytes` per turn).
+    pub max_reads_per_turn: usize,
+    /// Accept backlog per listener (the kernel also caps it at `net.core.somaxconn`).
+    /// Default 4096.
+    pub listen_backlog: u32,
+    /// Set `TCP_NODELAY` on accepted sockets. Default true: frames leave at once.
+    pub tcp_nodelay: bool,
+    /// Submission queue entries of each shard's io_uring. Default 1024.
+    pub uring_entries: u32,
+    /// Keep the upgrade request head (path, headers) for the connection's lifetime, readable
+    /// through [`ConnInfo`](crate::ConnInfo). Default true. Memory: the head's size per
+    /// connection (often 200 to 600 bytes); when false only the request target is kept.
+    pub keep_request_head: bool,
+}
+
+impl Default for IoConfig {
+    fn default() -> Self {
+        Self {
+            read_buffer_bytes: 64 << 10,
+            max_reads_per_turn: 16,
+            listen_backlog: 4096,
+            tcp_nodelay: true,
+            uring_entries: 1024,
+            keep_request_head: true,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Parses a TOML document; absent keys take their defaults.
+    ///
+    /// # Errors
+    /// [`ConfigError::Toml`] for syntax errors, unknown keys (named in the message) or values
+    /// of the wrong type. Call [`EngineConfig::validate`] for range checks.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Toml(e.to_string()))
+    }
+
+    /// The configuration as TOML, every key present.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("EngineConfig always serializes")
+    }
+
+    /// Sets [`EngineConfig::listen`].
+    #[must_use]
+    pub fn with_listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// Sets [`EngineConfig::shards`].
+    #[must_use]
+    pub fn with_shards(mut self, shards: usize) -> Self {
+        self.shards = shards;
+        self
+    }
+
+    /// Sets [`EngineConfig::driver`].
+    #[must_use]
+    pub fn with_driver(mut self, driver: Driver) -> Self {
+        self.driver = driver;
+        self
+    }
+
+    /// Sets [`EngineConfig::pin_shards`].
+    #[must_use]
+    pub fn with_pin_shards(mut self, pin: bool) -> Self {
+        self.pin_shards = pin;
+        self
+    }
+
+    /// Checks every value against its range.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first key out of range and why.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let t = &self.timeouts;
+        let io = &self.io;
+        check(
+            self.shards <= 1024,
+            "shards",
+            "must be at most 1024 (0 = one per CPU)",
+        )?;
+        check(
+            l.max_frame_bytes > 0,
+            "limits.max_frame_bytes",
+            "must be > 0",
+        )?;
+        check(
+            l.max_message_bytes > 0,
+            "limits.max_message_bytes",
+            "must be > 0",
+        )?;
+        check(
+            l.max_header_bytes >= 256,
+            "limits.max_header_bytes",
+            "must be >= 256 so that a minimal upgrade request fits",
+        )?;
+        check(
+            l.max_outbound_bytes > 0,
+            "limits.max_outbound_bytes",
+            "must be > 0",
+        )?;
+        check(
+            (1..=(1 << 24)).contains(&l.max_connections_per_shard),
+            "limits.max_connections_per_shard",
+            "must be between 1 and 16777216",
+        )?;
+        for (value, key) in [
+            (t.handshake_timeout, "timeouts.handshake_timeout"),
+            (t.close_timeout, "timeouts.close_timeout"),
+            (t.shutdown_timeout, "timeouts.shutdown_timeout"),
+        ] {
+            check(!value.is_zero(), key, "must be > 0")?;
+        }
+        check(
+            io.read_buffer_bytes >= 1024,
+            "io.read_buffer_bytes",
+            "must be >= 1024",
+        )?;
+        check(
+            io.max_reads_per_turn > 0,
+            "io.max_reads_per_turn",
+            "must be > 0",
+        )?;
+        check(io.listen_backlog > 0, "io.listen_backlog", "must be > 0")?;
+        check(
+            (8..=32768).contains(&io.uring_entries),
+            "io.uring_entries",
+            "must be between 8 and 32768",
+        )?;
+        Ok(())
+    }
+
+    /// The protocol limits these settings imply.
+    pub(crate) fn protocol_limits(&self) -> Limits {
+        Limits::default()
+            .with_max_frame_bytes(self.limits.max_frame_bytes)
+            .with_max_message_bytes(self.limits.max_message_bytes)
+            .with_max_header_bytes(self.limits.max_header_bytes)
+    }
+}
+
+fn check(ok: bool, key: &'static str, why: &'static str) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid { key, why })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip_through_toml() {
+        let config = EngineConfig::default();
+        config.validate().unwrap();
+        let text = config.to_toml();
+        assert!(text.contains("handshake_timeout = \"10s\""), "{text}");
+        assert_eq!(EngineConfig::from_toml(&text).unwrap(), config);
+    }
+
+    #[test]
+    fn partial_toml_keeps_other_defaults() {
+        let config = EngineConfig::from_toml(
+            "shards = 2\ndriver = \"epoll\"\n[timeouts]\nclose_timeout = \"250ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.shards, 2);
+        assert_eq!(config.driver, Driver::Epoll);
+        assert_eq!(config.timeouts.close_timeout, Duration::from_millis(250));
+        assert_eq!(config.timeouts.handshake_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        let err = EngineConfig::from_toml("[limits]\nmax_frame_byte = 3\n").unwrap_err();
+        assert!(err.to_string().contains("max_frame_byte"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_their_key() {
+        let mut config = EngineConfig::default();
+        config.io.read_buffer_bytes = 10;
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::Invalid {
+                key: "io.read_buffer_bytes",
+                why: "must be >= 1024"
+            })
+        );
+        let mut config = EngineConfig::default();
+        config.timeouts.close_timeout = Duration::ZERO;
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("close_timeout"));
+    }
+}

@@ -1,0 +1,432 @@
+//! Connections: ids, the slab entry, and the shard's table of them.
+//!
+//! Owns everything one connection holds between events (protocol state, outbound queue, the
+//! unfinished tail of its input, its deadline, its upgrade facts) and the table operations a
+//! handler can reach through `Ctx`: send, close, look up by id. It performs no reads or writes
+//! itself; `shard.rs` drives the socket.
+
+use std::{fmt, net::SocketAddr, pin::Pin, sync::Arc, task::Waker, time::Duration};
+
+use bytes::BytesMut;
+use monoio::{net::tcp::stream_poll::TcpStreamPoll, time::Sleep};
+use ringcast_protocol::{
+    CloseCode, CloseFrame, Codec, FrameHeader, HeadReader, Limits, UpgradeRequest,
+};
+use slab::Slab;
+use tracing::warn;
+
+use crate::{
+    config::{EngineConfig, OverflowPolicy},
+    handler::{CloseInfo, CloseInitiator, Enqueue, Frame, Message},
+    metrics::ShardMetrics,
+    outbound::Outbound,
+};
+
+/// Identifies a shard: its index, from 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShardId(pub(crate) u16);
+
+impl ShardId {
+    /// The shard's index, from 0 to `shards - 1`.
+    pub fn index(self) -> usize {
+        usize::from(self.0)
+    }
+}
+
+impl fmt::Display for ShardId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Identifies a connection for its whole life: shard, slot, and a generation that makes an id
+/// kept after the connection closed miss, rather than reach the next connection in its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    shard: ShardId,
+    slot: u32,
+    gen: u32,
+}
+
+impl ConnId {
+    /// The shard that owns the connection.
+    pub fn shard(self) -> ShardId {
+        self.shard
+    }
+}
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.shard.0, self.slot, self.gen)
+    }
+}
+
+/// What the upgrade told us about a connection, kept for its lifetime.
+#[derive(Debug)]
+pub struct ConnInfo {
+    peer: SocketAddr,
+    target: Box<str>,
+    subprotocol: Option<Box<str>>,
+    head: Option<Box<[u8]>>,
+}
+
+impl ConnInfo {
+    /// The peer's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The request target (path and query) of the upgrade; empty before the upgrade completes.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// The path of the upgrade request, without the query.
+    pub fn path(&self) -> &str {
+        self.target.split_once('?').map_or(&self.target, |(p, _)| p)
+    }
+
+    /// The query string of the upgrade request, if any.
+    pub fn query(&self) -> Option<&str> {
+        self.target.split_once('?').map(|(_, q)| q)
+    }
+
+    /// The subprotocol selected at the upgrade.
+    pub fn subprotocol(&self) -> Option<&str> {
+        self.subprotocol.as_deref()
+    }
+
+    /// The whole upgrade request, headers included, re-read from the kept head. `None` when
+    /// `io.keep_request_head` is false.
+    pub fn request(&self) -> Option<UpgradeRequest<'_>> {
+        self.head
+            .as_deref()
+            .and_then(|h| UpgradeRequest::parse(h).ok())
+    }
+
+    /// The first header with this name (ASCII case-insensitive), from the kept head.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.request().and_then(|r| r.header(name))
+    }
+}
+
+/// Where a connection is in its life.
+#[derive(Debug)]
+pub(crate) enum Phase {
+    /// Reading the upgrade request.
+    Handshake(HeadReader),
+    /// Upgraded: frames flow.
+    Open(Codec),
+    /// The last bytes (an HTTP error, the final close frame) are queued: flush them, then shut
+    /// down our side.
+    Flushing,
+    /// Our side is shut down: read and discard until the peer closes or the deadline passes.
+    Draining,
+}
+
+/// One connection's state between events: a slab entry.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) gen: u32,
+    pub(crate) io: TcpStreamPoll,
+    pub(crate) phase: Phase,
+    pub(crate) out: Outbound,
+    /// Received bytes of a frame (or head) that is not complete yet. Empty (unallocated) for
+    /// an idle connection.
+    pub(crate) tail: BytesMut,
+    pub(crate) waker: Option<Waker>,
+    pub(crate) deadline: Option<Pin<Box<Sleep>>>,
+    pub(crate) info: ConnInfo,
+    /// How the connection is ending, once that is known.
+    pub(crate) close: Option<CloseInfo>,
+    /// `on_open` ran, so `on_close` is owed.
+    pub(crate) opened: bool,
+}
+
+impl Conn {
+    pub(crate) fn new(gen: u32, io: TcpStreamPoll, peer: SocketAddr, timeout: Duration) -> Self {
+        Self {
+            gen,
+            io,
+            phase: Phase::Handshake(HeadReader::new()),
+            out: Outbound::default(),
+            tail: BytesMut::new(),
+            waker: None,
+            deadline: Some(Box::pin(monoio::time::sleep(timeout))),
+            info: ConnInfo {
+                peer,
+                target: Box::from(""),
+                subprotocol: None,
+                head: None,
+            },
+            close: None,
+            opened: false,
+        }
+    }
+
+    /// Records the upgrade's facts.
+    pub(crate) fn set_upgraded(&mut self, req: &UpgradeRequest<'_>, head: &[u8], keep: bool) {
+        self.info.target = Box::from(req.target());
+        self.info.head = keep.then(|| Box::from(head));
+    }
+
+    pub(crate) fn set_subprotocol(&mut self, subprotocol: Option<String>) {
+        self.info.subprotocol = subprotocol.map(String::into_boxed_str);
+    }
+
+    /// Moves the codec's owed frames (pongs, close frames) onto the outbound queue. They are
+    /// control frames: never subject to the outbound limit.
+    pub(crate) fn drain_transmits(&mut self) {
+        if let Phase::Open(codec) = &mut self.phase {
+            while let Some(frame) = codec.poll_transmit() {
+                self.out.push_encoded(frame);
+            }
+        }
+    }
+
+    /// Arms (or re-arms) the connection's single deadline.
+    pub(crate) fn set_deadline(&mut self, after: Duration) {
+        self.deadline = Some(Box::pin(monoio::time::sleep(after)));
+    }
+
+    /// Records how the connection ends, unless that is already known.
+    pub(crate) fn note_close(&mut self, code: CloseCode, reason: &str, by: CloseInitiator) {
+        if self.close.is_none() {
+            self.close = Some(CloseInfo {
+                code,
+                reason: reason.to_owned(),
+                initiator: by,
+            });
+        }
+    }
+
+    fn wake(&mut self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// Per-shard settings copied out of the config, read on the hot path.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) limits: Limits,
+    pub(crate) max_outbound_bytes: usize,
+    pub(crate) overflow: OverflowPolicy,
+    pub(crate) max_connections: usize,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) close_timeout: Duration,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) read_buffer_bytes: usize,
+    pub(crate) max_reads_per_turn: usize,
+    pub(crate) keep_request_head: bool,
+    pub(crate) tcp_nodelay: bool,
+}
+
+impl Settings {
+    pub(crate) fn new(config: &EngineConfig) -> Self {
+        Self {
+            limits: config.protocol_limits(),
+            max_outbound_bytes: config.limits.max_outbound_bytes,
+            overflow: config.limits.outbound_overflow,
+            max_connections: config.limits.max_connections_per_shard,
+            handshake_timeout: config.timeouts.handshake_timeout,
+            close_timeout: config.timeouts.close_timeout,
+            shutdown_timeout: config.timeouts.shutdown_timeout,
+            read_buffer_bytes: config.io.read_buffer_bytes,
+            max_reads_per_turn: config.io.max_reads_per_turn,
+            keep_request_head: config.io.keep_request_head,
+            tcp_nodelay: config.io.tcp_nodelay,
+        }
+    }
+}
+
+/// A shard's connections and the operations on them.
+#[derive(Debug)]
+pub(crate) struct ConnTable {
+    pub(crate) shard: ShardId,
+    pub(crate) conns: Slab<Conn>,
+    pub(crate) settings: Settings,
+    pub(crate) metrics: Arc<ShardMetrics>,
+    next_gen: u32,
+    /// Set once the shard stops: no new connections, every open one is being closed.
+    pub(crate) stopping: bool,
+    /// The accept loop, parked while the table is full.
+    pub(crate) accept_waker: Option<Waker>,
+    /// The shard's main task, parked while stopping until the table is empty.
+    pub(crate) empty_waker: Option<Waker>,
+}
+
+impl ConnTable {
+    pub(crate) fn new(shard: ShardId, settings: Settings, metrics: Arc<ShardMetrics>) -> Self {
+        Self {
+            shard,
+            conns: Slab::new(),
+            settings,
+            metrics,
+            next_gen: 0,
+            stopping: false,
+            accept_waker: None,
+            empty_waker: None,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Adds a connection in its handshake phase; returns its slab key.
+    pub(crate) fn insert(&mut self, io: TcpStreamPoll, peer: SocketAddr) -> (usize, u32) {
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let gen = self.next_gen;
+        let conn = Conn::new(gen, io, peer, self.settings.handshake_timeout);
+        (self.conns.insert(conn), gen)
+    }
+
+    pub(crate) fn id_of(&self, key: usize) -> ConnId {
+        ConnId {
+            shard: self.shard,
+            slot: key as u32,
+            gen: self.conns[key].gen,
+        }
+    }
+
+    /// The slab key of a live connection with this id.
+    pub(crate) fn key_of(&self, id: ConnId) -> Option<usize> {
+        let key = id.slot as usize;
+        (id.shard == self.shard && self.conns.get(key).is_some_and(|c| c.gen == id.gen))
+            .then_some(key)
+    }
+
+    pub(crate) fn info(&self, key: usize) -> &ConnInfo {
+        &self.conns[key].info
+    }
+
+    pub(crate) fn send_message(&mut self, key: usize, msg: &Message, running: usize) -> Enqueue {
+        let payload = msg.payload();
+        let header = FrameHeader::new(msg.opcode(), payload.len() as u64);
+        let len = header.encoded_len() + payload.len();
+        self.enqueue(key, len, running, |out| {
+            out.push_frame(&header, payload.clone())
+        })
+    }
+
+    pub(crate) fn send_frame(&mut self, key: usize, frame: &Frame, running: usize) -> Enqueue {
+        self.enqueue(key, frame.len(), running, |out| {
+            out.push_encoded(frame.0.clone())
+        })
+    }
+
+    fn enqueue(
+        &mut self,
+        key: usize,
+        len: usize,
+        running: usize,
+        push: impl FnOnce(&mut Outbound),
+    ) -> Enqueue {
+        let max = self.settings.max_outbound_bytes;
+        let conn = &mut self.conns[key];
+        let Phase::Open(codec) = &conn.phase else {
+            return Enqueue::Closed;
+        };
+        if !codec.can_send() {
+            return Enqueue::Closed;
+        }
+        let queued = conn.out.len_bytes();
+        // An empty queue always takes one message, so a message over the limit can be sent.
+        if queued > 0 && queued.saturating_add(len) > max {
+            return match self.settings.overflow {
+                OverflowPolicy::DropNewest => {
+                    self.metrics.outbound_dropped.incr();
+                    Enqueue::Dropped
+                }
+                OverflowPolicy::Disconnect => {
+                    self.metrics.slow_consumer_closes.incr();
+                    let dropped = self.conns[key].out.truncate_unstarted();
+                    self.metrics.outbound_dropped.add(1);
+                    tracing::debug!(conn = %self.id_of(key), dropped, "slow consumer");
+                    self.close(
+                        key,
+                        CloseCode::POLICY,
+                        "slow consumer",
+                        CloseInitiator::Server,
+                        running,
+                    );
+                    Enqueue::Disconnect
+                }
+            };
+        }
+        push(&mut conn.out);
+        self.metrics.messages_out.incr();
+        if queued == 0 && key != running {
+            conn.wake();
+        }
+        Enqueue::Queued
+    }
+
+    /// Starts the closing handshake on `key`: queue the close frame, arm the close deadline.
+    pub(crate) fn close(
+        &mut self,
+        key: usize,
+        code: CloseCode,
+        reason: &str,
+        by: CloseInitiator,
+        running: usize,
+    ) {
+        let close_timeout = self.settings.close_timeout;
+        let code = if code.is_valid_on_wire() {
+            code
+        } else {
+            warn!(
+                code = code.as_u16(),
+                "close code may not be sent; using 1011 instead"
+            );
+            CloseCode::INTERNAL_ERROR
+        };
+        let conn = &mut self.conns[key];
+        let Phase::Open(codec) = &mut conn.phase else {
+            return;
+        };
+        if codec.close(Some(CloseFrame::new(code, reason))) {
+            conn.note_close(code, reason, by);
+            conn.drain_transmits();
+            conn.set_deadline(close_timeout);
+            if key != running {
+                conn.wake();
+            }
+        }
+    }
+
+    /// Marks the shard as stopping and starts closing every connection: open ones get 1001,
+    /// ones still in the handshake get 503.
+    pub(crate) fn begin_stop(&mut self) {
+        self.stopping = true;
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let conn = &mut self.conns[key];
+            match conn.phase {
+                Phase::Open(_) => self.close(
+                    key,
+                    CloseCode::GOING_AWAY,
+                    "server shutting down",
+                    CloseInitiator::Server,
+                    usize::MAX,
+                ),
+                Phase::Handshake(_) => {
+                    conn.out.push_encoded(ringcast_protocol::http_response(
+                        503,
+                        &[("Retry-After", "1")],
+                        "server shutting down",
+                    ));
+                    conn.phase = Phase::Flushing;
+                    conn.set_deadline(self.settings.close_timeout);
+                    conn.wake();
+                }
+                Phase::Flushing | Phase::Draining => conn.wake(),
+            }
+        }
+        if let Some(w) = self.accept_waker.take() {
+            w.wake();
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! The embedder's API inside a shard: the [`Handler`] hooks and the [`Ctx`] they act through.
+//!
+//! Owns the types an application sees per connection: the upgrade decision, messages, the
+//! send status, close information, and pre-encoded shared frames. Everything here runs on the
+//! shard's own thread; a handler need not be `Send`.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use ringcast_protocol::{server_frame, CloseCode, OpCode, UpgradeRequest, Utf8Bytes};
+
+use crate::conn::{ConnId, ConnInfo, ConnTable, ShardId};
+
+/// The hooks a shard calls for each connection. One handler value lives on each shard (made by
+/// the factory given to [`Engine::start`](crate::Engine::start)); it is never shared between
+/// threads, so it needs no locks and need not be `Send`.
+///
+/// Hooks must not block: a shard runs every connection it owns on one thread.
+pub trait Handler: 'static {
+    /// Decides an upgrade request that passed RFC 6455 validation. Runs before the connection
+    /// costs anything beyond its socket. The default accepts with no subprotocol.
+    fn on_upgrade(&mut self, req: &UpgradeRequest<'_>, ctx: &UpgradeCtx) -> Upgrade {
+        let _ = (req, ctx);
+        Upgrade::accept()
+    }
+
+    /// The 101 is queued; the connection is open.
+    fn on_open(&mut self, ctx: &mut Ctx<'_>) {
+        let _ = ctx;
+    }
+
+    /// A whole message arrived (fragments reassembled, text validated). The payload shares the
+    /// shard's read buffer; keeping it for long keeps that buffer's memory alive, so copy what
+    /// you keep (`Bytes::copy_from_slice`).
+    fn on_message(&mut self, ctx: &mut Ctx<'_>, msg: Message);
+
+    /// The connection ended; `close` says how. Called once for every connection that was
+    /// opened. Sends from here return [`Enqueue::Closed`].
+    fn on_close(&mut self, ctx: &mut Ctx<'_>, close: &CloseInfo) {
+        let _ = (ctx, close);
+    }
+}
+
+/// Facts about a connection being upgraded, beside the request itself.
+#[derive(Debug, Clone, Copy)]
+pub struct UpgradeCtx {
+    pub(crate) peer: SocketAddr,
+    pub(crate) shard: ShardId,
+}
+
+impl UpgradeCtx {
+    /// The peer's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The shard that will own the connection.
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+}
+
+/// The handler's answer to an upgrade request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Upgrade {
+    /// Complete the upgrade, optionally selecting one of the offered subprotocols. Selecting one
+    /// the client did not offer is a bug in the handler: the client gets a 500.
+    Accept {
+        /// The subprotocol to answer with.
+        subprotocol: Option<String>,
+    },
+    /// Refuse with an HTTP status and a plain-text body, then close.
+    Reject {
+        /// The HTTP status (401, 403, 429, 503, ...).
+        status: u16,
+        /// The body, for people reading it.
+        body: String,
+        /// Extra response headers (for example `Retry-After`).
+        headers: Vec<(String, String)>,
+    },
+}
+
+impl Upgrade {
+    /// Accept with no subprotocol.
+    pub fn accept() -> Self {
+        Self::Accept { subprotocol: None }
+    }
+
+    /// Accept, selecting `subprotocol`.
+    pub fn accept_subprotocol(subprotocol: impl Into<String>) -> Self {
+        Self::Accept {
+            subprotocol: Some(subprotocol.into()),
+        }
+    }
+
+    /// Refuse with `status` and `body`.
+    pub fn reject(status: u16, body: impl Into<String>) -> Self {
+        Self::Reject {
+            status,
+            body: body.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// Adds a response header to a rejection; an acceptance is returned unchanged.
+    #[must_use]
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        if let Self::Reject { headers, .. } = &mut self {
+            headers.push((name.into(), value.into()));
+        }
+        self
+    }
+}
+
+/// A whole WebSocket message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// A text message (valid UTF-8).
+    Text(Utf8Bytes),
+    /// A binary message.
+    Binary(Bytes),
+}
+
+impl Message {
+    /// A text message.
+    pub fn text(text: impl Into<Utf8Bytes>) -> Self {
+        Self::Text(text.into())
+    }
+
+    /// A binary message.
+    pub fn binary(data: impl Into<Bytes>) -> Self {
+        Self::Binary(data.into())
+    }
+
+    /// The payload bytes.
+    pub fn payload(&self) -> &Bytes {
+        match self {
+            Self::Text(t) => t.as_bytes(),
+            Self::Binary(b) => b,
+        }
+    }
+
+    pub(crate) fn opcode(&self) -> OpCode {
+        match self {
+            Self::Text(_) => OpCode::Text,
+            Self::Binary(_) => OpCode::Binary,
+        }
+    }
+}
+
+/// A message encoded once as a complete server frame. Sending it to many connections queues
+/// the same bytes to each (a reference-count increment, not a copy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame(pub(crate) Bytes);
+
+impl Frame {
+    /// Encodes `msg`.
+    pub fn new(msg: &Message) -> Self {
+        Self(server_frame(msg.opcode(), msg.payload()))
+    }
+
+    /// Encodes a text message.
+    pub fn text(text: &str) -> Self {
+        Self(server_frame(OpCode::Text, text.as_bytes()))
+    }
+
+    /// Encodes a binary message.
+    pub fn binary(data: &[u8]) -> Self {
+        Self(server_frame(OpCode::Binary, data))
+    }
+
+    /// The frame's size on the wire, in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the frame is empty (never true for an encoded frame).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// What happened to a message handed to a send method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a send can drop the message or close the connection"]
+#[non_exhaustive]
+pub enum Enqueue {
+    /// Queued; it will be written in order.
+    Queued,
+    /// Not queued: the outbound queue was full and the policy is to drop (counted).
+    Dropped,
+    /// Not queued: the outbound queue was full and the connection is being closed with 1008.
+    Disconnect,
+    /// Not queued: the connection is closing, closed, or the id is stale.
+    Closed,
+}
+
+/// Who ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseInitiator {
+    /// The peer sent a close frame first.
+    Peer,
+    /// This side closed: the handler, a protocol failure, a limit, or shutdown.
+    Server,
+    /// The TCP connection ended without a completed closing handshake (code 1006).
+    Transport,
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseInfo {
+    /// The close code: sent or received, 1005 for a close frame without code, 1006 if the
+    /// connection dropped.
+    pub code: CloseCode,
+    /// The reason that came with it.
+    pub reason: String,
+    /// Who started it.
+    pub initiator: CloseInitiator,
+}
+
+/// A handler's access to the shard while a hook runs for one connection.
+#[derive(Debug)]
+pub struct Ctx<'a> {
+    pub(crate) table: &'a mut ConnTable,
+    pub(crate) key: usize,
+    /// The connection whose task is running: it flushes by itself, so it is never woken.
+    pub(crate) running: usize,
+}
+
+impl Ctx<'_> {
+    /// This connection's id.
+    pub fn id(&self) -> ConnId {
+        self.table.id_of(self.key)
+    }
+
+    /// This connection's upgrade-time facts: peer, path, headers, subprotocol.
+    pub fn info(&self) -> &ConnInfo {
+        self.table.info(self.key)
+    }
+
+    /// The shard this hook runs on.
+    pub fn shard(&self) -> ShardId {
+        self.table.shard
+    }
+
+    /// Connections open on this shard, this one included.
+    pub fn connections(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Queues a message to this connection. The payload is not copied.
+    pub fn send(&mut self, msg: Message) -> Enqueue {
+        self.table.send_message(self.key, &msg, self.running)
+    }
+
+    /// Queues a text message to this connection.
+    pub fn send_text(&mut self, text: impl Into<Utf8Bytes>) -> Enqueue {
+        self.send(Message::Text(text.into()))
+    }
+
+    /// Queues a binary message to this connection.
+    pub fn send_binary(&mut self, data: impl Into<Bytes>) -> Enqueue {
+        self.send(Message::Binary(data.into()))
+    }
+
+    /// Queues a pre-encoded frame to this connection.
+    pub fn send_frame(&mut self, frame: &Frame) -> Enqueue {
+        self.table.send_frame(self.key, frame, self.running)
+    }
+
+    /// Queues a message to another connection on this shard. Returns [`Enqueue::Closed`] if
+    /// `id` is stale or lives on another shard.
+    pub fn send_to(&mut self, id: ConnId, msg: &Message) -> Enqueue {
+        match self.table.key_of(id) {
+            Some(key) => self.table.send_message(key, msg, self.running),
+            None => Enqueue::Closed,
+        }
+    }
+
+    /// Queues a pre-encoded frame to another connection on this shard.
+    pub fn send_frame_to(&mut self, id: ConnId, frame: &Frame) -> Enqueue {
+        match self.table.key_of(id) {
+            Some(key) => self.table.send_frame(key, frame, self.running),
+            None => Enqueue::Closed,
+        }
+    }
+
+    /// Starts the closing handshake on this connection. A code that may not be sent on the
+    /// wire (1005, 1006, 1015, reserved ranges) is replaced by 1011, with a log line.
+    pub fn close(&mut self, code: CloseCode, reason: &str) {
+        self.table
+            .close(self.key, code, reason, CloseInitiator::Server, self.running);
+    }
+
+    /// Starts the closing handshake on another connection of this shard. Returns false if
+    /// `id` is stale or lives on another shard.
+    pub fn close_conn(&mut self, id: ConnId, code: CloseCode, reason: &str) -> bool {
+        match self.table.key_of(id) {
+            Some(key) => {
+                self.table
+                    .close(key, code, reason, CloseInitiator::Server, self.running);
+                true
+            }
+            None => false,
+        }
+    }
+}

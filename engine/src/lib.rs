@@ -1,0 +1,296 @@
+//! # ringcast
+//!
+//! An io_uring, thread-per-core WebSocket engine. One shard per CPU core: a pinned OS thread
+//! running its own monoio runtime, its own `SO_REUSEPORT` listener, and a slab of the
+//! connections it accepted. A shard reads every socket into one shared buffer, parses frames in
+//! place and hands payloads to your [`Handler`] without copying; replies go out in vectored
+//! writes from a bounded per-connection queue. Shards share nothing mutable.
+//!
+//! ## Embedding, in order
+//!
+//! 1. Build an [`EngineConfig`] (defaults, TOML, or both) and implement [`Handler`].
+//! 2. [`Engine::start`] validates the config, binds every listener, starts the shards and
+//!    returns once all of them listen; each shard calls your factory once, on its own thread.
+//! 3. Handlers run on their shard: decide upgrades, react to messages through [`Ctx`].
+//! 4. [`EngineHandle::stop`] (any thread) closes every connection with 1001 and stops the
+//!    shards; [`Engine::wait`] joins them.
+//!
+//! ```
+//! use ringcast::{Ctx, Engine, EngineConfig, Handler, Message};
+//!
+//! /// Answers every text message with its length.
+//! struct Counter;
+//!
+//! impl Handler for Counter {
+//!     fn on_message(&mut self, ctx: &mut Ctx<'_>, msg: Message) {
+//!         let _ = ctx.send_text(msg.payload().len().to_string());
+//!     }
+//! }
+//!
+//! let config = EngineConfig::default()
+//!     .with_listen("127.0.0.1:0".parse().unwrap())
+//!     .with_shards(1);
+//! let engine = Engine::start(config, |_shard| Counter)?;
+//! let url = format!("ws://{}/", engine.local_addr());
+//!
+//! let (mut ws, _) = tungstenite::connect(&url).expect("connect");
+//! ws.send(tungstenite::Message::text("hello")).unwrap();
+//! assert_eq!(ws.read().unwrap(), tungstenite::Message::text("5"));
+//!
+//! drop(ws); // hang up, so the shutdown below need not wait for a close reply
+//! engine.handle().stop();
+//! engine.wait()?;
+//! # Ok::<(), ringcast::Error>(())
+//! ```
+//!
+//! ## Defaults
+//!
+//! | setting | default | where |
+//! |---|---|---|
+//! | listen address | `127.0.0.1:9000` | [`EngineConfig::listen`] |
+//! | shards | one per CPU the process may use, pinned | [`EngineConfig::shards`] |
+//! | driver | io_uring, no silent fallback | [`EngineConfig::driver`] |
+//! | max frame / message | 16 MiB / 16 MiB | [`LimitsConfig`] |
+//! | max upgrade head | 8 KiB | [`LimitsConfig::max_header_bytes`] |
+//! | outbound queue | 1 MiB per connection, then disconnect with 1008 | [`LimitsConfig`] |
+//! | connections per shard | 65536 | [`LimitsConfig::max_connections_per_shard`] |
+//! | handshake / close / shutdown timeouts | 10 s / 5 s / 10 s | [`TimeoutsConfig`] |
+//! | read buffer | 64 KiB per shard (not per connection) | [`IoConfig::read_buffer_bytes`] |
+//!
+//! ## Features
+//!
+//! None yet. The `ringcast` binary uses mimalloc as its global allocator; embedders choose
+//! their own.
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod bus;
+mod config;
+mod conn;
+mod echo;
+mod error;
+mod handler;
+mod listener;
+mod metrics;
+mod outbound;
+mod shard;
+
+use std::{net::SocketAddr, sync::Arc, thread};
+
+pub use config::{Driver, EngineConfig, IoConfig, LimitsConfig, OverflowPolicy, TimeoutsConfig};
+pub use conn::{ConnId, ConnInfo, ShardId};
+pub use echo::Echo;
+pub use error::{ConfigError, Error, Result};
+pub use handler::{
+    CloseInfo, CloseInitiator, Ctx, Enqueue, Frame, Handler, Message, Upgrade, UpgradeCtx,
+};
+pub use metrics::{Metrics, MetricsSnapshot};
+/// The protocol crate, re-exported for its types ([`protocol::CloseCode`],
+/// [`protocol::UpgradeRequest`], ...).
+pub use ringcast_protocol as protocol;
+
+use crate::{
+    bus::{Mailbox, ShardMsg},
+    conn::Settings,
+    metrics::ShardMetrics,
+    shard::ShardSpec,
+};
+
+/// A running engine: its shard threads and a handle to control them.
+///
+/// Dropping an `Engine` stops it and waits for its shards, as [`Engine::stop`] does.
+#[derive(Debug)]
+pub struct Engine {
+    handle: EngineHandle,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+/// Controls a running engine from any thread. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    inner: Arc<HandleInner>,
+}
+
+#[derive(Debug)]
+struct HandleInner {
+    mailboxes: Vec<Mailbox>,
+    metrics: Vec<Arc<ShardMetrics>>,
+    local_addr: SocketAddr,
+    driver: Driver,
+}
+
+impl Engine {
+    /// Validates `config`, binds the listeners, starts the shards, and returns once every
+    /// shard listens. `factory` runs once on each shard's thread to make its handler.
+    ///
+    /// # Errors
+    /// An invalid config, an address that cannot be bound (in use, even by another process
+    /// using `SO_REUSEPORT`), an io_uring that cannot be set up (unless `driver = "epoll"`),
+    /// or a shard that died while starting. Shards already started are stopped first.
+    pub fn start<H, F>(config: EngineConfig, factory: F) -> Result<Engine>
+    where
+        H: Handler,
+        F: Fn(ShardId) -> H + Send + Sync + 'static,
+    {
+        config.validate()?;
+        // Read the CPU set before any thread is pinned: it is the calling thread's set.
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let count = match config.shards {
+            0 => cores.len().max(1),
+            n => n,
+        };
+        let listeners = listener::bind_all(
+            config.listen,
+            count,
+            config.io.listen_backlog,
+            config.driver,
+        )?;
+        let local_addr = listeners[0].local_addr().map_err(|source| Error::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let factory = Arc::new(factory);
+        let mut mailboxes = Vec::with_capacity(count);
+        let mut metrics = Vec::with_capacity(count);
+        let mut threads = Vec::with_capacity(count);
+        let mut readiness = Vec::with_capacity(count);
+        let mut failure = None;
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let (mailbox, inbox) = bus::channel();
+            let shard_metrics = Arc::new(ShardMetrics::default());
+            let (ready, ready_rx) = crossbeam_channel::bounded(1);
+            let spec = ShardSpec {
+                id: ShardId(i as u16),
+                listener,
+                inbox,
+                core: (config.pin_shards && !cores.is_empty()).then(|| cores[i % cores.len()]),
+                driver: config.driver,
+                uring_entries: config.io.uring_entries,
+                settings: Settings::new(&config),
+                metrics: shard_metrics.clone(),
+                ready,
+            };
+            match shard::spawn(spec, factory.clone()) {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    failure = Some(Error::Spawn(e));
+                    break;
+                }
+            }
+            mailboxes.push(mailbox);
+            metrics.push(shard_metrics);
+            readiness.push(ready_rx);
+        }
+        let engine = Engine {
+            handle: EngineHandle {
+                inner: Arc::new(HandleInner {
+                    mailboxes,
+                    metrics,
+                    local_addr,
+                    driver: config.driver,
+                }),
+            },
+            threads,
+        };
+        if failure.is_none() {
+            for (i, ready) in readiness.iter().enumerate() {
+                match ready.recv() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        failure = Some(e);
+                        break;
+                    }
+                    Err(_) => {
+                        failure = Some(Error::ShardPanicked(i));
+                        break;
+                    }
+                }
+            }
+        }
+        match failure {
+            None => Ok(engine),
+            Some(e) => {
+                // Dropping stops and joins whatever did start.
+                drop(engine);
+                Err(e)
+            }
+        }
+    }
+
+    /// The address the shards listen on (with the real port when the config said 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.handle.local_addr()
+    }
+
+    /// A handle that can stop the engine and read its metrics from any thread.
+    pub fn handle(&self) -> EngineHandle {
+        self.handle.clone()
+    }
+
+    /// Waits until every shard has stopped (after [`EngineHandle::stop`]).
+    ///
+    /// # Errors
+    /// [`Error::ShardPanicked`] if a shard thread panicked.
+    pub fn wait(mut self) -> Result<()> {
+        self.join()
+    }
+
+    /// Stops the engine and waits for it: [`EngineHandle::stop`] then [`Engine::wait`].
+    ///
+    /// # Errors
+    /// As [`Engine::wait`].
+    pub fn stop(self) -> Result<()> {
+        self.handle.stop();
+        self.wait()
+    }
+
+    fn join(&mut self) -> Result<()> {
+        let mut result = Ok(());
+        for (i, thread) in self.threads.drain(..).enumerate() {
+            if thread.join().is_err() && result.is_ok() {
+                result = Err(Error::ShardPanicked(i));
+            }
+        }
+        result
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.handle.stop();
+            let _ = self.join();
+        }
+    }
+}
+
+impl EngineHandle {
+    /// Asks every shard to stop: no new connections, close 1001 to every open one, wait for
+    /// the closing handshakes up to `timeouts.shutdown_timeout`, then exit. Returns at once;
+    /// [`Engine::wait`] waits. Calling it again is harmless.
+    pub fn stop(&self) {
+        for mailbox in &self.inner.mailboxes {
+            let _ = mailbox.send(ShardMsg::Stop);
+        }
+    }
+
+    /// The address the shards listen on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// The number of shards.
+    pub fn shards(&self) -> usize {
+        self.inner.mailboxes.len()
+    }
+
+    /// The IO driver the shards run.
+    pub fn driver(&self) -> Driver {
+        self.inner.driver
+    }
+
+    /// Current counters of every shard.
+    pub fn metrics(&self) -> Metrics {
+        Metrics::collect(self.inner.metrics.iter().map(|m| &**m))
+    }
+}

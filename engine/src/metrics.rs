@@ -1,0 +1,138 @@
+//! Per-shard counters, summed into a snapshot on demand.
+//!
+//! Owns the counters and their snapshot. Each counter has exactly one writer, the shard that
+//! owns it, so an increment is a plain load and store (no locked instruction); other threads
+//! only read. It does not export anything (Prometheus comes with the hardening work).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// A counter written by one shard and read by any thread.
+#[derive(Debug, Default)]
+pub(crate) struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`. Only the owning shard calls this, so load-then-store cannot lose updates.
+    #[inline]
+    pub(crate) fn add(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn incr(&self) {
+        self.add(1);
+    }
+
+    #[inline]
+    pub(crate) fn sub(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_sub(n), Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+macro_rules! shard_metrics {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
+        /// The counters of one shard.
+        #[derive(Debug, Default)]
+        pub(crate) struct ShardMetrics {
+            $(pub(crate) $name: Counter,)*
+        }
+
+        /// Counter values at one moment, for one shard or summed over all.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct MetricsSnapshot {
+            $($(#[doc = $doc])* pub $name: u64,)*
+        }
+
+        impl ShardMetrics {
+            pub(crate) fn snapshot(&self) -> MetricsSnapshot {
+                MetricsSnapshot { $($name: self.$name.get(),)* }
+            }
+        }
+
+        impl MetricsSnapshot {
+            fn add(&mut self, other: &MetricsSnapshot) {
+                $(self.$name = self.$name.wrapping_add(other.$name);)*
+            }
+        }
+    };
+}
+
+shard_metrics! {
+    /// Connections open now (TCP accepted and not yet closed), upgraded or not.
+    connections_active,
+    /// TCP connections accepted since start.
+    connections_accepted,
+    /// Upgrades completed with a 101.
+    upgrades_accepted,
+    /// Upgrades refused: a malformed or invalid request, the handler's rejection, a timeout.
+    upgrades_rejected,
+    /// Handshakes that timed out (a subset of `upgrades_rejected`).
+    handshake_timeouts,
+    /// Messages received (whole messages, after reassembly).
+    messages_in,
+    /// Messages queued for sending.
+    messages_out,
+    /// Bytes read from sockets.
+    bytes_in,
+    /// Bytes written to sockets.
+    bytes_out,
+    /// Connections failed for a protocol violation (closed with 1002, 1007 or 1009).
+    protocol_errors,
+    /// Messages not queued because the connection's outbound limit was reached.
+    outbound_dropped,
+    /// Connections closed because their outbound limit was reached (slow consumers).
+    slow_consumer_closes,
+    /// Accepts that failed because the process ran out of file descriptors (EMFILE/ENFILE).
+    accept_fd_exhausted,
+    /// Accepts that failed for any other reason.
+    accept_errors,
+    /// Times the accept loop paused because the shard held `max_connections_per_shard`.
+    accept_paused_full,
+}
+
+/// Metrics of every shard, as taken by [`EngineHandle::metrics`](crate::EngineHandle::metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metrics {
+    /// One snapshot per shard, indexed by shard id.
+    pub shards: Vec<MetricsSnapshot>,
+}
+
+impl Metrics {
+    pub(crate) fn collect<'a>(shards: impl Iterator<Item = &'a ShardMetrics>) -> Self {
+        Self {
+            shards: shards.map(ShardMetrics::snapshot).collect(),
+        }
+    }
+
+    /// The sum over all shards.
+    pub fn total(&self) -> MetricsSnapshot {
+        let mut sum = MetricsSnapshot::default();
+        for s in &self.shards {
+            sum.add(s);
+        }
+        sum
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_sum_every_shard() {
+        let a = ShardMetrics::default();
+        let b = ShardMetrics::default();
+        a.messages_in.add(3);
+        b.messages_in.add(4);
+        b.connections_active.incr();
+        b.connections_active.sub(1);
+        let m = Metrics::collect([&a, &b].into_iter());
+        assert_eq!(m.shards.len(), 2);
+        assert_eq!(m.total().messages_in, 7);
+        assert_eq!(m.total().connections_active, 0);
+    }
+}
