@@ -96,12 +96,14 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// Largest upgrade request head, in bytes. Default 8 KiB. Over it: HTTP 431.
     pub max_header_bytes: usize,
-    /// Bytes that may wait in one connection's outbound queue. Default 1 MiB. A message that
-    /// would cross it is handled by `outbound_overflow`, except that an empty queue always takes
-    /// one message (so a message larger than the limit can still be sent once). Reading from
-    /// the connection pauses while half of it is used, so a peer that sends without reading
-    /// is slowed rather than buffered. Memory: up to this much per connection, shared payloads
-    /// counted once per connection.
+    /// Bytes that may wait in one connection's outbound queue. Default 1 MiB. A message sent
+    /// to a connection from elsewhere (another connection's hook, fan-out) that would cross it
+    /// is handled by `outbound_overflow`; an empty queue always takes one message, so a
+    /// message larger than the limit can still be sent. Replies (sends to the connection whose
+    /// hook is running) are always queued: instead, reading from a connection pauses while
+    /// half of this is queued for it, so a peer that sends without reading is slowed, not
+    /// buffered. Memory: up to this much per connection (plus one read's worth of replies);
+    /// shared payloads count once per connection.
     pub max_outbound_bytes: usize,
     /// What to do with a message that does not fit `max_outbound_bytes`. Default `disconnect`.
     pub outbound_overflow: OverflowPolicy,

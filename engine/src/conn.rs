@@ -333,8 +333,11 @@ impl ConnTable {
             return Enqueue::Closed;
         }
         let queued = conn.out.len_bytes();
-        // An empty queue always takes one message, so a message over the limit can be sent.
-        if queued > 0 && queued.saturating_add(len) > max {
+        // A reply to the connection being handled is always queued: that connection's reads
+        // pause instead (see `wants_read`), which bounds it. The policy is for traffic from
+        // elsewhere. An empty queue always takes one message, so an oversized one can go.
+        let reply = key == running;
+        if !reply && queued > 0 && queued.saturating_add(len) > max {
             return match self.settings.overflow {
                 OverflowPolicy::DropNewest => {
                     self.metrics.outbound_dropped.incr();

@@ -250,7 +250,9 @@ impl Ctx<'_> {
         self.table.len()
     }
 
-    /// Queues a message to this connection. The payload is not copied.
+    /// Queues a message to this connection. The payload is not copied. A reply from this
+    /// connection's own hook is always queued (reading pauses instead while the queue is
+    /// half full); see [`LimitsConfig::max_outbound_bytes`](crate::LimitsConfig).
     pub fn send(&mut self, msg: Message) -> Enqueue {
         self.table.send_message(self.key, &msg, self.running)
     }
