@@ -236,7 +236,7 @@ impl Ctx<'_> {
     }
 
     /// This connection's upgrade-time facts: peer, path, headers, subprotocol.
-    pub fn info(&self) -> &ConnInfo {
+    pub fn info(&self) -> ConnInfo<'_> {
         self.table.info(self.key)
     }
 

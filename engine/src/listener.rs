@@ -92,12 +92,12 @@ pub(crate) async fn accept_loop<H: Handler>(
             return;
         }
         match listener.cancelable_accept(cancel.clone()).await {
-            Ok((stream, peer)) => {
+            Ok((stream, _peer)) => {
                 if let Some(failures) = exhausted_since.take() {
                     info!(shard = %shard.id, failures, "accepting again after running out of file descriptors");
                     backoff = Duration::from_millis(1);
                 }
-                shard.open_connection(stream, peer);
+                shard.open_connection(stream);
             }
             Err(_) if shard.table.borrow().stopping => return,
             Err(e) if is_fd_exhaustion(&e) => {

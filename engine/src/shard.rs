@@ -225,13 +225,15 @@ enum Flow {
 
 impl<H: Handler> Shard<H> {
     /// Registers an accepted socket and spawns its task.
-    pub(crate) fn open_connection(self: &Rc<Self>, stream: TcpStream, peer: SocketAddr) {
+    pub(crate) fn open_connection(self: &Rc<Self>, stream: TcpStream) {
         let mut table = self.table.borrow_mut();
         if table.settings.tcp_nodelay {
             if let Err(e) = stream.set_nodelay(true) {
                 debug!(error = %e, "TCP_NODELAY not set");
             }
         }
+        // Fills the stream's cached peer address, so ConnInfo::peer_addr costs no syscall.
+        let _ = stream.peer_addr();
         let io = match stream.try_into_poll_io() {
             Ok(io) => io,
             Err((e, _stream)) => {
@@ -239,7 +241,7 @@ impl<H: Handler> Shard<H> {
                 return;
             }
         };
-        let (key, gen) = table.insert(io, peer);
+        let (key, gen) = table.insert(io);
         self.metrics.connections_accepted.incr();
         self.metrics.connections_active.incr();
         drop(table);
@@ -310,7 +312,7 @@ impl<H: Handler> Shard<H> {
                 }
                 Poll::Ready(Ok(())) | Poll::Pending => {}
                 Poll::Ready(Err(e)) => {
-                    debug!(peer = %conn.info.peer_addr(), error = %e, "write failed");
+                    debug!(peer = %conn.info().peer_addr(), error = %e, "write failed");
                     conn.note_close(
                         CloseCode::ABNORMAL,
                         "write failed",
@@ -348,7 +350,7 @@ impl<H: Handler> Shard<H> {
                     landing
                 }
                 Poll::Ready(Err(e)) => {
-                    debug!(peer = %conn.info.peer_addr(), error = %e, "read failed");
+                    debug!(peer = %conn.info().peer_addr(), error = %e, "read failed");
                     conn.note_close(
                         CloseCode::ABNORMAL,
                         "read failed",
@@ -449,7 +451,7 @@ impl<H: Handler> Shard<H> {
                             }
                         }
                         Err(e) => {
-                            debug!(peer = %conn.info.peer_addr(), error = %e, "bad upgrade request");
+                            debug!(peer = %conn.info().peer_addr(), error = %e, "bad upgrade request");
                             reject(table, key, error_response(&e));
                             input.clear();
                             return;
@@ -493,13 +495,13 @@ impl<H: Handler> Shard<H> {
         let req = match UpgradeRequest::parse(head) {
             Ok(req) => req,
             Err(e) => {
-                debug!(peer = %table.conns[key].info.peer_addr(), error = %e, "bad upgrade request");
+                debug!(peer = %table.conns[key].info().peer_addr(), error = %e, "bad upgrade request");
                 reject(table, key, error_response(&e));
                 return false;
             }
         };
         let ctx = UpgradeCtx {
-            peer: table.conns[key].info.peer_addr(),
+            peer: table.conns[key].info().peer_addr(),
             shard: self.id,
         };
         let subprotocol = match handler.on_upgrade(&req, &ctx) {
@@ -538,8 +540,7 @@ impl<H: Handler> Shard<H> {
         let limits = table.settings.limits;
         let conn = &mut table.conns[key];
         conn.out.push_encoded(response);
-        conn.set_upgraded(&req, head, keep);
-        conn.set_subprotocol(subprotocol);
+        conn.set_upgraded(&req, head, keep, subprotocol);
         conn.phase = Phase::Open(Codec::server(limits));
         conn.deadline = None;
         conn.opened = true;
@@ -582,7 +583,7 @@ impl<H: Handler> Shard<H> {
         let conn = &mut table.conns[key];
         match conn.phase {
             Phase::Handshake(_) => {
-                debug!(peer = %conn.info.peer_addr(), "upgrade request timed out");
+                debug!(peer = %conn.info().peer_addr(), "upgrade request timed out");
                 self.metrics.handshake_timeouts.incr();
                 self.metrics.upgrades_rejected.incr();
                 conn.out.push_encoded(http_response(
@@ -614,11 +615,14 @@ impl<H: Handler> Shard<H> {
         };
         if conn.opened {
             conn.phase = Phase::Draining; // sends from on_close now return Closed
-            let info = conn.close.take().unwrap_or_else(|| CloseInfo {
-                code: CloseCode::ABNORMAL,
-                reason: String::from("connection closed by the server"),
-                initiator: CloseInitiator::Server,
-            });
+            let info = conn.close.take().map_or_else(
+                || CloseInfo {
+                    code: CloseCode::ABNORMAL,
+                    reason: String::from("connection closed by the server"),
+                    initiator: CloseInitiator::Server,
+                },
+                |boxed| *boxed,
+            );
             self.handler.borrow_mut().on_close(
                 &mut Ctx {
                     table,

@@ -91,10 +91,14 @@ struct Fragmented {
 pub struct Codec {
     role: Role,
     state: CloseState,
-    limits: Limits,
-    partial: Option<Partial>,
-    fragmented: Option<Fragmented>,
     utf8: Utf8Validator,
+    max_frame_bytes: usize,
+    max_message_bytes: usize,
+    partial: Option<Partial>,
+    /// Boxed: only a message in several fragments needs it, and a server holds a codec per
+    /// connection, most of them idle.
+    fragmented: Option<Box<Fragmented>>,
+    /// Freed whenever it empties, for the same reason.
     owed: VecDeque<Bytes>,
     /// SplitMix64 state for client masking keys.
     mask_state: u64,
@@ -118,7 +122,8 @@ impl Codec {
         Self {
             role,
             state: CloseState::Open,
-            limits,
+            max_frame_bytes: limits.max_frame_bytes,
+            max_message_bytes: limits.max_message_bytes,
             partial: None,
             fragmented: None,
             utf8: Utf8Validator::new(),
@@ -206,7 +211,11 @@ impl Codec {
     /// The next frame the protocol obliges this side to send (pong, close echo, failing close),
     /// fully encoded.
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        self.owed.pop_front()
+        let frame = self.owed.pop_front();
+        if self.owed.is_empty() && self.owed.capacity() > 0 {
+            self.owed = VecDeque::new();
+        }
+        frame
     }
 
     /// Starts the closing handshake by queueing a close frame (`None` sends one with no code).
@@ -275,18 +284,18 @@ impl Codec {
             }
             _ => {}
         }
-        if h.payload_len > self.limits.max_frame_bytes as u64 {
+        if h.payload_len > self.max_frame_bytes as u64 {
             return Err(ProtocolError::FrameTooLarge {
                 size: h.payload_len,
-                max: self.limits.max_frame_bytes,
+                max: self.max_frame_bytes,
             });
         }
         let so_far = self.fragmented.as_ref().map_or(0, |f| f.data.len() as u64);
         let total = so_far.saturating_add(h.payload_len);
-        if total > self.limits.max_message_bytes as u64 {
+        if total > self.max_message_bytes as u64 {
             return Err(ProtocolError::MessageTooLarge {
                 size: total,
-                max: self.limits.max_message_bytes,
+                max: self.max_message_bytes,
             });
         }
         Ok(())
@@ -304,10 +313,10 @@ impl Codec {
                 .finish_message(header.opcode == OpCode::Text, payload)
                 .map(Some),
             OpCode::Text | OpCode::Binary => {
-                self.fragmented = Some(Fragmented {
+                self.fragmented = Some(Box::new(Fragmented {
                     text: header.opcode == OpCode::Text,
                     data: BytesMut::from(&payload[..]),
-                });
+                }));
                 Ok(None)
             }
             OpCode::Continuation => {
