@@ -1,0 +1,46 @@
+//! # ringcast-bench
+//!
+//! The benchmark suite: a load generator, peer servers to compare ringcast against, and the
+//! comparison that runs them side by side. Everything targets loopback only
+//! ([`net::Target`] refuses other addresses) and every load loop is bounded in count and time.
+//!
+//! ## Binaries
+//!
+//! - `loadgen`: the load generator, a thin CLI over this library.
+//!   - `echo`: N connections in a closed loop (send one message, wait for its echo), reporting
+//!     msgs/s, latency percentiles and the server's CPU time per message ([`echo`]).
+//!   - `idle`: open and hold N connections, reporting the server's RSS and the kernel's memory
+//!     per connection ([`idle`]).
+//!   - `compare`: both scenarios against each server in turn, server and load pinned to
+//!     different cores, medians over alternating rounds ([`compare`]).
+//! - `peer-tokio-tungstenite`, `peer-fastwebsockets`: WebSocket echo servers on a tokio
+//!   current-thread runtime, the way each library's examples write them.
+//! - `peer-raw-echo`: a TCP echo server on monoio's io_uring runtime with no WebSocket framing,
+//!   the ceiling a WebSocket server can approach.
+//!
+//! Each server is single-threaded, so `taskset -c 0` pins all of it to one core.
+//!
+//! ```text
+//! cargo build -p ringcast-bench --release
+//! target/release/loadgen compare --rounds 3 --duration 5 --idle 10000
+//! ```
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod compare;
+pub mod echo;
+pub mod idle;
+pub mod net;
+pub mod procfs;
+pub mod stats;
+
+use std::time::Duration;
+
+/// Parses a number of seconds (`5`, `0.5`) into a `Duration`, for command-line flags.
+///
+/// # Errors
+/// Not a number, negative, or not finite.
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
