@@ -116,13 +116,9 @@ pub const MAX_REASON_BYTES: usize = 123;
 impl CloseFrame {
     /// Builds a close frame, cutting the reason at a character boundary to fit 123 bytes.
     pub fn new(code: CloseCode, reason: &str) -> Self {
-        let mut end = reason.len().min(MAX_REASON_BYTES);
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
         Self {
             code,
-            reason: Utf8Bytes::from(reason[..end].to_owned()),
+            reason: Utf8Bytes::from(fit_reason(reason).to_owned()),
         }
     }
 
@@ -146,13 +142,26 @@ impl CloseFrame {
         }
     }
 
-    /// The payload bytes of this close frame: the code in network order, then the reason.
+    /// The payload bytes of this close frame: the code in network order, then the reason. The
+    /// fields are public, so the reason may be longer than a control frame allows; it is cut at
+    /// a character boundary to [`MAX_REASON_BYTES`] here, as in [`CloseFrame::new`].
     pub fn to_payload(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(2 + self.reason.len());
+        let reason = fit_reason(self.reason.as_str());
+        let mut out = Vec::with_capacity(2 + reason.len());
         out.extend_from_slice(&self.code.0.to_be_bytes());
-        out.extend_from_slice(self.reason.as_bytes());
+        out.extend_from_slice(reason.as_bytes());
         out
     }
+}
+
+/// The longest prefix of `reason` that ends on a character boundary and fits a close frame
+/// (§5.5).
+fn fit_reason(reason: &str) -> &str {
+    let mut end = reason.len().min(MAX_REASON_BYTES);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
 }
 
 #[cfg(test)]

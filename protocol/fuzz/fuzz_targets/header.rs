@@ -1,0 +1,12 @@
+//! Frame headers, close payloads, UTF-8 in pieces and masking on raw bytes.
+//! The checks live in `tests/entry/mod.rs`, shared with the stable proptest driver.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+// Each target uses one entry function of the shared module.
+#[allow(dead_code)]
+#[path = "../../tests/entry/mod.rs"]
+mod entry;
+
+fuzz_target!(|data: &[u8]| entry::header(data));
