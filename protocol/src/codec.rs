@@ -220,7 +220,10 @@ impl Codec {
 
     /// Starts the closing handshake by queueing a close frame (`None` sends one with no code).
     /// Returns `false`, queueing nothing, if a close frame was already sent or the connection
-    /// already failed.
+    /// already failed. The code is sent as given: check [`CloseCode::is_valid_on_wire`] first
+    /// (the engine replaces an unsendable code with 1011).
+    ///
+    /// [`CloseCode::is_valid_on_wire`]: crate::CloseCode::is_valid_on_wire
     pub fn close(&mut self, frame: Option<CloseFrame>) -> bool {
         if self.state != CloseState::Open {
             return false;
