@@ -215,11 +215,7 @@ fn main() -> Result<()> {
             cfg.connect_timeout = a.connect_timeout;
             cfg.driver = a.driver;
             let report = run_echo(&cfg)?;
-            if a.json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!("{}", report.human());
-            }
+            emit(a.json, &report, report.human())?;
         }
         Cmd::Idle(a) => {
             let mut cfg = IdleConfig::new(Target::parse(&a.url)?, a.server_pid);
@@ -231,11 +227,7 @@ fn main() -> Result<()> {
             cfg.open_timeout = a.open_timeout;
             cfg.settle_timeout = a.settle_timeout;
             let report = run_idle(&cfg)?;
-            if a.json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!("{}", report.human());
-            }
+            emit(a.json, &report, report.human())?;
         }
         Cmd::Compare(a) => {
             let peer_dir = match a.peer_dir {
@@ -262,11 +254,7 @@ fn main() -> Result<()> {
             cfg.retries = a.retries;
             cfg.driver = a.driver;
             let report = run_compare(&cfg)?;
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.human());
-            }
+            emit(a.json, &report, report.human())?;
         }
         Cmd::IdleWorker(a) => {
             let cfg = WorkerConfig {
@@ -279,6 +267,16 @@ fn main() -> Result<()> {
             };
             idle_worker(&cfg)?;
         }
+    }
+    Ok(())
+}
+
+/// Prints a report: JSON for tools, or its human-readable text.
+fn emit(json: bool, report: &impl serde::Serialize, human: String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        println!("{}", human.trim_end());
     }
     Ok(())
 }
