@@ -161,8 +161,8 @@ impl Default for TimeoutsConfig {
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct IoConfig {
-    /// Size of each shard's read buffer, in bytes. Default 64 KiB. Every read of every
-    /// connection on the shard goes here first; only an unfinished frame's bytes are copied to
+    /// epoll driver: size of each shard's read buffer, in bytes. Default 64 KiB. Every read of
+    /// every connection on the shard goes here first; only an unfinished frame's bytes are copied to
     /// the connection. One read takes at most this much from one socket.
     pub read_buffer_bytes: usize,
     /// Reads one connection may do before other connections on the shard get a turn.
@@ -173,8 +173,16 @@ pub struct IoConfig {
     pub listen_backlog: u32,
     /// Set `TCP_NODELAY` on accepted sockets. Default true: frames leave at once.
     pub tcp_nodelay: bool,
-    /// Submission queue entries of each shard's io_uring. Default 1024.
+    /// Submission queue entries of each shard's io_uring rings. Default 1024.
     pub uring_entries: u32,
+    /// io_uring driver: buffers in each shard's receive pool, a power of two. Default 1024.
+    /// The kernel fills one per receive completion, so an idle connection holds none; when all
+    /// are in use, receives wait for one to come back. Memory: this x `ring_buffer_bytes` per
+    /// shard, touched at start.
+    pub ring_buffers: u16,
+    /// io_uring driver: size of each receive buffer, in bytes. Default 4096. A frame longer
+    /// than this arrives in several completions and is gathered in its connection.
+    pub ring_buffer_bytes: usize,
     /// Keep the upgrade request head (path, headers) for the connection's lifetime, readable
     /// through [`ConnInfo`](crate::ConnInfo). Default true. Memory: the head's size per
     /// connection (often 200 to 600 bytes); when false only the request target is kept.
@@ -189,6 +197,8 @@ impl Default for IoConfig {
             listen_backlog: 4096,
             tcp_nodelay: true,
             uring_entries: 1024,
+            ring_buffers: 1024,
+            ring_buffer_bytes: 4096,
             keep_request_head: true,
         }
     }
@@ -297,6 +307,16 @@ impl EngineConfig {
             (8..=32768).contains(&io.uring_entries),
             "io.uring_entries",
             "must be between 8 and 32768",
+        )?;
+        check(
+            io.ring_buffers.is_power_of_two() && io.ring_buffers <= 32768,
+            "io.ring_buffers",
+            "must be a power of two, at most 32768",
+        )?;
+        check(
+            (512..=(1 << 20)).contains(&io.ring_buffer_bytes),
+            "io.ring_buffer_bytes",
+            "must be between 512 and 1048576",
         )?;
         Ok(())
     }

@@ -5,10 +5,19 @@
 //! handler can reach through `Ctx`: send, close, look up by id. It performs no reads or writes
 //! itself; `shard.rs` drives the socket.
 
-use std::{fmt, net::SocketAddr, pin::Pin, sync::Arc, task::Waker, time::Duration};
+use std::{
+    cmp::Reverse,
+    collections::BinaryHeap,
+    fmt,
+    net::SocketAddr,
+    os::fd::OwnedFd,
+    sync::Arc,
+    task::Waker,
+    time::{Duration, Instant},
+};
 
 use bytes::BytesMut;
-use monoio::{net::tcp::stream_poll::TcpStreamPoll, time::Sleep};
+use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use ringcast_protocol::{
     CloseCode, CloseFrame, Codec, FrameHeader, HeadReader, Limits, UpgradeRequest,
 };
@@ -70,11 +79,17 @@ pub struct ConnInfo<'a> {
 impl<'a> ConnInfo<'a> {
     /// The peer's address (`0.0.0.0:0` if the kernel no longer knows it).
     pub fn peer_addr(&self) -> SocketAddr {
-        // Read once at accept and cached by the stream, so this is no system call.
-        self.conn
-            .io
-            .peer_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        let unknown = || SocketAddr::from(([0, 0, 0, 0], 0));
+        match &self.conn.socket {
+            // One getpeername(2): kept out of the connection to keep idle connections small.
+            Socket::Ring(fd) => socket2::SockRef::from(fd)
+                .peer_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .unwrap_or_else(unknown),
+            // Read once at accept and cached by the stream.
+            Socket::Poll(p) => p.io.peer_addr().unwrap_or_else(|_| unknown()),
+        }
     }
 
     /// The request target (path and query) of the upgrade; empty before it completes.
@@ -129,43 +144,80 @@ pub(crate) enum Phase {
     Flushing,
     /// Our side is shut down: read and discard until the peer closes or the deadline passes.
     Draining,
+    /// Finished (`on_close` ran); the io_uring driver waits here for operations still in
+    /// flight on the socket before it closes the descriptor and frees the slot.
+    Closed,
+}
+
+/// The socket, as the shard's driver operates it.
+#[derive(Debug)]
+pub(crate) enum Socket {
+    /// io_uring driver: the raw socket, operated through the shard's socket ring.
+    Ring(OwnedFd),
+    /// epoll driver: a monoio poll-io stream driven by its own task (boxed: the fallback path
+    /// pays for its size, not every connection).
+    Poll(Box<PollSocket>),
+}
+
+/// A connection driven by its own task (epoll driver).
+#[derive(Debug)]
+pub(crate) struct PollSocket {
+    pub(crate) io: TcpStreamPoll,
+    /// The task's waker, so other tasks can wake it to write or close.
+    pub(crate) waker: Option<Waker>,
+}
+
+/// The state of a connection's operations on the socket ring (io_uring driver).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct RingState {
+    /// A multishot receive is armed (or being cancelled) on the socket.
+    pub(crate) recv_armed: bool,
+    /// A cancellation of the receive was submitted and has not completed.
+    pub(crate) recv_cancelling: bool,
+    /// A send is in flight, in this slot of the driver's send table.
+    pub(crate) send_slot: Option<u32>,
+    /// A cancellation of the send was submitted and has not completed.
+    pub(crate) send_cancelling: bool,
+    /// The connection is in the driver's dirty list.
+    pub(crate) dirty: bool,
 }
 
 /// One connection's state between events: a slab entry.
 #[derive(Debug)]
 pub(crate) struct Conn {
     pub(crate) gen: u32,
-    pub(crate) io: TcpStreamPoll,
+    pub(crate) socket: Socket,
     pub(crate) phase: Phase,
     pub(crate) out: Outbound,
     /// Received bytes of a frame (or head) that is not complete yet. Empty (unallocated) for
     /// an idle connection.
     pub(crate) tail: BytesMut,
-    pub(crate) waker: Option<Waker>,
-    pub(crate) deadline: Option<Pin<Box<Sleep>>>,
+    /// When the connection's current deadline (handshake, close, flush) passes.
+    pub(crate) deadline: Option<Instant>,
     /// The upgrade request head, or only its target when heads are not kept.
     request: Box<[u8]>,
     subprotocol: Option<Box<str>>,
     /// How the connection is ending, once that is known (boxed: rare, and per connection).
     pub(crate) close: Option<Box<CloseInfo>>,
+    pub(crate) ring: RingState,
     head_kept: bool,
     /// `on_open` ran, so `on_close` is owed.
     pub(crate) opened: bool,
 }
 
 impl Conn {
-    pub(crate) fn new(gen: u32, io: TcpStreamPoll, timeout: Duration) -> Self {
+    fn new(gen: u32, socket: Socket) -> Self {
         Self {
             gen,
-            io,
+            socket,
             phase: Phase::Handshake(HeadReader::new()),
             out: Outbound::default(),
             tail: BytesMut::new(),
-            waker: None,
-            deadline: Some(Box::pin(monoio::time::sleep(timeout))),
+            deadline: None,
             request: Box::default(),
             subprotocol: None,
             close: None,
+            ring: RingState::default(),
             head_kept: false,
             opened: false,
         }
@@ -202,11 +254,6 @@ impl Conn {
         }
     }
 
-    /// Arms (or re-arms) the connection's single deadline.
-    pub(crate) fn set_deadline(&mut self, after: Duration) {
-        self.deadline = Some(Box::pin(monoio::time::sleep(after)));
-    }
-
     /// Records how the connection ends, unless that is already known.
     pub(crate) fn note_close(&mut self, code: CloseCode, reason: &str, by: CloseInitiator) {
         if self.close.is_none() {
@@ -215,12 +262,6 @@ impl Conn {
                 reason: reason.to_owned(),
                 initiator: by,
             }));
-        }
-    }
-
-    fn wake(&mut self) {
-        if let Some(w) = self.waker.take() {
-            w.wake();
         }
     }
 }
@@ -276,6 +317,14 @@ pub(crate) struct ConnTable {
     pub(crate) accept_waker: Option<Waker>,
     /// The shard's main task, parked while stopping until the table is empty.
     pub(crate) empty_waker: Option<Waker>,
+    /// io_uring driver: connections with work for the driver (writes, phase changes).
+    pub(crate) dirty: Vec<usize>,
+    /// io_uring driver: deadlines as (when, slot, generation); stale entries are skipped.
+    pub(crate) timers: BinaryHeap<Reverse<(Instant, usize, u32)>>,
+    /// io_uring driver: its task, woken when work arrives from outside it.
+    pub(crate) driver_waker: Option<Waker>,
+    /// io_uring driver: its task is running now (so it need not be woken).
+    pub(crate) driver_running: bool,
 }
 
 impl ConnTable {
@@ -292,6 +341,10 @@ impl ConnTable {
             stopping: false,
             accept_waker: None,
             empty_waker: None,
+            dirty: Vec::new(),
+            timers: BinaryHeap::new(),
+            driver_waker: None,
+            driver_running: false,
         }
     }
 
@@ -299,12 +352,51 @@ impl ConnTable {
         self.conns.len()
     }
 
-    /// Adds a connection in its handshake phase; returns its slab key.
-    pub(crate) fn insert(&mut self, io: TcpStreamPoll) -> (usize, u32) {
+    /// Adds a connection in its handshake phase, with its handshake deadline; returns its
+    /// slab key and generation.
+    pub(crate) fn insert(&mut self, socket: Socket) -> (usize, u32) {
         self.next_gen = self.next_gen.wrapping_add(1);
         let gen = self.next_gen;
-        let conn = Conn::new(gen, io, self.settings.handshake_timeout);
-        (self.conns.insert(conn), gen)
+        let key = self.conns.insert(Conn::new(gen, socket));
+        self.set_deadline(key, self.settings.handshake_timeout);
+        (key, gen)
+    }
+
+    /// Arms (or re-arms) the connection's single deadline.
+    pub(crate) fn set_deadline(&mut self, key: usize, after: Duration) {
+        let when = Instant::now() + after;
+        let conn = &mut self.conns[key];
+        conn.deadline = Some(when);
+        if let Socket::Ring(_) = conn.socket {
+            self.timers.push(Reverse((when, key, conn.gen)));
+        }
+    }
+
+    /// Tells the connection's driver there is work for it: bytes to write, a phase change.
+    /// `running` is the connection whose code is running now (epoll driver: its own task
+    /// notices without a wake).
+    pub(crate) fn notify(&mut self, key: usize, running: usize) {
+        let conn = &mut self.conns[key];
+        match &mut conn.socket {
+            Socket::Ring(_) => {
+                if !conn.ring.dirty {
+                    conn.ring.dirty = true;
+                    self.dirty.push(key);
+                }
+                if !self.driver_running {
+                    if let Some(w) = &self.driver_waker {
+                        w.wake_by_ref();
+                    }
+                }
+            }
+            Socket::Poll(p) => {
+                if key != running {
+                    if let Some(w) = p.waker.take() {
+                        w.wake();
+                    }
+                }
+            }
+        }
     }
 
     pub(crate) fn id_of(&self, key: usize) -> ConnId {
@@ -385,8 +477,8 @@ impl ConnTable {
         }
         push(&mut conn.out);
         self.metrics.messages_out.incr();
-        if queued == 0 && key != running {
-            conn.wake();
+        if queued == 0 {
+            self.notify(key, running);
         }
         Enqueue::Queued
     }
@@ -417,10 +509,8 @@ impl ConnTable {
         if codec.close(Some(CloseFrame::new(code, reason))) {
             conn.note_close(code, reason, by);
             conn.drain_transmits();
-            conn.set_deadline(close_timeout);
-            if key != running {
-                conn.wake();
-            }
+            self.set_deadline(key, close_timeout);
+            self.notify(key, running);
         }
     }
 
@@ -446,14 +536,18 @@ impl ConnTable {
                         "server shutting down",
                     ));
                     conn.phase = Phase::Flushing;
-                    conn.set_deadline(self.settings.close_timeout);
-                    conn.wake();
+                    self.set_deadline(key, self.settings.close_timeout);
+                    self.notify(key, usize::MAX);
                 }
-                Phase::Flushing | Phase::Draining => conn.wake(),
+                Phase::Flushing | Phase::Draining => self.notify(key, usize::MAX),
+                Phase::Closed => {}
             }
         }
         if let Some(w) = self.accept_waker.take() {
             w.wake();
+        }
+        if let Some(w) = &self.driver_waker {
+            w.wake_by_ref();
         }
     }
 }

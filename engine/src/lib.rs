@@ -78,6 +78,9 @@ mod handler;
 mod listener;
 mod metrics;
 mod outbound;
+mod poll_driver;
+mod ring;
+mod ring_driver;
 mod shard;
 
 use std::{net::SocketAddr, sync::Arc, thread};
@@ -171,6 +174,8 @@ impl Engine {
                 core: (config.pin_shards && !cores.is_empty()).then(|| cores[i % cores.len()]),
                 driver: config.driver,
                 uring_entries: config.io.uring_entries,
+                ring_buffers: config.io.ring_buffers,
+                ring_buffer_bytes: config.io.ring_buffer_bytes,
                 settings: Settings::new(&config),
                 metrics: shard_metrics.clone(),
                 ready,

@@ -97,7 +97,7 @@ pub(crate) async fn accept_loop<H: Handler>(
                     info!(shard = %shard.id, failures, "accepting again after running out of file descriptors");
                     backoff = Duration::from_millis(1);
                 }
-                shard.open_connection(stream);
+                crate::poll_driver::open_connection(&shard, stream);
             }
             Err(_) if shard.table.borrow().stopping => return,
             Err(e) if is_fd_exhaustion(&e) => {

@@ -5,7 +5,7 @@
 //! pre-encoded shared frame; neither is ever copied here. It does not decide what happens on
 //! overflow beyond reporting it: the connection applies the configured policy.
 
-use std::{collections::VecDeque, io::IoSlice};
+use std::{collections::VecDeque, io::IoSlice, mem};
 
 use bytes::{Buf, Bytes};
 use ringcast_protocol::{FrameHeader, MAX_HEADER_BYTES};
@@ -53,13 +53,40 @@ pub(crate) struct Outbound {
 }
 
 impl Outbound {
-    /// Bytes queued and not yet written.
+    /// Bytes queued and not yet written, including those in a send still in flight.
     pub(crate) fn len_bytes(&self) -> usize {
         self.bytes
     }
 
+    /// Whether nothing waits to be handed to a send (a send may still be in flight).
     pub(crate) fn is_empty(&self) -> bool {
         self.chunks.is_empty()
+    }
+
+    /// Moves up to `max` chunks from the front of the queue into `batch` (which must be
+    /// empty) for one send on the socket ring. Their bytes stay counted until
+    /// [`Outbound::note_sent`].
+    pub(crate) fn take_batch(&mut self, batch: &mut Batch, max: usize) {
+        debug_assert!(batch.chunks.is_empty());
+        let n = self.chunks.len().min(max);
+        batch.chunks.extend(self.chunks.drain(..n));
+        // The queue's front, if any, is now a chunk nobody has started writing.
+        self.front_started = false;
+        if self.chunks.is_empty() && self.chunks.capacity() > 0 {
+            self.chunks = VecDeque::new();
+        }
+    }
+
+    /// Accounts for `n` bytes of a batch that the socket took.
+    pub(crate) fn note_sent(&mut self, n: usize) {
+        self.bytes -= n;
+    }
+
+    /// Forgets a batch that will never be sent (the connection is gone).
+    pub(crate) fn abandon_batch(&mut self, batch: &mut Batch) {
+        let left: usize = batch.chunks.iter().map(|c| c.remaining().len()).sum();
+        self.bytes -= left;
+        batch.chunks = VecDeque::new();
     }
 
     /// Queues a frame as an inline header plus a shared payload.
@@ -145,6 +172,59 @@ impl Outbound {
     }
 }
 
+/// Chunks handed to one send on the socket ring. They stay here, unmoved, until the send
+/// completes: the kernel reads the inline headers from this memory, so nothing may be pushed
+/// to this deque while a send is in flight.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    chunks: VecDeque<Chunk>,
+}
+
+impl Batch {
+    /// Points `iov` at the unwritten bytes of the batch; returns how many entries it filled.
+    pub(crate) fn fill_iovecs(&self, iov: &mut [libc::iovec]) -> usize {
+        let mut n = 0;
+        for (slot, chunk) in iov.iter_mut().zip(&self.chunks) {
+            let bytes = chunk.remaining();
+            *slot = libc::iovec {
+                iov_base: bytes.as_ptr() as *mut libc::c_void,
+                iov_len: bytes.len(),
+            };
+            n += 1;
+        }
+        n
+    }
+
+    /// Drops `written` bytes from the front; returns true once the batch is fully written.
+    pub(crate) fn advance(&mut self, mut written: usize) -> bool {
+        while written > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            let left = front.remaining().len();
+            if written < left {
+                match front {
+                    Chunk::Head { pos, .. } => *pos += written as u8,
+                    Chunk::Data { bytes, .. } => bytes.advance(written),
+                }
+                return false;
+            }
+            written -= left;
+            self.chunks.pop_front();
+        }
+        if self.chunks.is_empty() {
+            // Free the deque's memory: the batch slot is kept for the next send.
+            let _ = mem::take(&mut self.chunks);
+            return true;
+        }
+        false
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,6 +285,33 @@ mod tests {
         fresh.push_encoded(Bytes::from_static(b"\x81\x01x"));
         assert_eq!(fresh.truncate_unstarted(), 3);
         assert!(fresh.is_empty());
+    }
+
+    #[test]
+    fn a_batch_is_sent_in_pieces_and_accounted() {
+        let mut out = Outbound::default();
+        out.push_frame(
+            &FrameHeader::new(OpCode::Binary, 3),
+            Bytes::from_static(b"abc"),
+        );
+        out.push_encoded(Bytes::from_static(b"xyz"));
+        let mut batch = Batch::default();
+        out.take_batch(&mut batch, 2);
+        assert_eq!(out.len_bytes(), 8, "in-flight bytes still count");
+        assert!(!out.is_empty(), "the third chunk waits for the next batch");
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 4];
+        assert_eq!(batch.fill_iovecs(&mut iov), 2);
+        assert_eq!((iov[0].iov_len, iov[1].iov_len), (2, 3));
+        assert!(!batch.advance(3));
+        out.note_sent(3);
+        batch.fill_iovecs(&mut iov);
+        assert_eq!(iov[0].iov_len, 2);
+        assert!(batch.advance(2));
+        out.note_sent(2);
+        assert_eq!(out.len_bytes(), 3);
     }
 
     #[test]

@@ -1,33 +1,28 @@
-//! A shard: one pinned thread, one monoio runtime, one slab of connections, one read buffer.
+//! A shard: one pinned thread, one monoio runtime, one slab of connections.
 //!
 //! Owns starting the thread (pin, build the runtime with the configured driver and nothing
-//! else, report readiness), the shard's tasks (accept loop, inbox, deferrer, one per
-//! connection), and driving each connection's socket: read into the shard's buffer, feed the
-//! codec, call the handler, flush with vectored writes, honour deadlines, close.
-//! It shares nothing mutable with other shards; commands arrive through `bus.rs`.
+//! else, report readiness), the shard's main task (start the driver, wait for a stop, close
+//! gracefully), and what happens to a connection whatever drives its socket: the upgrade, the
+//! codec, handler calls, deadlines, and the end of a connection. The socket IO itself lives in
+//! `ring_driver.rs` (io_uring) and `poll_driver.rs` (epoll). Shards share nothing mutable;
+//! commands arrive through `bus.rs`.
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     future::{poll_fn, Future},
-    io, mem,
+    io,
     net::{SocketAddr, TcpListener as StdListener},
-    pin::Pin,
+    os::fd::OwnedFd,
     rc::Rc,
     sync::Arc,
-    task::{Context, Poll, Waker},
+    task::{Poll, Waker},
     thread,
+    time::Duration,
 };
 
 use bytes::BytesMut;
 use crossbeam_channel::Sender;
-use monoio::{
-    io::{
-        poll_io::{AsyncRead, AsyncWrite, ReadBuf},
-        Canceller,
-    },
-    net::{TcpListener, TcpStream},
-    IoUringDriver, LegacyDriver, RuntimeBuilder,
-};
+use monoio::{io::Canceller, net::TcpListener, IoUringDriver, LegacyDriver, RuntimeBuilder};
 use ringcast_protocol::{
     error_response, http_response, CloseCode, CloseState, Codec, Event, UpgradeRequest,
 };
@@ -36,12 +31,12 @@ use tracing::{debug, error, info, warn};
 use crate::{
     bus::{Inbox, ShardMsg},
     config::Driver,
-    conn::{Conn, ConnTable, Phase, Settings, ShardId},
+    conn::{Conn, ConnTable, Phase, Settings, ShardId, Socket},
     error::Error,
     handler::{CloseInfo, CloseInitiator, Ctx, Handler, Message, Upgrade, UpgradeCtx},
     listener::accept_loop,
     metrics::ShardMetrics,
-    outbound::MAX_IOV,
+    poll_driver, ring, ring_driver,
 };
 
 /// What a shard thread needs to start.
@@ -53,6 +48,8 @@ pub(crate) struct ShardSpec {
     pub(crate) core: Option<core_affinity::CoreId>,
     pub(crate) driver: Driver,
     pub(crate) uring_entries: u32,
+    pub(crate) ring_buffers: u16,
+    pub(crate) ring_buffer_bytes: usize,
     pub(crate) settings: Settings,
     pub(crate) metrics: Arc<ShardMetrics>,
     /// Gets `Ok` once the shard listens, or the error that stopped it from starting.
@@ -116,25 +113,25 @@ fn run_thread<H: Handler>(spec: ShardSpec, factory: &(impl Fn(ShardId) -> H + ?S
     }
 }
 
-/// The shard's main task: start the other tasks, wait for a stop, then close gracefully.
+/// The shard's main task: start the driver, wait for a stop, then close gracefully.
 async fn run<H: Handler>(spec: ShardSpec, handler: H) {
     let ShardSpec {
         id,
         listener,
         inbox,
+        driver,
+        uring_entries,
+        ring_buffers,
+        ring_buffer_bytes,
         settings,
         metrics,
         ready,
         ..
     } = spec;
     let addr = listener.local_addr().ok();
-    let listener = match TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(source) => {
-            let addr = addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-            let _ = ready.send(Err(Error::Listen { addr, source }));
-            return;
-        }
+    let listen_error = |source: io::Error| Error::Listen {
+        addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+        source,
     };
     let shutdown_timeout = settings.shutdown_timeout;
     let read_buffer_bytes = settings.read_buffer_bytes;
@@ -142,15 +139,53 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
         id,
         table: RefCell::new(ConnTable::new(id, settings, metrics.clone())),
         handler: RefCell::new(handler),
-        read_buf: RefCell::new(BytesMut::with_capacity(read_buffer_bytes)),
+        read_buf: RefCell::new(BytesMut::new()),
         metrics,
         deferred: RefCell::new(Vec::new()),
         deferrer: RefCell::new(None),
-        stopped: std::cell::Cell::new(false),
+        stopped: Cell::new(false),
     });
+
+    // Start the driver. io_uring: one task runs every socket through the socket ring.
+    // epoll: an accept loop and one task per connection, on monoio's poll-io.
     let canceller = Canceller::new();
-    monoio::spawn(accept_loop(shard.clone(), listener, canceller.handle()));
-    monoio::spawn(deferrer(shard.clone()));
+    let ring_task = match driver {
+        Driver::IoUring => {
+            let socket_ring =
+                match ring::SocketRing::new(uring_entries, ring_buffers, ring_buffer_bytes) {
+                    Ok(r) => r,
+                    Err(source) => {
+                        let _ = ready.send(Err(Error::Runtime {
+                            shard: id.index(),
+                            driver: driver.name(),
+                            source,
+                            hint:
+                                "; the io_uring driver needs Linux 6.0 or newer (multishot receive \
+                               into provided buffers); set driver = \"epoll\" to run without it",
+                        }));
+                        return;
+                    }
+                };
+            Some(monoio::spawn(ring_driver::run(
+                shard.clone(),
+                socket_ring,
+                OwnedFd::from(listener),
+            )))
+        }
+        _ => {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(source) => {
+                    let _ = ready.send(Err(listen_error(source)));
+                    return;
+                }
+            };
+            *shard.read_buf.borrow_mut() = BytesMut::with_capacity(read_buffer_bytes);
+            monoio::spawn(accept_loop(shard.clone(), listener, canceller.handle()));
+            monoio::spawn(poll_driver::deferrer(shard.clone()));
+            None
+        }
+    };
     let _ = ready.send(Ok(()));
     info!(shard = %id, listen = ?addr, "shard listening");
 
@@ -167,6 +202,15 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
         .await
         .is_ok();
     let forced = shard.close_all_now();
+    if let Some(task) = ring_task {
+        // The driver cancels what is still in flight, closes the sockets and returns.
+        if monoio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .is_err()
+        {
+            warn!(shard = %id, "socket ring did not drain in time");
+        }
+    }
     if drained {
         info!(shard = %id, "shard stopped");
     } else {
@@ -179,79 +223,26 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
     }
 }
 
-/// Yields a task behind every task already queued. monoio runs a task that wakes itself again
-/// at once, ahead of the queue, so a busy connection that yielded that way would starve the
-/// shard; waking it from this separate task puts it at the back instead.
-async fn deferrer<H: Handler>(shard: Rc<Shard<H>>) {
-    let mut batch = Vec::new();
-    poll_fn(|cx| {
-        if shard.stopped.get() {
-            return Poll::Ready(());
-        }
-        *shard.deferrer.borrow_mut() = Some(cx.waker().clone());
-        mem::swap(&mut batch, &mut *shard.deferred.borrow_mut());
-        for w in batch.drain(..) {
-            w.wake();
-        }
-        Poll::Pending
-    })
-    .await;
-}
-
 /// One shard's state, owned by its thread (behind an `Rc`).
 pub(crate) struct Shard<H> {
     pub(crate) id: ShardId,
     pub(crate) table: RefCell<ConnTable>,
-    handler: RefCell<H>,
-    /// Every read lands here first; only unfinished frames are copied out per connection.
-    read_buf: RefCell<BytesMut>,
+    pub(crate) handler: RefCell<H>,
+    /// epoll driver: every read lands here first; only unfinished frames are copied out.
+    pub(crate) read_buf: RefCell<BytesMut>,
     pub(crate) metrics: Arc<ShardMetrics>,
-    deferred: RefCell<Vec<Waker>>,
-    deferrer: RefCell<Option<Waker>>,
-    stopped: std::cell::Cell<bool>,
+    pub(crate) deferred: RefCell<Vec<Waker>>,
+    pub(crate) deferrer: RefCell<Option<Waker>>,
+    pub(crate) stopped: Cell<bool>,
 }
 
-/// Where a read put its bytes.
-enum Landing {
-    Shared,
-    Tail,
-}
-
-/// Whether a connection's task goes on or ends.
-enum Flow {
+/// Whether a connection goes on or ends.
+pub(crate) enum Flow {
     Continue,
     Done,
 }
 
 impl<H: Handler> Shard<H> {
-    /// Registers an accepted socket and spawns its task.
-    pub(crate) fn open_connection(self: &Rc<Self>, stream: TcpStream) {
-        let mut table = self.table.borrow_mut();
-        if table.settings.tcp_nodelay {
-            if let Err(e) = stream.set_nodelay(true) {
-                debug!(error = %e, "TCP_NODELAY not set");
-            }
-        }
-        // Fills the stream's cached peer address, so ConnInfo::peer_addr costs no syscall.
-        let _ = stream.peer_addr();
-        let io = match stream.try_into_poll_io() {
-            Ok(io) => io,
-            Err((e, _stream)) => {
-                warn!(shard = %self.id, error = %e, "cannot register accepted socket; closing it");
-                return;
-            }
-        };
-        let (key, gen) = table.insert(io);
-        self.metrics.connections_accepted.incr();
-        self.metrics.connections_active.incr();
-        drop(table);
-        monoio::spawn(ConnTask {
-            shard: self.clone(),
-            key,
-            gen,
-        });
-    }
-
     fn wait_empty(&self) -> impl Future<Output = ()> + '_ {
         poll_fn(|cx| {
             let mut table = self.table.borrow_mut();
@@ -273,169 +264,8 @@ impl<H: Handler> Shard<H> {
         keys.len()
     }
 
-    fn defer(&self, waker: &Waker) {
-        self.deferred.borrow_mut().push(waker.clone());
-        if let Some(d) = self.deferrer.borrow().as_ref() {
-            d.wake_by_ref();
-        }
-    }
-
-    /// Drives one connection as far as it can go without waiting.
-    fn drive(&self, key: usize, gen: u32, cx: &mut Context<'_>) -> Poll<()> {
-        let mut reads = 0;
-        loop {
-            let mut table_ref = self.table.borrow_mut();
-            let table = &mut *table_ref;
-            let Some(conn) = table.conns.get_mut(key).filter(|c| c.gen == gen) else {
-                // Closed by the shard (shutdown deadline) while this task was parked.
-                return Poll::Ready(());
-            };
-            if let Some(deadline) = conn.deadline.as_mut() {
-                if deadline.as_mut().poll(cx).is_ready() {
-                    conn.deadline = None;
-                    let flow = self.on_deadline(table, key);
-                    drop(table_ref);
-                    match flow {
-                        Flow::Continue => continue,
-                        Flow::Done => return self.end(key),
-                    }
-                }
-            }
-
-            match flush(conn, cx, &self.metrics) {
-                Poll::Ready(Ok(())) if matches!(conn.phase, Phase::Flushing) => {
-                    // Everything we owed is out: send FIN, then wait for the peer's.
-                    let _ = Pin::new(&mut conn.io).poll_shutdown(cx);
-                    conn.phase = Phase::Draining;
-                    conn.set_deadline(table.settings.close_timeout);
-                    continue;
-                }
-                Poll::Ready(Ok(())) | Poll::Pending => {}
-                Poll::Ready(Err(e)) => {
-                    debug!(peer = %conn.info().peer_addr(), error = %e, "write failed");
-                    conn.note_close(
-                        CloseCode::ABNORMAL,
-                        "write failed",
-                        CloseInitiator::Transport,
-                    );
-                    drop(table_ref);
-                    return self.end(key);
-                }
-            }
-
-            if !wants_read(conn, &table.settings) {
-                park(conn, cx);
-                return Poll::Pending;
-            }
-            if reads == table.settings.max_reads_per_turn {
-                park(conn, cx);
-                self.defer(cx.waker());
-                return Poll::Pending;
-            }
-            let landing = match self.read(conn, &table.settings, cx) {
-                Poll::Pending => {
-                    park(conn, cx);
-                    return Poll::Pending;
-                }
-                Poll::Ready(Ok((0, _))) => {
-                    let flow = on_eof(conn);
-                    drop(table_ref);
-                    match flow {
-                        Flow::Continue => continue,
-                        Flow::Done => return self.end(key),
-                    }
-                }
-                Poll::Ready(Ok((n, landing))) => {
-                    self.metrics.bytes_in.add(n as u64);
-                    landing
-                }
-                Poll::Ready(Err(e)) => {
-                    debug!(peer = %conn.info().peer_addr(), error = %e, "read failed");
-                    conn.note_close(
-                        CloseCode::ABNORMAL,
-                        "read failed",
-                        CloseInitiator::Transport,
-                    );
-                    drop(table_ref);
-                    return self.end(key);
-                }
-            };
-            reads += 1;
-            let mut input = match landing {
-                Landing::Shared => mem::take(&mut *self.read_buf.borrow_mut()),
-                Landing::Tail => mem::take(&mut conn.tail),
-            };
-            self.process(table, key, &mut input);
-            let conn = &mut table.conns[key];
-            match landing {
-                Landing::Shared => {
-                    if !input.is_empty() {
-                        // The one copy: an unfinished frame's bytes move to the connection.
-                        conn.tail = BytesMut::from(&input[..]);
-                        input.clear();
-                    }
-                    *self.read_buf.borrow_mut() = input;
-                }
-                Landing::Tail if input.is_empty() => conn.tail = BytesMut::new(),
-                Landing::Tail => conn.tail = input,
-            }
-        }
-    }
-
-    /// Reads once. Small unfinished input is moved in front of the new bytes in the shard's
-    /// buffer; a large frame in progress is read straight into the connection's own buffer,
-    /// sized for the whole frame.
-    fn read(
-        &self,
-        conn: &mut Conn,
-        settings: &Settings,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<(usize, Landing)>> {
-        let frame_left = match &conn.phase {
-            Phase::Open(codec) => codec
-                .partial_frame_len()
-                .map_or(0, |len| len.saturating_sub(conn.tail.len())),
-            _ => 0,
-        };
-        let mut shared = self.read_buf.borrow_mut();
-        let (buf, landing) = if conn.tail.len() + frame_left <= settings.read_buffer_bytes / 2 {
-            shared.clear();
-            shared.reserve(settings.read_buffer_bytes);
-            if !conn.tail.is_empty() {
-                shared.extend_from_slice(&conn.tail);
-                conn.tail = BytesMut::new();
-            }
-            (&mut *shared, Landing::Shared)
-        } else {
-            conn.tail
-                .reserve(frame_left.max(settings.read_buffer_bytes));
-            (&mut conn.tail, Landing::Tail)
-        };
-        let mut rb = ReadBuf::uninit(buf.spare_capacity_mut());
-        match Pin::new(&mut conn.io).poll_read(cx, &mut rb) {
-            Poll::Ready(Ok(())) => {
-                let n = rb.filled().len();
-                // SAFETY: `poll_read` initialised and filled the first `n` bytes of the spare
-                // capacity (ReadBuf tracks both), so they are valid to expose.
-                unsafe { buf.set_len(buf.len() + n) };
-                Poll::Ready(Ok((n, landing)))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => {
-                if let Landing::Shared = landing {
-                    // Keep unfinished bytes that were moved in front: they belong to the conn.
-                    if !shared.is_empty() {
-                        conn.tail = BytesMut::from(&shared[..]);
-                        shared.clear();
-                    }
-                }
-                Poll::Pending
-            }
-        }
-    }
-
     /// Feeds newly read bytes through the handshake or the codec, calling the handler.
-    fn process(&self, table: &mut ConnTable, key: usize, input: &mut BytesMut) {
+    pub(crate) fn process(&self, table: &mut ConnTable, key: usize, input: &mut BytesMut) {
         let mut handler = self.handler.borrow_mut();
         loop {
             let conn = &mut table.conns[key];
@@ -473,7 +303,7 @@ impl<H: Handler> Shard<H> {
                         }
                     }
                 }
-                Phase::Flushing | Phase::Draining => {
+                Phase::Flushing | Phase::Draining | Phase::Closed => {
                     input.clear();
                     return;
                 }
@@ -484,7 +314,7 @@ impl<H: Handler> Shard<H> {
         if let Phase::Open(codec) = &conn.phase {
             if matches!(codec.close_state(), CloseState::Closed | CloseState::Failed) {
                 conn.phase = Phase::Flushing;
-                conn.set_deadline(close_timeout);
+                table.set_deadline(key, close_timeout);
                 input.clear();
             }
         }
@@ -578,7 +408,7 @@ impl<H: Handler> Shard<H> {
         );
     }
 
-    fn on_deadline(&self, table: &mut ConnTable, key: usize) -> Flow {
+    pub(crate) fn on_deadline(&self, table: &mut ConnTable, key: usize) -> Flow {
         let close_timeout = table.settings.close_timeout;
         let conn = &mut table.conns[key];
         match conn.phase {
@@ -592,27 +422,33 @@ impl<H: Handler> Shard<H> {
                     "the upgrade request did not arrive in time",
                 ));
                 conn.phase = Phase::Flushing;
-                conn.set_deadline(close_timeout);
+                table.set_deadline(key, close_timeout);
+                table.notify(key, key);
                 Flow::Continue
             }
             // Our close frame went unanswered, or the final bytes or FIN did not get through.
-            Phase::Open(_) | Phase::Flushing | Phase::Draining => Flow::Done,
+            Phase::Open(_) | Phase::Flushing | Phase::Draining | Phase::Closed => Flow::Done,
         }
     }
 
     /// Ends the connection's task.
-    fn end(&self, key: usize) -> Poll<()> {
+    pub(crate) fn end(&self, key: usize) -> Poll<()> {
         self.finish(key);
         Poll::Ready(())
     }
 
-    /// Removes a connection: `on_close` if it was opened, then the slot and the socket.
-    fn finish(&self, key: usize) {
+    /// Ends a connection: `on_close` if it was opened, then the slot and the socket. The epoll
+    /// driver frees both at once; the io_uring driver first waits for operations in flight
+    /// (the connection sits in `Phase::Closed` meanwhile, see `ring_driver.rs`).
+    pub(crate) fn finish(&self, key: usize) {
         let mut table_ref = self.table.borrow_mut();
         let table = &mut *table_ref;
         let Some(conn) = table.conns.get_mut(key) else {
             return;
         };
+        if matches!(conn.phase, Phase::Closed) {
+            return;
+        }
         if conn.opened {
             conn.phase = Phase::Draining; // sends from on_close now return Closed
             let info = conn.close.take().map_or_else(
@@ -632,6 +468,21 @@ impl<H: Handler> Shard<H> {
                 &info,
             );
         }
+        let conn = &mut table.conns[key];
+        conn.phase = Phase::Closed;
+        conn.deadline = None;
+        match conn.socket {
+            Socket::Ring(_) => table.notify(key, usize::MAX),
+            Socket::Poll(_) => {
+                drop(table_ref);
+                self.release(key);
+            }
+        }
+    }
+
+    /// Frees the slot and closes the socket of a finished connection.
+    pub(crate) fn release(&self, key: usize) {
+        let mut table = self.table.borrow_mut();
         let conn = table.conns.remove(key);
         drop(conn);
         self.metrics.connections_active.sub(1);
@@ -647,25 +498,27 @@ impl<H: Handler> Shard<H> {
 }
 
 /// Queues an HTTP error and moves the connection to flushing.
-fn reject(table: &mut ConnTable, key: usize, response: bytes::Bytes) {
+pub(crate) fn reject(table: &mut ConnTable, key: usize, response: bytes::Bytes) {
     table.metrics.upgrades_rejected.incr();
     let close_timeout = table.settings.close_timeout;
     let conn = &mut table.conns[key];
     conn.out.push_encoded(response);
     conn.phase = Phase::Flushing;
-    conn.set_deadline(close_timeout);
+    table.set_deadline(key, close_timeout);
 }
 
-fn wants_read(conn: &Conn, settings: &Settings) -> bool {
+/// Whether the connection's socket should be read now.
+pub(crate) fn wants_read(conn: &Conn, settings: &Settings) -> bool {
     match conn.phase {
         Phase::Handshake(_) | Phase::Draining => true,
         // Backpressure: a peer that does not read its replies is not read either.
         Phase::Open(_) => conn.out.len_bytes() < settings.max_outbound_bytes / 2,
-        Phase::Flushing => false,
+        Phase::Flushing | Phase::Closed => false,
     }
 }
 
-fn on_eof(conn: &mut Conn) -> Flow {
+/// The peer closed its side: how the connection ends.
+pub(crate) fn on_eof(conn: &mut Conn) -> Flow {
     if let Phase::Open(_) = conn.phase {
         conn.note_close(
             CloseCode::ABNORMAL,
@@ -674,45 +527,4 @@ fn on_eof(conn: &mut Conn) -> Flow {
         );
     }
     Flow::Done
-}
-
-/// Stores the task's waker so other tasks (sends, closes, shutdown) can wake it.
-fn park(conn: &mut Conn, cx: &Context<'_>) {
-    if !conn.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-        conn.waker = Some(cx.waker().clone());
-    }
-}
-
-/// Writes as much of the outbound queue as the socket takes, in vectored writes.
-fn flush(conn: &mut Conn, cx: &mut Context<'_>, metrics: &ShardMetrics) -> Poll<io::Result<()>> {
-    while !conn.out.is_empty() {
-        let mut slices = [io::IoSlice::new(&[]); MAX_IOV];
-        let n = conn.out.io_slices(&mut slices);
-        match Pin::new(&mut conn.io).poll_write_vectored(cx, &slices[..n]) {
-            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-            Poll::Ready(Ok(written)) => {
-                metrics.bytes_out.add(written as u64);
-                conn.out.advance(written);
-            }
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Pending,
-        }
-    }
-    Poll::Ready(Ok(()))
-}
-
-/// The task that drives one connection. It holds only the slot and generation; the state is
-/// in the shard's table so handlers can reach it.
-struct ConnTask<H> {
-    shard: Rc<Shard<H>>,
-    key: usize,
-    gen: u32,
-}
-
-impl<H: Handler> Future for ConnTask<H> {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.shard.drive(self.key, self.gen, cx)
-    }
 }

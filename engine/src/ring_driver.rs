@@ -1,0 +1,550 @@
+//! The io_uring driver: one task per shard runs every socket through the shard's socket ring.
+//!
+//! Owns, for `driver = "io-uring"`: accepting (multishot, paused while the shard is full,
+//! backing off when descriptors run out), receiving (multishot into the provided-buffer pool,
+//! parsed in place; cancelled while a peer does not read its replies), sending (one `sendmsg`
+//! per connection per loop turn, gathering everything queued), deadlines, and tearing a
+//! connection down only after every operation on its socket has completed.
+//!
+//! Each loop turn: take every completion, return buffers, fire deadlines, serve connections
+//! marked dirty, submit everything in one system call, then sleep until the kernel signals the
+//! ring's eventfd, a deadline passes, or another task hands the driver work. What the bytes
+//! mean is `shard.rs`'s business.
+
+use std::{
+    future::{poll_fn, Future},
+    mem,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    pin::Pin,
+    rc::Rc,
+    task::Poll,
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+use monoio::time::Sleep;
+use ringcast_protocol::CloseCode;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    conn::{ConnTable, Phase, Socket},
+    handler::{CloseInitiator, Handler},
+    outbound::MAX_IOV,
+    ring::{Completion, Op, SocketRing},
+    shard::{on_eof, wants_read, Flow, Shard},
+};
+
+/// Longest pause between accept attempts while descriptors are exhausted.
+const MAX_BACKOFF: Duration = Duration::from_millis(200);
+
+type EventfdRead = Pin<Box<dyn Future<Output = (std::io::Result<usize>, Vec<u8>)>>>;
+
+/// Runs the shard's sockets until the shard stops and every connection is gone.
+pub(crate) async fn run<H: Handler>(shard: Rc<Shard<H>>, ring: SocketRing, listener: OwnedFd) {
+    let mut driver = Driver {
+        shard: &shard,
+        ring,
+        listener,
+        accept_armed: false,
+        accept_cancelling: false,
+        paused_counted: false,
+        retry_at: None,
+        backoff: Duration::from_millis(1),
+        exhausted: None,
+        starved: Vec::new(),
+        eventfd_read: None,
+        eventfd_buf: Some(vec![0u8; 8]),
+        sleep: None,
+    };
+    driver.run().await;
+}
+
+struct Driver<'a, H> {
+    shard: &'a Shard<H>,
+    ring: SocketRing,
+    listener: OwnedFd,
+    accept_armed: bool,
+    accept_cancelling: bool,
+    /// The current "shard full" pause was counted in the metrics.
+    paused_counted: bool,
+    /// Accepting resumes at this time (after running out of descriptors).
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// Accept failures since descriptors ran out, while they are out.
+    exhausted: Option<u64>,
+    /// Connections whose receive stopped because every buffer was in use.
+    starved: Vec<usize>,
+    eventfd_read: Option<EventfdRead>,
+    eventfd_buf: Option<Vec<u8>>,
+    sleep: Option<(Instant, Pin<Box<Sleep>>)>,
+}
+
+impl<H: Handler> Driver<'_, H> {
+    async fn run(&mut self) {
+        loop {
+            self.shard.table.borrow_mut().driver_running = true;
+            self.reap();
+            self.ring.pool.reclaim();
+            if self.ring.pool.available() > 0 && !self.starved.is_empty() {
+                let mut table = self.shard.table.borrow_mut();
+                for key in mem::take(&mut self.starved) {
+                    if table.conns.contains(key) {
+                        table.notify(key, usize::MAX);
+                    }
+                }
+            }
+            self.expire(Instant::now());
+            self.serve();
+            self.serve_accept();
+            self.ring.pool.publish();
+            if let Err(e) = self.ring.submit() {
+                error!(shard = %self.shard.id, error = %e, "socket ring submit failed");
+            }
+            if self.ring.has_completions() {
+                continue;
+            }
+            {
+                let mut table = self.shard.table.borrow_mut();
+                if !table.dirty.is_empty() {
+                    continue;
+                }
+                if table.stopping
+                    && table.conns.is_empty()
+                    && !self.accept_armed
+                    && self.ring.sends_in_flight() == 0
+                {
+                    return;
+                }
+                table.driver_running = false;
+            }
+            self.wait().await;
+        }
+    }
+
+    /// Sleeps until the kernel posts a completion, the next deadline passes, or another task
+    /// hands the driver work.
+    async fn wait(&mut self) {
+        let next = self.next_deadline();
+        if self.sleep.as_ref().map(|(when, _)| *when) != next {
+            self.sleep = next.map(|when| (when, Box::pin(monoio::time::sleep_until(when.into()))));
+        }
+        if self.eventfd_read.is_none() {
+            let file = self.ring.eventfd();
+            let buf = self.eventfd_buf.take().unwrap_or_else(|| vec![0u8; 8]);
+            self.eventfd_read = Some(Box::pin(async move { file.read_at(buf, 0).await }));
+        }
+        poll_fn(|cx| {
+            {
+                let mut table = self.shard.table.borrow_mut();
+                if !table
+                    .driver_waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    table.driver_waker = Some(cx.waker().clone());
+                }
+                if !table.dirty.is_empty()
+                    || (table.stopping && self.accept_armed && !self.accept_cancelling)
+                {
+                    return Poll::Ready(());
+                }
+            }
+            if let Some(read) = self.eventfd_read.as_mut() {
+                if let Poll::Ready((result, buf)) = read.as_mut().poll(cx) {
+                    self.eventfd_read = None;
+                    self.eventfd_buf = Some(buf);
+                    if let Err(e) = result {
+                        error!(shard = %self.shard.id, error = %e, "socket ring eventfd read failed");
+                    }
+                    return Poll::Ready(());
+                }
+            }
+            if let Some((_, timer)) = self.sleep.as_mut() {
+                if timer.as_mut().poll(cx).is_ready() {
+                    self.sleep = None;
+                    return Poll::Ready(());
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let table = self.shard.table.borrow();
+        let timer = table.timers.peek().map(|r| r.0 .0);
+        match (timer, self.retry_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Handles every completion waiting in the ring.
+    fn reap(&mut self) {
+        while let Some(c) = self.ring.next() {
+            match c.op {
+                Op::Accept => self.on_accept(c),
+                Op::Recv { key, gen } => self.on_recv(key, gen, c),
+                Op::Send { slot } => self.on_send(slot, c.result),
+                Op::Ignore => {}
+            }
+        }
+    }
+
+    fn on_accept(&mut self, c: Completion) {
+        if !c.more {
+            self.accept_armed = false;
+            self.accept_cancelling = false;
+        }
+        let shard = self.shard;
+        if c.result >= 0 {
+            // SAFETY: a successful accept completion carries a new descriptor nobody else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(c.result) };
+            let mut table = shard.table.borrow_mut();
+            if table.stopping {
+                return; // dropping `fd` closes it
+            }
+            if table.settings.tcp_nodelay {
+                if let Err(e) = socket2::SockRef::from(&fd).set_nodelay(true) {
+                    debug!(error = %e, "TCP_NODELAY not set");
+                }
+            }
+            if let Some(failures) = self.exhausted.take() {
+                info!(shard = %shard.id, failures, "accepting again after running out of file descriptors");
+                self.backoff = Duration::from_millis(1);
+            }
+            let (key, _) = table.insert(Socket::Ring(fd));
+            shard.metrics.connections_accepted.incr();
+            shard.metrics.connections_active.incr();
+            table.notify(key, usize::MAX);
+            return;
+        }
+        match -c.result {
+            libc::ECANCELED => {}
+            errno @ (libc::EMFILE | libc::ENFILE) => {
+                shard.metrics.accept_fd_exhausted.incr();
+                match self.exhausted {
+                    None => {
+                        warn!(
+                            shard = %shard.id,
+                            error = %std::io::Error::from_raw_os_error(errno),
+                            "out of file descriptors: accept paused with back-off; raise the \
+                             open-files limit (ulimit -n / LimitNOFILE) or lower \
+                             limits.max_connections_per_shard"
+                        );
+                        self.exhausted = Some(1);
+                    }
+                    Some(n) => self.exhausted = Some(n + 1),
+                }
+                self.retry_at = Some(Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                if c.more {
+                    // Stop the multishot accept while backing off; it is re-armed at retry_at.
+                    self.cancel_accept();
+                }
+            }
+            errno => {
+                // ECONNABORTED and friends: the peer gave up in the backlog. A persistent
+                // error must not spin, so pause a little before accepting again.
+                shard.metrics.accept_errors.incr();
+                debug!(shard = %shard.id, error = %std::io::Error::from_raw_os_error(errno), "accept failed");
+                if !c.more {
+                    self.retry_at = Some(Instant::now() + Duration::from_millis(1));
+                }
+            }
+        }
+    }
+
+    fn cancel_accept(&mut self) {
+        if self.accept_armed && !self.accept_cancelling {
+            self.ring.cancel_accept();
+            self.accept_cancelling = true;
+        }
+    }
+
+    fn on_recv(&mut self, key: usize, gen: u32, c: Completion) {
+        let shard = self.shard;
+        let mut table_ref = shard.table.borrow_mut();
+        let table = &mut *table_ref;
+        let live = table
+            .conns
+            .get(key)
+            .is_some_and(|conn| Op::matches_gen(gen, conn.gen));
+        if !live {
+            // A completion for a slot since reused (or freed): only its buffer matters.
+            if let Some(bid) = c.buffer {
+                let buf = self.ring.pool.take(bid, 0);
+                self.ring.pool.give_back(bid, buf);
+            }
+            return;
+        }
+        if !c.more {
+            let conn = &mut table.conns[key];
+            conn.ring.recv_armed = false;
+            conn.ring.recv_cancelling = false;
+            table.notify(key, usize::MAX);
+        }
+        match c.result {
+            n if n > 0 => {
+                let bid = c.buffer.expect("a receive with data names its buffer");
+                let buf = self.ring.pool.take(bid, n as usize);
+                shard.metrics.bytes_in.add(n as u64);
+                self.feed(table, key, bid, buf);
+            }
+            0 => {
+                if matches!(on_eof(&mut table.conns[key]), Flow::Done) {
+                    drop(table_ref);
+                    shard.finish(key);
+                }
+            }
+            n if n == -libc::ENOBUFS => self.starved.push(key),
+            n if n == -libc::ECANCELED => {}
+            n => {
+                let conn = &mut table.conns[key];
+                if !matches!(conn.phase, Phase::Closed) {
+                    debug!(conn = %table.id_of(key), error = %std::io::Error::from_raw_os_error(-n), "receive failed");
+                    table.conns[key].note_close(
+                        CloseCode::ABNORMAL,
+                        "read failed",
+                        CloseInitiator::Transport,
+                    );
+                    drop(table_ref);
+                    shard.finish(key);
+                }
+            }
+        }
+    }
+
+    /// Runs received bytes through the connection: parsed in place in the pool's buffer when
+    /// nothing is pending, else appended to the unfinished frame first.
+    fn feed(&mut self, table: &mut ConnTable, key: usize, bid: u16, buf: BytesMut) {
+        let conn = &mut table.conns[key];
+        if !matches!(conn.phase, Phase::Handshake(_) | Phase::Open(_)) {
+            // Flushing, draining or closed: what the peer sends now is discarded.
+            self.ring.pool.give_back(bid, buf);
+            return;
+        }
+        if conn.tail.is_empty() {
+            let mut input = buf;
+            self.shard.process(table, key, &mut input);
+            let conn = &mut table.conns[key];
+            if !input.is_empty() {
+                // The one copy: an unfinished frame's bytes move to the connection, with room
+                // for the rest of the frame when its length is known.
+                let want = match &conn.phase {
+                    Phase::Open(codec) => codec.partial_frame_len().unwrap_or(0),
+                    _ => 0,
+                };
+                let mut tail = BytesMut::with_capacity(want.max(input.len()));
+                tail.extend_from_slice(&input);
+                conn.tail = tail;
+                input.clear();
+            }
+            self.ring.pool.give_back(bid, input);
+        } else {
+            conn.tail.extend_from_slice(&buf);
+            self.ring.pool.give_back(bid, buf);
+            let mut input = mem::take(&mut conn.tail);
+            self.shard.process(table, key, &mut input);
+            table.conns[key].tail = if input.is_empty() {
+                BytesMut::new()
+            } else {
+                input
+            };
+        }
+        table.notify(key, usize::MAX);
+    }
+
+    fn on_send(&mut self, slot: u32, result: i32) {
+        let shard = self.shard;
+        let (key, gen) = {
+            let s = self.ring.send_slot(slot);
+            (s.key, s.gen)
+        };
+        let mut table_ref = shard.table.borrow_mut();
+        let table = &mut *table_ref;
+        let live = table.conns.get(key).is_some_and(|c| c.gen == gen);
+        if result > 0 {
+            let n = result as usize;
+            shard.metrics.bytes_out.add(n as u64);
+            let done = self.ring.send_slot(slot).batch.advance(n);
+            if live {
+                table.conns[key].out.note_sent(n);
+            }
+            let closed = !live || matches!(table.conns[key].phase, Phase::Closed);
+            if !done && !closed {
+                let fd = raw_fd(&table.conns[key].socket);
+                self.ring.submit_send(fd, slot);
+                return;
+            }
+        }
+        // Written, failed, or cancelled: the slot is free; unwritten chunks are dropped.
+        self.ring.finish_send(slot, |batch| {
+            if live {
+                table.conns[key].out.abandon_batch(batch);
+            }
+        });
+        if !live {
+            return;
+        }
+        let conn = &mut table.conns[key];
+        conn.ring.send_slot = None;
+        conn.ring.send_cancelling = false;
+        let closed = matches!(conn.phase, Phase::Closed);
+        table.notify(key, usize::MAX);
+        if result <= 0 && result != -libc::ECANCELED && !closed {
+            debug!(conn = %table.id_of(key), result, "send failed");
+            table.conns[key].note_close(
+                CloseCode::ABNORMAL,
+                "write failed",
+                CloseInitiator::Transport,
+            );
+            drop(table_ref);
+            shard.finish(key);
+        }
+    }
+
+    /// Fires deadlines that have passed.
+    fn expire(&mut self, now: Instant) {
+        let shard = self.shard;
+        let mut done = Vec::new();
+        {
+            let mut table_ref = shard.table.borrow_mut();
+            let table = &mut *table_ref;
+            while let Some(&std::cmp::Reverse((when, key, gen))) = table.timers.peek() {
+                if when > now {
+                    break;
+                }
+                table.timers.pop();
+                let Some(conn) = table.conns.get_mut(key) else {
+                    continue;
+                };
+                if conn.gen != gen || conn.deadline != Some(when) {
+                    continue; // re-armed or cleared since
+                }
+                conn.deadline = None;
+                match shard.on_deadline(table, key) {
+                    Flow::Continue => table.notify(key, usize::MAX),
+                    Flow::Done => done.push(key),
+                }
+            }
+        }
+        for key in done {
+            shard.finish(key);
+        }
+    }
+
+    /// Serves every connection marked dirty: sends, the end of a flush, receive arming and
+    /// backpressure, and teardown.
+    fn serve(&mut self) {
+        let shard = self.shard;
+        let mut release = Vec::new();
+        let mut table_ref = shard.table.borrow_mut();
+        let table = &mut *table_ref;
+        let dirty = mem::take(&mut table.dirty);
+        for &key in &dirty {
+            let Some(conn) = table.conns.get_mut(key) else {
+                continue;
+            };
+            conn.ring.dirty = false;
+            let gen = conn.gen;
+            let fd = raw_fd(&conn.socket);
+            if let Phase::Closed = conn.phase {
+                if conn.ring.recv_armed && !conn.ring.recv_cancelling {
+                    self.ring.cancel_recv(key, gen);
+                    conn.ring.recv_cancelling = true;
+                }
+                if let Some(slot) = conn.ring.send_slot {
+                    if !conn.ring.send_cancelling {
+                        self.ring.cancel_send(slot);
+                        conn.ring.send_cancelling = true;
+                    }
+                }
+                if !conn.ring.recv_armed && conn.ring.send_slot.is_none() {
+                    release.push(key);
+                }
+                continue;
+            }
+            if conn.ring.send_slot.is_none() && !conn.out.is_empty() {
+                let out = &mut conn.out;
+                let slot = self
+                    .ring
+                    .send(fd, key, gen, |batch| out.take_batch(batch, MAX_IOV));
+                conn.ring.send_slot = Some(slot);
+            }
+            if matches!(conn.phase, Phase::Flushing) && conn.out.len_bytes() == 0 {
+                // Everything we owed is out: send FIN, then wait for the peer's.
+                self.ring.shutdown_write(fd);
+                conn.phase = Phase::Draining;
+                let close_timeout = table.settings.close_timeout;
+                table.set_deadline(key, close_timeout);
+            }
+            let conn = &mut table.conns[key];
+            let want = wants_read(conn, &table.settings);
+            if want && !conn.ring.recv_armed {
+                if self.ring.pool.available() > 0 {
+                    self.ring.recv(fd, key, gen);
+                    conn.ring.recv_armed = true;
+                } else {
+                    self.starved.push(key);
+                }
+            } else if !want
+                && conn.ring.recv_armed
+                && !conn.ring.recv_cancelling
+                && matches!(conn.phase, Phase::Open(_))
+            {
+                // Backpressure: stop reading a peer that does not read its replies.
+                self.ring.cancel_recv(key, gen);
+                conn.ring.recv_cancelling = true;
+            }
+        }
+        // Give the dirty list's memory back for reuse next turn.
+        let mut dirty = dirty;
+        dirty.clear();
+        if table.dirty.is_empty() {
+            table.dirty = dirty;
+        }
+        drop(table_ref);
+        for key in release {
+            shard.release(key);
+        }
+    }
+
+    /// Arms, pauses or stops the multishot accept.
+    fn serve_accept(&mut self) {
+        let table = self.shard.table.borrow();
+        if table.stopping {
+            drop(table);
+            self.cancel_accept();
+            return;
+        }
+        if table.len() >= table.settings.max_connections {
+            if !self.paused_counted {
+                self.paused_counted = true;
+                table.metrics.accept_paused_full.incr();
+                debug!(shard = %self.shard.id, "shard full: accept paused");
+            }
+            drop(table);
+            self.cancel_accept();
+            return;
+        }
+        drop(table);
+        self.paused_counted = false;
+        if self.accept_armed {
+            return;
+        }
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        self.retry_at = None;
+        self.ring.accept(self.listener.as_raw_fd());
+        self.accept_armed = true;
+    }
+}
+
+fn raw_fd(socket: &Socket) -> RawFd {
+    match socket {
+        Socket::Ring(fd) => fd.as_raw_fd(),
+        Socket::Poll(p) => p.io.as_raw_fd(),
+    }
+}
