@@ -10,8 +10,9 @@ use std::{
     collections::BinaryHeap,
     fmt,
     net::SocketAddr,
+    num::NonZeroU64,
     os::fd::OwnedFd,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     task::Waker,
     time::{Duration, Instant},
 };
@@ -97,7 +98,7 @@ impl<'a> ConnInfo<'a> {
         if self.conn.head_kept {
             self.request().map_or("", |r| r.target())
         } else {
-            std::str::from_utf8(&self.conn.request).unwrap_or_default()
+            std::str::from_utf8(self.conn.upgrade.request()).unwrap_or_default()
         }
     }
 
@@ -114,7 +115,7 @@ impl<'a> ConnInfo<'a> {
 
     /// The subprotocol selected at the upgrade.
     pub fn subprotocol(&self) -> Option<&'a str> {
-        self.conn.subprotocol.as_deref()
+        self.conn.upgrade.subprotocol()
     }
 
     /// The whole upgrade request, headers included, parsed again from the kept head. `None`
@@ -123,7 +124,7 @@ impl<'a> ConnInfo<'a> {
         if !self.conn.head_kept {
             return None;
         }
-        UpgradeRequest::parse(&self.conn.request).ok()
+        UpgradeRequest::parse(self.conn.upgrade.request()).ok()
     }
 
     /// The first header with this name (ASCII case-insensitive), from the kept head.
@@ -167,19 +168,80 @@ pub(crate) struct PollSocket {
     pub(crate) waker: Option<Waker>,
 }
 
-/// The state of a connection's operations on the socket ring (io_uring driver).
-#[derive(Debug, Default, Clone, Copy)]
+/// The state of a connection's operations on the socket ring (io_uring driver), in 8 bytes.
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct RingState {
-    /// A multishot receive is armed (or being cancelled) on the socket.
-    pub(crate) recv_armed: bool,
-    /// A cancellation of the receive was submitted and has not completed.
-    pub(crate) recv_cancelling: bool,
-    /// A send is in flight, in this slot of the driver's send table.
-    pub(crate) send_slot: Option<u32>,
-    /// A cancellation of the send was submitted and has not completed.
-    pub(crate) send_cancelling: bool,
-    /// The connection is in the driver's dirty list.
-    pub(crate) dirty: bool,
+    /// The slot of the send in flight in the driver's send table, or `NO_SEND`.
+    send: u32,
+    flags: u8,
+}
+
+const NO_SEND: u32 = u32::MAX;
+const RECV_ARMED: u8 = 1;
+const RECV_CANCELLING: u8 = 1 << 1;
+const SEND_CANCELLING: u8 = 1 << 2;
+const DIRTY: u8 = 1 << 3;
+
+impl Default for RingState {
+    fn default() -> Self {
+        Self {
+            send: NO_SEND,
+            flags: 0,
+        }
+    }
+}
+
+macro_rules! flag {
+    ($get:ident, $set:ident, $bit:ident, $doc:literal) => {
+        #[doc = $doc]
+        pub(crate) fn $get(&self) -> bool {
+            self.flags & $bit != 0
+        }
+
+        pub(crate) fn $set(&mut self, on: bool) {
+            if on {
+                self.flags |= $bit;
+            } else {
+                self.flags &= !$bit;
+            }
+        }
+    };
+}
+
+impl RingState {
+    flag!(
+        recv_armed,
+        set_recv_armed,
+        RECV_ARMED,
+        "A multishot receive is armed (or being cancelled)."
+    );
+    flag!(
+        recv_cancelling,
+        set_recv_cancelling,
+        RECV_CANCELLING,
+        "A cancellation of the receive has not completed."
+    );
+    flag!(
+        send_cancelling,
+        set_send_cancelling,
+        SEND_CANCELLING,
+        "A cancellation of the send has not completed."
+    );
+    flag!(
+        dirty,
+        set_dirty,
+        DIRTY,
+        "The connection is in the driver's dirty list."
+    );
+
+    /// The slot of the send in flight, if any.
+    pub(crate) fn send_slot(&self) -> Option<u32> {
+        (self.send != NO_SEND).then_some(self.send)
+    }
+
+    pub(crate) fn set_send_slot(&mut self, slot: Option<u32>) {
+        self.send = slot.unwrap_or(NO_SEND);
+    }
 }
 
 /// One connection's state between events: a slab entry.
@@ -189,14 +251,13 @@ pub(crate) struct Conn {
     pub(crate) socket: Socket,
     pub(crate) phase: Phase,
     pub(crate) out: Outbound,
-    /// Received bytes of a frame (or head) that is not complete yet. Empty (unallocated) for
-    /// an idle connection.
-    pub(crate) tail: BytesMut,
+    /// Received bytes of a frame (or head) that is not complete yet.
+    pub(crate) tail: Tail,
     /// When the connection's current deadline (handshake, close, flush) passes.
-    pub(crate) deadline: Option<Instant>,
-    /// The upgrade request head, or only its target when heads are not kept.
-    request: Box<[u8]>,
-    subprotocol: Option<Box<str>>,
+    pub(crate) deadline: Option<When>,
+    /// The subprotocol and the upgrade request head (or only its target when heads are not
+    /// kept), in one allocation.
+    upgrade: UpgradeFacts,
     /// How the connection is ending, once that is known (boxed: rare, and per connection).
     pub(crate) close: Option<Box<CloseInfo>>,
     pub(crate) ring: RingState,
@@ -212,10 +273,9 @@ impl Conn {
             socket,
             phase: Phase::Handshake(HeadReader::new()),
             out: Outbound::default(),
-            tail: BytesMut::new(),
+            tail: Tail::default(),
             deadline: None,
-            request: Box::default(),
-            subprotocol: None,
+            upgrade: UpgradeFacts::default(),
             close: None,
             ring: RingState::default(),
             head_kept: false,
@@ -235,13 +295,9 @@ impl Conn {
         keep: bool,
         subprotocol: Option<String>,
     ) {
-        self.request = if keep {
-            Box::from(head)
-        } else {
-            Box::from(req.target().as_bytes())
-        };
+        let request = if keep { head } else { req.target().as_bytes() };
+        self.upgrade = UpgradeFacts::new(subprotocol.as_deref(), request);
         self.head_kept = keep;
-        self.subprotocol = subprotocol.map(String::into_boxed_str);
     }
 
     /// Moves the codec's owed frames (pongs, close frames) onto the outbound queue. They are
@@ -263,6 +319,98 @@ impl Conn {
                 initiator: by,
             }));
         }
+    }
+}
+
+/// A point in time in 8 bytes: nanoseconds since the first one this process made (plus one,
+/// so `Option<When>` needs no extra space). Deadlines are kept per connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct When(NonZeroU64);
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+impl When {
+    pub(crate) fn from_instant(at: Instant) -> Self {
+        let epoch = *EPOCH.get_or_init(Instant::now);
+        let nanos = at.saturating_duration_since(epoch).as_nanos();
+        let nanos = u64::try_from(nanos).unwrap_or(u64::MAX - 1);
+        Self(NonZeroU64::MIN.saturating_add(nanos))
+    }
+
+    pub(crate) fn instant(self) -> Instant {
+        let epoch = *EPOCH.get_or_init(Instant::now);
+        epoch + Duration::from_nanos(self.0.get() - 1)
+    }
+}
+
+/// Received bytes of an unfinished frame or head, boxed: most connections have none, so an
+/// idle one pays 8 bytes instead of a `BytesMut`'s 32.
+#[derive(Debug, Default)]
+pub(crate) struct Tail(Option<Box<BytesMut>>);
+
+impl Tail {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|b| b.is_empty())
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |b| b.len())
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        self.0.as_deref().map_or(&[], |b| &b[..])
+    }
+
+    /// The buffer, created if there is none.
+    pub(crate) fn get_mut(&mut self) -> &mut BytesMut {
+        self.0.get_or_insert_with(Default::default)
+    }
+
+    /// Takes the bytes out, leaving nothing.
+    pub(crate) fn take(&mut self) -> BytesMut {
+        self.0.take().map(|b| *b).unwrap_or_default()
+    }
+
+    /// Keeps `buf` if it holds bytes; frees everything if it is empty.
+    pub(crate) fn put(&mut self, buf: BytesMut) {
+        self.0 = (!buf.is_empty()).then(|| Box::new(buf));
+    }
+}
+
+/// The subprotocol and the request (head or target) chosen at the upgrade, in one buffer:
+/// two length bytes, the subprotocol, then the request.
+#[derive(Debug, Default)]
+struct UpgradeFacts(Box<[u8]>);
+
+impl UpgradeFacts {
+    fn new(subprotocol: Option<&str>, request: &[u8]) -> Self {
+        let sub = subprotocol.unwrap_or_default().as_bytes();
+        // Header values are capped by max_header_bytes, far below 64 KiB of subprotocol.
+        let len = u16::try_from(sub.len()).unwrap_or(u16::MAX);
+        let sub = &sub[..usize::from(len)];
+        let mut buf = Vec::with_capacity(2 + sub.len() + request.len());
+        buf.extend_from_slice(&len.to_be_bytes());
+        buf.extend_from_slice(sub);
+        buf.extend_from_slice(request);
+        Self(buf.into_boxed_slice())
+    }
+
+    fn sub_len(&self) -> usize {
+        match *self.0 {
+            [a, b, ..] => usize::from(u16::from_be_bytes([a, b])),
+            _ => 0,
+        }
+    }
+
+    fn subprotocol(&self) -> Option<&str> {
+        let len = self.sub_len();
+        (len > 0)
+            .then(|| std::str::from_utf8(&self.0[2..2 + len]).ok())
+            .flatten()
+    }
+
+    fn request(&self) -> &[u8] {
+        self.0.get(2 + self.sub_len()..).unwrap_or_default()
     }
 }
 
@@ -320,7 +468,7 @@ pub(crate) struct ConnTable {
     /// io_uring driver: connections with work for the driver (writes, phase changes).
     pub(crate) dirty: Vec<usize>,
     /// io_uring driver: deadlines as (when, slot, generation); stale entries are skipped.
-    pub(crate) timers: BinaryHeap<Reverse<(Instant, usize, u32)>>,
+    pub(crate) timers: BinaryHeap<Reverse<(When, u32, u32)>>,
     /// io_uring driver: its task, woken when work arrives from outside it.
     pub(crate) driver_waker: Option<Waker>,
     /// io_uring driver: its task is running now (so it need not be woken).
@@ -364,11 +512,11 @@ impl ConnTable {
 
     /// Arms (or re-arms) the connection's single deadline.
     pub(crate) fn set_deadline(&mut self, key: usize, after: Duration) {
-        let when = Instant::now() + after;
+        let when = When::from_instant(Instant::now() + after);
         let conn = &mut self.conns[key];
         conn.deadline = Some(when);
         if let Socket::Ring(_) = conn.socket {
-            self.timers.push(Reverse((when, key, conn.gen)));
+            self.timers.push(Reverse((when, key as u32, conn.gen)));
         }
     }
 
@@ -379,8 +527,8 @@ impl ConnTable {
         let conn = &mut self.conns[key];
         match &mut conn.socket {
             Socket::Ring(_) => {
-                if !conn.ring.dirty {
-                    conn.ring.dirty = true;
+                if !conn.ring.dirty() {
+                    conn.ring.set_dirty(true);
                     self.dirty.push(key);
                 }
                 if !self.driver_running {

@@ -223,6 +223,10 @@ impl Batch {
     pub(crate) fn is_empty(&self) -> bool {
         self.chunks.is_empty()
     }
+
+    pub(crate) fn len(&self) -> usize {
+        self.chunks.len()
+    }
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use ringcast_protocol::CloseCode;
 use tracing::{debug, warn};
 
 use crate::{
-    conn::{Conn, Phase, PollSocket, Settings, Socket},
+    conn::{Conn, Phase, PollSocket, Settings, Socket, When},
     handler::{CloseInitiator, Handler},
     metrics::ShardMetrics,
     outbound::MAX_IOV,
@@ -119,10 +119,10 @@ impl<H: Handler> Shard<H> {
                 // Closed by the shard (shutdown deadline) while this task was parked.
                 return Poll::Ready(());
             };
-            if sleep.as_ref().map(|(when, _)| *when) != conn.deadline {
-                *sleep = conn
-                    .deadline
-                    .map(|when| (when, Box::pin(monoio::time::sleep_until(when.into()))));
+            let deadline = conn.deadline.map(When::instant);
+            if sleep.as_ref().map(|(when, _)| *when) != deadline {
+                *sleep =
+                    deadline.map(|when| (when, Box::pin(monoio::time::sleep_until(when.into()))));
             }
             if let Some((_, timer)) = sleep.as_mut() {
                 if timer.as_mut().poll(cx).is_ready() {
@@ -199,7 +199,7 @@ impl<H: Handler> Shard<H> {
             reads += 1;
             let mut input = match landing {
                 Landing::Shared => mem::take(&mut *self.read_buf.borrow_mut()),
-                Landing::Tail => mem::take(&mut conn.tail),
+                Landing::Tail => conn.tail.take(),
             };
             self.process(table, key, &mut input);
             let conn = &mut table.conns[key];
@@ -207,13 +207,12 @@ impl<H: Handler> Shard<H> {
                 Landing::Shared => {
                     if !input.is_empty() {
                         // The one copy: an unfinished frame's bytes move to the connection.
-                        conn.tail = BytesMut::from(&input[..]);
+                        conn.tail.put(BytesMut::from(&input[..]));
                         input.clear();
                     }
                     *self.read_buf.borrow_mut() = input;
                 }
-                Landing::Tail if input.is_empty() => conn.tail = BytesMut::new(),
-                Landing::Tail => conn.tail = input,
+                Landing::Tail => conn.tail.put(input),
             }
         }
     }
@@ -239,14 +238,14 @@ impl<H: Handler> Shard<H> {
             shared.clear();
             shared.reserve(settings.read_buffer_bytes);
             if !conn.tail.is_empty() {
-                shared.extend_from_slice(&conn.tail);
-                conn.tail = BytesMut::new();
+                shared.extend_from_slice(conn.tail.as_slice());
+                conn.tail.put(BytesMut::new());
             }
             (&mut *shared, Landing::Shared)
         } else {
-            conn.tail
-                .reserve(frame_left.max(settings.read_buffer_bytes));
-            (&mut conn.tail, Landing::Tail)
+            let tail = conn.tail.get_mut();
+            tail.reserve(frame_left.max(settings.read_buffer_bytes));
+            (tail, Landing::Tail)
         };
         let mut rb = ReadBuf::uninit(buf.spare_capacity_mut());
         let Socket::Poll(p) = &mut conn.socket else {
@@ -265,7 +264,7 @@ impl<H: Handler> Shard<H> {
                 if let Landing::Shared = landing {
                     // Keep unfinished bytes that were moved in front: they belong to the conn.
                     if !shared.is_empty() {
-                        conn.tail = BytesMut::from(&shared[..]);
+                        conn.tail.put(BytesMut::from(&shared[..]));
                         shared.clear();
                     }
                 }

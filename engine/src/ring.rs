@@ -95,9 +95,14 @@ pub(crate) struct SendSlot {
     pub(crate) batch: Batch,
     pub(crate) key: usize,
     pub(crate) gen: u32,
-    iov: [libc::iovec; MAX_IOV],
+    /// Sized to the batch, so a one-frame send does not carry room for [`MAX_IOV`].
+    iov: Vec<libc::iovec>,
     msg: libc::msghdr,
 }
+
+/// Completed send slots kept for reuse; beyond this they are freed, so a burst of sends does
+/// not leave its peak memory behind.
+const MAX_SPARE_SENDS: usize = 64;
 
 impl fmt::Debug for SendSlot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -114,10 +119,7 @@ impl SendSlot {
             batch: Batch::default(),
             key: 0,
             gen: 0,
-            iov: [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; MAX_IOV],
+            iov: Vec::new(),
             // SAFETY: msghdr is a plain C struct for which all-zero is the empty header.
             msg: unsafe { std::mem::zeroed() },
         })
@@ -437,6 +439,15 @@ impl SocketRing {
     /// (Re)submits the unwritten rest of the batch in `slot`.
     pub(crate) fn submit_send(&mut self, fd: RawFd, slot: u32) {
         let s = &mut self.sends[slot as usize];
+        let chunks = s.batch.len().min(MAX_IOV);
+        s.iov.clear();
+        s.iov.resize(
+            chunks,
+            libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            },
+        );
         let n = s.batch.fill_iovecs(&mut s.iov);
         s.msg.msg_iov = s.iov.as_mut_ptr();
         s.msg.msg_iovlen = n;
@@ -463,7 +474,13 @@ impl SocketRing {
         if !s.batch.is_empty() {
             abandon(&mut s.batch);
         }
-        self.spare_sends.push(s);
+        if self.spare_sends.len() < MAX_SPARE_SENDS {
+            s.iov = Vec::new();
+            self.spare_sends.push(s);
+        }
+        if self.sends.is_empty() && self.sends.capacity() > MAX_SPARE_SENDS {
+            self.sends.shrink_to_fit();
+        }
     }
 
     /// Submits what was queued. Never waits.

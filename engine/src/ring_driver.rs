@@ -27,7 +27,7 @@ use ringcast_protocol::CloseCode;
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    conn::{ConnTable, Phase, Socket},
+    conn::{ConnTable, Phase, Socket, When},
     handler::{CloseInitiator, Handler},
     outbound::MAX_IOV,
     ring::{Completion, Op, SocketRing},
@@ -172,7 +172,7 @@ impl<H: Handler> Driver<'_, H> {
 
     fn next_deadline(&self) -> Option<Instant> {
         let table = self.shard.table.borrow();
-        let timer = table.timers.peek().map(|r| r.0 .0);
+        let timer = table.timers.peek().map(|r| r.0 .0.instant());
         match (timer, self.retry_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -280,8 +280,8 @@ impl<H: Handler> Driver<'_, H> {
         }
         if !c.more {
             let conn = &mut table.conns[key];
-            conn.ring.recv_armed = false;
-            conn.ring.recv_cancelling = false;
+            conn.ring.set_recv_armed(false);
+            conn.ring.set_recv_cancelling(false);
             table.notify(key, usize::MAX);
         }
         match c.result {
@@ -337,20 +337,16 @@ impl<H: Handler> Driver<'_, H> {
                 };
                 let mut tail = BytesMut::with_capacity(want.max(input.len()));
                 tail.extend_from_slice(&input);
-                conn.tail = tail;
+                conn.tail.put(tail);
                 input.clear();
             }
             self.ring.pool.give_back(bid, input);
         } else {
-            conn.tail.extend_from_slice(&buf);
+            conn.tail.get_mut().extend_from_slice(&buf);
             self.ring.pool.give_back(bid, buf);
-            let mut input = mem::take(&mut conn.tail);
+            let mut input = conn.tail.take();
             self.shard.process(table, key, &mut input);
-            table.conns[key].tail = if input.is_empty() {
-                BytesMut::new()
-            } else {
-                input
-            };
+            table.conns[key].tail.put(input);
         }
         table.notify(key, usize::MAX);
     }
@@ -388,8 +384,8 @@ impl<H: Handler> Driver<'_, H> {
             return;
         }
         let conn = &mut table.conns[key];
-        conn.ring.send_slot = None;
-        conn.ring.send_cancelling = false;
+        conn.ring.set_send_slot(None);
+        conn.ring.set_send_cancelling(false);
         let closed = matches!(conn.phase, Phase::Closed);
         table.notify(key, usize::MAX);
         if result <= 0 && result != -libc::ECANCELED && !closed {
@@ -411,11 +407,13 @@ impl<H: Handler> Driver<'_, H> {
         {
             let mut table_ref = shard.table.borrow_mut();
             let table = &mut *table_ref;
+            let now = When::from_instant(now);
             while let Some(&std::cmp::Reverse((when, key, gen))) = table.timers.peek() {
                 if when > now {
                     break;
                 }
                 table.timers.pop();
+                let key = key as usize;
                 let Some(conn) = table.conns.get_mut(key) else {
                     continue;
                 };
@@ -446,31 +444,31 @@ impl<H: Handler> Driver<'_, H> {
             let Some(conn) = table.conns.get_mut(key) else {
                 continue;
             };
-            conn.ring.dirty = false;
+            conn.ring.set_dirty(false);
             let gen = conn.gen;
             let fd = raw_fd(&conn.socket);
             if let Phase::Closed = conn.phase {
-                if conn.ring.recv_armed && !conn.ring.recv_cancelling {
+                if conn.ring.recv_armed() && !conn.ring.recv_cancelling() {
                     self.ring.cancel_recv(key, gen);
-                    conn.ring.recv_cancelling = true;
+                    conn.ring.set_recv_cancelling(true);
                 }
-                if let Some(slot) = conn.ring.send_slot {
-                    if !conn.ring.send_cancelling {
+                if let Some(slot) = conn.ring.send_slot() {
+                    if !conn.ring.send_cancelling() {
                         self.ring.cancel_send(slot);
-                        conn.ring.send_cancelling = true;
+                        conn.ring.set_send_cancelling(true);
                     }
                 }
-                if !conn.ring.recv_armed && conn.ring.send_slot.is_none() {
+                if !conn.ring.recv_armed() && conn.ring.send_slot().is_none() {
                     release.push(key);
                 }
                 continue;
             }
-            if conn.ring.send_slot.is_none() && !conn.out.is_empty() {
+            if conn.ring.send_slot().is_none() && !conn.out.is_empty() {
                 let out = &mut conn.out;
                 let slot = self
                     .ring
                     .send(fd, key, gen, |batch| out.take_batch(batch, MAX_IOV));
-                conn.ring.send_slot = Some(slot);
+                conn.ring.set_send_slot(Some(slot));
             }
             if matches!(conn.phase, Phase::Flushing) && conn.out.len_bytes() == 0 {
                 // Everything we owed is out: send FIN, then wait for the peer's.
@@ -481,28 +479,31 @@ impl<H: Handler> Driver<'_, H> {
             }
             let conn = &mut table.conns[key];
             let want = wants_read(conn, &table.settings);
-            if want && !conn.ring.recv_armed {
+            if want && !conn.ring.recv_armed() {
                 if self.ring.pool.available() > 0 {
                     self.ring.recv(fd, key, gen);
-                    conn.ring.recv_armed = true;
+                    conn.ring.set_recv_armed(true);
                 } else {
                     self.starved.push(key);
                 }
             } else if !want
-                && conn.ring.recv_armed
-                && !conn.ring.recv_cancelling
+                && conn.ring.recv_armed()
+                && !conn.ring.recv_cancelling()
                 && matches!(conn.phase, Phase::Open(_))
             {
                 // Backpressure: stop reading a peer that does not read its replies.
                 self.ring.cancel_recv(key, gen);
-                conn.ring.recv_cancelling = true;
+                conn.ring.set_recv_cancelling(true);
             }
         }
-        // Give the dirty list's memory back for reuse next turn.
+        // Reuse the dirty list's memory next turn, unless a burst made it large.
         let mut dirty = dirty;
         dirty.clear();
-        if table.dirty.is_empty() {
+        if table.dirty.is_empty() && dirty.capacity() <= 1024 {
             table.dirty = dirty;
+        }
+        if table.timers.is_empty() && table.timers.capacity() > 1024 {
+            table.timers = Default::default();
         }
         drop(table_ref);
         for key in release {

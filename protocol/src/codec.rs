@@ -6,8 +6,6 @@
 //! caller's `BytesMut` and never does IO, never allocates per frame on the unfragmented path,
 //! and never copies a payload unless a message arrives in several fragments.
 
-use std::collections::VecDeque;
-
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::{
@@ -92,14 +90,16 @@ pub struct Codec {
     role: Role,
     state: CloseState,
     utf8: Utf8Validator,
-    max_frame_bytes: usize,
-    max_message_bytes: usize,
+    /// The limits, kept in 32 bits (a codec exists per connection); larger limits act as
+    /// 4 GiB - 1, more than a connection could buffer anyway.
+    max_frame_bytes: u32,
+    max_message_bytes: u32,
     partial: Option<Partial>,
     /// Boxed: only a message in several fragments needs it, and a server holds a codec per
     /// connection, most of them idle.
     fragmented: Option<Box<Fragmented>>,
-    /// Freed whenever it empties, for the same reason.
-    owed: VecDeque<Bytes>,
+    /// Freed whenever it empties, for the same reason. Rarely more than one frame long.
+    owed: Vec<Bytes>,
     /// SplitMix64 state for client masking keys.
     mask_state: u64,
 }
@@ -122,12 +122,12 @@ impl Codec {
         Self {
             role,
             state: CloseState::Open,
-            max_frame_bytes: limits.max_frame_bytes,
-            max_message_bytes: limits.max_message_bytes,
+            max_frame_bytes: u32::try_from(limits.max_frame_bytes).unwrap_or(u32::MAX),
+            max_message_bytes: u32::try_from(limits.max_message_bytes).unwrap_or(u32::MAX),
             partial: None,
             fragmented: None,
             utf8: Utf8Validator::new(),
-            owed: VecDeque::new(),
+            owed: Vec::new(),
             mask_state: seed,
         }
     }
@@ -211,11 +211,14 @@ impl Codec {
     /// The next frame the protocol obliges this side to send (pong, close echo, failing close),
     /// fully encoded.
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        let frame = self.owed.pop_front();
-        if self.owed.is_empty() && self.owed.capacity() > 0 {
-            self.owed = VecDeque::new();
+        if self.owed.is_empty() {
+            return None;
         }
-        frame
+        let frame = self.owed.remove(0);
+        if self.owed.is_empty() {
+            self.owed = Vec::new();
+        }
+        Some(frame)
     }
 
     /// Starts the closing handshake by queueing a close frame (`None` sends one with no code).
@@ -287,18 +290,18 @@ impl Codec {
             }
             _ => {}
         }
-        if h.payload_len > self.max_frame_bytes as u64 {
+        if h.payload_len > u64::from(self.max_frame_bytes) {
             return Err(ProtocolError::FrameTooLarge {
                 size: h.payload_len,
-                max: self.max_frame_bytes,
+                max: self.max_frame_bytes as usize,
             });
         }
         let so_far = self.fragmented.as_ref().map_or(0, |f| f.data.len() as u64);
         let total = so_far.saturating_add(h.payload_len);
-        if total > self.max_message_bytes as u64 {
+        if total > u64::from(self.max_message_bytes) {
             return Err(ProtocolError::MessageTooLarge {
                 size: total,
-                max: self.max_message_bytes,
+                max: self.max_message_bytes as usize,
             });
         }
         Ok(())
@@ -339,7 +342,7 @@ impl Codec {
                     let mut pong = BytesMut::with_capacity(payload.len() + 14);
                     let mask = self.next_mask();
                     encode_frame(&mut pong, true, OpCode::Pong, &payload, mask);
-                    self.owed.push_back(pong.freeze());
+                    self.owed.push(pong.freeze());
                 }
                 Ok(Some(Event::Ping(payload)))
             }
@@ -375,7 +378,7 @@ impl Codec {
         let mut out = BytesMut::with_capacity(payload.len() + 14);
         let mask = self.next_mask();
         encode_frame(&mut out, true, OpCode::Close, &payload, mask);
-        self.owed.push_back(out.freeze());
+        self.owed.push(out.freeze());
     }
 
     /// Fails the connection: queue a close with the error's code unless one went out already.

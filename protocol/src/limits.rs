@@ -10,10 +10,12 @@ pub struct Limits {
     /// Largest single frame payload accepted, in bytes. Default 16 MiB. Over it the connection
     /// is closed with 1009 as soon as the frame header arrives, before its payload is read.
     /// Memory: a frame is buffered whole before it is delivered, so this bounds one read buffer.
+    /// Values above 4 GiB - 1 act as 4 GiB - 1.
     pub max_frame_bytes: usize,
     /// Largest message accepted, summed over its fragments, in bytes. Default 16 MiB. Over it
     /// the connection is closed with 1009 when the fragment that crosses it announces its length.
     /// Memory: a fragmented message is reassembled, so this bounds one reassembly buffer.
+    /// Values above 4 GiB - 1 act as 4 GiB - 1.
     pub max_message_bytes: usize,
     /// Largest HTTP upgrade request head (request line plus headers), in bytes. Default 8 KiB.
     /// Over it the upgrade is refused with 431.
