@@ -1,42 +1,81 @@
-//! Runs the same scenario against several servers, each pinned to one core and the load to
+//! Runs the same scenarios against several servers, each pinned to one core and the load to
 //! another, alternating servers round by round (A B A B ...) so slow drifts in a noisy machine
 //! hit every server alike.
 //!
+//! The matrix is a list of scenarios, each with its loads ([`Load`], connections x payload):
+//! - [`Scenario::Echo`]: the closed-loop echo ([`crate::echo`]); by default 100 x 20 B,
+//!   1000 x 20 B and 100 x 1 KiB ([`DEFAULT_ECHO_LOADS`]).
+//! - [`Scenario::Broadcast`]: the lockstep all-to-all rounds ([`crate::broadcast`]); by default
+//!   N = 100 and N = 1000 with 20 B messages ([`DEFAULT_BROADCAST_LOADS`]).
+//!
+//! plus, once per server, the idle scenario if asked for. Not every server has a peer for
+//! every scenario (fastwebsockets and raw-echo have no broadcast server); those are reported
+//! as skipped. ringcast's broadcast command is configurable; while ringcast has no broadcast
+//! mode, the command exits at start and ringcast is skipped for the broadcast scenario with
+//! its output as the reason. The Node `ws` servers (`node-ws`, from `bench/node`) run when
+//! `node` is on `PATH` and `bench/node/node_modules` exists.
+//!
 //! Each round starts a fresh server (`taskset -c SERVER_CORE`), waits (bounded) for its port,
-//! runs this binary's `echo` (or `idle`) subcommand pinned with `taskset -c LOAD_CORE`, reads
-//! its JSON report, and kills the server. Each launch gets a port of its own, so a server
-//! killed in one round cannot answer for the next.
+//! runs this binary's `echo` or `broadcast` subcommand (or `idle`) pinned with
+//! `taskset -c LOAD_CORE`, reads its JSON report, and kills the server. Each launch gets a port
+//! of its own, so a server killed in one round cannot answer for the next. Each figure is
+//! reported as the median over the rounds with their minimum and maximum, and as the median's
+//! ratio to ringcast's.
 
 use std::{
+    fmt,
     fs::File,
     io::Read as _,
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    str::FromStr,
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _, Result};
-use serde::{de::DeserializeOwned, Serialize};
+use anyhow::{bail, ensure, Context as _, Result};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::{
+    broadcast::BroadcastReport,
     echo::{Driver, EchoReport},
     idle::IdleReport,
     stats::median,
 };
 
-/// The ringcast command when none is given: `{port}` is replaced with the port to listen on.
+/// The ringcast echo command when none is given: `{port}` is replaced with the port to listen
+/// on.
 pub const DEFAULT_RINGCAST_CMD: &str =
     "target/release/ringcast serve --echo --shards 1 --listen 127.0.0.1:{port}";
 
+/// The ringcast broadcast command when none is given. ringcast has no broadcast mode yet, so
+/// this exits at start and ringcast is skipped for the broadcast scenario.
+pub const DEFAULT_RINGCAST_BROADCAST_CMD: &str =
+    "target/release/ringcast serve --broadcast --shards 1 --listen 127.0.0.1:{port}";
+
 /// The servers [`run_compare`] knows, in the order it runs them.
-pub const SERVER_NAMES: [&str; 4] = [
+pub const SERVER_NAMES: [&str; 5] = [
     "ringcast",
     "fastwebsockets",
     "tokio-tungstenite",
+    "node-ws",
     "raw-echo",
 ];
+
+/// Where the Node peers (`echo.js`, `broadcast.js`, `node_modules`) are when not told: this
+/// crate's `node` directory, as it was when this binary was built.
+pub const DEFAULT_NODE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/node");
+
+/// The echo loads compare runs when not told: 100 x 20 B, 1000 x 20 B, 100 x 1 KiB.
+pub const DEFAULT_ECHO_LOADS: [Load; 3] = [
+    Load::new(100, 20),
+    Load::new(1000, 20),
+    Load::new(100, 1024),
+];
+
+/// The broadcast loads compare runs when not told: N = 100 and N = 1000, 20 B messages.
+pub const DEFAULT_BROADCAST_LOADS: [Load; 2] = [Load::new(100, 20), Load::new(1000, 20)];
 
 /// How long a started server gets to accept on its port.
 const PORT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,29 +83,136 @@ const PORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause between the port accepting and the load starting, so start-up work is done.
 const STARTUP_PAUSE: Duration = Duration::from_millis(300);
 
+/// A kind of load in the matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Closed-loop echo; the unit of work is a round trip.
+    Echo,
+    /// Lockstep all-to-all rounds; the unit of work is a delivery.
+    Broadcast,
+}
+
+impl Scenario {
+    /// Every scenario, in the order compare runs them.
+    pub const ALL: [Self; 2] = [Self::Echo, Self::Broadcast];
+
+    /// What one unit of work is called in reports.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Self::Echo => "msg",
+            Self::Broadcast => "delivery",
+        }
+    }
+}
+
+impl FromStr for Scenario {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "echo" => Ok(Self::Echo),
+            "broadcast" => Ok(Self::Broadcast),
+            other => Err(format!("unknown scenario {other:?}: echo or broadcast")),
+        }
+    }
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Echo => "echo",
+            Self::Broadcast => "broadcast",
+        })
+    }
+}
+
+/// One load of a scenario: connections (for broadcast, the clients N) and payload bytes per
+/// message.
+///
+/// Written `CONNSxBYTES` (`100x20`, `100x1k`: `k` or `KiB` is 1024 bytes) or just `CONNS`
+/// (20 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Load {
+    /// Connections.
+    pub conns: usize,
+    /// Payload bytes per message.
+    pub size_bytes: usize,
+}
+
+impl Load {
+    /// `conns` connections with `size_bytes` messages.
+    pub const fn new(conns: usize, size_bytes: usize) -> Self {
+        Self { conns, size_bytes }
+    }
+}
+
+impl FromStr for Load {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (conns, size) = s.split_once(['x', 'X']).unwrap_or((s, "20"));
+        let conns: usize = conns
+            .trim()
+            .parse()
+            .map_err(|e| format!("{s:?}: connections: {e}"))?;
+        let size = size.trim();
+        let (digits, unit) = match size
+            .strip_suffix("KiB")
+            .or_else(|| size.strip_suffix(['k', 'K']))
+        {
+            Some(d) => (d, 1024),
+            None => (size, 1),
+        };
+        let size_bytes = digits
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .and_then(|n| n.checked_mul(unit))
+            .ok_or_else(|| format!("{s:?}: bad payload size {size:?}"))?;
+        if conns == 0 {
+            return Err(format!("{s:?}: at least 1 connection"));
+        }
+        Ok(Self { conns, size_bytes })
+    }
+}
+
+impl fmt::Display for Load {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}x{}", self.conns, self.size_bytes)
+    }
+}
+
 /// What to compare.
 #[derive(Debug, Clone)]
 pub struct CompareConfig {
     /// Server names, from [`SERVER_NAMES`].
     pub servers: Vec<String>,
-    /// The ringcast command line, split on whitespace, with `{port}` replaced.
+    /// The ringcast echo command line, split on whitespace, with `{port}` replaced.
     pub ringcast_cmd: String,
+    /// The ringcast broadcast command line, like `ringcast_cmd`. If it exits before accepting,
+    /// ringcast is skipped for the broadcast scenario.
+    pub ringcast_broadcast_cmd: String,
     /// Where the `peer-*` binaries are (by default, beside this executable).
     pub peer_dir: PathBuf,
-    /// Connections in the echo scenario.
-    pub conns: usize,
-    /// Message payload bytes.
-    pub size_bytes: usize,
+    /// Where the Node peers are ([`DEFAULT_NODE_DIR`]).
+    pub node_dir: PathBuf,
+    /// Scenarios to run, in order.
+    pub scenarios: Vec<Scenario>,
+    /// Loads of the echo scenario.
+    pub echo_loads: Vec<Load>,
+    /// Loads of the broadcast scenario.
+    pub broadcast_loads: Vec<Load>,
     /// Measured window per round.
     pub duration: Duration,
     /// Unmeasured load before each window.
     pub warmup: Duration,
-    /// Rounds per server.
+    /// A broadcast round with no delivery for this long fails that run.
+    pub round_timeout: Duration,
+    /// Rounds per server and load.
     pub rounds: usize,
     /// Also run the idle scenario with this many connections (once per server).
     pub idle_conns: Option<usize>,
-    /// Skip the echo rounds (idle only).
-    pub skip_echo: bool,
     /// First port to try; each launch takes the next free one.
     pub base_port: u16,
     /// The core the servers are pinned to.
@@ -78,25 +224,28 @@ pub struct CompareConfig {
     pub max_other_cpu: f64,
     /// How many times a noisy round is run again before its least noisy try is kept.
     pub retries: usize,
-    /// The load generator's event loop.
+    /// The echo load generator's event loop.
     pub driver: Driver,
 }
 
 impl CompareConfig {
-    /// The defaults: all servers, 100 connections x 20 B, 1 s warmup, 5 s window, 3 rounds,
-    /// servers on core 0 and load on core 1.
+    /// The defaults: all servers, both scenarios with their default loads, 1 s warmup, 5 s
+    /// window, 3 rounds, servers on core 0 and load on core 1.
     pub fn new(peer_dir: PathBuf) -> Self {
         Self {
             servers: SERVER_NAMES.iter().map(|s| (*s).to_owned()).collect(),
             ringcast_cmd: DEFAULT_RINGCAST_CMD.to_owned(),
+            ringcast_broadcast_cmd: DEFAULT_RINGCAST_BROADCAST_CMD.to_owned(),
             peer_dir,
-            conns: 100,
-            size_bytes: 20,
+            node_dir: PathBuf::from(DEFAULT_NODE_DIR),
+            scenarios: Scenario::ALL.to_vec(),
+            echo_loads: DEFAULT_ECHO_LOADS.to_vec(),
+            broadcast_loads: DEFAULT_BROADCAST_LOADS.to_vec(),
             duration: Duration::from_secs(5),
             warmup: Duration::from_secs(1),
+            round_timeout: Duration::from_secs(10),
             rounds: 3,
             idle_conns: None,
-            skip_echo: false,
             base_port: 19_100,
             server_core: 0,
             load_core: 1,
@@ -105,139 +254,367 @@ impl CompareConfig {
             driver: Driver::default(),
         }
     }
+
+    fn loads(&self, scenario: Scenario) -> &[Load] {
+        match scenario {
+            Scenario::Echo => &self.echo_loads,
+            Scenario::Broadcast => &self.broadcast_loads,
+        }
+    }
 }
 
-/// One server's results.
+/// A figure over the rounds: median, minimum and maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Figure {
+    /// The median (the mean of the middle two for an even count).
+    pub median: f64,
+    /// The smallest value.
+    pub min: f64,
+    /// The largest value.
+    pub max: f64,
+}
+
+impl Figure {
+    /// The figure of `values` (NaNs left out); `None` when there are none.
+    pub fn of(values: &[f64]) -> Option<Self> {
+        let median = median(values)?;
+        let finite = || values.iter().copied().filter(|v| !v.is_nan());
+        Some(Self {
+            median,
+            min: finite().fold(f64::INFINITY, f64::min),
+            max: finite().fold(f64::NEG_INFINITY, f64::max),
+        })
+    }
+}
+
+/// One round's report, from the scenario's load generator.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum RoundReport {
+    /// From `loadgen echo` (boxed: the echo report is much larger than the broadcast one).
+    Echo(Box<EchoReport>),
+    /// From `loadgen broadcast`.
+    Broadcast(BroadcastReport),
+}
+
+impl RoundReport {
+    fn human(&self) -> String {
+        match self {
+            Self::Echo(r) => r.human(),
+            Self::Broadcast(r) => r.human(),
+        }
+    }
+
+    /// Messages (echo) or deliveries (broadcast) per second.
+    fn rate(&self) -> f64 {
+        match self {
+            Self::Echo(r) => r.msgs_per_sec,
+            Self::Broadcast(r) => r.deliveries_per_sec,
+        }
+    }
+
+    /// Server CPU microseconds per unit of work.
+    fn cpu_us(&self) -> Option<f64> {
+        match self {
+            Self::Echo(r) => r.server_cpu_us_per_msg,
+            Self::Broadcast(r) => r.server_cpu_us_per_delivery,
+        }
+    }
+
+    /// Round-trip (echo) or round (broadcast) latency percentiles, in microseconds.
+    fn p50_us(&self) -> f64 {
+        match self {
+            Self::Echo(r) => r.latency.p50_us,
+            Self::Broadcast(r) => r.round_latency.p50_us,
+        }
+    }
+
+    fn p99_us(&self) -> f64 {
+        match self {
+            Self::Echo(r) => r.latency.p99_us,
+            Self::Broadcast(r) => r.round_latency.p99_us,
+        }
+    }
+
+    fn other_cpu(&self) -> Option<f64> {
+        match self {
+            Self::Echo(r) => r.other_cpu_util,
+            Self::Broadcast(r) => r.other_cpu_util,
+        }
+    }
+}
+
+/// One server's results for one load of one scenario.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerResult {
     /// The server's name.
     pub name: String,
     /// Why it was not run, if it was not.
     pub skipped: Option<String>,
-    /// Each successful echo round.
-    pub rounds: Vec<EchoReport>,
+    /// Each successful round.
+    pub rounds: Vec<RoundReport>,
     /// Errors from rounds that failed.
     pub failures: Vec<String>,
     /// Tries thrown away as noisy (too much other CPU), then run again.
     pub noisy_retries: usize,
     /// Rounds kept although every try was noisy.
     pub noisy_rounds: usize,
-    /// Median round trips per second over the rounds.
-    pub median_msgs_per_sec: Option<f64>,
-    /// Median server CPU microseconds per round trip.
-    pub median_cpu_us_per_msg: Option<f64>,
-    /// Median of the rounds' p50 latency, in microseconds.
-    pub median_p50_us: Option<f64>,
-    /// Median of the rounds' p99 latency, in microseconds.
-    pub median_p99_us: Option<f64>,
-    /// Median CPU (in cores) used by everything else during the rounds.
-    pub median_other_cpu: Option<f64>,
-    /// Median msgs/s divided by ringcast's.
-    pub throughput_vs_ringcast: Option<f64>,
-    /// Median CPU per message divided by ringcast's.
-    pub cpu_per_msg_vs_ringcast: Option<f64>,
-    /// The idle scenario, if it ran.
-    pub idle: Option<IdleReport>,
+    /// Messages (echo) or deliveries (broadcast) per second.
+    pub rate: Option<Figure>,
+    /// Server CPU microseconds per message (echo) or delivery (broadcast).
+    pub cpu_us: Option<Figure>,
+    /// The rounds' p50 latency (echo: round trip; broadcast: round), in microseconds.
+    pub p50_us: Option<Figure>,
+    /// The rounds' p99 latency, in microseconds.
+    pub p99_us: Option<Figure>,
+    /// CPU (in cores) used by everything else during the rounds.
+    pub other_cpu: Option<Figure>,
+    /// Median rate divided by ringcast's.
+    pub rate_vs_ringcast: Option<f64>,
+    /// Median CPU per unit of work divided by ringcast's.
+    pub cpu_vs_ringcast: Option<f64>,
+}
+
+impl ServerResult {
+    fn new(name: &str, skipped: Option<String>) -> Self {
+        Self {
+            name: name.to_owned(),
+            skipped,
+            rounds: Vec::new(),
+            failures: Vec::new(),
+            noisy_retries: 0,
+            noisy_rounds: 0,
+            rate: None,
+            cpu_us: None,
+            p50_us: None,
+            p99_us: None,
+            other_cpu: None,
+            rate_vs_ringcast: None,
+            cpu_vs_ringcast: None,
+        }
+    }
+}
+
+/// The results of one load of one scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioResult {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// Connections (broadcast: clients) and payload size.
+    pub load: Load,
+    /// What one unit of work is: `"msg"` (a round trip) or `"delivery"`.
+    pub unit: String,
+    /// Per server, in run order.
+    pub servers: Vec<ServerResult>,
+}
+
+/// One server's idle run.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleResult {
+    /// The server's name.
+    pub name: String,
+    /// The report, if the run succeeded.
+    pub report: Option<IdleReport>,
+    /// Why it was not run, or how it failed.
+    pub failure: Option<String>,
     /// RSS per idle connection divided by ringcast's.
-    pub idle_rss_vs_ringcast: Option<f64>,
+    pub rss_vs_ringcast: Option<f64>,
 }
 
 /// Everything [`run_compare`] measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct CompareReport {
-    /// Connections in the echo scenario.
-    pub conns: usize,
-    /// Message payload bytes.
-    pub size_bytes: usize,
     /// Measured window per round, in seconds.
     pub duration_secs: f64,
-    /// Rounds per server.
+    /// Rounds per server and load.
     pub rounds: usize,
-    /// Per server, in run order.
-    pub servers: Vec<ServerResult>,
+    /// Per scenario and load, in run order.
+    pub scenarios: Vec<ScenarioResult>,
+    /// Connections in the idle scenario, if it ran.
+    pub idle_conns: Option<usize>,
+    /// Per server, if the idle scenario ran.
+    pub idle: Vec<IdleResult>,
 }
 
 impl CompareReport {
-    /// A table for people.
+    /// Tables for people: one per scenario and load, then idle.
     pub fn human(&self) -> String {
-        let opt = |v: Option<f64>, prec: usize| match v {
-            Some(v) => format!("{v:.prec$}"),
-            None => "-".to_owned(),
-        };
-        let mut out = format!(
-            "echo: {} conns x {} B, {:.1} s window, median of {} rounds\n{:<18} {:>12} {:>11} \
-             {:>9} {:>9} {:>9} {:>9} {:>7}\n",
-            self.conns,
-            self.size_bytes,
-            self.duration_secs,
-            self.rounds,
-            "server",
-            "msgs/s",
-            "cpu us/msg",
-            "p50 us",
-            "p99 us",
-            "x tput",
-            "x cpu",
-            "other%"
-        );
-        for s in &self.servers {
-            if let Some(why) = &s.skipped {
-                out += &format!("{:<18} skipped: {why}\n", s.name);
-                continue;
-            }
-            let mut notes = Vec::new();
-            if !s.failures.is_empty() {
-                notes.push(format!("{} failed: {}", s.failures.len(), s.failures[0]));
-            }
-            if s.noisy_rounds > 0 {
-                notes.push(format!("{} noisy rounds kept", s.noisy_rounds));
-            }
-            out += &format!(
-                "{:<18} {:>12} {:>11} {:>9} {:>9} {:>9} {:>9} {:>7}{}\n",
-                s.name,
-                opt(s.median_msgs_per_sec, 0),
-                opt(s.median_cpu_us_per_msg, 2),
-                opt(s.median_p50_us, 1),
-                opt(s.median_p99_us, 1),
-                opt(s.throughput_vs_ringcast, 2),
-                opt(s.cpu_per_msg_vs_ringcast, 2),
-                opt(s.median_other_cpu.map(|o| o * 100.0), 0),
-                if notes.is_empty() {
-                    String::new()
-                } else {
-                    format!("  ({})", notes.join("; "))
-                }
-            );
+        let mut out = String::new();
+        for s in &self.scenarios {
+            out += &scenario_table(s, self.duration_secs, self.rounds);
+            out.push('\n');
         }
-        if self.servers.iter().any(|s| s.idle.is_some()) {
+        if self
+            .idle
+            .iter()
+            .any(|i| i.report.is_some() || i.failure.is_some())
+        {
             out += &format!(
-                "idle:\n{:<18} {:>8} {:>12} {:>12} {:>14} {:>9}\n",
-                "server", "open", "RSS B/conn", "anon B/conn", "kernel B/conn", "x RSS"
+                "idle, {} conns:\n{:<18} {:>8} {:>12} {:>12} {:>14} {:>9}\n",
+                self.idle_conns.unwrap_or(0),
+                "server",
+                "open",
+                "RSS B/conn",
+                "anon B/conn",
+                "kernel B/conn",
+                "x RSS"
             );
-            for s in &self.servers {
-                if let Some(i) = &s.idle {
-                    out += &format!(
-                        "{:<18} {:>8} {:>12.0} {:>12.0} {:>14.0} {:>9}\n",
-                        s.name,
-                        i.opened,
-                        i.rss_bytes_per_conn,
-                        i.rss_anon_bytes_per_conn,
-                        i.kernel_slab_objects_bytes_per_conn
-                            .unwrap_or(i.kernel_unreclaimable_bytes_per_conn),
-                        opt(s.idle_rss_vs_ringcast, 2)
-                    );
+            for i in &self.idle {
+                match (&i.report, &i.failure) {
+                    (Some(r), _) => {
+                        out += &format!(
+                            "{:<18} {:>8} {:>12.0} {:>12.0} {:>14.0} {:>9}\n",
+                            i.name,
+                            r.opened,
+                            r.rss_bytes_per_conn,
+                            r.rss_anon_bytes_per_conn,
+                            r.kernel_slab_objects_bytes_per_conn
+                                .unwrap_or(r.kernel_unreclaimable_bytes_per_conn),
+                            opt(i.rss_vs_ringcast, 2)
+                        );
+                    }
+                    (None, Some(why)) => out += &format!("{:<18} {why}\n", i.name),
+                    (None, None) => {}
                 }
             }
             out += "(kernel: slab objects in use, or SUnreclaim without /proc/slabinfo; both \
-                    ends of each loopback connection)\n";
+                    ends of each loopback connection)\n\n";
         }
-        out += "x tput, x cpu, x RSS: the server's median divided by ringcast's; other%: CPU \
-                that went to anything but the server and the load (noise)\n";
+        out += "Figures: median (min-max) over the rounds. x rate, x cpu, x RSS: the server's \
+                median divided by ringcast's. other%: median CPU that went to anything but the \
+                server and the load (noise).\n";
         out
     }
 }
 
-/// How to start one server.
+fn scenario_table(s: &ScenarioResult, duration_secs: f64, rounds: usize) -> String {
+    let (title, rate, latency, latency_text): (_, _, _, fn(f64) -> String) = match s.scenario {
+        Scenario::Echo => (
+            format!("echo: {} conns x {} B", s.load.conns, s.load.size_bytes),
+            "msgs/s",
+            "rtt p50 us",
+            latency_text,
+        ),
+        Scenario::Broadcast => (
+            format!(
+                "broadcast: {} clients x {} B ({} deliveries a round)",
+                s.load.conns,
+                s.load.size_bytes,
+                s.load.conns.saturating_mul(s.load.conns)
+            ),
+            "deliveries/s",
+            "round p50 ms",
+            latency_ms_text,
+        ),
+    };
+    let mut out = format!(
+        "{title}, {duration_secs:.1} s window, {rounds} rounds\n{:<18} {:>24} {:>22} {:>22} \
+         {:>22} {:>7} {:>7} {:>7}\n",
+        "server",
+        rate,
+        format!("cpu us/{}", s.unit),
+        latency,
+        latency.replace("p50", "p99"),
+        "x rate",
+        "x cpu",
+        "other%"
+    );
+    let ringcast_measured = s
+        .servers
+        .iter()
+        .any(|r| r.name == "ringcast" && r.rate.is_some());
+    for r in &s.servers {
+        if let Some(why) = &r.skipped {
+            out += &format!("{:<18} skipped: {why}\n", r.name);
+            continue;
+        }
+        let mut notes = Vec::new();
+        if !r.failures.is_empty() {
+            notes.push(format!("{} failed: {}", r.failures.len(), r.failures[0]));
+        }
+        if r.noisy_rounds > 0 {
+            notes.push(format!("{} noisy rounds kept", r.noisy_rounds));
+        }
+        out += &format!(
+            "{:<18} {:>24} {:>22} {:>22} {:>22} {:>7} {:>7} {:>7}{}\n",
+            r.name,
+            figure(r.rate.as_ref(), rate_text),
+            figure(r.cpu_us.as_ref(), cpu_text),
+            figure(r.p50_us.as_ref(), latency_text),
+            figure(r.p99_us.as_ref(), latency_text),
+            opt(r.rate_vs_ringcast, 2),
+            opt(r.cpu_vs_ringcast, 2),
+            opt(r.other_cpu.map(|o| o.median * 100.0), 0),
+            if notes.is_empty() {
+                String::new()
+            } else {
+                format!("  ({})", notes.join("; "))
+            }
+        );
+    }
+    if !ringcast_measured {
+        out += "(no ringcast figures in this table, so no ratios)\n";
+    }
+    out
+}
+
+fn opt(v: Option<f64>, prec: usize) -> String {
+    match v {
+        Some(v) => format!("{v:.prec$}"),
+        None => "-".to_owned(),
+    }
+}
+
+/// `median (min-max)`, or just the median when every round gave the same value.
+fn figure(f: Option<&Figure>, text: fn(f64) -> String) -> String {
+    match f {
+        None => "-".to_owned(),
+        Some(f) if f.min == f.max => text(f.median),
+        Some(f) => format!("{} ({}-{})", text(f.median), text(f.min), text(f.max)),
+    }
+}
+
+/// A rate with a k or M suffix and four significant digits or so.
+fn rate_text(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.3}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// CPU microseconds: three decimals below 1 us (a broadcast delivery), two above.
+fn cpu_text(v: f64) -> String {
+    if v < 1.0 {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Latency microseconds: one decimal below 10 ms.
+fn latency_text(v: f64) -> String {
+    if v < 10_000.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// Latency microseconds shown as milliseconds, for broadcast rounds: two decimals below
+/// 10 ms, one above.
+fn latency_ms_text(v: f64) -> String {
+    let ms = v / 1000.0;
+    if ms < 10.0 {
+        format!("{ms:.2}")
+    } else {
+        format!("{ms:.1}")
+    }
+}
+
+/// How to start one server for one scenario.
 #[derive(Debug, Clone)]
 struct ServerSpec {
     name: String,
@@ -256,126 +633,212 @@ impl ServerSpec {
     }
 }
 
-/// Runs the comparison; see the module docs. A server whose binary is missing is skipped with
-/// the reason in its result; a round that fails is recorded and the others go on.
+/// A server's spec for `scenario`, or why it cannot run there.
+type Prepared = Result<ServerSpec, String>;
+
+/// Runs the comparison; see the module docs. A server whose binary is missing, or that has no
+/// peer for a scenario, is skipped with the reason in its result; a round that fails is
+/// recorded and the others go on.
 ///
 /// # Errors
-/// An unknown server name, or `taskset` or this executable cannot be found.
+/// An unknown server name, nothing to run, or `taskset` or this executable cannot be found.
 pub fn run_compare(cfg: &CompareConfig) -> Result<CompareReport> {
     let exe = std::env::current_exe().context("finding this executable")?;
     if find_program("taskset").is_none() {
         bail!("taskset (util-linux) is needed to pin the server and the load");
     }
-    let mut specs = Vec::new();
-    let mut results = Vec::new();
+    ensure!(
+        cfg.scenarios.iter().any(|&s| !cfg.loads(s).is_empty()) || cfg.idle_conns.is_some(),
+        "nothing to run: no scenario with a load, and no idle run"
+    );
+    ensure!(
+        cfg.rounds > 0 || cfg.idle_conns.is_some(),
+        "--rounds must be at least 1"
+    );
     for name in &cfg.servers {
-        let spec = server_spec(name, cfg)?;
-        let skipped = match spec.argv.first() {
-            Some(program) if find_program(program).is_some() => None,
-            Some(program) => Some(format!(
-                "{program} not found (build it, or pass its command line)"
-            )),
-            None => Some("empty command line".to_owned()),
-        };
-        if let Some(why) = &skipped {
-            eprintln!("compare: skipping {name}: {why}");
-        }
-        results.push(ServerResult {
-            name: name.clone(),
-            skipped,
-            rounds: Vec::new(),
-            failures: Vec::new(),
-            noisy_retries: 0,
-            noisy_rounds: 0,
-            median_msgs_per_sec: None,
-            median_cpu_us_per_msg: None,
-            median_p50_us: None,
-            median_p99_us: None,
-            median_other_cpu: None,
-            throughput_vs_ringcast: None,
-            cpu_per_msg_vs_ringcast: None,
-            idle: None,
-            idle_rss_vs_ringcast: None,
-        });
-        specs.push(spec);
+        ensure!(
+            SERVER_NAMES.contains(&name.as_str()),
+            "unknown server {name:?}; known: {}",
+            SERVER_NAMES.join(", ")
+        );
     }
 
     let mut ports = PortPicker::new(cfg.base_port);
-    if !cfg.skip_echo {
-        for round in 0..cfg.rounds {
-            for (spec, result) in specs.iter().zip(&mut results) {
-                if result.skipped.is_some() {
-                    continue;
-                }
-                eprintln!("compare: round {}/{} {}", round + 1, cfg.rounds, spec.name);
-                match echo_round_quiet(&exe, spec, cfg, &mut ports, result) {
-                    Ok(report) => result.rounds.push(report),
-                    Err(e) => {
-                        eprintln!("  failed: {e:#}");
-                        result.failures.push(format!("{e:#}"));
+    let mut scenarios = Vec::new();
+    for &scenario in &cfg.scenarios {
+        let mut specs: Vec<Prepared> = cfg
+            .servers
+            .iter()
+            .map(|name| prepare(name, scenario, cfg))
+            .collect();
+        for (name, spec) in cfg.servers.iter().zip(&specs) {
+            if let Err(why) = spec {
+                eprintln!("compare: {scenario}: skipping {name}: {why}");
+            }
+        }
+        for &load in cfg.loads(scenario) {
+            let mut results: Vec<ServerResult> = cfg
+                .servers
+                .iter()
+                .zip(&specs)
+                .map(|(name, spec)| ServerResult::new(name, spec.as_ref().err().cloned()))
+                .collect();
+            for round in 0..cfg.rounds {
+                for (spec, result) in specs.iter_mut().zip(&mut results) {
+                    let Ok(ready) = spec else { continue };
+                    eprintln!(
+                        "compare: {scenario} {load} round {}/{} {}",
+                        round + 1,
+                        cfg.rounds,
+                        ready.name
+                    );
+                    let run = RoundRun {
+                        exe: &exe,
+                        spec: ready,
+                        scenario,
+                        load,
+                        cfg,
+                    };
+                    match run.quiet(&mut ports, result) {
+                        Ok(report) => result.rounds.push(report),
+                        Err(e) => match unsupported_broadcast(&e, ready, scenario) {
+                            Some(why) => {
+                                eprintln!("  skipping {} for {scenario}: {why}", ready.name);
+                                result.skipped = Some(why.clone());
+                                *spec = Err(why);
+                            }
+                            None => {
+                                eprintln!("  failed: {e:#}");
+                                result.failures.push(format!("{e:#}"));
+                            }
+                        },
                     }
                 }
             }
-        }
-    }
-    if let Some(conns) = cfg.idle_conns {
-        for (spec, result) in specs.iter().zip(&mut results) {
-            if result.skipped.is_some() {
-                continue;
-            }
-            eprintln!("compare: idle {conns} conns {}", spec.name);
-            match idle_run(&exe, spec, cfg, conns, ports.next()?) {
-                Ok(report) => {
-                    eprintln!("  {}", report.human().replace('\n', "\n  "));
-                    result.idle = Some(report);
-                }
-                Err(e) => {
-                    eprintln!("  failed: {e:#}");
-                    result.failures.push(format!("idle: {e:#}"));
-                }
-            }
+            summarize(&mut results);
+            scenarios.push(ScenarioResult {
+                scenario,
+                load,
+                unit: scenario.unit().to_owned(),
+                servers: results,
+            });
         }
     }
 
-    summarize(&mut results);
+    let mut idle = Vec::new();
+    if let Some(conns) = cfg.idle_conns {
+        for name in &cfg.servers {
+            let mut result = IdleResult {
+                name: name.clone(),
+                report: None,
+                failure: None,
+                rss_vs_ringcast: None,
+            };
+            match prepare(name, Scenario::Echo, cfg) {
+                Err(why) => result.failure = Some(format!("skipped: {why}")),
+                Ok(spec) => {
+                    eprintln!("compare: idle {conns} conns {name}");
+                    match idle_run(&exe, &spec, cfg, conns, ports.next()?) {
+                        Ok(report) => {
+                            eprintln!("  {}", report.human().replace('\n', "\n  "));
+                            result.report = Some(report);
+                        }
+                        Err(e) => {
+                            eprintln!("  failed: {e:#}");
+                            result.failure = Some(format!("failed: {e:#}"));
+                        }
+                    }
+                }
+            }
+            idle.push(result);
+        }
+        let base = idle
+            .iter()
+            .find(|i| i.name == "ringcast")
+            .and_then(|i| i.report.as_ref())
+            .map(|r| r.rss_bytes_per_conn);
+        for i in &mut idle {
+            i.rss_vs_ringcast = ratio(i.report.as_ref().map(|r| r.rss_bytes_per_conn), base);
+        }
+    }
+
     Ok(CompareReport {
-        conns: cfg.conns,
-        size_bytes: cfg.size_bytes,
         duration_secs: cfg.duration.as_secs_f64(),
         rounds: cfg.rounds,
-        servers: results,
+        scenarios,
+        idle_conns: cfg.idle_conns,
+        idle,
     })
 }
 
+/// `a / b` when both are known and `b` is positive.
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+/// Fills in each server's figures and its ratios to ringcast's.
 fn summarize(results: &mut [ServerResult]) {
     for r in results.iter_mut() {
-        let pick = |f: fn(&EchoReport) -> Option<f64>| {
-            median(&r.rounds.iter().filter_map(f).collect::<Vec<_>>())
+        let pick = |f: fn(&RoundReport) -> Option<f64>| {
+            Figure::of(&r.rounds.iter().filter_map(f).collect::<Vec<_>>())
         };
-        r.median_msgs_per_sec = pick(|e| Some(e.msgs_per_sec));
-        r.median_cpu_us_per_msg = pick(|e| e.server_cpu_us_per_msg);
-        r.median_p50_us = pick(|e| Some(e.latency.p50_us));
-        r.median_p99_us = pick(|e| Some(e.latency.p99_us));
-        r.median_other_cpu = pick(|e| e.other_cpu_util);
+        r.rate = pick(|e| Some(e.rate()));
+        r.cpu_us = pick(RoundReport::cpu_us);
+        r.p50_us = pick(|e| Some(e.p50_us()));
+        r.p99_us = pick(|e| Some(e.p99_us()));
+        r.other_cpu = pick(RoundReport::other_cpu);
     }
     let Some(base) = results.iter().find(|r| r.name == "ringcast").cloned() else {
         return;
     };
-    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-        _ => None,
-    };
+    let med = |f: Option<Figure>| f.map(|f| f.median);
     for r in results.iter_mut() {
-        r.throughput_vs_ringcast = ratio(r.median_msgs_per_sec, base.median_msgs_per_sec);
-        r.cpu_per_msg_vs_ringcast = ratio(r.median_cpu_us_per_msg, base.median_cpu_us_per_msg);
-        r.idle_rss_vs_ringcast = ratio(
-            r.idle.as_ref().map(|i| i.rss_bytes_per_conn),
-            base.idle.as_ref().map(|i| i.rss_bytes_per_conn),
-        );
+        r.rate_vs_ringcast = ratio(med(r.rate), med(base.rate));
+        r.cpu_vs_ringcast = ratio(med(r.cpu_us), med(base.cpu_us));
     }
 }
 
-fn server_spec(name: &str, cfg: &CompareConfig) -> Result<ServerSpec> {
+/// How `name` runs in `scenario`, or why it cannot (no peer for the scenario, a program
+/// missing, the Node packages not installed).
+///
+/// # Panics
+/// `name` is not one of [`SERVER_NAMES`] (checked by [`run_compare`] first).
+fn prepare(name: &str, scenario: Scenario, cfg: &CompareConfig) -> Prepared {
+    let spec = server_spec(name, scenario, cfg)
+        .expect("server names are checked before preparing")
+        .ok_or_else(|| format!("no {scenario} server for {name}"))?;
+    match spec.argv.first() {
+        None => return Err("empty command line".to_owned()),
+        Some(program) if find_program(program).is_none() => {
+            return Err(if program == "node" {
+                "node is not on PATH".to_owned()
+            } else {
+                format!("{program} not found (build it, or pass its command line)")
+            });
+        }
+        Some(_) => {}
+    }
+    if name == "node-ws" {
+        let modules = cfg.node_dir.join("node_modules").join("ws");
+        if !modules.is_dir() {
+            return Err(format!(
+                "{} is missing; install the pinned ws with `npm ci --prefix {}`",
+                modules.display(),
+                cfg.node_dir.display()
+            ));
+        }
+    }
+    Ok(spec)
+}
+
+/// The spec of a known server in `scenario`; `Ok(None)` when it has no peer for it.
+///
+/// # Errors
+/// An unknown name.
+fn server_spec(name: &str, scenario: Scenario, cfg: &CompareConfig) -> Result<Option<ServerSpec>> {
     let peer = |bin: &str| {
         vec![
             cfg.peer_dir.join(bin).to_string_lossy().into_owned(),
@@ -383,93 +846,170 @@ fn server_spec(name: &str, cfg: &CompareConfig) -> Result<ServerSpec> {
             "127.0.0.1:{port}".to_owned(),
         ]
     };
-    let (argv, raw) = match name {
-        "ringcast" => (
-            cfg.ringcast_cmd
-                .split_ascii_whitespace()
-                .map(str::to_owned)
-                .collect(),
-            false,
-        ),
-        "fastwebsockets" => (peer("peer-fastwebsockets"), false),
-        "tokio-tungstenite" => (peer("peer-tokio-tungstenite"), false),
-        "raw-echo" => (peer("peer-raw-echo"), true),
+    let node = |script: &str| {
+        vec![
+            "node".to_owned(),
+            cfg.node_dir.join(script).to_string_lossy().into_owned(),
+            "{port}".to_owned(),
+        ]
+    };
+    let split = |cmd: &str| cmd.split_ascii_whitespace().map(str::to_owned).collect();
+    let broadcast = scenario == Scenario::Broadcast;
+    let argv = match name {
+        "ringcast" if broadcast => split(&cfg.ringcast_broadcast_cmd),
+        "ringcast" => split(&cfg.ringcast_cmd),
+        "fastwebsockets" if broadcast => return Ok(None),
+        "fastwebsockets" => peer("peer-fastwebsockets"),
+        "tokio-tungstenite" if broadcast => peer("peer-tokio-tungstenite-broadcast"),
+        "tokio-tungstenite" => peer("peer-tokio-tungstenite"),
+        "node-ws" if broadcast => node("broadcast.js"),
+        "node-ws" => node("echo.js"),
+        "raw-echo" if broadcast => return Ok(None),
+        "raw-echo" => peer("peer-raw-echo"),
         other => bail!(
             "unknown server {other:?}; known: {}",
             SERVER_NAMES.join(", ")
         ),
     };
-    Ok(ServerSpec {
+    Ok(Some(ServerSpec {
         name: name.to_owned(),
         argv,
-        raw,
-    })
+        raw: name == "raw-echo",
+    }))
 }
 
-/// One round, run again (up to `cfg.retries` times) while it is noisy; keeps the least noisy
-/// try.
-fn echo_round_quiet(
-    exe: &Path,
+/// For ringcast in the broadcast scenario, a server that exits before accepting means its
+/// command has no broadcast mode (yet): the reason to skip it, with the first line it printed.
+fn unsupported_broadcast(
+    err: &anyhow::Error,
     spec: &ServerSpec,
-    cfg: &CompareConfig,
-    ports: &mut PortPicker,
-    result: &mut ServerResult,
-) -> Result<EchoReport> {
-    let mut best: Option<EchoReport> = None;
-    for attempt in 0..=cfg.retries {
-        let report = echo_round(exe, spec, cfg, ports.next()?)?;
-        eprintln!("  {}", report.human());
-        let other = report.other_cpu_util.unwrap_or(0.0);
-        let quieter = best
-            .as_ref()
-            .is_none_or(|b| other < b.other_cpu_util.unwrap_or(0.0));
-        if quieter {
-            best = Some(report);
-        }
-        if other <= cfg.max_other_cpu {
-            break;
-        }
-        if attempt < cfg.retries {
-            eprintln!(
-                "  noisy: {:.0}% of a core went elsewhere; running the round again",
-                other * 100.0
-            );
-            result.noisy_retries += 1;
-        } else {
-            result.noisy_rounds += 1;
-        }
+    scenario: Scenario,
+) -> Option<String> {
+    if scenario != Scenario::Broadcast || spec.name != "ringcast" {
+        return None;
     }
-    Ok(best.expect("at least one try ran"))
+    let exited = err.downcast_ref::<ExitedEarly>()?;
+    let first_line = exited
+        .output
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    Some(format!(
+        "the broadcast command exited at start ({}): {first_line} (set \
+         --ringcast-broadcast-cmd once ringcast serves broadcast)",
+        exited.status
+    ))
 }
 
-/// One echo round: start the server, load it, kill it.
-fn echo_round(exe: &Path, spec: &ServerSpec, cfg: &CompareConfig, port: u16) -> Result<EchoReport> {
-    let server = Server::start(spec, cfg.server_core, port)?;
-    let mut args = vec![
-        "echo".to_owned(),
-        "--url".to_owned(),
-        format!("ws://127.0.0.1:{port}/"),
-        "--conns".to_owned(),
-        cfg.conns.to_string(),
-        "--size".to_owned(),
-        cfg.size_bytes.to_string(),
-        "--duration".to_owned(),
-        cfg.duration.as_secs_f64().to_string(),
-        "--warmup".to_owned(),
-        cfg.warmup.as_secs_f64().to_string(),
-        "--server-pid".to_owned(),
-        server.pid().to_string(),
-        "--driver".to_owned(),
-        cfg.driver.to_string(),
-        "--json".to_owned(),
-    ];
-    if spec.raw {
-        args.push("--raw".to_owned());
+/// A server exited before accepting on its port.
+#[derive(Debug)]
+struct ExitedEarly {
+    name: String,
+    status: String,
+    output: String,
+}
+
+impl fmt::Display for ExitedEarly {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} exited ({}) before accepting; its output:\n{}",
+            self.name, self.status, self.output
+        )
     }
-    let limit = cfg.warmup + cfg.duration + Duration::from_secs(60);
-    let result = run_pinned_json(exe, &args, cfg.load_core, limit);
-    server.stop();
-    result
+}
+
+impl std::error::Error for ExitedEarly {}
+
+/// One round of one server under one load.
+struct RoundRun<'a> {
+    exe: &'a Path,
+    spec: &'a ServerSpec,
+    scenario: Scenario,
+    load: Load,
+    cfg: &'a CompareConfig,
+}
+
+impl RoundRun<'_> {
+    /// The round, run again (up to `cfg.retries` times) while it is noisy; keeps the least
+    /// noisy try.
+    fn quiet(&self, ports: &mut PortPicker, result: &mut ServerResult) -> Result<RoundReport> {
+        let mut best: Option<RoundReport> = None;
+        for attempt in 0..=self.cfg.retries {
+            let report = self.once(ports.next()?)?;
+            eprintln!("  {}", report.human());
+            let other = report.other_cpu().unwrap_or(0.0);
+            let quieter = best
+                .as_ref()
+                .is_none_or(|b| other < b.other_cpu().unwrap_or(0.0));
+            if quieter {
+                best = Some(report);
+            }
+            if other <= self.cfg.max_other_cpu {
+                break;
+            }
+            if attempt < self.cfg.retries {
+                eprintln!(
+                    "  noisy: {:.0}% of a core went elsewhere; running the round again",
+                    other * 100.0
+                );
+                result.noisy_retries += 1;
+            } else {
+                result.noisy_rounds += 1;
+            }
+        }
+        Ok(best.expect("at least one try ran"))
+    }
+
+    /// Starts the server, loads it with this scenario's subcommand, kills it.
+    fn once(&self, port: u16) -> Result<RoundReport> {
+        let cfg = self.cfg;
+        let server = Server::start(self.spec, cfg.server_core, port)?;
+        let subcommand = match self.scenario {
+            Scenario::Echo => "echo",
+            Scenario::Broadcast => "broadcast",
+        };
+        let mut args: Vec<String> = [
+            subcommand,
+            "--url",
+            &format!("ws://127.0.0.1:{port}/"),
+            "--conns",
+            &self.load.conns.to_string(),
+            "--size",
+            &self.load.size_bytes.to_string(),
+            "--duration",
+            &cfg.duration.as_secs_f64().to_string(),
+            "--warmup",
+            &cfg.warmup.as_secs_f64().to_string(),
+            "--server-pid",
+            &server.pid().to_string(),
+            "--json",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let mut limit = cfg.warmup + cfg.duration + Duration::from_secs(60);
+        let result = match self.scenario {
+            Scenario::Echo => {
+                args.extend(["--driver".to_owned(), cfg.driver.to_string()]);
+                if self.spec.raw {
+                    args.push("--raw".to_owned());
+                }
+                run_pinned_json(self.exe, &args, cfg.load_core, limit)
+                    .map(|r| RoundReport::Echo(Box::new(r)))
+            }
+            Scenario::Broadcast => {
+                args.extend([
+                    "--round-timeout".to_owned(),
+                    cfg.round_timeout.as_secs_f64().to_string(),
+                ]);
+                // The window may run over by one round, and a stall takes the round timeout.
+                limit += cfg.round_timeout * 2;
+                run_pinned_json(self.exe, &args, cfg.load_core, limit).map(RoundReport::Broadcast)
+            }
+        };
+        server.stop();
+        result
+    }
 }
 
 /// One idle run: start the server, hold `conns` idle connections on it, kill it.
@@ -530,11 +1070,12 @@ impl Server {
             if let Ok(Some(status)) = server.child.try_wait() {
                 let mut text = String::new();
                 let _ = File::open(&log_path).and_then(|mut f| f.read_to_string(&mut text));
-                bail!(
-                    "{} exited ({status}) before accepting; its output:\n{}",
-                    spec.name,
-                    text.trim_end()
-                );
+                return Err(ExitedEarly {
+                    name: spec.name.clone(),
+                    status: status.to_string(),
+                    output: text.trim_end().to_owned(),
+                }
+                .into());
             }
             if TcpStream::connect_timeout(&addr.into(), Duration::from_millis(200)).is_ok() {
                 break;
@@ -680,7 +1221,110 @@ mod tests {
     #[test]
     fn unknown_servers_are_an_error() {
         let cfg = CompareConfig::new(PathBuf::from("."));
-        assert!(server_spec("nginx", &cfg).is_err());
-        assert!(server_spec("raw-echo", &cfg).unwrap().raw);
+        assert!(server_spec("nginx", Scenario::Echo, &cfg).is_err());
+        let raw = server_spec("raw-echo", Scenario::Echo, &cfg)
+            .unwrap()
+            .unwrap();
+        assert!(raw.raw);
+    }
+
+    #[test]
+    fn only_some_servers_have_a_broadcast_peer() {
+        let cfg = CompareConfig::new(PathBuf::from("/peers"));
+        let spec = |name| server_spec(name, Scenario::Broadcast, &cfg).unwrap();
+        assert!(spec("fastwebsockets").is_none());
+        assert!(spec("raw-echo").is_none());
+        let tt = spec("tokio-tungstenite").unwrap();
+        assert_eq!(tt.argv[0], "/peers/peer-tokio-tungstenite-broadcast");
+        let node = spec("node-ws").unwrap();
+        assert_eq!(node.argv[0], "node");
+        assert!(node.argv[1].ends_with("broadcast.js"), "{:?}", node.argv);
+        assert_eq!(node.argv(9000)[2], "9000");
+        let ringcast = spec("ringcast").unwrap();
+        assert!(ringcast.argv.contains(&"--broadcast".to_owned()));
+        assert!(prepare("fastwebsockets", Scenario::Broadcast, &cfg).is_err());
+    }
+
+    #[test]
+    fn node_without_its_packages_says_how_to_install_them() {
+        let mut cfg = CompareConfig::new(PathBuf::from("."));
+        cfg.node_dir = PathBuf::from("/nonexistent/node-peers");
+        if find_program("node").is_some() {
+            let why = prepare("node-ws", Scenario::Echo, &cfg).unwrap_err();
+            assert!(
+                why.contains("npm ci --prefix /nonexistent/node-peers"),
+                "{why}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_ringcast_without_broadcast_is_skipped_not_failed() {
+        let cfg = CompareConfig::new(PathBuf::from("."));
+        let spec = server_spec("ringcast", Scenario::Broadcast, &cfg)
+            .unwrap()
+            .unwrap();
+        let exited: anyhow::Error = ExitedEarly {
+            name: "ringcast".to_owned(),
+            status: "exit status: 2".to_owned(),
+            output: "\nerror: unexpected argument '--broadcast' found\n\nUsage: ...".to_owned(),
+        }
+        .into();
+        let why = unsupported_broadcast(&exited, &spec, Scenario::Broadcast).unwrap();
+        assert!(why.contains("unexpected argument '--broadcast'"), "{why}");
+        assert!(unsupported_broadcast(&exited, &spec, Scenario::Echo).is_none());
+        let other = anyhow::anyhow!("the load generator failed");
+        assert!(unsupported_broadcast(&other, &spec, Scenario::Broadcast).is_none());
+    }
+
+    #[test]
+    fn loads_parse_with_sizes_and_suffixes() {
+        assert_eq!("100x20".parse::<Load>(), Ok(Load::new(100, 20)));
+        assert_eq!("100x1k".parse::<Load>(), Ok(Load::new(100, 1024)));
+        assert_eq!("100x2KiB".parse::<Load>(), Ok(Load::new(100, 2048)));
+        assert_eq!("1000".parse::<Load>(), Ok(Load::new(1000, 20)));
+        assert_eq!("4X0".parse::<Load>(), Ok(Load::new(4, 0)));
+        assert!("0x20".parse::<Load>().is_err());
+        assert!("x20".parse::<Load>().is_err());
+        assert!("10xlots".parse::<Load>().is_err());
+        assert_eq!(Load::new(100, 1024).to_string(), "100x1024");
+        assert_eq!("echo".parse(), Ok(Scenario::Echo));
+        assert!("storm".parse::<Scenario>().is_err());
+    }
+
+    #[test]
+    fn figures_keep_median_min_and_max() {
+        let f = Figure::of(&[3.0, 1.0, f64::NAN, 2.0]).unwrap();
+        assert_eq!((f.median, f.min, f.max), (2.0, 1.0, 3.0));
+        assert!(Figure::of(&[]).is_none());
+        assert_eq!(figure(Some(&f), cpu_text), "2.00 (1.00-3.00)");
+        let one = Figure::of(&[0.5]).unwrap();
+        assert_eq!(figure(Some(&one), cpu_text), "0.500");
+        assert_eq!(figure(None, cpu_text), "-");
+        assert_eq!(rate_text(2_345_678.0), "2.346M");
+        assert_eq!(rate_text(225_473.0), "225.5k");
+    }
+
+    #[test]
+    fn ratios_are_against_ringcast_medians() {
+        let mut ringcast = ServerResult::new("ringcast", None);
+        ringcast.rounds = vec![];
+        let mut results = vec![ringcast, ServerResult::new("peer", None)];
+        results[0].rate = Some(Figure {
+            median: 100.0,
+            min: 90.0,
+            max: 110.0,
+        });
+        results[1].rate = Some(Figure {
+            median: 50.0,
+            min: 40.0,
+            max: 60.0,
+        });
+        // summarize recomputes figures from rounds, so check the ratio step alone.
+        let base = results[0].rate.map(|f| f.median);
+        assert_eq!(ratio(results[1].rate.map(|f| f.median), base), Some(0.5));
+        assert_eq!(ratio(Some(1.0), Some(0.0)), None);
+        summarize(&mut results);
+        assert!(results[1].rate.is_none(), "no rounds, no figure");
     }
 }

@@ -4,18 +4,18 @@
 //! Connections are opened with blocking sockets in batches of [`BATCH`]: connect the batch and
 //! send every upgrade request, then read every response. One process holds at most
 //! [`MAX_CONNS_PER_PROCESS`] (the open-files limit is 20,000 and cannot be raised), so a larger
-//! count is split over child processes: this binary re-executed with the hidden `idle-worker`
-//! subcommand, which reports `ready OPENED FAILED` on stdout, holds until its stdin says
-//! `close` (or ends, or its own deadline passes), closes, and reports `closed N`.
+//! count is split over child processes (see `workers.rs`): this binary re-executed with the
+//! hidden `idle-worker` subcommand, which reports `ready OPENED FAILED` on stdout, holds until
+//! its stdin says `close` (or ends, or its own deadline passes), closes, and reports
+//! `closed N`.
 //!
 //! Kernel numbers are system-wide and, on loopback, include both ends of every connection
 //! (the client's sockets too). Every wait has a deadline.
 
 use std::{
-    io::{self, BufRead as _, BufReader, Read as _, Write as _},
+    io::{self, BufRead as _, Read as _, Write as _},
     net::{Shutdown, TcpStream},
     ops::Range,
-    process::{Child, ChildStdin, Command, Stdio},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
@@ -29,6 +29,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     net::{self, SourceAddrs, Target},
     procfs::{self, KernelMemory, ProcessMemory},
+    progress::Progress,
+    workers::Children,
 };
 
 /// Connections opened (and closed) together: connected and sent their request before the
@@ -72,6 +74,9 @@ pub struct IdleConfig {
     pub open_timeout: Duration,
     /// Deadline for the server's RSS to stop changing once all are open.
     pub settle_timeout: Duration,
+    /// Draw a progress bar on stderr while opening (when it is a terminal and opening takes
+    /// over a second; with one process only).
+    pub progress: bool,
 }
 
 impl IdleConfig {
@@ -88,6 +93,7 @@ impl IdleConfig {
             sources: SourceAddrs::default(),
             open_timeout: Duration::from_secs(120),
             settle_timeout: Duration::from_secs(15),
+            progress: false,
         }
     }
 }
@@ -205,7 +211,15 @@ pub fn run_idle(cfg: &IdleConfig) -> Result<IdleReport> {
             open_timeout: cfg.open_timeout,
             lifetime: Duration::MAX,
         };
-        Holder::Local(open_range(&worker)?)
+        let mut bar = Progress::new(cfg.progress, "idle", cfg.conns as u64);
+        let set = open_range_with(&worker, &mut |set| {
+            let opened = set.conns.len();
+            bar.update(Instant::now(), opened as u64, || {
+                format!("{opened} open, {} failed", set.failed)
+            });
+        })?;
+        bar.finish();
+        Holder::Local(set)
     } else {
         Holder::Workers(Workers::spawn(cfg, procs)?)
     };
@@ -341,6 +355,14 @@ pub(crate) struct IdleConn {
 /// Opens the connections of `cfg.range`, in batches, until done or the open deadline passes
 /// (the rest count as failed).
 pub(crate) fn open_range(cfg: &WorkerConfig) -> Result<OpenSet> {
+    open_range_with(cfg, &mut |_| {})
+}
+
+/// [`open_range`], calling `batch_done(set)` after each batch (for a progress bar).
+pub(crate) fn open_range_with(
+    cfg: &WorkerConfig,
+    batch_done: &mut dyn FnMut(&OpenSet),
+) -> Result<OpenSet> {
     raise_fd_limit();
     let deadline = Instant::now() + cfg.open_timeout;
     let mut set = OpenSet {
@@ -367,6 +389,7 @@ pub(crate) fn open_range(cfg: &WorkerConfig) -> Result<OpenSet> {
                 Err(e) => set.fail(&e),
             }
         }
+        batch_done(&set);
     }
     Ok(set)
 }
@@ -495,7 +518,7 @@ fn finish_conn(
 }
 
 /// Raises the soft open-files limit to the hard one (best effort).
-fn raise_fd_limit() {
+pub(crate) fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -550,9 +573,7 @@ pub fn idle_worker(cfg: &WorkerConfig) -> Result<()> {
 
 /// Worker processes holding connections for [`run_idle`].
 struct Workers {
-    children: Vec<Child>,
-    stdins: Vec<Option<ChildStdin>>,
-    lines: mpsc::Receiver<(usize, String)>,
+    children: Children,
     opened: usize,
     failed: usize,
 }
@@ -565,131 +586,68 @@ impl Workers {
         let per = cfg.conns.div_ceil(procs);
         // Long enough for the parent to settle, hold and close; a worker never outlives it.
         let lifetime = cfg.open_timeout + cfg.settle_timeout + cfg.hold + Duration::from_secs(60);
-        let (tx, lines) = mpsc::channel();
-        let mut workers = Self {
-            children: Vec::new(),
-            stdins: Vec::new(),
-            lines,
-            opened: 0,
-            failed: 0,
-        };
         let url = format!("ws://{}{}", cfg.target.host, cfg.target.path);
+        let mut arg_lists = Vec::with_capacity(procs);
         for w in 0..procs {
             let range = (w * per).min(cfg.conns)..((w + 1) * per).min(cfg.conns);
             if range.is_empty() {
                 continue;
             }
-            let mut cmd = Command::new(&exe);
-            cmd.args(["idle-worker", "--url", &url])
-                .args(["--first-index", &range.start.to_string()])
-                .args(["--count", &range.len().to_string()])
-                .args(["--first-source", &cfg.sources.first.to_string()])
-                .args(["--per-addr", &cfg.sources.per_addr.to_string()])
-                .args([
-                    "--open-timeout",
-                    &cfg.open_timeout.as_secs_f64().to_string(),
-                ])
-                .args(["--lifetime", &lifetime.as_secs_f64().to_string()])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit());
+            let mut args: Vec<String> = vec!["idle-worker".into(), "--url".into(), url.clone()];
+            for (flag, value) in [
+                ("--first-index", range.start.to_string()),
+                ("--count", range.len().to_string()),
+                ("--first-source", cfg.sources.first.to_string()),
+                ("--per-addr", cfg.sources.per_addr.to_string()),
+                ("--open-timeout", cfg.open_timeout.as_secs_f64().to_string()),
+                ("--lifetime", lifetime.as_secs_f64().to_string()),
+            ] {
+                args.push(flag.to_owned());
+                args.push(value);
+            }
             if cfg.raw {
-                cmd.arg("--raw");
+                args.push("--raw".to_owned());
             }
-            let mut child = match cmd.spawn() {
-                Ok(c) => c,
-                Err(e) => {
-                    workers.kill_all();
-                    return Err(e).context("starting an idle worker");
-                }
-            };
-            let stdout = child.stdout.take().expect("stdout was piped");
-            workers.stdins.push(child.stdin.take());
-            workers.children.push(child);
-            let tx = tx.clone();
-            let index = workers.children.len() - 1;
-            thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    if tx.send((index, line)).is_err() {
-                        break;
-                    }
-                }
-            });
+            arg_lists.push(args);
         }
-
+        let mut children = Children::spawn(&exe, &arg_lists)?;
         let deadline = Instant::now() + cfg.open_timeout + Duration::from_secs(10);
-        let mut ready = 0;
-        while ready < workers.children.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match workers.lines.recv_timeout(left) {
-                Ok((_, line)) => {
-                    let mut parts = line.split_ascii_whitespace();
-                    if parts.next() == Some("ready") {
-                        let mut num = || parts.next().and_then(|n| n.parse::<usize>().ok());
-                        workers.opened += num().unwrap_or(0);
-                        workers.failed += num().unwrap_or(0);
-                        ready += 1;
-                    }
-                }
-                Err(_) => {
-                    workers.kill_all();
-                    bail!(
-                        "{ready} of {} idle workers were ready by the deadline",
-                        workers.children.len()
-                    );
-                }
-            }
+        let ready = children.collect("ready ", deadline, |_, _| {});
+        let reported = ready.iter().flatten().count();
+        if reported < children.len() {
+            children.kill_all();
+            bail!(
+                "{reported} of {} idle workers were ready by the deadline",
+                children.len()
+            );
         }
-        Ok(workers)
+        let (mut opened, mut failed) = (0, 0);
+        for line in ready.iter().flatten() {
+            let mut parts = line.split_ascii_whitespace();
+            let mut num = || parts.next().and_then(|n| n.parse::<usize>().ok());
+            opened += num().unwrap_or(0);
+            failed += num().unwrap_or(0);
+        }
+        Ok(Self {
+            children,
+            opened,
+            failed,
+        })
     }
 
     /// Tells every worker to close, waits (bounded) for their `closed N` lines and exits, and
     /// kills any that miss the deadline. Returns the total closed cleanly.
     fn close(&mut self) -> usize {
-        for stdin in &mut self.stdins {
-            if let Some(mut s) = stdin.take() {
-                let _ = writeln!(s, "close");
-            }
-        }
+        self.children.tell_all("close");
         let deadline = Instant::now() + Duration::from_secs(90);
-        let mut closed = 0;
-        let mut reported = 0;
-        while reported < self.children.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok((_, line)) => {
-                    if let Some(n) = line.strip_prefix("closed ") {
-                        closed += n.trim().parse::<usize>().unwrap_or(0);
-                        reported += 1;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        for child in &mut self.children {
-            let exit_deadline = Instant::now() + Duration::from_secs(5);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < exit_deadline {
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
-        self.kill_all();
+        let closed = self
+            .children
+            .collect("closed ", deadline, |_, _| {})
+            .iter()
+            .flatten()
+            .map(|n| n.trim().parse::<usize>().unwrap_or(0))
+            .sum();
+        self.children.finish(Duration::from_secs(5));
         closed
-    }
-
-    /// Kills (by pid) and reaps every worker still running.
-    fn kill_all(&mut self) {
-        for child in &mut self.children {
-            if matches!(child.try_wait(), Ok(None)) {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-}
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        self.kill_all();
     }
 }

@@ -8,17 +8,33 @@
 //!
 //! - `loadgen`: the load generator, a thin CLI over this library.
 //!   - `echo`: N connections in a closed loop (send one message, wait for its echo), reporting
-//!     msgs/s, latency percentiles and the server's CPU time per message ([`echo`]).
+//!     msgs/s, latency percentiles and the server's CPU time per message ([`echo`]). With
+//!     `--rate R`, a fixed rate instead: R messages/s on a schedule, pipelined, latency timed
+//!     from each message's due time (no coordinated omission; [`echo::rate`]).
+//!     `--plot-dir DIR` draws the latency spectrum and throughput over time as SVG ([`plot`]).
 //!   - `idle`: open and hold N connections, reporting the server's RSS and the kernel's memory
 //!     per connection ([`idle`]).
-//!   - `compare`: both scenarios against each server in turn, server and load pinned to
-//!     different cores, medians over alternating rounds ([`compare`]).
+//!   - `broadcast`: N clients in lockstep rounds, each sending one message that the server
+//!     delivers to all N, reporting deliveries/s, round latency and the server's CPU time per
+//!     delivery ([`broadcast`]).
+//!   - `storm`: connection churn (connect, hold, close, repeat; upgrades/s and failures by
+//!     reason) and a mass reconnect (drop N at once, reconnect with jittered backoff; time
+//!     until all are back) ([`storm`]).
+//!   - `compare`: the scenario matrix (echo and broadcast loads, and idle) against each server
+//!     in turn, server and load pinned to different cores, medians with min and max over
+//!     alternating rounds ([`compare`]).
 //! - `peer-tokio-tungstenite`, `peer-fastwebsockets`: WebSocket echo servers on a tokio
 //!   current-thread runtime, the way each library's examples write them.
+//! - `peer-tokio-tungstenite-broadcast`: a broadcast server with tokio-tungstenite and a
+//!   `tokio::sync::broadcast` channel.
 //! - `peer-raw-echo`: a TCP echo server on monoio's io_uring runtime with no WebSocket framing,
 //!   the ceiling a WebSocket server can approach.
+//! - `bench/node`: Node `ws` echo and broadcast servers (`npm ci --prefix bench/node`).
 //!
 //! Each server is single-threaded, so `taskset -c 0` pins all of it to one core.
+//!
+//! While a run lasts over a second, `loadgen` draws a progress bar on stderr if stderr is a
+//! terminal (`--quiet` turns it off); reports go to stdout, as text or `--json`.
 //!
 //! ```text
 //! cargo build -p ringcast-bench --release
@@ -27,12 +43,20 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod broadcast;
 pub mod compare;
 pub mod echo;
 pub mod idle;
 pub mod net;
+pub mod plot;
 pub mod procfs;
+pub mod progress;
 pub mod stats;
+pub mod storm;
+pub mod timeline;
+mod window;
+mod workers;
+mod wsconn;
 
 use std::time::Duration;
 

@@ -5,14 +5,20 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::{ensure, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use ringcast_bench::{
-    compare::{run_compare, CompareConfig, DEFAULT_RINGCAST_CMD, SERVER_NAMES},
+    broadcast::{run_broadcast, BroadcastConfig},
+    compare::{
+        run_compare, CompareConfig, Load, Scenario as CompareScenario, DEFAULT_BROADCAST_LOADS,
+        DEFAULT_ECHO_LOADS, DEFAULT_NODE_DIR, DEFAULT_RINGCAST_BROADCAST_CMD, DEFAULT_RINGCAST_CMD,
+        SERVER_NAMES,
+    },
     echo::{run_echo, Driver, EchoConfig},
     idle::{idle_worker, run_idle, IdleConfig, WorkerConfig},
     net::{SourceAddrs, Target},
-    parse_secs,
+    parse_secs, plot,
+    storm::{run_storm, storm_worker, Backoff, PartConfig, Scenario, StormConfig},
 };
 
 #[derive(Debug, Parser)]
@@ -22,21 +28,32 @@ use ringcast_bench::{
     about = "Load generator for ringcast and its peers"
 )]
 struct Cli {
+    /// No progress bar on stderr (there is none anyway when stderr is not a terminal).
+    #[arg(long, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Cmd,
 }
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Closed-loop echo: each connection sends one message, waits for the echo, repeats.
+    /// Echo load: closed loop (send, wait for the echo, repeat), or a fixed rate with --rate.
     Echo(EchoArgs),
     /// Open and hold idle connections; report the server's memory per connection.
     Idle(IdleArgs),
-    /// Run the echo (and idle) scenario against each server, pinned, in alternating rounds.
+    /// Lockstep broadcast: each round every client sends one message and waits for N.
+    Broadcast(BroadcastArgs),
+    /// Run the scenario matrix (echo, broadcast; idle) against each server, pinned, in
+    /// alternating rounds.
     Compare(CompareArgs),
+    /// Connection storms: churn (connect, hold, close, repeat) and a mass reconnect.
+    Storm(StormArgs),
     /// Holds a slice of `idle`'s connections in a child process.
     #[command(hide = true)]
     IdleWorker(WorkerArgs),
+    /// Runs a slice of `storm`'s connections in a child process.
+    #[command(hide = true)]
+    StormWorker(StormWorkerArgs),
 }
 
 /// Source address flags shared by the subcommands that connect.
@@ -88,11 +105,82 @@ struct EchoArgs {
     /// The client's event loop: epoll (mio) or uring (monoio).
     #[arg(long, default_value_t = Driver::Epoll)]
     driver: Driver,
+    /// Fixed rate: send this many messages per second in total, pipelined, on a schedule,
+    /// and measure latency from each message's due time (no coordinated omission). Without
+    /// it, the closed loop. Needs the epoll driver.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Write the latency spectrum and throughput over time as SVG plots into this directory.
+    #[arg(long)]
+    plot_dir: Option<PathBuf>,
+    /// Exit non-zero when more connections than this fail during the window (a run with no
+    /// round trip at all always exits non-zero).
+    #[arg(long)]
+    max_errors: Option<u64>,
     #[command(flatten)]
     sources: SourceArgs,
     /// Print the report as JSON instead of a line of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Args)]
+struct StormArgs {
+    /// Server URL, ws://HOST:PORT/PATH, or tcp://HOST:PORT with --raw (loopback only).
+    #[arg(long)]
+    url: String,
+    /// churn, mass or both (churn first).
+    #[arg(long, default_value_t = Scenario::Both)]
+    scenario: Scenario,
+    /// Churn: concurrent slots; mass: connections to open, drop and reconnect.
+    #[arg(long, default_value_t = 1000)]
+    conns: usize,
+    /// Processes to spread them over (0: one per 15,000 connections).
+    #[arg(long, default_value_t = 0)]
+    procs: usize,
+    /// Churn: how long to churn, in seconds.
+    #[arg(long, default_value = "5", value_parser = parse_secs)]
+    duration: Duration,
+    /// Churn: how long each connection is held once upgraded, in seconds.
+    #[arg(long, default_value = "0.1", value_parser = parse_secs)]
+    hold: Duration,
+    /// Mass: how long all connections get to come back, in seconds.
+    #[arg(long, default_value = "30", value_parser = parse_secs)]
+    reconnect_timeout: Duration,
+    /// Limit for one attempt (connect plus upgrade), in seconds.
+    #[arg(long, default_value = "5", value_parser = parse_secs)]
+    attempt_timeout: Duration,
+    /// Backoff ceiling after the first failed attempt, in seconds (doubles per failure).
+    #[arg(long, default_value = "0.1", value_parser = parse_secs)]
+    backoff_base: Duration,
+    /// Largest backoff ceiling, in seconds (the wait is uniform in [0, ceiling)).
+    #[arg(long, default_value = "5", value_parser = parse_secs)]
+    backoff_cap: Duration,
+    /// Mass: deadline for opening the connections before the storm, in seconds.
+    #[arg(long, default_value = "120", value_parser = parse_secs)]
+    open_timeout: Duration,
+    /// Plain TCP connections, no upgrade (for peer-raw-echo).
+    #[arg(long)]
+    raw: bool,
+    /// Exit non-zero when more than this percentage of churn attempts fail (the mass
+    /// reconnect retries failures, so there only "not all back" fails the run).
+    #[arg(long, default_value_t = 1.0)]
+    max_failure_pct: f64,
+    /// Write the upgrades over time and the reconnect-time spectrum as SVG plots here.
+    #[arg(long)]
+    plot_dir: Option<PathBuf>,
+    #[command(flatten)]
+    sources: SourceArgs,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct StormWorkerArgs {
+    /// The part to run, as JSON.
+    #[arg(long)]
+    config: String,
 }
 
 #[derive(Debug, Args)]
@@ -129,22 +217,75 @@ struct IdleArgs {
 }
 
 #[derive(Debug, Args)]
+struct BroadcastArgs {
+    /// Server URL, ws://HOST:PORT/PATH (loopback only); it must relay every message to every
+    /// client, the sender included.
+    #[arg(long)]
+    url: String,
+    /// Clients (N): a round is N sends and N x N deliveries.
+    #[arg(long, default_value_t = 100)]
+    conns: usize,
+    /// Payload bytes per message (the first 12 carry the round and sender).
+    #[arg(long, default_value_t = 20)]
+    size: usize,
+    /// Measured window, in seconds (the last round started in it runs to its end).
+    #[arg(long, default_value = "5", value_parser = parse_secs)]
+    duration: Duration,
+    /// Unmeasured rounds before the window, for this many seconds.
+    #[arg(long, default_value = "1", value_parser = parse_secs)]
+    warmup: Duration,
+    /// At most this many rounds in the window.
+    #[arg(long)]
+    max_rounds: Option<u64>,
+    /// Fail when a round has had no delivery for this many seconds.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    round_timeout: Duration,
+    /// The server's pid, to report its CPU time per delivery.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Limit for each connect and for all handshakes together, in seconds.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    connect_timeout: Duration,
+    #[command(flatten)]
+    sources: SourceArgs,
+    /// Print the report as JSON instead of a line of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
 struct CompareArgs {
     /// Servers to run, comma-separated, in order.
     #[arg(long, value_delimiter = ',', default_values_t = SERVER_NAMES.map(String::from))]
     servers: Vec<String>,
-    /// The ringcast command line; `{port}` is replaced with the port. Split on whitespace.
+    /// The ringcast echo command line; `{port}` is replaced with the port. Split on whitespace.
     #[arg(long, default_value = DEFAULT_RINGCAST_CMD)]
     ringcast_cmd: String,
+    /// The ringcast broadcast command line, like --ringcast-cmd. If it exits at start (no
+    /// broadcast mode yet), ringcast is skipped for the broadcast scenario.
+    #[arg(long, default_value = DEFAULT_RINGCAST_BROADCAST_CMD)]
+    ringcast_broadcast_cmd: String,
     /// Directory of the peer-* binaries (default: beside this executable).
     #[arg(long)]
     peer_dir: Option<PathBuf>,
-    /// Connections in the echo scenario.
-    #[arg(long, default_value_t = 100)]
-    conns: usize,
-    /// Payload bytes per message.
-    #[arg(long, default_value_t = 20)]
-    size: usize,
+    /// Directory of the Node peers and their node_modules (`npm ci --prefix DIR`).
+    #[arg(long, default_value = DEFAULT_NODE_DIR)]
+    node_dir: PathBuf,
+    /// Scenarios to run, comma-separated: echo, broadcast.
+    #[arg(long, value_delimiter = ',', default_values_t = CompareScenario::ALL)]
+    scenario: Vec<CompareScenario>,
+    /// Echo loads, comma-separated CONNSxBYTES (`k` = 1024 bytes).
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_ECHO_LOADS)]
+    echo_loads: Vec<Load>,
+    /// Broadcast loads, comma-separated NxBYTES (N clients).
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_BROADCAST_LOADS)]
+    broadcast_loads: Vec<Load>,
+    /// One echo load of this many connections instead of --echo-loads (with --size).
+    #[arg(long)]
+    conns: Option<usize>,
+    /// Payload bytes of that one echo load (default 20; with or without --conns).
+    #[arg(long)]
+    size: Option<usize>,
     /// Measured window per round, in seconds.
     #[arg(long, default_value = "5", value_parser = parse_secs)]
     duration: Duration,
@@ -157,9 +298,12 @@ struct CompareArgs {
     /// Also hold this many idle connections on each server and compare memory.
     #[arg(long)]
     idle: Option<usize>,
-    /// Skip the echo rounds (with --idle: idle only).
+    /// Leave the echo scenario out (with --idle and --scenario echo: idle only).
     #[arg(long)]
     skip_echo: bool,
+    /// Fail a broadcast run when a round has had no delivery for this many seconds.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    round_timeout: Duration,
     /// First port to try; each server launch takes the next free port.
     #[arg(long, default_value_t = 19_100)]
     base_port: u16,
@@ -202,7 +346,9 @@ struct WorkerArgs {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let progress = !cli.quiet;
+    match cli.command {
         Cmd::Echo(a) => {
             let mut cfg = EchoConfig::new(Target::parse(&a.url)?);
             cfg.conns = a.conns;
@@ -214,8 +360,49 @@ fn main() -> Result<()> {
             cfg.sources = a.sources.sources();
             cfg.connect_timeout = a.connect_timeout;
             cfg.driver = a.driver;
+            cfg.rate = a.rate;
+            cfg.progress = progress;
             let report = run_echo(&cfg)?;
             emit(a.json, &report, report.human())?;
+            if let Some(dir) = &a.plot_dir {
+                for path in plot::echo(&report, dir)? {
+                    eprintln!("wrote {}", path.display());
+                }
+            }
+            ensure!(report.messages > 0, "no round trip was measured");
+            if let Some(max) = a.max_errors {
+                ensure!(
+                    report.errors <= max,
+                    "{} connections failed, more than the {max} allowed",
+                    report.errors
+                );
+            }
+        }
+        Cmd::Storm(a) => {
+            let mut cfg = StormConfig::new(Target::parse(&a.url)?);
+            cfg.scenario = a.scenario;
+            cfg.conns = a.conns;
+            cfg.procs = a.procs;
+            cfg.duration = a.duration;
+            cfg.hold = a.hold;
+            cfg.reconnect_timeout = a.reconnect_timeout;
+            cfg.attempt_timeout = a.attempt_timeout;
+            cfg.backoff = Backoff {
+                base: a.backoff_base,
+                cap: a.backoff_cap,
+            };
+            cfg.open_timeout = a.open_timeout;
+            cfg.raw = a.raw;
+            cfg.sources = a.sources.sources();
+            cfg.progress = progress;
+            let report = run_storm(&cfg)?;
+            emit(a.json, &report, report.human())?;
+            if let Some(dir) = &a.plot_dir {
+                for path in plot::storm(&report, dir)? {
+                    eprintln!("wrote {}", path.display());
+                }
+            }
+            report.check(a.max_failure_pct)?;
         }
         Cmd::Idle(a) => {
             let mut cfg = IdleConfig::new(Target::parse(&a.url)?, a.server_pid);
@@ -226,7 +413,22 @@ fn main() -> Result<()> {
             cfg.sources = a.sources.sources();
             cfg.open_timeout = a.open_timeout;
             cfg.settle_timeout = a.settle_timeout;
+            cfg.progress = progress;
             let report = run_idle(&cfg)?;
+            emit(a.json, &report, report.human())?;
+        }
+        Cmd::Broadcast(a) => {
+            let mut cfg = BroadcastConfig::new(Target::parse(&a.url)?);
+            cfg.conns = a.conns;
+            cfg.size_bytes = a.size;
+            cfg.duration = a.duration;
+            cfg.warmup = a.warmup;
+            cfg.max_rounds = a.max_rounds;
+            cfg.round_timeout = a.round_timeout;
+            cfg.server_pid = a.server_pid;
+            cfg.sources = a.sources.sources();
+            cfg.connect_timeout = a.connect_timeout;
+            let report = run_broadcast(&cfg)?;
             emit(a.json, &report, report.human())?;
         }
         Cmd::Compare(a) => {
@@ -240,13 +442,22 @@ fn main() -> Result<()> {
             let mut cfg = CompareConfig::new(peer_dir);
             cfg.servers = a.servers;
             cfg.ringcast_cmd = a.ringcast_cmd;
-            cfg.conns = a.conns;
-            cfg.size_bytes = a.size;
+            cfg.ringcast_broadcast_cmd = a.ringcast_broadcast_cmd;
+            cfg.node_dir = a.node_dir;
+            cfg.scenarios = a.scenario;
+            if a.skip_echo {
+                cfg.scenarios.retain(|&s| s != CompareScenario::Echo);
+            }
+            cfg.echo_loads = match (a.conns, a.size) {
+                (None, None) => a.echo_loads,
+                (conns, size) => vec![Load::new(conns.unwrap_or(100), size.unwrap_or(20))],
+            };
+            cfg.broadcast_loads = a.broadcast_loads;
+            cfg.round_timeout = a.round_timeout;
             cfg.duration = a.duration;
             cfg.warmup = a.warmup;
             cfg.rounds = a.rounds;
             cfg.idle_conns = a.idle;
-            cfg.skip_echo = a.skip_echo;
             cfg.base_port = a.base_port;
             cfg.server_core = a.server_core;
             cfg.load_core = a.load_core;
@@ -266,6 +477,11 @@ fn main() -> Result<()> {
                 lifetime: a.lifetime,
             };
             idle_worker(&cfg)?;
+        }
+        Cmd::StormWorker(a) => {
+            let part: PartConfig =
+                serde_json::from_str(&a.config).context("parsing the storm worker's config")?;
+            storm_worker(&part)?;
         }
     }
     Ok(())

@@ -5,6 +5,10 @@
 //! frame, unless the socket buffer is full) and one `read` per readiness event: a read that
 //! returns less than the buffer drained the socket, so edge-triggered readiness is safe without
 //! the extra read that ends in `EWOULDBLOCK`.
+//!
+//! The [`Conn`] here also serves the fixed-rate loop ([`super::rate`]), which pipelines: a
+//! connection may have many messages in flight, and [`Conn::pump`] sends what the schedule has
+//! made due without queueing more than [`OUT_HIGH_BYTES`] at a time.
 
 use std::{
     io::{self, Read as _, Write as _},
@@ -20,16 +24,23 @@ use ringcast_protocol::{Codec, Event, OpCode};
 use super::{record, EchoConfig, Outcome, WindowStart, CLOSE_GRACE};
 use crate::{
     idle::{self, IdleConn, OpenSet, WorkerConfig},
+    progress::Progress,
     stats::latency_histogram,
+    timeline::{self, Timeline},
 };
 
 /// Bytes one `read` may return; the buffer is shared by all connections.
 const READ_BYTES: usize = 64 << 10;
 
 /// The longest one `epoll_wait` blocks, so phase changes are never late by more.
-const MAX_WAIT: Duration = Duration::from_millis(50);
+pub(super) const MAX_WAIT: Duration = Duration::from_millis(50);
 
-pub(super) fn run(cfg: &EchoConfig) -> Result<Outcome> {
+/// The most bytes [`Conn::pump`] queues before it waits for the socket to take them, so a
+/// connection that falls behind its schedule holds at most this much beyond the socket buffer.
+pub(super) const OUT_HIGH_BYTES: usize = 64 << 10;
+
+/// Opens and upgrades every connection, then registers them, readable, with a new `Poll`.
+pub(super) fn open(cfg: &EchoConfig) -> Result<(Poll, Vec<Conn>)> {
     let set = idle::open_range(&WorkerConfig {
         target: cfg.target.clone(),
         range: 0..cfg.conns,
@@ -47,7 +58,7 @@ pub(super) fn run(cfg: &EchoConfig) -> Result<Outcome> {
         );
     }
 
-    let mut poll = Poll::new().context("creating the epoll instance")?;
+    let poll = Poll::new().context("creating the epoll instance")?;
     let mut conns = Vec::with_capacity(set.conns.len());
     for (i, conn) in set.conns.into_iter().enumerate() {
         conn.stream.set_nonblocking(true)?;
@@ -62,16 +73,25 @@ pub(super) fn run(cfg: &EchoConfig) -> Result<Outcome> {
             out: BytesMut::with_capacity(cfg.size_bytes + 16),
             wants_write: false,
             got: 0,
+            sent: 0,
+            recvd: 0,
+            due: 0,
             sent_at: Instant::now(),
             dead: false,
         });
     }
+    Ok((poll, conns))
+}
 
+/// The closed loop: one message in flight per connection.
+pub(super) fn run(cfg: &EchoConfig) -> Result<Outcome> {
+    let (mut poll, mut conns) = open(cfg)?;
     let payload = cfg.payload();
     let mut scratch = vec![0u8; READ_BYTES.max(cfg.size_bytes + 16)];
     let mut histogram = latency_histogram();
     let mut events = Events::with_capacity(1024);
     let mut errors = Errors::default();
+    let mut progress = Progress::for_duration(cfg.progress, "echo", cfg.warmup + cfg.duration);
 
     for conn in &mut conns {
         if let Err(e) = conn.send(&payload, poll.registry()) {
@@ -79,14 +99,17 @@ pub(super) fn run(cfg: &EchoConfig) -> Result<Outcome> {
         }
     }
 
-    let warm_end = Instant::now() + cfg.warmup;
+    let born = Instant::now();
+    let warm_end = born + cfg.warmup;
     let mut window: Option<(WindowStart, Instant, u64)> = None;
+    let mut series: Option<Timeline> = None;
     loop {
         let now = Instant::now();
         let next_change = match window {
             None if now >= warm_end => {
                 let start = WindowStart::now(cfg.server_pid)?;
                 window = Some((start, start.at + cfg.duration, errors.count));
+                series = Some(Timeline::new(start.at, timeline::INTERVAL, cfg.duration));
                 continue;
             }
             None => warm_end,
@@ -99,13 +122,15 @@ pub(super) fn run(cfg: &EchoConfig) -> Result<Outcome> {
                 errors.first.as_deref().unwrap_or("?")
             );
         }
+        progress.update_time(now, now - born, || {
+            format!("{} round trips measured", histogram.len())
+        });
         let wait = next_change.saturating_duration_since(now).min(MAX_WAIT);
         match poll.poll(&mut events, Some(wait)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e).context("epoll_wait"),
         }
-        let measuring = window.is_some();
         for event in &events {
             let Some(conn) = conns.get_mut(event.token().0) else {
                 continue;
@@ -121,14 +146,16 @@ pub(super) fn run(cfg: &EchoConfig) -> Result<Outcome> {
                     &payload,
                     poll.registry(),
                 )
-                .and_then(|done| match done {
-                    Some(latency) => {
-                        if measuring {
-                            record(&mut histogram, latency);
-                        }
-                        conn.send(&payload, poll.registry())
+                .and_then(|done| {
+                    if done == 0 {
+                        return Ok(());
                     }
-                    None => Ok(()),
+                    let at = Instant::now();
+                    if let Some(series) = &mut series {
+                        record(&mut histogram, at - conn.sent_at);
+                        series.add(at, 1);
+                    }
+                    conn.send(&payload, poll.registry())
                 });
             if let Err(e) = result {
                 errors.note(conn, &e);
@@ -136,11 +163,31 @@ pub(super) fn run(cfg: &EchoConfig) -> Result<Outcome> {
             }
         }
     }
+    progress.finish();
     let (start, _, errors_at_start) = window.expect("the loop only ends inside the window");
     let window = start.end(cfg.server_pid)?;
     let errors_in_window = errors.count - errors_at_start;
+    close(poll, conns);
 
-    // Close the live connections with the blocking code the idle load uses, bounded.
+    Ok(Outcome {
+        histogram,
+        window,
+        errors: errors_in_window,
+        first_error: if errors_in_window > 0 {
+            errors.first
+        } else {
+            None
+        },
+        throughput: series.map_or_else(Vec::new, |s| s.into_counts(window.window)),
+        sent_in_window: None,
+        unanswered: 0,
+        send_lag: None,
+    })
+}
+
+/// Closes the live connections with the blocking code the idle load uses, bounded by
+/// [`CLOSE_GRACE`].
+pub(super) fn close(poll: Poll, conns: Vec<Conn>) {
     drop(poll);
     let mut live = OpenSet::default();
     for conn in conns.into_iter().filter(|c| !c.dead) {
@@ -155,28 +202,17 @@ pub(super) fn run(cfg: &EchoConfig) -> Result<Outcome> {
         });
     }
     live.close(CLOSE_GRACE);
-
-    Ok(Outcome {
-        histogram,
-        window,
-        errors: errors_in_window,
-        first_error: if errors_in_window > 0 {
-            errors.first
-        } else {
-            None
-        },
-    })
 }
 
 /// Connection failures.
 #[derive(Debug, Default)]
-struct Errors {
-    count: u64,
-    first: Option<String>,
+pub(super) struct Errors {
+    pub(super) count: u64,
+    pub(super) first: Option<String>,
 }
 
 impl Errors {
-    fn note(&mut self, conn: &mut Conn, err: &anyhow::Error) {
+    pub(super) fn note(&mut self, conn: &mut Conn, err: &anyhow::Error) {
         conn.dead = true;
         self.count += 1;
         self.first.get_or_insert_with(|| format!("{err:#}"));
@@ -185,9 +221,9 @@ impl Errors {
 
 /// One client connection in the loop.
 #[derive(Debug)]
-struct Conn {
+pub(super) struct Conn {
     token: Token,
-    stream: TcpStream,
+    pub(super) stream: TcpStream,
     /// The client codec; `None` for raw TCP.
     codec: Option<Codec>,
     /// Received bytes not yet parsed (WebSocket only).
@@ -198,21 +234,46 @@ struct Conn {
     wants_write: bool,
     /// Raw mode: bytes of the current echo received so far.
     got: usize,
-    /// When the message in flight was queued.
+    /// Messages queued to send so far.
+    pub(super) sent: u64,
+    /// Echoes received so far; they come back in order, so echo `k` answers message `k`.
+    pub(super) recvd: u64,
+    /// Fixed rate: messages the schedule has made due so far ([`Conn::pump`] sends them).
+    pub(super) due: u64,
+    /// Closed loop: when the message in flight was queued.
     sent_at: Instant,
     /// Failed; ignored from then on.
-    dead: bool,
+    pub(super) dead: bool,
 }
 
 impl Conn {
-    /// Queues the next message and sends what the socket takes.
-    fn send(&mut self, payload: &[u8], registry: &Registry) -> Result<()> {
+    /// Queues one message without sending it.
+    fn queue(&mut self, payload: &[u8]) {
         match &mut self.codec {
             Some(codec) => codec.encode_frame(true, OpCode::Binary, payload, &mut self.out),
             None => self.out.extend_from_slice(payload),
         }
+        self.sent += 1;
+    }
+
+    /// Queues the next message and sends what the socket takes (closed loop).
+    fn send(&mut self, payload: &[u8], registry: &Registry) -> Result<()> {
+        self.queue(payload);
         self.sent_at = Instant::now();
         self.flush(registry)
+    }
+
+    /// Sends messages until `self.due` are sent or the socket is full (fixed rate). Never
+    /// queues more than [`OUT_HIGH_BYTES`] beyond what the socket took, so a connection behind
+    /// its schedule costs bounded memory; the rest go out when the socket drains.
+    pub(super) fn pump(&mut self, payload: &[u8], registry: &Registry) -> Result<()> {
+        while self.sent < self.due && !self.wants_write {
+            while self.sent < self.due && self.out.len() < OUT_HIGH_BYTES {
+                self.queue(payload);
+            }
+            self.flush(registry)?;
+        }
+        Ok(())
     }
 
     /// Writes queued bytes until done or the socket is full; asks for writable readiness only
@@ -246,58 +307,57 @@ impl Conn {
         Ok(())
     }
 
-    /// Handles readiness. Returns the round-trip time once the echo is complete.
-    fn on_ready(
+    /// Handles readiness: sends what is queued, reads until the socket is drained. Returns how
+    /// many echoes completed; they answer messages `recvd - n .. recvd`.
+    pub(super) fn on_ready(
         &mut self,
         readable: bool,
         writable: bool,
         scratch: &mut [u8],
         payload: &[u8],
         registry: &Registry,
-    ) -> Result<Option<Duration>> {
+    ) -> Result<u64> {
         if writable {
             self.flush(registry)?;
         }
         if !readable {
-            return Ok(None);
+            return Ok(0);
         }
+        let mut done = 0;
         loop {
             let n = match self.stream.read(scratch) {
                 Ok(0) => bail!("the server closed the connection"),
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(done),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e).context("receiving"),
             };
-            if self.take(&scratch[..n], payload, registry)? {
-                return Ok(Some(self.sent_at.elapsed()));
-            }
+            done += self.take(&scratch[..n], payload, registry)?;
             if n < scratch.len() {
                 // Drained: edge-triggered readiness fires again when more arrives.
-                return Ok(None);
+                return Ok(done);
             }
         }
     }
 
-    /// Consumes received bytes; `true` once the whole echo has arrived.
-    fn take(&mut self, bytes: &[u8], payload: &[u8], registry: &Registry) -> Result<bool> {
+    /// Consumes received bytes; returns how many echoes they completed.
+    fn take(&mut self, bytes: &[u8], payload: &[u8], registry: &Registry) -> Result<u64> {
         let Some(codec) = &mut self.codec else {
-            self.got += bytes.len();
+            let (done, got) = split_raw(self.got, bytes.len(), payload.len());
             ensure!(
-                self.got <= payload.len(),
-                "{} bytes came back for {} sent",
-                self.got,
+                self.recvd + done < self.sent || (self.recvd + done == self.sent && got == 0),
+                "more bytes came back than were sent ({} messages of {} bytes sent)",
+                self.sent,
                 payload.len()
             );
-            let done = self.got == payload.len();
-            if done {
-                self.got = 0;
-            }
+            self.got = got;
+            self.recvd += done;
             return Ok(done);
         };
         self.rbuf.extend_from_slice(bytes);
         let mut owed = false;
-        let done = loop {
+        let mut done = 0;
+        loop {
             match codec.poll_event(&mut self.rbuf)? {
                 Some(Event::Binary(echo)) => {
                     ensure!(
@@ -305,7 +365,12 @@ impl Conn {
                         "the echo differs from the message sent ({} bytes back)",
                         echo.len()
                     );
-                    break true;
+                    ensure!(
+                        self.recvd < self.sent,
+                        "an echo came back for a message never sent"
+                    );
+                    self.recvd += 1;
+                    done += 1;
                 }
                 Some(Event::Close(frame)) => bail!("the server closed: {frame:?}"),
                 // A ping: queue the pong the codec owes. Pongs and text are ignored.
@@ -315,12 +380,31 @@ impl Conn {
                         owed = true;
                     }
                 }
-                None => break false,
+                None => break,
             }
-        };
+        }
         if owed {
             self.flush(registry)?;
         }
         Ok(done)
+    }
+}
+
+/// Raw echoes have no framing: `got` bytes of an echo were in hand and `len` more arrived.
+/// Returns the echoes of `size` bytes now complete and the bytes of the next one in hand.
+fn split_raw(got: usize, len: usize, size: usize) -> (u64, usize) {
+    let total = got + len;
+    ((total / size) as u64, total % size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_bytes_complete_echoes_across_reads() {
+        assert_eq!(split_raw(0, 5, 20), (0, 5));
+        assert_eq!(split_raw(5, 15, 20), (1, 0));
+        assert_eq!(split_raw(15, 50, 20), (3, 5));
     }
 }

@@ -26,7 +26,9 @@ use ringcast_protocol::{
 use super::{record, EchoConfig, Outcome, WindowStart, CLOSE_GRACE};
 use crate::{
     net::{self, Target},
+    progress::Progress,
     stats::latency_histogram,
+    timeline::{self, Timeline},
 };
 
 /// The largest upgrade response head accepted, in bytes.
@@ -82,6 +84,8 @@ struct Shared {
     errors: Cell<u64>,
     first_error: RefCell<Option<String>>,
     histogram: RefCell<Histogram<u64>>,
+    /// Round trips per interval of the window; set as the window opens.
+    series: RefCell<Option<Timeline>>,
     max_message_bytes: usize,
 }
 
@@ -97,9 +101,14 @@ impl Shared {
             .get_or_insert_with(|| format!("{err:#}"));
     }
 
-    fn record(&self, latency: Duration) {
+    /// Records a round trip whose message was sent at `start`.
+    fn record(&self, start: Instant) {
         if self.phase.get() == Phase::Measure {
-            record(&mut self.histogram.borrow_mut(), latency);
+            let now = Instant::now();
+            record(&mut self.histogram.borrow_mut(), now - start);
+            if let Some(series) = &mut *self.series.borrow_mut() {
+                series.add(now, 1);
+            }
         }
     }
 }
@@ -112,6 +121,7 @@ async fn drive(cfg: EchoConfig) -> Result<Outcome> {
         errors: Cell::new(0),
         first_error: RefCell::new(None),
         histogram: RefCell::new(latency_histogram()),
+        series: RefCell::new(None),
         max_message_bytes: cfg.max_message_bytes(),
     });
     let payload: Rc<[u8]> = cfg.payload().into();
@@ -158,14 +168,22 @@ async fn drive(cfg: EchoConfig) -> Result<Outcome> {
         monoio::time::sleep(Duration::from_millis(5)).await;
     }
 
-    monoio::time::sleep(cfg.warmup).await;
+    let mut progress = Progress::for_duration(cfg.progress, "echo", cfg.warmup + cfg.duration);
+    let born = Instant::now();
+    sleep_with_progress(&mut progress, born, born + cfg.warmup, &shared).await;
     let start = WindowStart::now(cfg.server_pid)?;
     let errors_start = shared.errors.get();
+    shared.series.replace(Some(Timeline::new(
+        start.at,
+        timeline::INTERVAL,
+        cfg.duration,
+    )));
     shared.phase.set(Phase::Measure);
-    monoio::time::sleep(cfg.duration).await;
+    sleep_with_progress(&mut progress, born, start.at + cfg.duration, &shared).await;
     shared.phase.set(Phase::Stop);
     let window = start.end(cfg.server_pid)?;
     let errors = shared.errors.get() - errors_start;
+    progress.finish();
 
     let close_deadline = Instant::now() + CLOSE_GRACE;
     for handle in handles {
@@ -176,12 +194,44 @@ async fn drive(cfg: EchoConfig) -> Result<Outcome> {
 
     let histogram = shared.histogram.replace(latency_histogram());
     let first_error = shared.first_error.borrow().clone();
+    let throughput = shared
+        .series
+        .take()
+        .map_or_else(Vec::new, |s| s.into_counts(window.window));
     Ok(Outcome {
         histogram,
         window,
         errors,
         first_error: if errors > 0 { first_error } else { None },
+        throughput,
+        sent_in_window: None,
+        unanswered: 0,
+        send_lag: None,
     })
+}
+
+/// Sleeps until `until`, waking every [`crate::progress::REDRAW`] to move the bar.
+async fn sleep_with_progress(
+    progress: &mut Progress,
+    born: Instant,
+    until: Instant,
+    shared: &Shared,
+) {
+    loop {
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        progress.update_time(now, now - born, || {
+            format!("{} round trips measured", shared.histogram.borrow().len())
+        });
+        let step = until - now;
+        if progress.due(now + crate::progress::REDRAW) {
+            monoio::time::sleep(step.min(crate::progress::REDRAW)).await;
+        } else {
+            monoio::time::sleep(step).await;
+        }
+    }
 }
 
 /// One connection's loop and what it shares.
@@ -258,7 +308,7 @@ impl ConnTask {
                 }
                 flush_owed(&mut stream, &mut codec).await?;
             }
-            self.shared.record(start.elapsed());
+            self.shared.record(start);
         }
 
         // RFC 6455 §7: send a close, then read until the server's close and its TCP close.
@@ -296,7 +346,7 @@ impl ConnTask {
                 }
             }
             ensure!(got == size, "{got} bytes came back for {size} sent");
-            self.shared.record(start.elapsed());
+            self.shared.record(start);
         }
         Ok(())
     }
