@@ -1,9 +1,10 @@
 //! # ringcast-protocol
 //!
 //! RFC 6455 WebSocket without IO: the upgrade handshake, frames, and the per-connection state
-//! machine, for both roles. Bytes go in, events come out; events go in, bytes come out. There is
-//! no runtime, socket, thread or clock here, so the same code runs inside the ringcast engine,
-//! its load generator, tests with simulated time, and fuzzers.
+//! machine, for both roles, and the pub/sub broker's envelope carried inside the messages. Bytes
+//! go in, events come out; events go in, bytes come out. There is no runtime, socket, thread or
+//! clock here, so the same code runs inside the ringcast engine, its load generator, tests with
+//! simulated time, and fuzzers.
 //!
 //! ## Driving a server connection, in order
 //!
@@ -45,6 +46,15 @@
 //! # Ok::<(), ringcast_protocol::Error>(())
 //! ```
 //!
+//! ## The broker envelope
+//!
+//! [`envelope`] is what a ringcast broker and its clients say inside those messages: subscribe,
+//! unsubscribe, publish and ping requests; messages with a per-topic `seq`, acks, errors and
+//! notices back. Two encodings, picked by subprotocol ([`Encoding::from_subprotocol`]): JSON in
+//! text frames and a compact binary layout in binary frames. [`decode_request`] reads a
+//! request; [`envelope::message_frame`] and its siblings write a whole server frame, ready to
+//! share like [`server_frame`]'s. `PROTOCOL.md` in this crate is the wire reference.
+//!
 //! ## Features
 //!
 //! None. Masking uses a portable eight-bytes-at-a-time loop that the compiler vectorizes.
@@ -54,6 +64,7 @@
 
 pub mod close;
 pub mod codec;
+pub mod envelope;
 pub mod error;
 pub mod frame;
 pub mod handshake;
@@ -63,6 +74,11 @@ pub mod utf8;
 
 pub use close::{CloseCode, CloseFrame, ReconnectHint};
 pub use codec::{CloseState, Codec, Event, Role};
+pub use envelope::{
+    decode_request, decode_server, encode_request, encode_server, validate_topic, DecodeError,
+    Encoding, ErrorCode, Payload, PayloadKind, Request, ServerMessage, SubscribeTopic,
+    BINARY_SUBPROTOCOL, JSON_SUBPROTOCOL, MAX_TOPIC_BYTES,
+};
 pub use error::{Error, HandshakeError, ProtocolError, Result};
 pub use frame::{encode_frame, server_frame, FrameHeader, OpCode, MAX_HEADER_BYTES};
 pub use handshake::{

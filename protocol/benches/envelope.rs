@@ -1,0 +1,115 @@
+//! Broker envelope micro-benchmarks: encoding a topic message into a shareable frame, and
+//! decoding a publish request, each beside a ceiling from the same run (framing the bare payload;
+//! a validating `serde_json` pass over the same bytes).
+//!
+//! `cargo bench -p ringcast-protocol --bench envelope` (add `-- --quick` for a fast pass).
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ringcast_protocol::envelope::{
+    decode_request, encode_request, message_frame, Encoding, Payload, Request,
+};
+use ringcast_protocol::server_frame;
+use serde_json::value::RawValue;
+
+/// What `#[derive(Deserialize)]` would read for a publish, for comparison.
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct DerivedPublish<'a> {
+    #[serde(rename = "type")]
+    ty: &'a str,
+    id: Option<u64>,
+    topic: &'a str,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+const SIZES: [usize; 2] = [20, 1024];
+
+/// A JSON string value of exactly `len` bytes, quotes included.
+fn json_payload(len: usize) -> String {
+    format!("\"{}\"", "a".repeat(len - 2))
+}
+
+fn encode(c: &mut Criterion) {
+    let mut group = c.benchmark_group("envelope_encode");
+    for len in SIZES {
+        let json = json_payload(len);
+        let bytes = vec![0xA5u8; len];
+        group.throughput(Throughput::Bytes(len as u64));
+        group.bench_with_input(
+            BenchmarkId::new("server_frame bare (ceiling)", len),
+            &len,
+            |b, _| b.iter(|| server_frame(Encoding::Json.opcode(), black_box(json.as_bytes()))),
+        );
+        for (name, enc, payload) in [
+            ("message_frame json", Encoding::Json, Payload::json(&json)),
+            (
+                "message_frame json, base64",
+                Encoding::Json,
+                Payload::binary(&bytes),
+            ),
+            (
+                "message_frame binary",
+                Encoding::Binary,
+                Payload::binary(&bytes),
+            ),
+        ] {
+            group.bench_with_input(BenchmarkId::new(name, len), &len, |b, _| {
+                b.iter(|| {
+                    message_frame(enc, black_box("prices.BTC"), black_box(42), payload.clone())
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn decode(c: &mut Criterion) {
+    let mut group = c.benchmark_group("envelope_decode");
+    for len in SIZES {
+        let json = json_payload(len);
+        let publish = |payload| Request::Publish {
+            id: Some(7),
+            topic: "prices.BTC".into(),
+            payload,
+        };
+        let json_wire = encode_request(Encoding::Json, &publish(Payload::json(&json)));
+        let bin_wire = encode_request(Encoding::Binary, &publish(Payload::json(&json)));
+        let bin_opaque =
+            encode_request(Encoding::Binary, &publish(Payload::binary(json.as_bytes())));
+        group.throughput(Throughput::Bytes(len as u64));
+        group.bench_with_input(
+            BenchmarkId::new("serde_json validate (ceiling)", len),
+            &len,
+            |b, _| b.iter(|| serde_json::from_slice::<&RawValue>(black_box(&json_wire)).is_ok()),
+        );
+        group.bench_with_input(
+            BenchmarkId::new("serde derive struct (reference)", len),
+            &len,
+            |b, _| {
+                b.iter(|| {
+                    serde_json::from_slice::<DerivedPublish<'_>>(black_box(&json_wire)).is_ok()
+                })
+            },
+        );
+        for (name, enc, wire) in [
+            ("publish json", Encoding::Json, &json_wire),
+            ("publish binary, json payload", Encoding::Binary, &bin_wire),
+            (
+                "publish binary, opaque payload",
+                Encoding::Binary,
+                &bin_opaque,
+            ),
+        ] {
+            group.bench_with_input(BenchmarkId::new(name, len), &len, |b, _| {
+                b.iter(|| decode_request(enc, black_box(wire)).is_ok())
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, encode, decode);
+criterion_main!(benches);

@@ -1,0 +1,750 @@
+//! The pub/sub broker's envelope: what clients send to the broker inside WebSocket messages
+//! (subscribe, unsubscribe, publish, ping) and what the broker sends back (messages, acks,
+//! errors and notices). `PROTOCOL.md` in this crate is the wire reference, byte for byte.
+//!
+//! Owns the two encodings, chosen per connection by WebSocket subprotocol: JSON in text frames
+//! ([`JSON_SUBPROTOCOL`]) and a compact binary layout in binary frames ([`BINARY_SUBPROTOCOL`]);
+//! the topic rules ([`validate_topic`]); and the wire names of errors ([`ErrorCode`]). It does not
+//! own topics, sequence numbers, history or delivery: the engine does, and this module only reads
+//! and writes messages. No IO, no clock.
+//!
+//! Decoding borrows from the input wherever it can: a topic without escapes and a JSON payload are
+//! slices of the message. Server messages are encoded straight into a complete frame
+//! ([`message_frame`] and the other `*_frame` functions) in one buffer sized exactly in advance,
+//! so a message encoded once can be queued to any number of connections.
+//!
+//! ```
+//! use ringcast_protocol::envelope::{self, Encoding, Payload, Request};
+//!
+//! let enc = Encoding::from_subprotocol("ringcast.v1.json").expect("ours");
+//! let req = envelope::decode_request(enc, br#"{"type":"publish","id":3,"topic":"prices.BTC","data":{"p":1}}"#)?;
+//! let Request::Publish { id, topic, payload } = req else { panic!() };
+//! assert_eq!((id, &*topic, &*payload.bytes), (Some(3), "prices.BTC", &br#"{"p":1}"#[..]));
+//!
+//! // The broker sequences it and fans out one shared frame.
+//! let frame = envelope::message_frame(enc, &topic, 42, payload);
+//! assert_eq!(&frame[2..], br#"{"type":"message","topic":"prices.BTC","seq":42,"data":{"p":1}}"#);
+//! # Ok::<(), envelope::DecodeError>(())
+//! ```
+
+use std::{borrow::Cow, fmt};
+
+use base64::{engine::general_purpose::STANDARD as BASE64, Engine as _};
+use bytes::{Buf, Bytes};
+
+use crate::frame::{FrameHeader, OpCode, MAX_HEADER_BYTES};
+
+mod binary;
+mod json;
+
+/// The subprotocol for the JSON encoding: one JSON object per text frame.
+pub const JSON_SUBPROTOCOL: &str = "ringcast.v1.json";
+
+/// The subprotocol for the binary encoding: one message per binary frame (`PROTOCOL.md`).
+pub const BINARY_SUBPROTOCOL: &str = "ringcast.v1.bin";
+
+/// The longest topic name, in bytes of UTF-8. The binary encoding stores a topic's length in
+/// one byte.
+pub const MAX_TOPIC_BYTES: usize = 255;
+
+/// The longest header of an unmasked (server) frame: 2 fixed bytes and 8 length bytes.
+const SERVER_HEADER_MAX: usize = MAX_HEADER_BYTES - 4;
+
+/// Which envelope encoding a connection speaks, fixed by the subprotocol agreed in the upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encoding {
+    /// [`JSON_SUBPROTOCOL`]: JSON objects in text frames.
+    Json,
+    /// [`BINARY_SUBPROTOCOL`]: the binary layout in binary frames.
+    Binary,
+}
+
+impl Encoding {
+    /// The encoding a subprotocol name selects (exact, case-sensitive match), or `None` for a
+    /// name that is not ours.
+    pub fn from_subprotocol(name: &str) -> Option<Self> {
+        match name {
+            JSON_SUBPROTOCOL => Some(Self::Json),
+            BINARY_SUBPROTOCOL => Some(Self::Binary),
+            _ => None,
+        }
+    }
+
+    /// The subprotocol name to select in the 101 response.
+    pub const fn subprotocol(self) -> &'static str {
+        match self {
+            Self::Json => JSON_SUBPROTOCOL,
+            Self::Binary => BINARY_SUBPROTOCOL,
+        }
+    }
+
+    /// The frame opcode this encoding travels in: text for JSON, binary for binary.
+    pub const fn opcode(self) -> OpCode {
+        match self {
+            Self::Json => OpCode::Text,
+            Self::Binary => OpCode::Binary,
+        }
+    }
+}
+
+/// What a published payload is. The broker never looks inside a payload beyond checking that a
+/// JSON one is valid JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PayloadKind {
+    /// The text of exactly one JSON value. In the JSON encoding it is inlined as `"data"`.
+    Json,
+    /// Opaque bytes. In the JSON encoding they travel base64-encoded as `"data_b64"`.
+    Binary,
+}
+
+/// A published payload: its kind and its bytes.
+///
+/// The bytes are borrowed from the decoded message where possible: always for the binary
+/// encoding and for a JSON `"data"` value; a JSON `"data_b64"` payload is decoded into an owned
+/// buffer. A [`PayloadKind::Json`] payload must hold one valid JSON value with no whitespace
+/// around it: the decoders guarantee this, and encoders trust it (they inline the text as is).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Payload<'a> {
+    /// How the bytes are to be read.
+    pub kind: PayloadKind,
+    /// The payload itself.
+    pub bytes: Cow<'a, [u8]>,
+}
+
+impl<'a> Payload<'a> {
+    /// A payload of `kind` borrowing `bytes`.
+    pub const fn new(kind: PayloadKind, bytes: &'a [u8]) -> Self {
+        Self {
+            kind,
+            bytes: Cow::Borrowed(bytes),
+        }
+    }
+
+    /// A JSON payload: `text` must be one valid JSON value (not checked here).
+    pub const fn json(text: &'a str) -> Self {
+        Self::new(PayloadKind::Json, text.as_bytes())
+    }
+
+    /// An opaque binary payload.
+    pub const fn binary(bytes: &'a [u8]) -> Self {
+        Self::new(PayloadKind::Binary, bytes)
+    }
+
+    /// The same payload owning its bytes (copied if they were borrowed).
+    pub fn into_owned(self) -> Payload<'static> {
+        Payload {
+            kind: self.kind,
+            bytes: Cow::Owned(self.bytes.into_owned()),
+        }
+    }
+}
+
+/// One topic of a subscribe request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SubscribeTopic<'a> {
+    /// The topic name (valid per [`validate_topic`] when it comes from [`decode_request`]).
+    pub topic: Cow<'a, str>,
+    /// Resume after this sequence number: replay `since + 1..` from history, then go live.
+    /// `None` starts with the next message published.
+    pub since: Option<u64>,
+}
+
+/// A request from a client, as the server decodes it.
+///
+/// Every request may carry an `id`, which the server echoes in the ack, error or pong it answers
+/// with. Topics are borrowed from the input unless the JSON spelled them with escapes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// Subscribe to one or more topics (never zero when decoded).
+    Subscribe {
+        /// Echoed in the answer.
+        id: Option<u64>,
+        /// The topics, in request order, each with its resume point.
+        topics: Vec<SubscribeTopic<'a>>,
+    },
+    /// Unsubscribe from one or more topics (never zero when decoded).
+    Unsubscribe {
+        /// Echoed in the answer.
+        id: Option<u64>,
+        /// The topics, in request order.
+        topics: Vec<Cow<'a, str>>,
+    },
+    /// Publish one payload to one topic.
+    Publish {
+        /// Echoed in the answer.
+        id: Option<u64>,
+        /// The topic.
+        topic: Cow<'a, str>,
+        /// The payload (a JSON one is valid JSON when decoded).
+        payload: Payload<'a>,
+    },
+    /// Ask for a pong (an application-level liveness check with an id, unlike a WebSocket ping).
+    Ping {
+        /// Echoed in the pong.
+        id: Option<u64>,
+    },
+}
+
+impl Request<'_> {
+    /// The request's id, if it has one.
+    pub const fn id(&self) -> Option<u64> {
+        match self {
+            Self::Subscribe { id, .. }
+            | Self::Unsubscribe { id, .. }
+            | Self::Publish { id, .. }
+            | Self::Ping { id } => *id,
+        }
+    }
+}
+
+/// A message from the server, as a client decodes it ([`decode_server`]).
+///
+/// The `*_frame` functions encode each kind; [`encode_server`] encodes any of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerMessage<'a> {
+    /// A message published to a topic the client subscribes to.
+    Message {
+        /// The topic.
+        topic: Cow<'a, str>,
+        /// Its sequence number in the topic: strictly increasing by one per published message.
+        seq: u64,
+        /// The payload as published.
+        payload: Payload<'a>,
+    },
+    /// A subscribe, unsubscribe or publish succeeded.
+    Ack {
+        /// The request's id.
+        id: Option<u64>,
+    },
+    /// A request failed, or the connection is about to be closed for misbehaving.
+    Error {
+        /// The failed request's id, when it had one and it could be read.
+        id: Option<u64>,
+        /// The [`ErrorCode`] wire name. A string, so that a client can receive codes newer than
+        /// itself; [`ErrorCode::from_wire`] reads the known ones.
+        code: Cow<'a, str>,
+        /// A short sentence for humans.
+        message: Cow<'a, str>,
+    },
+    /// A subscription's `since` was older than the history: messages were lost before `oldest`,
+    /// and replay starts from `oldest`.
+    Reset {
+        /// The topic.
+        topic: Cow<'a, str>,
+        /// The oldest sequence number still held; the next message has this seq.
+        oldest: u64,
+    },
+    /// The client fell behind and `count` messages of the topic were not delivered to it.
+    Dropped {
+        /// The topic.
+        topic: Cow<'a, str>,
+        /// How many messages were skipped.
+        count: u64,
+        /// The seq of the next message the client will receive on this topic.
+        next: u64,
+    },
+    /// The server is shutting down; a close frame follows.
+    Shutdown {
+        /// Why, for humans.
+        reason: Cow<'a, str>,
+    },
+    /// The answer to a [`Request::Ping`].
+    Pong {
+        /// The ping's id.
+        id: Option<u64>,
+    },
+}
+
+/// Why a request failed: the wire names of errors, stable across versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// `bad_request`: malformed message, missing field, wrong type, trailing or truncated bytes.
+    BadRequest,
+    /// `unknown_type`: the JSON `"type"` or the binary op is not one this server knows.
+    UnknownType,
+    /// `bad_topic`: a topic breaks the rules of [`validate_topic`].
+    BadTopic,
+    /// `bad_payload`: a payload marked JSON is not valid JSON, or `data_b64` is not base64.
+    BadPayload,
+    /// `too_many_subscriptions`: the connection's subscription limit would be exceeded.
+    TooManySubscriptions,
+    /// `rate_limited`: the connection spent its publish budget; retry later.
+    RateLimited,
+    /// `forbidden`: the application does not allow this connection to do this.
+    Forbidden,
+    /// `unavailable`: the server cannot take the request now (saturated or stopping).
+    Unavailable,
+    /// `too_large`: the payload is larger than the server accepts.
+    TooLarge,
+    /// `not_subscribed`: an unsubscribe named a topic the connection is not subscribed to.
+    NotSubscribed,
+    /// `internal`: a bug or an unexpected condition in the server.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Every code, in declaration order.
+    pub const ALL: [Self; 11] = [
+        Self::BadRequest,
+        Self::UnknownType,
+        Self::BadTopic,
+        Self::BadPayload,
+        Self::TooManySubscriptions,
+        Self::RateLimited,
+        Self::Forbidden,
+        Self::Unavailable,
+        Self::TooLarge,
+        Self::NotSubscribed,
+        Self::Internal,
+    ];
+
+    /// The snake_case wire name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::UnknownType => "unknown_type",
+            Self::BadTopic => "bad_topic",
+            Self::BadPayload => "bad_payload",
+            Self::TooManySubscriptions => "too_many_subscriptions",
+            Self::RateLimited => "rate_limited",
+            Self::Forbidden => "forbidden",
+            Self::Unavailable => "unavailable",
+            Self::TooLarge => "too_large",
+            Self::NotSubscribed => "not_subscribed",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// The code with this wire name, or `None` for a name this version does not know.
+    pub fn from_wire(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|code| code.as_str() == name)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A message that could not be decoded. The server answers it with [`DecodeError::to_frame`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct DecodeError {
+    /// The request's id, whenever it could be read (even from a message that fails later).
+    pub id: Option<u64>,
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// A short sentence naming the problem, such as `missing field "topic"`.
+    pub message: String,
+}
+
+impl DecodeError {
+    /// The error frame that answers the bad request.
+    pub fn to_frame(&self, enc: Encoding) -> Bytes {
+        error_frame(enc, self.id, self.code, &self.message)
+    }
+}
+
+/// A decoding failure before the id is attached.
+#[derive(Debug)]
+struct Fail {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Fail {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+
+    fn with_id(self, id: Option<u64>) -> DecodeError {
+        DecodeError {
+            id,
+            code: self.code,
+            message: self.message,
+        }
+    }
+}
+
+/// Checks a topic name: 1 to [`MAX_TOPIC_BYTES`] bytes of UTF-8, with no ASCII control
+/// character (U+0000 to U+001F, U+007F) and no whitespace (`char::is_whitespace`, which covers
+/// Unicode spaces and line breaks too). Anything else is allowed: dots, slashes, `*`, non-ASCII.
+///
+/// # Errors
+/// A short sentence naming the first rule broken, such as `"topic contains whitespace"`. A
+/// request that breaks it is answered with [`ErrorCode::BadTopic`].
+pub fn validate_topic(topic: &str) -> Result<(), &'static str> {
+    if topic.is_empty() {
+        return Err("topic is empty");
+    }
+    if topic.len() > MAX_TOPIC_BYTES {
+        return Err("topic is longer than 255 bytes");
+    }
+    // Most topics are printable ASCII: one pass over the bytes settles them.
+    if topic.bytes().all(|b| b.is_ascii_graphic()) {
+        return Ok(());
+    }
+    for c in topic.chars() {
+        if c.is_ascii_control() {
+            return Err("topic contains an ASCII control character");
+        }
+        if c.is_whitespace() {
+            return Err("topic contains whitespace");
+        }
+    }
+    Ok(())
+}
+
+/// Decodes a client request from one message's payload (the text or binary frame's data).
+///
+/// A JSON request's unknown fields are ignored, and `null` counts as absent for `id` and `since`.
+/// A JSON payload is the exact text of the `"data"` value, borrowed from `input`; a binary one
+/// flagged JSON is checked to be valid JSON and trimmed of surrounding whitespace.
+///
+/// # Errors
+/// [`DecodeError`] with the request's id whenever it could be read (in JSON, an `id` seen before
+/// a syntax error counts), and:
+/// - [`ErrorCode::BadRequest`]: not JSON, not an object, a missing field or one of the wrong
+///   type, `topic` and `topics` both present, no topic, a truncated binary field, trailing bytes.
+/// - [`ErrorCode::UnknownType`]: an unknown `"type"` or binary op.
+/// - [`ErrorCode::BadTopic`]: a topic that fails [`validate_topic`] (or is not UTF-8).
+/// - [`ErrorCode::BadPayload`]: a binary payload flagged JSON that is not JSON, or `data_b64`
+///   that is not base64.
+pub fn decode_request(encoding: Encoding, input: &[u8]) -> Result<Request<'_>, DecodeError> {
+    match encoding {
+        Encoding::Json => json::decode_request(input),
+        Encoding::Binary => binary::decode_request(input),
+    }
+}
+
+/// Encodes a client request as a message payload (frame it as a client with
+/// [`Codec::encode_frame`](crate::Codec::encode_frame) and [`Encoding::opcode`]).
+///
+/// Nothing is checked, so invalid requests can be sent on purpose. A subscribe with one topic is
+/// written with `"topic"` in JSON, one with several with `"topics"`. In the binary encoding a
+/// topic longer than [`MAX_TOPIC_BYTES`] cannot be represented and is written as an empty topic,
+/// which the server rejects, rather than cut to a different topic.
+pub fn encode_request(encoding: Encoding, req: &Request<'_>) -> Vec<u8> {
+    let mut count = Counter(0);
+    req.write(encoding, &mut count);
+    let mut out = Vec::with_capacity(count.0);
+    req.write(encoding, &mut out);
+    out
+}
+
+/// Decodes a server message from one message's payload (the frame's data), for clients, tests
+/// and the load generator.
+///
+/// Unknown fields are ignored. Topics are only required to be UTF-8: the client trusts the server
+/// on topic rules.
+///
+/// # Errors
+/// [`DecodeError`] as for [`decode_request`]: [`ErrorCode::BadRequest`] for a malformed message,
+/// [`ErrorCode::UnknownType`] for an unknown type or op, [`ErrorCode::BadPayload`] for a payload
+/// flagged JSON that is not JSON or bad base64.
+pub fn decode_server(encoding: Encoding, input: &[u8]) -> Result<ServerMessage<'_>, DecodeError> {
+    match encoding {
+        Encoding::Json => json::decode_server(input),
+        Encoding::Binary => binary::decode_server(input),
+    }
+}
+
+/// Encodes any server message as a complete frame: unmasked, FIN set, text for JSON and binary
+/// for binary, in one buffer sized exactly. Clones of the result share it.
+///
+/// In the binary encoding a topic (or error code) longer than 255 bytes cannot be represented and
+/// is written as empty; the engine only ever passes topics that passed [`validate_topic`].
+pub fn encode_server(encoding: Encoding, msg: &ServerMessage<'_>) -> Bytes {
+    let mut count = Counter(0);
+    msg.write(encoding, &mut count);
+    // The header goes right-aligned in the space reserved for the longest one, once the body's
+    // length is known: one buffer, no copy of the body.
+    let mut buf = Vec::with_capacity(SERVER_HEADER_MAX + count.0);
+    buf.resize(SERVER_HEADER_MAX, 0);
+    msg.write(encoding, &mut buf);
+    let body_len = buf.len() - SERVER_HEADER_MAX;
+    let (header, header_len) = FrameHeader::new(encoding.opcode(), body_len as u64).to_array();
+    let start = SERVER_HEADER_MAX - header_len;
+    buf[start..SERVER_HEADER_MAX].copy_from_slice(&header[..header_len]);
+    let mut frame = Bytes::from(buf);
+    frame.advance(start);
+    frame
+}
+
+/// A topic message frame: `{"type":"message","topic":…,"seq":…,"data":…}` (or `"data_b64"` for
+/// a binary payload), or binary op `0x81`. Encode once per published message and share it.
+///
+/// `payload` of [`PayloadKind::Json`] must be valid JSON: it is inlined unchecked.
+pub fn message_frame(enc: Encoding, topic: &str, seq: u64, payload: Payload<'_>) -> Bytes {
+    encode_server(
+        enc,
+        &ServerMessage::Message {
+            topic: Cow::Borrowed(topic),
+            seq,
+            payload,
+        },
+    )
+}
+
+/// The frame that acknowledges a request: `{"type":"ack","id":…}` (no `id` when `None`).
+pub fn ack_frame(enc: Encoding, id: Option<u64>) -> Bytes {
+    encode_server(enc, &ServerMessage::Ack { id })
+}
+
+/// The frame that reports a failed request:
+/// `{"type":"error","id":…,"code":"…","message":"…"}` (no `id` when `None`).
+pub fn error_frame(enc: Encoding, id: Option<u64>, code: ErrorCode, message: &str) -> Bytes {
+    encode_server(
+        enc,
+        &ServerMessage::Error {
+            id,
+            code: Cow::Borrowed(code.as_str()),
+            message: Cow::Borrowed(message),
+        },
+    )
+}
+
+/// The notice that a subscription's `since` is older than the history:
+/// `{"type":"reset","topic":…,"oldest":…}`, where `oldest` is the oldest seq still held.
+pub fn reset_frame(enc: Encoding, topic: &str, oldest: u64) -> Bytes {
+    encode_server(
+        enc,
+        &ServerMessage::Reset {
+            topic: Cow::Borrowed(topic),
+            oldest,
+        },
+    )
+}
+
+/// The notice that `count` messages of a topic were dropped for this client:
+/// `{"type":"dropped","topic":…,"count":…,"next":…}`, where `next` is the seq of the next
+/// message it will receive. Send it just before that message.
+pub fn dropped_frame(enc: Encoding, topic: &str, count: u64, next: u64) -> Bytes {
+    encode_server(
+        enc,
+        &ServerMessage::Dropped {
+            topic: Cow::Borrowed(topic),
+            count,
+            next,
+        },
+    )
+}
+
+/// The notice that the server is shutting down: `{"type":"shutdown","reason":…}`.
+pub fn shutdown_frame(enc: Encoding, reason: &str) -> Bytes {
+    encode_server(
+        enc,
+        &ServerMessage::Shutdown {
+            reason: Cow::Borrowed(reason),
+        },
+    )
+}
+
+/// The answer to a ping request: `{"type":"pong","id":…}` (no `id` when `None`).
+pub fn pong_frame(enc: Encoding, id: Option<u64>) -> Bytes {
+    encode_server(enc, &ServerMessage::Pong { id })
+}
+
+/// Where encoders write: a buffer, or a counter that sizes the buffer first.
+trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+    fn put_base64(&mut self, data: &[u8]);
+
+    fn put_u8(&mut self, byte: u8) {
+        self.put(&[byte]);
+    }
+
+    fn put_u64_be(&mut self, n: u64) {
+        self.put(&n.to_be_bytes());
+    }
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+
+    fn put_base64(&mut self, data: &[u8]) {
+        let start = self.len();
+        self.resize(start + base64_len(data.len()), 0);
+        // Cannot fail: the room was sized by base64's own formula.
+        let written = BASE64.encode_slice(data, &mut self[start..]).unwrap_or(0);
+        self.truncate(start + written);
+    }
+}
+
+/// Counts what would be written.
+#[derive(Debug)]
+struct Counter(usize);
+
+impl Sink for Counter {
+    fn put(&mut self, bytes: &[u8]) {
+        self.0 += bytes.len();
+    }
+
+    fn put_base64(&mut self, data: &[u8]) {
+        self.0 += base64_len(data.len());
+    }
+}
+
+fn base64_len(n: usize) -> usize {
+    // `None` only when the length overflows usize, which a slice's length cannot make it do.
+    base64::encoded_len(n, true).unwrap_or(usize::MAX)
+}
+
+/// A message that can be written in either encoding.
+trait Body {
+    fn write<S: Sink>(&self, encoding: Encoding, out: &mut S);
+}
+
+impl Body for Request<'_> {
+    fn write<S: Sink>(&self, encoding: Encoding, out: &mut S) {
+        match encoding {
+            Encoding::Json => json::write_request(self, out),
+            Encoding::Binary => binary::write_request(self, out),
+        }
+    }
+}
+
+impl Body for ServerMessage<'_> {
+    fn write<S: Sink>(&self, encoding: Encoding, out: &mut S) {
+        match encoding {
+            Encoding::Json => json::write_server(self, out),
+            Encoding::Binary => binary::write_server(self, out),
+        }
+    }
+}
+
+/// Decodes standard base64 (RFC 4648 §4, with padding).
+fn decode_base64(text: &str) -> Result<Vec<u8>, Fail> {
+    BASE64
+        .decode(text)
+        .map_err(|_| Fail::new(ErrorCode::BadPayload, "\"data_b64\" is not valid base64"))
+}
+
+/// A string for an error message: debug-quoted and cut to a few dozen characters.
+fn shown(s: &str) -> String {
+    const MAX: usize = 40;
+    match s.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{:?}...", &s[..cut]),
+        None => format!("{s:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written_len(enc: Encoding, msg: &ServerMessage<'_>) -> (usize, usize) {
+        let mut count = Counter(0);
+        msg.write(enc, &mut count);
+        let mut out = Vec::new();
+        msg.write(enc, &mut out);
+        (count.0, out.len())
+    }
+
+    #[test]
+    fn counted_length_is_the_written_length() {
+        let topics = [
+            "t",
+            "a\"b\\c",
+            "\u{1}\u{1f}\n\t",
+            "κόσμε/𝄞",
+            &"x".repeat(300),
+        ];
+        for enc in [Encoding::Json, Encoding::Binary] {
+            for topic in topics {
+                for n in 0..6 {
+                    let bytes = vec![0xA5; n];
+                    let msgs = [
+                        ServerMessage::Message {
+                            topic: topic.into(),
+                            seq: u64::MAX,
+                            payload: Payload::binary(&bytes),
+                        },
+                        ServerMessage::Message {
+                            topic: topic.into(),
+                            seq: 0,
+                            payload: Payload::json("[1,2]"),
+                        },
+                        ServerMessage::Error {
+                            id: Some(10),
+                            code: "bad_topic".into(),
+                            message: topic.into(),
+                        },
+                        ServerMessage::Dropped {
+                            topic: topic.into(),
+                            count: 9,
+                            next: 10_000,
+                        },
+                        ServerMessage::Shutdown {
+                            reason: topic.into(),
+                        },
+                    ];
+                    for msg in &msgs {
+                        let (counted, written) = written_len(enc, msg);
+                        assert_eq!(counted, written, "{enc:?} {msg:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn frames_have_the_shortest_header_at_each_length_edge() {
+        for len in [0usize, 100, 125, 126, 0xFFFF, 0x1_0000] {
+            let bytes = vec![7u8; len];
+            let frame = message_frame(Encoding::Binary, "t", 1, Payload::binary(&bytes));
+            let (header, used) = FrameHeader::parse(&frame).unwrap().unwrap();
+            assert_eq!(used, header.encoded_len());
+            assert_eq!(header.payload_len as usize, frame.len() - used);
+            assert!(header.fin && header.mask.is_none() && header.rsv == 0);
+        }
+    }
+
+    #[test]
+    fn topic_rules() {
+        assert_eq!(validate_topic("prices.BTC"), Ok(()));
+        assert_eq!(validate_topic("κόσμε/*/#"), Ok(()));
+        assert_eq!(validate_topic(&"a".repeat(255)), Ok(()));
+        assert_eq!(validate_topic(""), Err("topic is empty"));
+        assert_eq!(
+            validate_topic(&"a".repeat(256)),
+            Err("topic is longer than 255 bytes")
+        );
+        for bad in ["a\tb", "a\u{0}", "\u{7f}", "x\n"] {
+            assert_eq!(
+                validate_topic(bad),
+                Err("topic contains an ASCII control character")
+            );
+        }
+        for bad in ["a b", "a\u{a0}b", "a\u{2028}", "\u{3000}"] {
+            assert_eq!(validate_topic(bad), Err("topic contains whitespace"));
+        }
+    }
+
+    #[test]
+    fn error_codes_round_trip_their_wire_names() {
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::from_wire(code.as_str()), Some(code));
+            assert_eq!(code.to_string(), code.as_str());
+        }
+        assert_eq!(ErrorCode::from_wire("nope"), None);
+    }
+
+    #[test]
+    fn shown_cuts_long_strings_on_a_char_boundary() {
+        assert_eq!(shown("ab"), "\"ab\"");
+        let long = "é".repeat(100);
+        assert_eq!(shown(&long), format!("{:?}...", "é".repeat(40)));
+    }
+}

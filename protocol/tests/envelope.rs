@@ -1,0 +1,1386 @@
+//! The broker envelope (`envelope.rs`, `PROTOCOL.md`): every JSON shape, the exact server
+//! output in both encodings, malformed input of every kind, round trips under proptest, and the
+//! frames the encoders return.
+
+mod util;
+
+use std::borrow::Cow;
+
+use bytes::{Bytes, BytesMut};
+use proptest::prelude::*;
+use ringcast_protocol::envelope::{
+    self, ack_frame, decode_request, decode_server, dropped_frame, encode_request, encode_server,
+    error_frame, message_frame, pong_frame, reset_frame, shutdown_frame, validate_topic,
+    DecodeError, Encoding, ErrorCode, Payload, PayloadKind, Request, ServerMessage, SubscribeTopic,
+    BINARY_SUBPROTOCOL, JSON_SUBPROTOCOL, MAX_TOPIC_BYTES,
+};
+use ringcast_protocol::{Codec, Event, FrameHeader, Limits, OpCode};
+use serde_json::{json, Value};
+
+const ENCODINGS: [Encoding; 2] = [Encoding::Json, Encoding::Binary];
+
+fn json_req(input: &str) -> Result<Request<'_>, DecodeError> {
+    decode_request(Encoding::Json, input.as_bytes())
+}
+
+fn sub(topic: &str, since: Option<u64>) -> SubscribeTopic<'_> {
+    SubscribeTopic {
+        topic: topic.into(),
+        since,
+    }
+}
+
+/// The frame's header, checked to be what a server must send, and its payload.
+fn split_frame(frame: &Bytes, enc: Encoding) -> &[u8] {
+    let (header, used) = FrameHeader::parse(frame)
+        .expect("valid header")
+        .expect("whole header");
+    assert!(header.fin, "FIN set");
+    assert_eq!(header.rsv, 0);
+    assert_eq!(header.mask, None, "server frames are unmasked");
+    assert_eq!(header.opcode, enc.opcode());
+    assert_eq!(header.payload_len, (frame.len() - used) as u64);
+    &frame[used..]
+}
+
+/// The JSON text of a JSON-encoded server frame.
+fn body(frame: &Bytes) -> &str {
+    std::str::from_utf8(split_frame(frame, Encoding::Json)).expect("UTF-8")
+}
+
+/// A server frame run through a client codec: the message it delivers.
+fn through_client_codec(frame: &Bytes, enc: Encoding) -> Bytes {
+    let mut client = Codec::client(Limits::default(), 7);
+    let mut wire = BytesMut::from(&frame[..]);
+    let event = client.poll_event(&mut wire).expect("valid frame");
+    assert!(wire.is_empty(), "one frame, consumed whole");
+    match (event, enc) {
+        (Some(Event::Text(text)), Encoding::Json) => text.into_bytes(),
+        (Some(Event::Binary(bytes)), Encoding::Binary) => bytes,
+        (other, _) => panic!("unexpected event {other:?}"),
+    }
+}
+
+fn err(code: ErrorCode, id: Option<u64>, message: &str) -> DecodeError {
+    DecodeError {
+        id,
+        code,
+        message: message.to_owned(),
+    }
+}
+
+// ---- Encodings ----
+
+#[test]
+fn encodings_map_to_their_subprotocols_and_opcodes() {
+    assert_eq!(JSON_SUBPROTOCOL, "ringcast.v1.json");
+    assert_eq!(BINARY_SUBPROTOCOL, "ringcast.v1.bin");
+    for enc in ENCODINGS {
+        assert_eq!(Encoding::from_subprotocol(enc.subprotocol()), Some(enc));
+    }
+    assert_eq!(Encoding::Json.opcode(), OpCode::Text);
+    assert_eq!(Encoding::Binary.opcode(), OpCode::Binary);
+    assert_eq!(Encoding::from_subprotocol("ringcast.v1.JSON"), None);
+    assert_eq!(Encoding::from_subprotocol("ringcast.v2.json"), None);
+    assert_eq!(Encoding::from_subprotocol(""), None);
+}
+
+// ---- JSON requests ----
+
+#[test]
+fn json_subscribe_shapes() {
+    assert_eq!(
+        json_req(r#"{"type":"subscribe","id":1,"topic":"prices.BTC","since":41}"#),
+        Ok(Request::Subscribe {
+            id: Some(1),
+            topics: vec![sub("prices.BTC", Some(41))],
+        })
+    );
+    assert_eq!(
+        json_req(r#"{"type":"subscribe","topic":"prices.BTC"}"#),
+        Ok(Request::Subscribe {
+            id: None,
+            topics: vec![sub("prices.BTC", None)],
+        })
+    );
+    assert_eq!(
+        json_req(
+            r#"{"type":"subscribe","id":7,"topics":["a",{"topic":"b","since":5},{"topic":"c"}]}"#
+        ),
+        Ok(Request::Subscribe {
+            id: Some(7),
+            topics: vec![sub("a", None), sub("b", Some(5)), sub("c", None)],
+        })
+    );
+    // null counts as absent for id and since; unknown fields and whitespace are fine.
+    assert_eq!(
+        json_req(
+            " {\n \"since\" : null, \"extra\": {\"id\": 99}, \"id\":null, \"type\" : \"subscribe\", \"topic\":\"x\" }\t"
+        ),
+        Ok(Request::Subscribe {
+            id: None,
+            topics: vec![sub("x", None)],
+        })
+    );
+}
+
+#[test]
+fn json_unsubscribe_publish_and_ping_shapes() {
+    assert_eq!(
+        json_req(r#"{"type":"unsubscribe","id":2,"topic":"prices.BTC"}"#),
+        Ok(Request::Unsubscribe {
+            id: Some(2),
+            topics: vec!["prices.BTC".into()],
+        })
+    );
+    assert_eq!(
+        json_req(r#"{"type":"unsubscribe","topics":["a","b"]}"#),
+        Ok(Request::Unsubscribe {
+            id: None,
+            topics: vec!["a".into(), "b".into()],
+        })
+    );
+    for data in [
+        r#"{"p":1.5,"q":[true,null]}"#,
+        r#""text""#,
+        "42",
+        "-1e9",
+        "null",
+        "[]",
+        r#"{"nested":{"deep":["\u00e9\"\\"]}}"#,
+    ] {
+        let input = format!(r#"{{"type":"publish","id":3,"topic":"prices.BTC","data": {data} }}"#);
+        assert_eq!(
+            json_req(&input),
+            Ok(Request::Publish {
+                id: Some(3),
+                topic: "prices.BTC".into(),
+                payload: Payload::json(data),
+            }),
+            "{input}"
+        );
+    }
+    assert_eq!(
+        json_req(r#"{"type":"publish","topic":"t","data_b64":"AAEC/w=="}"#),
+        Ok(Request::Publish {
+            id: None,
+            topic: "t".into(),
+            payload: Payload::binary(&[0, 1, 2, 255]),
+        })
+    );
+    assert_eq!(
+        json_req(r#"{"type":"publish","topic":"t","data_b64":""}"#),
+        Ok(Request::Publish {
+            id: None,
+            topic: "t".into(),
+            payload: Payload::binary(&[]),
+        })
+    );
+    assert_eq!(
+        json_req(r#"{"type":"ping","id":4}"#),
+        Ok(Request::Ping { id: Some(4) })
+    );
+    assert_eq!(
+        json_req(r#"{"type":"ping"}"#),
+        Ok(Request::Ping { id: None })
+    );
+    assert_eq!(
+        json_req(r#"{"type":"ping","id":18446744073709551615}"#),
+        Ok(Request::Ping { id: Some(u64::MAX) })
+    );
+}
+
+#[test]
+fn json_payloads_and_plain_topics_are_borrowed() {
+    let input = br#"{"type":"publish","topic":"a.b","data":[1,2,3]}"#;
+    let Ok(Request::Publish { topic, payload, .. }) = decode_request(Encoding::Json, input) else {
+        panic!("publish");
+    };
+    assert!(matches!(topic, Cow::Borrowed("a.b")));
+    assert!(matches!(payload.bytes, Cow::Borrowed(b"[1,2,3]")));
+    assert_eq!(payload.kind, PayloadKind::Json);
+}
+
+#[test]
+fn json_topics_with_escapes_decode() {
+    assert_eq!(
+        json_req(r#"{"type":"subscribe","topic":"q\"uo\\te\u00e9/\ud834\udd1e"}"#),
+        Ok(Request::Subscribe {
+            id: None,
+            topics: vec![sub("q\"uo\\teé/𝄞", None)],
+        })
+    );
+}
+
+#[test]
+fn malformed_json_requests_name_the_problem_and_the_id() {
+    use ErrorCode::*;
+    let cases: &[(&str, ErrorCode, Option<u64>, &str)] = &[
+        (
+            "",
+            BadRequest,
+            None,
+            "invalid JSON: EOF while parsing a value at line 1 column 0",
+        ),
+        (
+            "nope",
+            BadRequest,
+            None,
+            "invalid JSON: expected ident at line 1 column 2",
+        ),
+        (
+            r#"[{"type":"ping"}]"#,
+            BadRequest,
+            None,
+            "message is not a JSON object",
+        ),
+        ("42", BadRequest, None, "message is not a JSON object"),
+        (
+            r#""ping""#,
+            BadRequest,
+            None,
+            "message is not a JSON object",
+        ),
+        // The id is kept when a syntax error comes after it.
+        (
+            r#"{"id":5,"type":"ping""#,
+            BadRequest,
+            Some(5),
+            "invalid JSON: EOF while parsing an object at line 1 column 21",
+        ),
+        (
+            r#"{"id":6,"type":"ping"} x"#,
+            BadRequest,
+            Some(6),
+            "invalid JSON: trailing characters at line 1 column 24",
+        ),
+        (
+            r#"{"id":1}"#,
+            BadRequest,
+            Some(1),
+            r#"missing field "type""#,
+        ),
+        (
+            r#"{"id":1,"type":7}"#,
+            BadRequest,
+            Some(1),
+            r#"field "type" must be a string"#,
+        ),
+        (
+            r#"{"id":2,"type":"frobnicate"}"#,
+            UnknownType,
+            Some(2),
+            r#"unknown type "frobnicate""#,
+        ),
+        (
+            r#"{"id":"2","type":"ping"}"#,
+            BadRequest,
+            None,
+            r#"field "id" must be an unsigned integer"#,
+        ),
+        (
+            r#"{"id":-2,"type":"ping"}"#,
+            BadRequest,
+            None,
+            r#"field "id" must be an unsigned integer"#,
+        ),
+        (
+            r#"{"id":2.5,"type":"ping"}"#,
+            BadRequest,
+            None,
+            r#"field "id" must be an unsigned integer"#,
+        ),
+        (
+            r#"{"id":18446744073709551616,"type":"ping"}"#,
+            BadRequest,
+            None,
+            r#"field "id" must be an unsigned integer"#,
+        ),
+        (
+            r#"{"id":3,"type":"ping","type":"ping"}"#,
+            BadRequest,
+            Some(3),
+            r#"duplicate field "type""#,
+        ),
+        (
+            r#"{"id":3,"type":"subscribe"}"#,
+            BadRequest,
+            Some(3),
+            r#"missing field "topic""#,
+        ),
+        (
+            r#"{"id":3,"type":"subscribe","topic":5}"#,
+            BadRequest,
+            Some(3),
+            r#"field "topic" must be a string"#,
+        ),
+        (
+            r#"{"id":4,"type":"subscribe","topic":"a","topics":["b"]}"#,
+            BadRequest,
+            Some(4),
+            r#"fields "topic" and "topics" exclude each other"#,
+        ),
+        (
+            r#"{"id":4,"type":"subscribe","topics":[]}"#,
+            BadRequest,
+            Some(4),
+            r#"field "topics" is empty"#,
+        ),
+        (
+            r#"{"id":4,"type":"subscribe","topics":"a"}"#,
+            BadRequest,
+            Some(4),
+            r#"field "topics" must be an array"#,
+        ),
+        (
+            r#"{"id":4,"type":"subscribe","topics":["a",3]}"#,
+            BadRequest,
+            Some(4),
+            r#"topics[1] must be a topic string or an object with "topic""#,
+        ),
+        (
+            r#"{"id":4,"type":"subscribe","topics":[{"since":1}]}"#,
+            BadRequest,
+            Some(4),
+            r#"topics[0]: missing field "topic""#,
+        ),
+        (
+            r#"{"id":4,"type":"subscribe","topics":[{"topic":"a","since":"1"}]}"#,
+            BadRequest,
+            Some(4),
+            r#"topics[0]: field "since" must be an unsigned integer"#,
+        ),
+        (
+            r#"{"id":4,"type":"subscribe","topics":["a"],"since":3}"#,
+            BadRequest,
+            Some(4),
+            r#"with "topics", "since" goes inside each entry"#,
+        ),
+        (
+            r#"{"id":5,"type":"subscribe","topic":"a","since":"41"}"#,
+            BadRequest,
+            Some(5),
+            r#"field "since" must be an unsigned integer"#,
+        ),
+        (
+            r#"{"id":5,"type":"subscribe","topic":"a","since":-1}"#,
+            BadRequest,
+            Some(5),
+            r#"field "since" must be an unsigned integer"#,
+        ),
+        (
+            r#"{"id":5,"type":"subscribe","topic":""}"#,
+            BadTopic,
+            Some(5),
+            "topic is empty",
+        ),
+        (
+            r#"{"id":5,"type":"subscribe","topic":"a b"}"#,
+            BadTopic,
+            Some(5),
+            "topic contains whitespace",
+        ),
+        (
+            r#"{"id":5,"type":"subscribe","topic":"a\tb"}"#,
+            BadTopic,
+            Some(5),
+            "topic contains an ASCII control character",
+        ),
+        (
+            r#"{"id":5,"type":"subscribe","topic":"a\u0000"}"#,
+            BadTopic,
+            Some(5),
+            "topic contains an ASCII control character",
+        ),
+        (
+            r#"{"id":5,"type":"subscribe","topics":["ok",{"topic":"no way"}]}"#,
+            BadTopic,
+            Some(5),
+            "topics[1]: topic contains whitespace",
+        ),
+        (
+            r#"{"id":6,"type":"unsubscribe"}"#,
+            BadRequest,
+            Some(6),
+            r#"missing field "topic""#,
+        ),
+        (
+            r#"{"id":6,"type":"unsubscribe","topics":[{"topic":"a"}]}"#,
+            BadRequest,
+            Some(6),
+            "topics[0] must be a topic string",
+        ),
+        (
+            r#"{"id":6,"type":"unsubscribe","topics":["a",""]}"#,
+            BadTopic,
+            Some(6),
+            "topics[1]: topic is empty",
+        ),
+        (
+            r#"{"id":7,"type":"publish","data":1}"#,
+            BadRequest,
+            Some(7),
+            r#"missing field "topic""#,
+        ),
+        (
+            r#"{"id":7,"type":"publish","topic":"t"}"#,
+            BadRequest,
+            Some(7),
+            r#"missing field "data""#,
+        ),
+        (
+            r#"{"id":7,"type":"publish","topic":"t","data":1,"data_b64":"AA=="}"#,
+            BadRequest,
+            Some(7),
+            r#"fields "data" and "data_b64" exclude each other"#,
+        ),
+        (
+            r#"{"id":7,"type":"publish","topic":"t","data_b64":"!!"}"#,
+            BadPayload,
+            Some(7),
+            r#""data_b64" is not valid base64"#,
+        ),
+        (
+            r#"{"id":7,"type":"publish","topic":"t","data_b64":5}"#,
+            BadRequest,
+            Some(7),
+            r#"field "data_b64" must be a string"#,
+        ),
+        (
+            r#"{"id":7,"type":"publish","topic":"t","data":tru}"#,
+            BadRequest,
+            Some(7),
+            "invalid JSON: expected ident at line 1 column 48",
+        ),
+    ];
+    for &(input, code, id, message) in cases {
+        assert_eq!(json_req(input), Err(err(code, id, message)), "{input}");
+    }
+    let long = "a".repeat(MAX_TOPIC_BYTES + 1);
+    assert_eq!(
+        json_req(&format!(
+            r#"{{"id":9,"type":"publish","topic":"{long}","data":1}}"#
+        )),
+        Err(err(BadTopic, Some(9), "topic is longer than 255 bytes"))
+    );
+    // An unknown type is cut in the message.
+    let ty = "x".repeat(1000);
+    let e = json_req(&format!(r#"{{"type":"{ty}"}}"#)).unwrap_err();
+    assert_eq!(e.code, UnknownType);
+    assert!(e.message.len() < 80, "{}", e.message);
+}
+
+// ---- Binary requests ----
+
+fn bin_id(id: Option<u64>) -> Vec<u8> {
+    match id {
+        None => vec![0],
+        Some(id) => [&[1][..], &id.to_be_bytes()].concat(),
+    }
+}
+
+#[test]
+fn binary_requests_decode() {
+    let subscribe = [
+        &[0x01][..],
+        &bin_id(Some(1)),
+        &[0x01],
+        &41u64.to_be_bytes(),
+        &[10],
+        b"prices.BTC",
+        &[0x00, 1, b'x'],
+    ]
+    .concat();
+    assert_eq!(
+        decode_request(Encoding::Binary, &subscribe),
+        Ok(Request::Subscribe {
+            id: Some(1),
+            topics: vec![sub("prices.BTC", Some(41)), sub("x", None)],
+        })
+    );
+    assert_eq!(
+        decode_request(Encoding::Binary, b"\x02\x00\x01a\x02bc"),
+        Ok(Request::Unsubscribe {
+            id: None,
+            topics: vec!["a".into(), "bc".into()],
+        })
+    );
+    assert_eq!(
+        decode_request(Encoding::Binary, b"\x03\x00\x00\x01t\x00\xff"),
+        Ok(Request::Publish {
+            id: None,
+            topic: "t".into(),
+            payload: Payload::binary(b"\x00\xff"),
+        })
+    );
+    assert_eq!(
+        decode_request(Encoding::Binary, b"\x03\x00\x00\x01t"),
+        Ok(Request::Publish {
+            id: None,
+            topic: "t".into(),
+            payload: Payload::binary(b""),
+        })
+    );
+    // A JSON payload is checked and trimmed.
+    assert_eq!(
+        decode_request(Encoding::Binary, b"\x03\x00\x01\x01t {\"a\": [1]}\n"),
+        Ok(Request::Publish {
+            id: None,
+            topic: "t".into(),
+            payload: Payload::json("{\"a\": [1]}"),
+        })
+    );
+    let ping = [&[0x04][..], &bin_id(Some(4))].concat();
+    assert_eq!(
+        decode_request(Encoding::Binary, &ping),
+        Ok(Request::Ping { id: Some(4) })
+    );
+}
+
+#[test]
+fn malformed_binary_requests_name_the_problem_and_the_id() {
+    use ErrorCode::*;
+    let id = bin_id(Some(9));
+    let with_id = |op: u8, rest: &[u8]| [&[op][..], &id, rest].concat();
+    let cases: Vec<(Vec<u8>, ErrorCode, Option<u64>, &str)> = vec![
+        (vec![], BadRequest, None, "empty message"),
+        (
+            vec![0x01],
+            BadRequest,
+            None,
+            "message truncated in the id flag",
+        ),
+        (
+            vec![0x01, 0x02],
+            BadRequest,
+            None,
+            "id flag is 0x02, not 0x00 or 0x01",
+        ),
+        (
+            vec![0x01, 0x01, 0, 0, 0],
+            BadRequest,
+            None,
+            "message truncated in the id",
+        ),
+        (
+            with_id(0x09, b"whatever"),
+            UnknownType,
+            Some(9),
+            "unknown op 0x09",
+        ),
+        (vec![0x7f], UnknownType, None, "unknown op 0x7f"),
+        (vec![0x81, 0x00], UnknownType, None, "unknown op 0x81"),
+        // subscribe
+        (
+            with_id(0x01, b""),
+            BadRequest,
+            Some(9),
+            "subscribe names no topic",
+        ),
+        (
+            with_id(0x01, b"\x01\x00\x00"),
+            BadRequest,
+            Some(9),
+            "message truncated in the since",
+        ),
+        (
+            with_id(0x01, b"\x01"),
+            BadRequest,
+            Some(9),
+            "message truncated in the since",
+        ),
+        (
+            with_id(0x01, b"\x00"),
+            BadRequest,
+            Some(9),
+            "message truncated in the topic length",
+        ),
+        (
+            with_id(0x01, b"\x00\x05ab"),
+            BadRequest,
+            Some(9),
+            "message truncated in the topic",
+        ),
+        (
+            with_id(0x01, b"\x02\x01a"),
+            BadRequest,
+            Some(9),
+            "undefined bits set in the entry flags (0x02)",
+        ),
+        (
+            with_id(0x01, b"\x00\x00"),
+            BadTopic,
+            Some(9),
+            "topic is empty",
+        ),
+        (
+            with_id(0x01, b"\x00\x03a b"),
+            BadTopic,
+            Some(9),
+            "topic contains whitespace",
+        ),
+        (
+            with_id(0x01, b"\x00\x02a\x7f"),
+            BadTopic,
+            Some(9),
+            "topic contains an ASCII control character",
+        ),
+        (
+            with_id(0x01, b"\x00\x02\xff\xfe"),
+            BadTopic,
+            Some(9),
+            "topic is not valid UTF-8",
+        ),
+        (
+            with_id(0x01, b"\x00\x01a\x00"),
+            BadRequest,
+            Some(9),
+            "message truncated in the topic length",
+        ),
+        // unsubscribe
+        (
+            with_id(0x02, b""),
+            BadRequest,
+            Some(9),
+            "unsubscribe names no topic",
+        ),
+        (
+            with_id(0x02, b"\x03ab"),
+            BadRequest,
+            Some(9),
+            "message truncated in the topic",
+        ),
+        (
+            with_id(0x02, b"\x01a\x00"),
+            BadTopic,
+            Some(9),
+            "topic is empty",
+        ),
+        // publish
+        (
+            with_id(0x03, b""),
+            BadRequest,
+            Some(9),
+            "message truncated in the publish flags",
+        ),
+        (
+            with_id(0x03, b"\x00"),
+            BadRequest,
+            Some(9),
+            "message truncated in the topic length",
+        ),
+        (
+            with_id(0x03, b"\x00\x02a"),
+            BadRequest,
+            Some(9),
+            "message truncated in the topic",
+        ),
+        (
+            with_id(0x03, b"\x80\x01a"),
+            BadRequest,
+            Some(9),
+            "undefined bits set in the publish flags (0x80)",
+        ),
+        (
+            with_id(0x03, b"\x00\x00"),
+            BadTopic,
+            Some(9),
+            "topic is empty",
+        ),
+        (
+            with_id(0x03, b"\x01\x01a"),
+            BadPayload,
+            Some(9),
+            "payload flagged JSON is not valid JSON",
+        ),
+        (
+            with_id(0x03, b"\x01\x01a{\"x\":"),
+            BadPayload,
+            Some(9),
+            "payload flagged JSON is not valid JSON",
+        ),
+        (
+            with_id(0x03, b"\x01\x01a1 2"),
+            BadPayload,
+            Some(9),
+            "payload flagged JSON is not valid JSON",
+        ),
+        // ping
+        (
+            with_id(0x04, b"\x00"),
+            BadRequest,
+            Some(9),
+            "1 trailing bytes after a ping",
+        ),
+    ];
+    for (input, code, id, message) in cases {
+        assert_eq!(
+            decode_request(Encoding::Binary, &input),
+            Err(err(code, id, message)),
+            "{input:02x?}"
+        );
+    }
+}
+
+// ---- Server messages ----
+
+#[test]
+fn server_json_output_is_exact() {
+    let j = Encoding::Json;
+    let cases: Vec<(Bytes, &str)> = vec![
+        (
+            message_frame(j, "prices.BTC", 42, Payload::json(r#"{"p":1}"#)),
+            r#"{"type":"message","topic":"prices.BTC","seq":42,"data":{"p":1}}"#,
+        ),
+        (
+            message_frame(j, "prices.BTC", 0, Payload::binary(&[0, 1, 2, 255])),
+            r#"{"type":"message","topic":"prices.BTC","seq":0,"data_b64":"AAEC/w=="}"#,
+        ),
+        (
+            message_frame(j, "t", 1, Payload::binary(&[])),
+            r#"{"type":"message","topic":"t","seq":1,"data_b64":""}"#,
+        ),
+        (ack_frame(j, Some(1)), r#"{"type":"ack","id":1}"#),
+        (ack_frame(j, None), r#"{"type":"ack"}"#),
+        (
+            error_frame(j, Some(1), ErrorCode::BadTopic, "topic is empty"),
+            r#"{"type":"error","id":1,"code":"bad_topic","message":"topic is empty"}"#,
+        ),
+        (
+            error_frame(j, None, ErrorCode::BadRequest, r#"missing field "topic""#),
+            r#"{"type":"error","code":"bad_request","message":"missing field \"topic\""}"#,
+        ),
+        (
+            reset_frame(j, "prices.BTC", 100),
+            r#"{"type":"reset","topic":"prices.BTC","oldest":100}"#,
+        ),
+        (
+            dropped_frame(j, "prices.BTC", 7, 57),
+            r#"{"type":"dropped","topic":"prices.BTC","count":7,"next":57}"#,
+        ),
+        (
+            shutdown_frame(j, "server restarting"),
+            r#"{"type":"shutdown","reason":"server restarting"}"#,
+        ),
+        (pong_frame(j, Some(4)), r#"{"type":"pong","id":4}"#),
+        (pong_frame(j, None), r#"{"type":"pong"}"#),
+        (
+            message_frame(j, "q\"b\\s/é\u{1}", u64::MAX, Payload::json("null")),
+            r#"{"type":"message","topic":"q\"b\\s/é\u0001","seq":18446744073709551615,"data":null}"#,
+        ),
+    ];
+    for (frame, expected) in &cases {
+        assert_eq!(body(frame), *expected);
+        assert_eq!(&through_client_codec(frame, j)[..], expected.as_bytes());
+    }
+}
+
+#[test]
+fn server_json_parses_with_serde_json() {
+    let j = Encoding::Json;
+    let parse = |frame: &Bytes| -> Value { serde_json::from_str(body(frame)).expect("valid JSON") };
+    assert_eq!(
+        parse(&message_frame(
+            j,
+            "a\"\\\n☃",
+            42,
+            Payload::json(r#"{"p":[1,"x"]}"#)
+        )),
+        json!({"type": "message", "topic": "a\"\\\n☃", "seq": 42, "data": {"p": [1, "x"]}})
+    );
+    assert_eq!(
+        parse(&message_frame(j, "b", 1, Payload::binary(b"hello"))),
+        json!({"type": "message", "topic": "b", "seq": 1, "data_b64": "aGVsbG8="})
+    );
+    assert_eq!(
+        parse(&ack_frame(j, Some(1))),
+        json!({"type": "ack", "id": 1})
+    );
+    assert_eq!(
+        parse(&error_frame(
+            j,
+            Some(2),
+            ErrorCode::RateLimited,
+            "slow \"down\"\u{0}"
+        )),
+        json!({"type": "error", "id": 2, "code": "rate_limited", "message": "slow \"down\"\u{0}"})
+    );
+    assert_eq!(
+        parse(&reset_frame(j, "t", 100)),
+        json!({"type": "reset", "topic": "t", "oldest": 100})
+    );
+    assert_eq!(
+        parse(&dropped_frame(j, "t", 7, 57)),
+        json!({"type": "dropped", "topic": "t", "count": 7, "next": 57})
+    );
+    assert_eq!(
+        parse(&shutdown_frame(j, "bye")),
+        json!({"type": "shutdown", "reason": "bye"})
+    );
+    assert_eq!(
+        parse(&pong_frame(j, Some(4))),
+        json!({"type": "pong", "id": 4})
+    );
+    for code in ErrorCode::ALL {
+        let v = parse(&error_frame(j, None, code, "m"));
+        assert_eq!(v["code"], code.as_str());
+    }
+}
+
+#[test]
+fn server_binary_output_is_exact() {
+    let b = Encoding::Binary;
+    let cat = |parts: &[&[u8]]| parts.concat();
+    let cases: Vec<(Bytes, Vec<u8>)> = vec![
+        (
+            message_frame(b, "t", 42, Payload::json("[1]")),
+            cat(&[&[0x81, 0x01], &42u64.to_be_bytes(), &[1, b't'], b"[1]"]),
+        ),
+        (
+            message_frame(b, "t", 42, Payload::binary(b"\x00\x01")),
+            cat(&[&[0x81, 0x00], &42u64.to_be_bytes(), &[1, b't'], b"\x00\x01"]),
+        ),
+        (
+            ack_frame(b, Some(1)),
+            cat(&[&[0x82, 0x01], &1u64.to_be_bytes()]),
+        ),
+        (ack_frame(b, None), vec![0x82, 0x00]),
+        (
+            error_frame(b, Some(3), ErrorCode::BadTopic, "topic is empty"),
+            cat(&[
+                &[0x83, 0x01],
+                &3u64.to_be_bytes(),
+                &[9],
+                b"bad_topic",
+                b"topic is empty",
+            ]),
+        ),
+        (
+            reset_frame(b, "t", 100),
+            cat(&[&[0x84], &100u64.to_be_bytes(), &[1, b't']]),
+        ),
+        (
+            dropped_frame(b, "t", 7, 57),
+            cat(&[
+                &[0x85],
+                &7u64.to_be_bytes(),
+                &57u64.to_be_bytes(),
+                &[1, b't'],
+            ]),
+        ),
+        (shutdown_frame(b, "bye"), b"\x86bye".to_vec()),
+        (
+            pong_frame(b, Some(4)),
+            cat(&[&[0x87, 0x01], &4u64.to_be_bytes()]),
+        ),
+        (pong_frame(b, None), vec![0x87, 0x00]),
+    ];
+    for (frame, expected) in &cases {
+        assert_eq!(split_frame(frame, b), &expected[..]);
+        assert_eq!(&through_client_codec(frame, b)[..], &expected[..]);
+    }
+}
+
+#[test]
+fn every_frame_encoder_gives_a_decodable_frame_of_its_encoding() {
+    for enc in ENCODINGS {
+        let frames = [
+            (message_frame(enc, "t", 1, Payload::json("1")), "message"),
+            (ack_frame(enc, Some(1)), "ack"),
+            (error_frame(enc, None, ErrorCode::Internal, "x"), "error"),
+            (reset_frame(enc, "t", 1), "reset"),
+            (dropped_frame(enc, "t", 1, 2), "dropped"),
+            (shutdown_frame(enc, "x"), "shutdown"),
+            (pong_frame(enc, Some(1)), "pong"),
+        ];
+        for (frame, kind) in &frames {
+            let payload = through_client_codec(frame, enc);
+            let msg = decode_server(enc, &payload).expect(kind);
+            let name = match msg {
+                ServerMessage::Message { .. } => "message",
+                ServerMessage::Ack { .. } => "ack",
+                ServerMessage::Error { .. } => "error",
+                ServerMessage::Reset { .. } => "reset",
+                ServerMessage::Dropped { .. } => "dropped",
+                ServerMessage::Shutdown { .. } => "shutdown",
+                ServerMessage::Pong { .. } => "pong",
+            };
+            assert_eq!(name, *kind);
+        }
+    }
+}
+
+#[test]
+fn frames_over_125_and_65535_bytes_use_the_longer_length_forms() {
+    for enc in ENCODINGS {
+        for len in [100usize, 200, 70_000] {
+            let data = vec![b'7'; len];
+            let text = std::str::from_utf8(&data).unwrap();
+            let frame = message_frame(enc, "t", 1, Payload::json(text));
+            let payload = through_client_codec(&frame, enc);
+            let Ok(ServerMessage::Message { payload: p, .. }) = decode_server(enc, &payload) else {
+                panic!("message");
+            };
+            assert_eq!(&*p.bytes, &data[..]);
+        }
+    }
+}
+
+#[test]
+fn decode_errors_answer_with_an_error_frame() {
+    for enc in ENCODINGS {
+        let e = err(ErrorCode::UnknownType, Some(8), r#"unknown type "x""#);
+        let frame = e.to_frame(enc);
+        assert_eq!(
+            decode_server(enc, split_frame(&frame, enc)),
+            Ok(ServerMessage::Error {
+                id: Some(8),
+                code: "unknown_type".into(),
+                message: r#"unknown type "x""#.into(),
+            })
+        );
+    }
+    assert_eq!(
+        err(ErrorCode::BadTopic, None, "topic is empty").to_string(),
+        "bad_topic: topic is empty"
+    );
+}
+
+#[test]
+fn malformed_server_messages_are_errors() {
+    use ErrorCode::*;
+    let j = |s: &str| {
+        decode_server(Encoding::Json, s.as_bytes())
+            .map(drop)
+            .map_err(|e| (e.code, e.message))
+    };
+    assert_eq!(
+        j(r#"{"type":"message","topic":"t","data":1}"#),
+        Err((BadRequest, r#"missing field "seq""#.into()))
+    );
+    assert_eq!(
+        j(r#"{"type":"reset","topic":"t"}"#),
+        Err((BadRequest, r#"missing field "oldest""#.into()))
+    );
+    assert_eq!(
+        j(r#"{"type":"dropped","topic":"t","count":1}"#),
+        Err((BadRequest, r#"missing field "next""#.into()))
+    );
+    assert_eq!(
+        j(r#"{"type":"error","code":"x"}"#),
+        Err((BadRequest, r#"missing field "message""#.into()))
+    );
+    assert_eq!(
+        j(r#"{"type":"shutdown"}"#),
+        Err((BadRequest, r#"missing field "reason""#.into()))
+    );
+    assert_eq!(
+        j(r#"{"type":"hello"}"#),
+        Err((UnknownType, r#"unknown type "hello""#.into()))
+    );
+    let b = |s: &[u8]| {
+        decode_server(Encoding::Binary, s)
+            .map(drop)
+            .map_err(|e| (e.code, e.message))
+    };
+    assert_eq!(b(b""), Err((BadRequest, "empty message".into())));
+    assert_eq!(b(b"\x01\x00"), Err((UnknownType, "unknown op 0x01".into())));
+    assert_eq!(
+        b(b"\x81\x00\x00"),
+        Err((BadRequest, "message truncated in the seq".into()))
+    );
+    assert_eq!(
+        b(b"\x82\x00\x00"),
+        Err((BadRequest, "1 trailing bytes after the message".into()))
+    );
+    assert_eq!(
+        b(b"\x86\xff"),
+        Err((BadRequest, "the reason is not valid UTF-8".into()))
+    );
+    let mut msg = vec![0x81, 0x01];
+    msg.extend_from_slice(&1u64.to_be_bytes());
+    msg.extend_from_slice(b"\x01t{");
+    assert_eq!(
+        b(&msg),
+        Err((BadPayload, "payload flagged JSON is not valid JSON".into()))
+    );
+}
+
+#[test]
+fn requests_travel_through_a_client_and_a_server_codec() {
+    let req = Request::Publish {
+        id: Some(77),
+        topic: "prices.ETH".into(),
+        payload: Payload::json(r#"{"bid":1,"ask":2}"#),
+    };
+    for enc in ENCODINGS {
+        let mut client = Codec::client(Limits::default(), 3);
+        let mut server = Codec::server(Limits::default());
+        let mut wire = BytesMut::new();
+        client.encode_frame(true, enc.opcode(), &encode_request(enc, &req), &mut wire);
+        let data = match server.poll_event(&mut wire).unwrap() {
+            Some(Event::Text(t)) => t.into_bytes(),
+            Some(Event::Binary(b)) => b,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(decode_request(enc, &data), Ok(req.clone()));
+    }
+}
+
+#[test]
+fn request_json_output_is_exact() {
+    let j = |req: &Request<'_>| String::from_utf8(encode_request(Encoding::Json, req)).unwrap();
+    assert_eq!(
+        j(&Request::Subscribe {
+            id: Some(1),
+            topics: vec![sub("prices.BTC", Some(41))]
+        }),
+        r#"{"type":"subscribe","id":1,"topic":"prices.BTC","since":41}"#
+    );
+    assert_eq!(
+        j(&Request::Subscribe {
+            id: None,
+            topics: vec![sub("a", None), sub("b", Some(5))]
+        }),
+        r#"{"type":"subscribe","topics":["a",{"topic":"b","since":5}]}"#
+    );
+    assert_eq!(
+        j(&Request::Unsubscribe {
+            id: Some(2),
+            topics: vec!["prices.BTC".into()]
+        }),
+        r#"{"type":"unsubscribe","id":2,"topic":"prices.BTC"}"#
+    );
+    assert_eq!(
+        j(&Request::Publish {
+            id: Some(3),
+            topic: "t".into(),
+            payload: Payload::json("[1]")
+        }),
+        r#"{"type":"publish","id":3,"topic":"t","data":[1]}"#
+    );
+    assert_eq!(
+        j(&Request::Publish {
+            id: None,
+            topic: "t".into(),
+            payload: Payload::binary(b"hi")
+        }),
+        r#"{"type":"publish","topic":"t","data_b64":"aGk="}"#
+    );
+    assert_eq!(
+        j(&Request::Ping { id: Some(4) }),
+        r#"{"type":"ping","id":4}"#
+    );
+}
+
+#[test]
+fn over_long_topics_never_reach_a_binary_server_as_another_topic() {
+    let long = "a".repeat(MAX_TOPIC_BYTES + 1);
+    let req = Request::Unsubscribe {
+        id: Some(1),
+        topics: vec![long.as_str().into()],
+    };
+    assert_eq!(
+        decode_request(Encoding::Binary, &encode_request(Encoding::Binary, &req)),
+        Err(err(ErrorCode::BadTopic, Some(1), "topic is empty"))
+    );
+    // JSON can carry it, and the server names the rule.
+    assert_eq!(
+        decode_request(Encoding::Json, &encode_request(Encoding::Json, &req)),
+        Err(err(
+            ErrorCode::BadTopic,
+            Some(1),
+            "topic is longer than 255 bytes"
+        ))
+    );
+}
+
+// ---- Property tests ----
+
+fn valid_topic() -> impl Strategy<Value = String> + Clone {
+    prop_oneof![
+        4 => "[a-zA-Z0-9._/*:#-]{1,24}",
+        2 => r#"[a-z"\\/é漢𝄞\u{80}-\u{9f}]{1,30}"#,
+        1 => "[a-z]{200,255}",
+    ]
+    .prop_filter("valid topic", |t| validate_topic(t).is_ok())
+}
+
+fn json_text() -> impl Strategy<Value = String> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        (-1e9f64..1e9).prop_map(Value::from),
+        any::<String>().prop_map(Value::from),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+            prop::collection::btree_map(any::<String>(), inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+    .prop_map(|v| v.to_string())
+}
+
+fn payload() -> impl Strategy<Value = Payload<'static>> {
+    prop_oneof![
+        json_text().prop_map(|t| Payload {
+            kind: PayloadKind::Json,
+            bytes: Cow::Owned(t.into_bytes()),
+        }),
+        prop::collection::vec(any::<u8>(), 0..64).prop_map(|b| Payload {
+            kind: PayloadKind::Binary,
+            bytes: Cow::Owned(b),
+        }),
+    ]
+}
+
+fn request() -> impl Strategy<Value = Request<'static>> {
+    let id = any::<Option<u64>>();
+    let entry = (valid_topic(), any::<Option<u64>>()).prop_map(|(t, since)| SubscribeTopic {
+        topic: Cow::Owned(t),
+        since,
+    });
+    prop_oneof![
+        (id.clone(), prop::collection::vec(entry, 1..5))
+            .prop_map(|(id, topics)| Request::Subscribe { id, topics }),
+        (id.clone(), prop::collection::vec(valid_topic(), 1..5)).prop_map(|(id, topics)| {
+            Request::Unsubscribe {
+                id,
+                topics: topics.into_iter().map(Cow::Owned).collect(),
+            }
+        }),
+        (id.clone(), valid_topic(), payload()).prop_map(|(id, topic, payload)| {
+            Request::Publish {
+                id,
+                topic: Cow::Owned(topic),
+                payload,
+            }
+        }),
+        id.prop_map(|id| Request::Ping { id }),
+    ]
+}
+
+fn server_message() -> impl Strategy<Value = ServerMessage<'static>> {
+    let id = any::<Option<u64>>();
+    let topic = valid_topic().prop_map(Cow::Owned);
+    prop_oneof![
+        (topic.clone(), any::<u64>(), payload()).prop_map(|(topic, seq, payload)| {
+            ServerMessage::Message {
+                topic,
+                seq,
+                payload,
+            }
+        }),
+        id.clone().prop_map(|id| ServerMessage::Ack { id }),
+        (id.clone(), "[a-z_]{1,30}", any::<String>()).prop_map(|(id, code, message)| {
+            ServerMessage::Error {
+                id,
+                code: Cow::Owned(code),
+                message: Cow::Owned(message),
+            }
+        }),
+        (topic.clone(), any::<u64>())
+            .prop_map(|(topic, oldest)| ServerMessage::Reset { topic, oldest }),
+        (topic, any::<u64>(), any::<u64>())
+            .prop_map(|(topic, count, next)| ServerMessage::Dropped { topic, count, next }),
+        any::<String>().prop_map(|r| ServerMessage::Shutdown {
+            reason: Cow::Owned(r)
+        }),
+        id.prop_map(|id| ServerMessage::Pong { id }),
+    ]
+}
+
+fn encoding() -> impl Strategy<Value = Encoding> {
+    prop_oneof![Just(Encoding::Json), Just(Encoding::Binary)]
+}
+
+proptest! {
+    #![proptest_config(util::config(256))]
+
+    #[test]
+    fn requests_round_trip(enc in encoding(), req in request()) {
+        let wire = encode_request(enc, &req);
+        prop_assert_eq!(decode_request(enc, &wire), Ok(req));
+    }
+
+    #[test]
+    fn server_messages_round_trip_through_frames(enc in encoding(), msg in server_message()) {
+        let frame = encode_server(enc, &msg);
+        let payload = split_frame(&frame, enc);
+        prop_assert_eq!(decode_server(enc, payload), Ok(msg.clone()));
+        let delivered = through_client_codec(&frame, enc);
+        prop_assert_eq!(decode_server(enc, &delivered), Ok(msg));
+    }
+
+    #[test]
+    fn server_json_is_what_serde_json_reads(msg in server_message()) {
+        let frame = encode_server(Encoding::Json, &msg);
+        let v: Value = serde_json::from_str(body(&frame)).expect("valid JSON");
+        match &msg {
+            ServerMessage::Message { topic, seq, payload } => {
+                prop_assert_eq!(&v["topic"], &Value::from(&**topic));
+                prop_assert_eq!(&v["seq"], &Value::from(*seq));
+                if payload.kind == PayloadKind::Json {
+                    let data: Value = serde_json::from_slice(&payload.bytes).unwrap();
+                    prop_assert_eq!(&v["data"], &data);
+                }
+            }
+            ServerMessage::Error { message, .. } => {
+                prop_assert_eq!(&v["message"], &Value::from(&**message));
+            }
+            ServerMessage::Shutdown { reason } => {
+                prop_assert_eq!(&v["reason"], &Value::from(&**reason));
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn json_topics_with_any_characters_round_trip(id in any::<Option<u64>>(), topic in valid_topic()) {
+        let req = Request::Unsubscribe { id, topics: vec![Cow::Owned(topic.clone())] };
+        let wire = encode_request(Encoding::Json, &req);
+        let v: Value = serde_json::from_slice(&wire).unwrap();
+        prop_assert_eq!(&v["topic"], &Value::from(topic));
+        prop_assert_eq!(decode_request(Encoding::Json, &wire), Ok(req));
+    }
+
+    #[test]
+    fn decoders_never_panic_on_arbitrary_bytes(enc in encoding(), bytes in prop::collection::vec(any::<u8>(), 0..96)) {
+        let _ = decode_request(enc, &bytes);
+        let _ = decode_server(enc, &bytes);
+    }
+
+    #[test]
+    fn decoders_never_panic_on_damaged_messages(
+        enc in encoding(),
+        req in request(),
+        msg in server_message(),
+        cut in any::<prop::sample::Index>(),
+        flip in any::<prop::sample::Index>(),
+        byte in any::<u8>(),
+    ) {
+        let mut wire = encode_request(enc, &req);
+        let mut server = split_frame(&encode_server(enc, &msg), enc).to_vec();
+        for w in [&mut wire, &mut server] {
+            if !w.is_empty() {
+                let at = flip.index(w.len());
+                w[at] = byte;
+            }
+            let _ = decode_request(enc, w);
+            let _ = decode_server(enc, w);
+            let keep = cut.index(w.len() + 1);
+            let _ = decode_request(enc, &w[..keep]);
+            let _ = decode_server(enc, &w[..keep]);
+        }
+    }
+
+    #[test]
+    fn every_proper_prefix_of_a_binary_ping_or_publish_is_rejected_or_shorter(req in request(), cut in any::<prop::sample::Index>()) {
+        let wire = encode_request(Encoding::Binary, &req);
+        let keep = cut.index(wire.len());
+        match decode_request(Encoding::Binary, &wire[..keep]) {
+            Err(e) => prop_assert!(matches!(e.code, ErrorCode::BadRequest | ErrorCode::BadPayload | ErrorCode::BadTopic), "{:?}", e),
+            // Cut between subscribe entries or inside a binary payload: a valid, shorter request.
+            Ok(shorter) => prop_assert!(matches!(
+                (&req, &shorter),
+                (Request::Subscribe { .. }, Request::Subscribe { .. })
+                    | (Request::Unsubscribe { .. }, Request::Unsubscribe { .. })
+                    | (Request::Publish { .. }, Request::Publish { .. })
+            ), "{:?} from {:?}", shorter, req),
+        }
+    }
+}
+
+#[test]
+fn envelope_module_reexports_match_the_crate_root() {
+    // The main items are reachable from the crate root too.
+    let _: fn(Encoding, &[u8]) -> Result<Request<'_>, DecodeError> =
+        ringcast_protocol::decode_request;
+    let _: fn(&str) -> Result<(), &'static str> = ringcast_protocol::validate_topic;
+    let _ = envelope::JSON_SUBPROTOCOL;
+}
+
+/// Every JSON example in PROTOCOL.md decodes; the server ones are exactly what the encoder writes.
+#[test]
+fn protocol_md_examples_hold() {
+    let doc = include_str!("../PROTOCOL.md");
+    let (client, server) = doc
+        .split_once("### Server to client")
+        .expect("client section first");
+    let server = server
+        .split_once("## Binary encoding")
+        .expect("then binary")
+        .0;
+    let json_lines = |section: &'static str| {
+        section
+            .split("```json\n")
+            .skip(1)
+            .flat_map(|block| block.split_once("```").expect("closed block").0.lines())
+            .collect::<Vec<_>>()
+    };
+    let client_lines = json_lines(client);
+    let server_lines = json_lines(server);
+    assert!(client_lines.len() >= 8 && server_lines.len() >= 8);
+    for line in client_lines {
+        let req = json_req(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        // Requests re-encode to the same meaning.
+        let again = encode_request(Encoding::Json, &req);
+        assert_eq!(decode_request(Encoding::Json, &again), Ok(req), "{line}");
+    }
+    for line in server_lines {
+        let msg = decode_server(Encoding::Json, line.as_bytes())
+            .unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert_eq!(body(&encode_server(Encoding::Json, &msg)), line);
+    }
+
+    // The binary examples, byte for byte.
+    let subscribe = Request::Subscribe {
+        id: Some(1),
+        topics: vec![sub("prices.BTC", Some(41)), sub("x", None)],
+    };
+    let hex = "01 01 00 00 00 00 00 00 00 01 01 00 00 00 00 00 00 00 29 \
+               0a 70 72 69 63 65 73 2e 42 54 43 00 01 78";
+    assert_eq!(encode_request(Encoding::Binary, &subscribe), unhex(hex));
+    let publish = Request::Publish {
+        id: None,
+        topic: "t".into(),
+        payload: Payload::json("[1]"),
+    };
+    assert_eq!(
+        encode_request(Encoding::Binary, &publish),
+        unhex("03 00 01 01 74 5b 31 5d")
+    );
+    let frame = message_frame(Encoding::Binary, "t", 42, Payload::json("[1]"));
+    assert_eq!(
+        split_frame(&frame, Encoding::Binary),
+        unhex("81 01 00 00 00 00 00 00 00 2a 01 74 5b 31 5d")
+    );
+    assert!(doc.contains("`03 00 01 01 74 5b 31 5d`"));
+    assert!(doc.contains("`81 01 00 00 00 00 00 00 00 2a 01 74 5b 31 5d`"));
+}
+
+fn unhex(hex: &str) -> Vec<u8> {
+    hex.split_whitespace()
+        .map(|b| u8::from_str_radix(b, 16).expect("hex byte"))
+        .collect()
+}
+
+#[test]
+fn deep_nesting_is_an_error_or_a_payload_never_a_stack_overflow() {
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    for input in [
+        format!(r#"{{"type":"publish","id":1,"topic":"t","data":{deep}}}"#),
+        format!(r#"{{"type":"ping","id":1,"unknown":{deep}}}"#),
+        format!(r#"{{"type":"ping","id":1,"since":{deep}}}"#),
+        format!(r#"{{"id":1,"type":"subscribe","topics":[{{"topic":"t","x":{deep}}}]}}"#),
+    ] {
+        match json_req(&input) {
+            Ok(_) => {}
+            Err(e) => assert_eq!((e.id, e.code), (Some(1), ErrorCode::BadRequest), "{e}"),
+        }
+    }
+}
