@@ -1,19 +1,23 @@
 //! Messages into a shard from other threads.
 //!
 //! Owns each shard's inbox: a crossbeam channel plus a waker the shard's inbox task registers,
-//! so a sender wakes a parked shard without the shard ever polling in a loop. It carries only
-//! commands for now (stop); cross-shard fan-out travels the same way.
+//! so a sender wakes a parked shard without the shard ever polling in a loop. It carries
+//! commands (stop) and cross-shard fan-out (a published message for the shard's subscribers).
 
 use std::{future::poll_fn, sync::Arc, task::Poll};
 
 use atomic_waker::AtomicWaker;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
+use crate::pubsub::Published;
+
 /// A command for one shard.
 #[derive(Debug)]
 pub(crate) enum ShardMsg {
     /// Stop accepting, close every connection with 1001, and exit within the shutdown timeout.
     Stop,
+    /// A topic message for the shard's local subscribers.
+    Deliver(Arc<Published>),
 }
 
 /// The sending side, held by the engine handle (any thread).
@@ -52,6 +56,11 @@ impl Mailbox {
 }
 
 impl Inbox {
+    /// The next message if one is there.
+    pub(crate) fn try_recv(&self) -> Option<ShardMsg> {
+        self.rx.try_recv().ok()
+    }
+
     /// Waits for the next message; `None` once every mailbox is gone.
     ///
     /// # Cancel safety

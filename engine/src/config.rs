@@ -35,6 +35,8 @@ pub struct EngineConfig {
     pub timeouts: TimeoutsConfig,
     /// Socket and buffer settings.
     pub io: IoConfig,
+    /// Topics, fan-out, history, per-connection rings and budgets.
+    pub pubsub: PubSubConfig,
 }
 
 impl Default for EngineConfig {
@@ -47,6 +49,7 @@ impl Default for EngineConfig {
             limits: LimitsConfig::default(),
             timeouts: TimeoutsConfig::default(),
             io: IoConfig::default(),
+            pubsub: PubSubConfig::default(),
         }
     }
 }
@@ -81,6 +84,107 @@ pub enum OverflowPolicy {
     Disconnect,
     /// Drop the new message and count it: for loss-tolerant streams.
     DropNewest,
+}
+
+/// What a connection's topic-data ring does when a delivery does not fit. Acks, errors and
+/// notices never go through the ring, so no policy ever drops them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum RingOverflow {
+    /// Drop the oldest waiting messages to make room: the client sees the newest data, with a
+    /// `dropped` notice for the gap. For loss-tolerant live streams.
+    DropOldest,
+    /// Drop the new message: the client sees a prefix, then a `dropped` notice.
+    DropNewest,
+    /// Keep only the latest waiting message per topic (market-data snapshots); a message
+    /// replaced this way counts as dropped. When the ring is full of distinct topics, the
+    /// oldest goes.
+    Conflate,
+    /// Close with 1008 "slow consumer": for streams that must not lose data.
+    Disconnect,
+}
+
+impl RingOverflow {
+    /// The name used in config files and query strings (`drop-oldest`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            RingOverflow::DropOldest => "drop-oldest",
+            RingOverflow::DropNewest => "drop-newest",
+            RingOverflow::Conflate => "conflate",
+            RingOverflow::Disconnect => "disconnect",
+        }
+    }
+
+    /// Parses a name as [`RingOverflow::name`] writes it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            RingOverflow::DropOldest,
+            RingOverflow::DropNewest,
+            RingOverflow::Conflate,
+            RingOverflow::Disconnect,
+        ]
+        .into_iter()
+        .find(|p| p.name() == name)
+    }
+}
+
+/// Pub/sub: history per topic, the per-connection data ring, and per-client budgets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct PubSubConfig {
+    /// Messages kept per topic for resume (`since`). Default 1024. 0 keeps none: every resume
+    /// gets a `reset`. Memory: each held message keeps its payload and its encoded frames.
+    pub history_max_messages: usize,
+    /// Payload bytes kept per topic for resume, whichever bound is hit first. Default 1 MiB.
+    pub history_max_bytes: usize,
+    /// Topic messages that may wait in one connection's data ring. Default 1024.
+    pub ring_max_messages: usize,
+    /// Frame bytes that may wait in one connection's data ring. Default 1 MiB. A single
+    /// message larger than this is still delivered to an empty ring. Memory: up to this much
+    /// per slow connection, frames shared with every other subscriber.
+    pub ring_max_bytes: usize,
+    /// Policy when the data ring is full. Default `drop-oldest`. The broker lets a client
+    /// pick another one with `?overflow=NAME` at the upgrade.
+    pub ring_overflow: RingOverflow,
+    /// Frame bytes moved from the data ring to the socket's queue at a time; what is there
+    /// can no longer be dropped. Default 64 KiB.
+    pub write_window_bytes: usize,
+    /// Topics one connection may subscribe to. Default 256. Over it: an error reply.
+    pub max_subscriptions_per_connection: usize,
+    /// Publishes per second one connection may make, sustained. Default 1000. Over budget:
+    /// an error reply (`rate_limited`); the publish is not made.
+    pub publish_rate_per_sec: u32,
+    /// Publishes one connection may make in a burst above the rate. Default 1000.
+    pub publish_burst: u32,
+    /// Malformed or refused requests a connection may send in a burst before it is closed
+    /// with 1008. Default 20; the budget refills at one per second.
+    pub max_bad_requests: u32,
+    /// Deliveries waiting in one shard's inbox above which publishing reports the engine
+    /// saturated, and at twice which a publish is refused. Default 65536.
+    pub max_pending_per_shard: usize,
+    /// Largest payload one publish may carry, in bytes. Default 1 MiB.
+    pub max_publish_bytes: usize,
+}
+
+impl Default for PubSubConfig {
+    fn default() -> Self {
+        Self {
+            history_max_messages: 1024,
+            history_max_bytes: 1 << 20,
+            ring_max_messages: 1024,
+            ring_max_bytes: 1 << 20,
+            ring_overflow: RingOverflow::DropOldest,
+            write_window_bytes: 64 << 10,
+            max_subscriptions_per_connection: 256,
+            publish_rate_per_sec: 1000,
+            publish_burst: 1000,
+            max_bad_requests: 20,
+            max_pending_per_shard: 65_536,
+            max_publish_bytes: 1 << 20,
+        }
+    }
 }
 
 /// Limits. Each is enforced; reaching one gives the peer a close code or an HTTP status.
@@ -303,6 +407,26 @@ impl EngineConfig {
             "must be > 0",
         )?;
         check(io.listen_backlog > 0, "io.listen_backlog", "must be > 0")?;
+        let p = &self.pubsub;
+        for (value, key) in [
+            (p.ring_max_messages, "pubsub.ring_max_messages"),
+            (p.ring_max_bytes, "pubsub.ring_max_bytes"),
+            (p.write_window_bytes, "pubsub.write_window_bytes"),
+            (p.max_pending_per_shard, "pubsub.max_pending_per_shard"),
+            (p.max_publish_bytes, "pubsub.max_publish_bytes"),
+        ] {
+            check(value > 0, key, "must be > 0")?;
+        }
+        check(
+            p.publish_rate_per_sec > 0,
+            "pubsub.publish_rate_per_sec",
+            "must be > 0",
+        )?;
+        check(
+            p.max_bad_requests > 0,
+            "pubsub.max_bad_requests",
+            "must be > 0",
+        )?;
         check(
             (8..=32768).contains(&io.uring_entries),
             "io.uring_entries",

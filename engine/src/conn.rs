@@ -26,10 +26,12 @@ use slab::Slab;
 use tracing::warn;
 
 use crate::{
-    config::{EngineConfig, OverflowPolicy},
+    config::{EngineConfig, OverflowPolicy, PubSubConfig},
     handler::{CloseInfo, CloseInitiator, Enqueue, Frame, Message},
     metrics::ShardMetrics,
     outbound::Outbound,
+    pubsub::Hub,
+    topics::{ConnPubSub, LocalTopics},
 };
 
 /// Identifies a shard: its index, from 0.
@@ -260,6 +262,8 @@ pub(crate) struct Conn {
     upgrade: UpgradeFacts,
     /// How the connection is ending, once that is known (boxed: rare, and per connection).
     pub(crate) close: Option<Box<CloseInfo>>,
+    /// Subscriptions, the data ring and budgets, once the connection uses pub/sub.
+    pub(crate) pubsub: Option<Box<ConnPubSub>>,
     pub(crate) ring: RingState,
     head_kept: bool,
     /// `on_open` ran, so `on_close` is owed.
@@ -277,6 +281,7 @@ impl Conn {
             deadline: None,
             upgrade: UpgradeFacts::default(),
             close: None,
+            pubsub: None,
             ring: RingState::default(),
             head_kept: false,
             opened: false,
@@ -428,6 +433,7 @@ pub(crate) struct Settings {
     pub(crate) max_reads_per_turn: usize,
     pub(crate) keep_request_head: bool,
     pub(crate) tcp_nodelay: bool,
+    pub(crate) pubsub: PubSubConfig,
 }
 
 impl Settings {
@@ -444,6 +450,7 @@ impl Settings {
             max_reads_per_turn: config.io.max_reads_per_turn,
             keep_request_head: config.io.keep_request_head,
             tcp_nodelay: config.io.tcp_nodelay,
+            pubsub: config.pubsub.clone(),
         }
     }
 }
@@ -473,10 +480,19 @@ pub(crate) struct ConnTable {
     pub(crate) driver_waker: Option<Waker>,
     /// io_uring driver: its task is running now (so it need not be woken).
     pub(crate) driver_running: bool,
+    /// Topics with subscribers here.
+    pub(crate) topics: LocalTopics,
+    /// Every topic of the process.
+    pub(crate) hub: Arc<Hub>,
 }
 
 impl ConnTable {
-    pub(crate) fn new(shard: ShardId, settings: Settings, metrics: Arc<ShardMetrics>) -> Self {
+    pub(crate) fn new(
+        shard: ShardId,
+        settings: Settings,
+        metrics: Arc<ShardMetrics>,
+        hub: Arc<Hub>,
+    ) -> Self {
         // Reserve the slab once: growing it by doubling left every old copy resident (about
         // 700 bytes per connection at 10,000). Untouched pages of the reservation cost no RSS.
         let reserve = settings.max_connections.min(MAX_SLAB_RESERVE);
@@ -493,6 +509,8 @@ impl ConnTable {
             timers: BinaryHeap::new(),
             driver_waker: None,
             driver_running: false,
+            topics: LocalTopics::default(),
+            hub,
         }
     }
 

@@ -9,7 +9,11 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use ringcast_protocol::{server_frame, CloseCode, OpCode, UpgradeRequest, Utf8Bytes};
 
-use crate::conn::{ConnId, ConnInfo, ConnTable, ShardId};
+use crate::{
+    config::RingOverflow,
+    conn::{ConnId, ConnInfo, ConnTable, ShardId},
+    pubsub::{DeliveryFormat, Payload, PublishError, PublishReceipt, Publisher},
+};
 
 /// The hooks a shard calls for each connection. One handler value lives on each shard (made by
 /// the factory given to [`Engine::start`](crate::Engine::start)); it is never shared between
@@ -308,4 +312,158 @@ impl Ctx<'_> {
             None => false,
         }
     }
+
+    /// Sets how this connection receives topic messages: raw frames (the default) or the
+    /// broker's envelope. Set it before subscribing: messages already queued keep theirs.
+    pub fn set_delivery_format(&mut self, format: DeliveryFormat) {
+        self.table.pubsub(self.key).format = format;
+    }
+
+    /// Sets what this connection's data ring does when it is full (default:
+    /// `pubsub.ring_overflow`).
+    pub fn set_ring_overflow(&mut self, policy: RingOverflow) {
+        self.table.pubsub(self.key).overflow = policy;
+    }
+
+    /// Subscribes this connection to `topic`. With `since = Some(S)` it first gets the
+    /// topic's messages after S from history, then live ones, with no gap and no duplicate;
+    /// see [`Subscribed::reset`] for a history that no longer reaches back to S. Subscribing
+    /// again to a topic starts the subscription over.
+    ///
+    /// # Errors
+    /// A topic name that breaks the rules, or `pubsub.max_subscriptions_per_connection`.
+    pub fn subscribe(
+        &mut self,
+        topic: &str,
+        since: Option<u64>,
+    ) -> Result<Subscribed, SubscribeError> {
+        let topic = match self.table.local_topic(topic) {
+            Some(t) => t,
+            None => self.table.hub.topic(topic).map_err(|e| match e {
+                PublishError::BadTopic(why) => SubscribeError::BadTopic(why),
+                _ => SubscribeError::BadTopic("unusable topic"),
+            })?,
+        };
+        let attach = self
+            .table
+            .subscribe(self.key, topic, since)
+            .map_err(|_| SubscribeError::TooManySubscriptions)?;
+        Ok(Subscribed {
+            live_from: attach.live_from,
+            replayed: attach.replayed as u64,
+            reset: attach.reset,
+        })
+    }
+
+    /// Ends this connection's subscription to `topic`; false if it had none.
+    pub fn unsubscribe(&mut self, topic: &str) -> bool {
+        self.table.unsubscribe(self.key, topic)
+    }
+
+    /// Publishes to `topic` on behalf of this connection, within its publish budget
+    /// (`pubsub.publish_rate_per_sec` and `pubsub.publish_burst`). The payload is copied once
+    /// (not per subscriber): a message's payload shares the shard's read buffer, which topic
+    /// history must not hold on to.
+    ///
+    /// # Errors
+    /// [`PublishError::RateLimited`] over budget, and as [`Publisher::publish`].
+    pub fn publish(
+        &mut self,
+        topic: &str,
+        payload: Payload,
+    ) -> Result<PublishReceipt, PublishError> {
+        let payload = match payload {
+            Payload::Json(b) => Payload::Json(Bytes::copy_from_slice(&b)),
+            Payload::Binary(b) => Payload::Binary(Bytes::copy_from_slice(&b)),
+            Payload::Text(t) => Payload::Text(
+                Utf8Bytes::try_from(Bytes::copy_from_slice(t.as_bytes()))
+                    .unwrap_or_else(|_| unreachable!("a copy of valid UTF-8 is valid UTF-8")),
+            ),
+        };
+        self.publish_owned(topic, payload)
+    }
+
+    /// As [`Ctx::publish`], for a payload that owns its memory (no copy).
+    pub(crate) fn publish_owned(
+        &mut self,
+        topic: &str,
+        payload: Payload,
+    ) -> Result<PublishReceipt, PublishError> {
+        let result = self.publish_inner(topic, payload);
+        if result.is_err() {
+            self.table.metrics.publishes_refused.incr();
+        }
+        result
+    }
+
+    fn publish_inner(
+        &mut self,
+        topic: &str,
+        payload: Payload,
+    ) -> Result<PublishReceipt, PublishError> {
+        if !self
+            .table
+            .pubsub(self.key)
+            .publish_budget
+            .take(std::time::Instant::now())
+        {
+            return Err(PublishError::RateLimited);
+        }
+        let topic = match self.table.local_topic(topic) {
+            Some(t) => t,
+            None => self.table.hub.topic(topic)?,
+        };
+        self.table.hub.publish(&topic, payload)
+    }
+
+    /// A publisher for use outside hooks (another thread, a timer).
+    pub fn publisher(&self) -> Publisher {
+        Publisher {
+            hub: self.table.hub.clone(),
+        }
+    }
+
+    /// Topic messages this connection's data ring has dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.table.conns[self.key]
+            .pubsub
+            .as_ref()
+            .map_or(0, |ps| ps.dropped)
+    }
+
+    /// Charges one malformed or refused request to this connection's budget
+    /// (`pubsub.max_bad_requests`, refilled at one per second). Returns false once the budget
+    /// is spent: the caller should close the connection with 1008.
+    pub fn charge_bad_request(&mut self) -> bool {
+        self.table.metrics.bad_requests.incr();
+        self.table
+            .pubsub(self.key)
+            .bad_request_budget
+            .take(std::time::Instant::now())
+    }
+}
+
+/// A subscription that was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Subscribed {
+    /// The first seq the subscriber gets live (after any replay).
+    pub live_from: u64,
+    /// Messages replayed from history (queued on the data ring after this returns).
+    pub replayed: u64,
+    /// `since` was older than the topic's history, or newer than anything published: the
+    /// client will next see this seq (tell it with a `reset` notice).
+    pub reset: Option<u64>,
+}
+
+/// Why a subscription was not made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubscribeError {
+    /// The topic name breaks the topic rules.
+    #[error("invalid topic name: {0}")]
+    BadTopic(&'static str),
+    /// The connection has `pubsub.max_subscriptions_per_connection` subscriptions.
+    #[error("too many subscriptions on this connection")]
+    TooManySubscriptions,
 }

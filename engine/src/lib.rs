@@ -69,6 +69,7 @@
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
+mod broker;
 mod bus;
 mod config;
 mod conn;
@@ -79,20 +80,30 @@ mod listener;
 mod metrics;
 mod outbound;
 mod poll_driver;
+mod pubsub;
 mod ring;
 mod ring_driver;
 mod shard;
+mod topics;
 
 use std::{net::SocketAddr, sync::Arc, thread};
 
-pub use config::{Driver, EngineConfig, IoConfig, LimitsConfig, OverflowPolicy, TimeoutsConfig};
+pub use broker::{Broadcast, Broker};
+pub use config::{
+    Driver, EngineConfig, IoConfig, LimitsConfig, OverflowPolicy, PubSubConfig, RingOverflow,
+    TimeoutsConfig,
+};
 pub use conn::{ConnId, ConnInfo, ShardId};
 pub use echo::Echo;
 pub use error::{ConfigError, Error, Result};
 pub use handler::{
-    CloseInfo, CloseInitiator, Ctx, Enqueue, Frame, Handler, Message, Upgrade, UpgradeCtx,
+    CloseInfo, CloseInitiator, Ctx, Enqueue, Frame, Handler, Message, SubscribeError, Subscribed,
+    Upgrade, UpgradeCtx,
 };
 pub use metrics::{Metrics, MetricsSnapshot};
+pub use pubsub::{
+    DeliveryFormat, Payload, PublishError, PublishReceipt, Publisher, TopicPublisher, TopicStats,
+};
 /// The protocol crate, re-exported for its types ([`protocol::CloseCode`],
 /// [`protocol::UpgradeRequest`], ...).
 pub use ringcast_protocol as protocol;
@@ -101,6 +112,7 @@ use crate::{
     bus::{Mailbox, ShardMsg},
     conn::Settings,
     metrics::ShardMetrics,
+    pubsub::Hub,
     shard::ShardSpec,
 };
 
@@ -123,6 +135,7 @@ pub struct EngineHandle {
 struct HandleInner {
     mailboxes: Vec<Mailbox>,
     metrics: Vec<Arc<ShardMetrics>>,
+    hub: Arc<Hub>,
     local_addr: SocketAddr,
     driver: Driver,
 }
@@ -158,13 +171,19 @@ impl Engine {
             source,
         })?;
         let factory = Arc::new(factory);
+        // Every inbox exists before any shard starts: the hub sends to all of them.
+        let (all_mailboxes, inboxes): (Vec<_>, Vec<_>) = (0..count).map(|_| bus::channel()).unzip();
+        let hub = Arc::new(Hub::new(&config.pubsub, all_mailboxes.clone()));
         let mut mailboxes = Vec::with_capacity(count);
         let mut metrics = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
         let mut readiness = Vec::with_capacity(count);
         let mut failure = None;
-        for (i, listener) in listeners.into_iter().enumerate() {
-            let (mailbox, inbox) = bus::channel();
+        for ((i, listener), (mailbox, inbox)) in listeners
+            .into_iter()
+            .enumerate()
+            .zip(all_mailboxes.into_iter().zip(inboxes))
+        {
             let shard_metrics = Arc::new(ShardMetrics::default());
             let (ready, ready_rx) = crossbeam_channel::bounded(1);
             let spec = ShardSpec {
@@ -178,6 +197,7 @@ impl Engine {
                 ring_buffer_bytes: config.io.ring_buffer_bytes,
                 settings: Settings::new(&config),
                 metrics: shard_metrics.clone(),
+                hub: hub.clone(),
                 ready,
             };
             match shard::spawn(spec, factory.clone()) {
@@ -196,6 +216,7 @@ impl Engine {
                 inner: Arc::new(HandleInner {
                     mailboxes,
                     metrics,
+                    hub,
                     local_addr,
                     driver: config.driver,
                 }),
@@ -297,6 +318,13 @@ impl EngineHandle {
     /// The IO driver the shards run.
     pub fn driver(&self) -> Driver {
         self.inner.driver
+    }
+
+    /// A handle that publishes to topics from any thread.
+    pub fn publisher(&self) -> Publisher {
+        Publisher {
+            hub: self.inner.hub.clone(),
+        }
     }
 
     /// Current counters of every shard.

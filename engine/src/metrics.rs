@@ -92,6 +92,18 @@ shard_metrics! {
     accept_errors,
     /// Times the accept loop paused because the shard held `max_connections_per_shard`.
     accept_paused_full,
+    /// Topic messages this shard took from its inbox (one per message, however many local
+    /// subscribers it had).
+    published_in,
+    /// Topic messages offered to subscribers' data rings (one per subscriber).
+    deliveries,
+    /// Topic messages dropped by a data ring's overflow policy (drop-oldest, drop-newest,
+    /// conflate).
+    ring_dropped,
+    /// Publishes refused to this shard's connections (rate limit, saturation, bad topic).
+    publishes_refused,
+    /// Requests the broker refused as malformed.
+    bad_requests,
 }
 
 /// Metrics of every shard, as taken by [`EngineHandle::metrics`](crate::EngineHandle::metrics).

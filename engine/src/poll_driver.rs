@@ -137,7 +137,11 @@ impl<H: Handler> Shard<H> {
                 }
             }
 
+            let more = table.refill(key);
+            let conn = &mut table.conns[key];
             match flush(conn, cx, &self.metrics) {
+                // The socket took the whole window: move the next part of the data ring.
+                Poll::Ready(Ok(())) if more => continue,
                 Poll::Ready(Ok(())) if matches!(conn.phase, Phase::Flushing) => {
                     // Everything we owed is out: send FIN, then wait for the peer's.
                     let _ = Pin::new(&mut poll_socket(conn).io).poll_shutdown(cx);

@@ -441,9 +441,11 @@ impl<H: Handler> Driver<'_, H> {
         let table = &mut *table_ref;
         let dirty = mem::take(&mut table.dirty);
         for &key in &dirty {
-            let Some(conn) = table.conns.get_mut(key) else {
+            if !table.conns.contains(key) {
                 continue;
-            };
+            }
+            let _ = table.refill(key); // what stays waits for this send's completion
+            let conn = &mut table.conns[key];
             conn.ring.set_dirty(false);
             let gen = conn.gen;
             let fd = raw_fd(&conn.socket);

@@ -36,8 +36,13 @@ use crate::{
     handler::{CloseInfo, CloseInitiator, Ctx, Handler, Message, Upgrade, UpgradeCtx},
     listener::accept_loop,
     metrics::ShardMetrics,
-    poll_driver, ring, ring_driver,
+    poll_driver,
+    pubsub::{Hub, Published},
+    ring, ring_driver,
 };
+
+/// Topic messages a shard delivers before it lets its other tasks run.
+const DELIVER_BATCH: usize = 256;
 
 /// What a shard thread needs to start.
 #[derive(Debug)]
@@ -52,6 +57,7 @@ pub(crate) struct ShardSpec {
     pub(crate) ring_buffer_bytes: usize,
     pub(crate) settings: Settings,
     pub(crate) metrics: Arc<ShardMetrics>,
+    pub(crate) hub: Arc<Hub>,
     /// Gets `Ok` once the shard listens, or the error that stopped it from starting.
     pub(crate) ready: Sender<Result<(), Error>>,
 }
@@ -125,6 +131,7 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
         ring_buffer_bytes,
         settings,
         metrics,
+        hub,
         ready,
         ..
     } = spec;
@@ -137,7 +144,7 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
     let read_buffer_bytes = settings.read_buffer_bytes;
     let shard = Rc::new(Shard {
         id,
-        table: RefCell::new(ConnTable::new(id, settings, metrics.clone())),
+        table: RefCell::new(ConnTable::new(id, settings, metrics.clone(), hub)),
         handler: RefCell::new(handler),
         read_buf: RefCell::new(BytesMut::new()),
         metrics,
@@ -166,6 +173,7 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
                         return;
                     }
                 };
+            monoio::spawn(poll_driver::deferrer(shard.clone()));
             Some(monoio::spawn(ring_driver::run(
                 shard.clone(),
                 socket_ring,
@@ -189,9 +197,11 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
     let _ = ready.send(Ok(()));
     info!(shard = %id, listen = ?addr, "shard listening");
 
-    // Every command so far means stop; a closed inbox (engine dropped) means it too.
-    match inbox.recv().await {
-        Some(ShardMsg::Stop) | None => {}
+    // Deliver topic messages until told to stop; a closed inbox (engine dropped) means stop.
+    while let Some(ShardMsg::Deliver(msg)) = inbox.recv().await {
+        if !shard.deliver(&inbox, msg).await {
+            break; // a stop came in behind the deliveries
+        }
     }
 
     let open = shard.table.borrow().len();
@@ -243,6 +253,61 @@ pub(crate) enum Flow {
 }
 
 impl<H: Handler> Shard<H> {
+    /// Delivers `first` and whatever else waits in the inbox, yielding to the socket tasks
+    /// every [`DELIVER_BATCH`] messages. Returns false if it found a stop in the inbox.
+    async fn deliver(&self, inbox: &Inbox, first: Arc<Published>) -> bool {
+        let mut next = Some(first);
+        loop {
+            let mut n = 0;
+            {
+                let mut table = self.table.borrow_mut();
+                while let Some(msg) = next.take() {
+                    table.deliver(&msg);
+                    n += 1;
+                    if n == DELIVER_BATCH {
+                        break;
+                    }
+                    match inbox.try_recv() {
+                        Some(ShardMsg::Deliver(msg)) => next = Some(msg),
+                        Some(ShardMsg::Stop) => {
+                            table.hub.taken(self.id.index(), n);
+                            self.metrics.published_in.add(n as u64);
+                            return false;
+                        }
+                        None => {}
+                    }
+                }
+                table.hub.taken(self.id.index(), n);
+                self.metrics.published_in.add(n as u64);
+            }
+            if n < DELIVER_BATCH {
+                return true;
+            }
+            self.yield_now().await;
+            match inbox.try_recv() {
+                Some(ShardMsg::Deliver(msg)) => next = Some(msg),
+                Some(ShardMsg::Stop) => return false,
+                None => return true,
+            }
+        }
+    }
+
+    /// Lets every other ready task of the shard run first (see `poll_driver::deferrer`).
+    fn yield_now(&self) -> impl Future<Output = ()> + '_ {
+        let mut deferred = false;
+        poll_fn(move |cx| {
+            if deferred || self.stopped.get() {
+                return Poll::Ready(());
+            }
+            deferred = true;
+            self.deferred.borrow_mut().push(cx.waker().clone());
+            if let Some(d) = self.deferrer.borrow().as_ref() {
+                d.wake_by_ref();
+            }
+            Poll::Pending
+        })
+    }
+
     fn wait_empty(&self) -> impl Future<Output = ()> + '_ {
         poll_fn(|cx| {
             let mut table = self.table.borrow_mut();
@@ -468,6 +533,7 @@ impl<H: Handler> Shard<H> {
                 &info,
             );
         }
+        table.unsubscribe_all(key);
         let conn = &mut table.conns[key];
         conn.phase = Phase::Closed;
         conn.deadline = None;

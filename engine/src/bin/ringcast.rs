@@ -4,7 +4,7 @@ use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
-use ringcast::{Driver, Echo, Engine, EngineConfig};
+use ringcast::{Broadcast, Broker, Driver, Echo, Engine, EngineConfig, Handler, ShardId};
 use signal_hook::{
     consts::{SIGINT, SIGTERM},
     iterator::Signals,
@@ -50,10 +50,15 @@ struct ConfigArgs {
 struct ServeArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Echo every message back to its sender (the Autobahn testee and benchmark target).
-    /// Until the broker lands this is also what `serve` does without the flag.
-    #[arg(long)]
+    /// Echo every message back to its sender (the Autobahn testee and benchmark target)
+    /// instead of running the pub/sub broker.
+    #[arg(long, conflicts_with = "broadcast")]
     echo: bool,
+    /// All-to-all broadcast (the benchmark server): every connection is subscribed to one
+    /// topic and every message it sends is published there, raw, through the broker's
+    /// fan-out path.
+    #[arg(long)]
+    broadcast: bool,
 }
 
 fn parse_driver(s: &str) -> Result<Driver, String> {
@@ -113,14 +118,27 @@ fn main() -> ExitCode {
 
 fn serve(args: ServeArgs) -> Result<()> {
     let config = args.config.load()?;
-    if !args.echo {
-        info!("no broker yet: serving the echo handler");
+    if args.echo {
+        run(config, "echo", |_| Echo)
+    } else if args.broadcast {
+        run(config, "broadcast", |_| Broadcast::default())
+    } else {
+        run(config, "broker", |_| Broker)
     }
+}
+
+fn run<H: Handler>(
+    config: EngineConfig,
+    mode: &str,
+    factory: impl Fn(ShardId) -> H + Send + Sync + 'static,
+) -> Result<()> {
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
-    let engine = Engine::start(config, |_shard| Echo)?;
+    let engine = Engine::start(config, factory)?;
     let handle = engine.handle();
     info!(
         listen = %handle.local_addr(),
+        url = %format!("ws://{}/", handle.local_addr()),
+        mode,
         shards = handle.shards(),
         driver = handle.driver().name(),
         "ringcast listening"

@@ -1,0 +1,243 @@
+//! The built-in broker: the pub/sub wire protocol (protocol/PROTOCOL.md) on top of the
+//! engine's topics, and the raw broadcast server used by the all-to-all benchmark.
+//!
+//! Owns the upgrade-time choice of encoding (subprotocol) and overflow policy (`?overflow=`),
+//! turning requests into subscribe/unsubscribe/publish calls, and answering each with an ack
+//! or an error on the control lane. A malformed request gets an error naming its id; a client
+//! that spends its bad-request budget is closed with 1008.
+
+use bytes::Bytes;
+use ringcast_protocol::{
+    envelope::{self, Encoding, ErrorCode, PayloadKind, Request},
+    CloseCode, UpgradeRequest,
+};
+
+use crate::{
+    config::RingOverflow,
+    handler::{Ctx, Frame, Handler, Message, SubscribeError, Upgrade, UpgradeCtx},
+    pubsub::{DeliveryFormat, Payload, PublishError},
+};
+
+/// The pub/sub broker, `ringcast serve`'s default handler.
+///
+/// At the upgrade it selects `ringcast.v1.bin` if the client offers it, else
+/// `ringcast.v1.json` if offered; a client that offers neither (a bare browser `WebSocket`)
+/// speaks JSON. `?overflow=drop-oldest|drop-newest|conflate|disconnect` in the request target
+/// picks the connection's data-ring policy (anything else: 400).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Broker;
+
+impl Handler for Broker {
+    fn on_upgrade(&mut self, req: &UpgradeRequest<'_>, _ctx: &UpgradeCtx) -> Upgrade {
+        if let Some(policy) = query_param(req.target(), "overflow") {
+            if RingOverflow::from_name(policy).is_none() {
+                return Upgrade::reject(
+                    400,
+                    "overflow must be drop-oldest, drop-newest, conflate or disconnect",
+                );
+            }
+        }
+        let offered = |name: &str| req.protocols().any(|p| p == name);
+        if offered(envelope::BINARY_SUBPROTOCOL) {
+            Upgrade::accept_subprotocol(envelope::BINARY_SUBPROTOCOL)
+        } else if offered(envelope::JSON_SUBPROTOCOL) {
+            Upgrade::accept_subprotocol(envelope::JSON_SUBPROTOCOL)
+        } else {
+            Upgrade::accept()
+        }
+    }
+
+    fn on_open(&mut self, ctx: &mut Ctx<'_>) {
+        let encoding = encoding_of(ctx);
+        ctx.set_delivery_format(DeliveryFormat::Envelope(encoding));
+        let policy = query_param(ctx.info().target(), "overflow").and_then(RingOverflow::from_name);
+        if let Some(policy) = policy {
+            ctx.set_ring_overflow(policy);
+        }
+    }
+
+    fn on_message(&mut self, ctx: &mut Ctx<'_>, msg: Message) {
+        let encoding = encoding_of(ctx);
+        let request = match (&msg, encoding) {
+            (Message::Text(_), Encoding::Json) | (Message::Binary(_), Encoding::Binary) => {
+                envelope::decode_request(encoding, msg.payload())
+            }
+            (Message::Binary(_), Encoding::Json) => Err(envelope::DecodeError {
+                id: None,
+                code: ErrorCode::BadRequest,
+                message: "ringcast.v1.json takes text messages".into(),
+            }),
+            (Message::Text(_), Encoding::Binary) => Err(envelope::DecodeError {
+                id: None,
+                code: ErrorCode::BadRequest,
+                message: "ringcast.v1.bin takes binary messages".into(),
+            }),
+        };
+        match request {
+            Ok(request) => handle(ctx, encoding, request),
+            Err(e) => refuse(ctx, encoding, e.id, e.code, &e.message),
+        }
+    }
+}
+
+fn handle(ctx: &mut Ctx<'_>, enc: Encoding, request: Request<'_>) {
+    match request {
+        Request::Subscribe { id, topics } => {
+            let mut resets = Vec::new();
+            for t in &topics {
+                match ctx.subscribe(&t.topic, t.since) {
+                    Ok(sub) => {
+                        if let Some(oldest) = sub.reset {
+                            resets.push(envelope::reset_frame(enc, &t.topic, oldest));
+                        }
+                    }
+                    Err(e) => {
+                        let code = match e {
+                            SubscribeError::BadTopic(_) => ErrorCode::BadTopic,
+                            SubscribeError::TooManySubscriptions => ErrorCode::TooManySubscriptions,
+                        };
+                        // Topics before this one stay subscribed; the error names this one.
+                        return refuse(ctx, enc, id, code, &format!("{}: {e}", t.topic));
+                    }
+                }
+            }
+            control(ctx, envelope::ack_frame(enc, id));
+            for reset in resets {
+                control(ctx, reset);
+            }
+        }
+        Request::Unsubscribe { id, topics } => {
+            let mut missing = None;
+            for topic in &topics {
+                if !ctx.unsubscribe(topic) && missing.is_none() {
+                    missing = Some(topic.to_string());
+                }
+            }
+            match missing {
+                None => control(ctx, envelope::ack_frame(enc, id)),
+                Some(topic) => control(
+                    ctx,
+                    envelope::error_frame(
+                        enc,
+                        id,
+                        ErrorCode::NotSubscribed,
+                        &format!("not subscribed to {topic}"),
+                    ),
+                ),
+            }
+        }
+        Request::Publish { id, topic, payload } => {
+            let payload = match payload.kind {
+                // The one copy, out of the read buffer.
+                PayloadKind::Json => Payload::Json(Bytes::copy_from_slice(&payload.bytes)),
+                PayloadKind::Binary => Payload::Binary(Bytes::copy_from_slice(&payload.bytes)),
+            };
+            match ctx.publish_owned(&topic, payload) {
+                Ok(_) => control(ctx, envelope::ack_frame(enc, id)),
+                Err(e) => {
+                    let code = match e {
+                        PublishError::BadTopic(_) => ErrorCode::BadTopic,
+                        PublishError::TooLarge => ErrorCode::TooLarge,
+                        PublishError::BadPayload => ErrorCode::BadPayload,
+                        PublishError::RateLimited => ErrorCode::RateLimited,
+                        PublishError::Saturated | PublishError::Stopped => ErrorCode::Unavailable,
+                    };
+                    refuse(ctx, enc, id, code, &e.to_string());
+                }
+            }
+        }
+        Request::Ping { id } => control(ctx, envelope::pong_frame(enc, id)),
+    }
+}
+
+/// Answers a request with an error, and closes a connection that keeps sending bad ones.
+fn refuse(ctx: &mut Ctx<'_>, enc: Encoding, id: Option<u64>, code: ErrorCode, message: &str) {
+    control(ctx, envelope::error_frame(enc, id, code, message));
+    if !ctx.charge_bad_request() {
+        ctx.close(CloseCode::POLICY, "too many bad requests");
+    }
+}
+
+/// Queues a reply on the control lane (never dropped: a reply to the connection being handled
+/// always queues).
+fn control(ctx: &mut Ctx<'_>, frame: Bytes) {
+    let _ = ctx.send_frame(&Frame(frame));
+}
+
+fn encoding_of(ctx: &Ctx<'_>) -> Encoding {
+    ctx.info()
+        .subprotocol()
+        .and_then(Encoding::from_subprotocol)
+        .unwrap_or(Encoding::Json)
+}
+
+/// The value of `name` in the query of `target`, undecoded.
+fn query_param<'a>(target: &'a str, name: &str) -> Option<&'a str> {
+    let (_, query) = target.split_once('?')?;
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+}
+
+/// The all-to-all broadcast server (`ringcast serve --broadcast`): every connection is
+/// subscribed to one topic when it opens, and every message it sends is published there as
+/// is, through the same fan-out path as the broker, and delivered raw (no envelope).
+#[derive(Debug, Clone)]
+pub struct Broadcast {
+    topic: String,
+}
+
+impl Broadcast {
+    /// Broadcasts on `topic`.
+    pub fn new(topic: impl Into<String>) -> Self {
+        Self {
+            topic: topic.into(),
+        }
+    }
+}
+
+impl Default for Broadcast {
+    fn default() -> Self {
+        Self::new("broadcast")
+    }
+}
+
+impl Handler for Broadcast {
+    fn on_open(&mut self, ctx: &mut Ctx<'_>) {
+        ctx.set_delivery_format(DeliveryFormat::Raw);
+        if let Err(e) = ctx.subscribe(&self.topic, None) {
+            tracing::warn!(error = %e, "broadcast: subscribe failed");
+            ctx.close(CloseCode::INTERNAL_ERROR, "subscribe failed");
+        }
+    }
+
+    fn on_message(&mut self, ctx: &mut Ctx<'_>, msg: Message) {
+        let payload = match msg {
+            Message::Text(t) => Payload::Text(t),
+            Message::Binary(b) => Payload::Binary(b),
+        };
+        // Ctx::publish copies the payload out of the read buffer.
+        if let Err(e) = ctx.publish(&self.topic, payload) {
+            tracing::debug!(error = %e, "broadcast: publish refused");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params_are_found_by_exact_name() {
+        assert_eq!(
+            query_param("/?overflow=conflate", "overflow"),
+            Some("conflate")
+        );
+        assert_eq!(
+            query_param("/p?a=1&overflow=disconnect", "overflow"),
+            Some("disconnect")
+        );
+        assert_eq!(query_param("/p?overflowx=1", "overflow"), None);
+        assert_eq!(query_param("/p", "overflow"), None);
+    }
+}

@@ -1,0 +1,594 @@
+//! Topics across shards: sequence numbers, history, and the hand-off of each published message
+//! to the shards that have subscribers for it.
+//!
+//! Owns the process-wide topic registry (the in-memory broker backend), [`Publisher`], and
+//! [`Published`], a message framed at most once per delivery format and shared by every
+//! subscriber on every shard. A topic's sequence number is assigned, its history appended and
+//! its message handed to each interested shard's inbox under the topic's lock, so every shard
+//! receives a topic's messages in sequence order however many threads publish. Delivery to
+//! connections is the shard's business (`topics.rs`).
+
+use std::{
+    collections::{HashMap, VecDeque},
+    fmt,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+        Arc, Mutex, OnceLock, RwLock,
+    },
+    time::Instant,
+};
+
+use bytes::Bytes;
+use ringcast_protocol::{
+    envelope::{self, Encoding, PayloadKind},
+    server_frame, OpCode, Utf8Bytes,
+};
+
+use crate::{
+    bus::{Mailbox, ShardMsg},
+    config::PubSubConfig,
+};
+
+/// What a published message carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Payload {
+    /// The text of one JSON value. JSON subscribers get it as `data`, as is.
+    Json(Bytes),
+    /// Text that is not (necessarily) JSON. Envelope subscribers get it as a JSON string;
+    /// raw subscribers as a text frame.
+    Text(Utf8Bytes),
+    /// Opaque bytes. JSON subscribers get them base64-encoded (`data_b64`).
+    Binary(Bytes),
+}
+
+impl Payload {
+    /// A JSON payload, checked to be one JSON value.
+    ///
+    /// # Errors
+    /// [`PublishError::BadPayload`] if `json` is not valid JSON.
+    pub fn json(json: impl Into<Bytes>) -> Result<Self, PublishError> {
+        let json = json.into();
+        serde_json::from_slice::<serde::de::IgnoredAny>(&json)
+            .map_err(|_| PublishError::BadPayload)?;
+        Ok(Payload::Json(json))
+    }
+
+    /// The payload's size in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Json(b) | Payload::Binary(b) => b.len(),
+            Payload::Text(t) => t.as_bytes().len(),
+        }
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How a connection receives topic messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DeliveryFormat {
+    /// The payload alone, as a text or binary frame: no topic, no seq, no notices. For
+    /// handlers that speak their own protocol (the broadcast benchmark server).
+    Raw,
+    /// The broker's envelope in the given encoding (PROTOCOL.md).
+    Envelope(Encoding),
+}
+
+impl DeliveryFormat {
+    fn index(self) -> usize {
+        match self {
+            DeliveryFormat::Raw => 0,
+            DeliveryFormat::Envelope(Encoding::Json) => 1,
+            DeliveryFormat::Envelope(Encoding::Binary) => 2,
+        }
+    }
+}
+
+/// Why a publish was not made. Nothing was sequenced or delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The topic name breaks the topic rules (PROTOCOL.md).
+    #[error("invalid topic name: {0}")]
+    BadTopic(&'static str),
+    /// The payload is larger than `pubsub.max_publish_bytes`.
+    #[error("payload larger than pubsub.max_publish_bytes")]
+    TooLarge,
+    /// A JSON payload that is not valid JSON.
+    #[error("payload is not valid JSON")]
+    BadPayload,
+    /// A shard with subscribers has twice `pubsub.max_pending_per_shard` deliveries waiting:
+    /// slow down and retry.
+    #[error("engine saturated: a shard's inbox is full")]
+    Saturated,
+    /// This connection spent its publish budget (`pubsub.publish_rate_per_sec`).
+    #[error("publish rate limit exceeded")]
+    RateLimited,
+    /// The engine has stopped.
+    #[error("engine stopped")]
+    Stopped,
+}
+
+/// A publish that was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PublishReceipt {
+    /// The sequence number the message got in its topic.
+    pub seq: u64,
+    /// A shard with subscribers to the topic has more than `pubsub.max_pending_per_shard`
+    /// deliveries waiting: the message is on its way, but a feed should slow down or shed.
+    pub saturated: bool,
+}
+
+/// Counters of one topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TopicStats {
+    /// The sequence number the next message will get (the first is 1).
+    pub next_seq: u64,
+    /// The oldest sequence number still in history, if any.
+    pub oldest_held: Option<u64>,
+    /// Messages in history.
+    pub history_messages: usize,
+    /// Shards with at least one subscriber.
+    pub interested_shards: usize,
+    /// Deliveries of this topic dropped by connections' overflow policies, all shards.
+    pub dropped: u64,
+}
+
+/// A published message, shared by every shard that delivers it.
+pub(crate) struct Published {
+    pub(crate) topic: Arc<Topic>,
+    pub(crate) seq: u64,
+    payload: Payload,
+    /// When it was sequenced (for publish-to-flush latency).
+    #[allow(dead_code)]
+    pub(crate) at: Instant,
+    /// The frame for each delivery format, made by the first shard that needs it.
+    frames: [OnceLock<Bytes>; 3],
+}
+
+impl fmt::Debug for Published {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Published")
+            .field("topic", &self.topic.name)
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Published {
+    /// The complete WebSocket frame of this message for `format`, encoded once.
+    pub(crate) fn frame(&self, format: DeliveryFormat) -> &Bytes {
+        self.frames[format.index()].get_or_init(|| self.encode(format))
+    }
+
+    fn encode(&self, format: DeliveryFormat) -> Bytes {
+        match format {
+            DeliveryFormat::Raw => match &self.payload {
+                Payload::Json(b) => server_frame(OpCode::Text, b),
+                Payload::Text(t) => server_frame(OpCode::Text, t.as_bytes()),
+                Payload::Binary(b) => server_frame(OpCode::Binary, b),
+            },
+            DeliveryFormat::Envelope(enc) => {
+                let quoted;
+                let (kind, bytes): (PayloadKind, &[u8]) = match &self.payload {
+                    Payload::Json(b) => (PayloadKind::Json, b),
+                    Payload::Text(t) => {
+                        quoted = json_string(t.as_str());
+                        (PayloadKind::Json, &quoted)
+                    }
+                    Payload::Binary(b) => (PayloadKind::Binary, b),
+                };
+                envelope::message_frame(
+                    enc,
+                    &self.topic.name,
+                    self.seq,
+                    envelope::Payload::new(kind, bytes),
+                )
+            }
+        }
+    }
+}
+
+fn json_string(s: &str) -> Vec<u8> {
+    // Serializing a str cannot fail.
+    serde_json::to_vec(s).unwrap_or_default()
+}
+
+/// One topic: its sequence, history and the shards that want it.
+pub(crate) struct Topic {
+    pub(crate) name: Arc<str>,
+    state: Mutex<TopicState>,
+    pub(crate) dropped: AtomicU64,
+}
+
+impl fmt::Debug for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Topic").field("name", &self.name).finish()
+    }
+}
+
+#[derive(Default)]
+struct TopicState {
+    /// The seq the next message gets; the first is 1.
+    next_seq: u64,
+    history: VecDeque<Arc<Published>>,
+    history_bytes: usize,
+    /// Shards with at least one local subscriber.
+    interest: Vec<u16>,
+}
+
+/// What a shard learns when a connection subscribes.
+pub(crate) struct Attach {
+    /// Messages from this seq on reach the shard through its inbox; older ones in the inbox
+    /// are not for the new subscriber.
+    pub(crate) live_from: u64,
+    /// History to replay to the new subscriber (seq `since + 1` up to `live_from - 1`).
+    pub(crate) replay: Vec<Arc<Published>>,
+    /// How many messages `replay` held.
+    pub(crate) replayed: usize,
+    /// `since` was older than the history (or from a different history): the oldest seq the
+    /// client will get.
+    pub(crate) reset: Option<u64>,
+}
+
+/// The in-memory broker backend: every topic of the process.
+pub(crate) struct Hub {
+    topics: RwLock<HashMap<Arc<str>, Arc<Topic>>>,
+    mailboxes: Vec<Mailbox>,
+    /// Deliveries sent to each shard's inbox and not yet taken out.
+    pending: Box<[AtomicUsize]>,
+    history_max_messages: usize,
+    history_max_bytes: usize,
+    max_pending: usize,
+    max_publish_bytes: usize,
+}
+
+impl fmt::Debug for Hub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hub")
+            .field("shards", &self.mailboxes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    pub(crate) fn new(config: &PubSubConfig, mailboxes: Vec<Mailbox>) -> Self {
+        Self {
+            topics: RwLock::new(HashMap::new()),
+            pending: mailboxes.iter().map(|_| AtomicUsize::new(0)).collect(),
+            mailboxes,
+            history_max_messages: config.history_max_messages,
+            history_max_bytes: config.history_max_bytes,
+            max_pending: config.max_pending_per_shard,
+            max_publish_bytes: config.max_publish_bytes,
+        }
+    }
+
+    /// The topic called `name`, made on first use.
+    pub(crate) fn topic(&self, name: &str) -> Result<Arc<Topic>, PublishError> {
+        if let Some(t) = self
+            .topics
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            return Ok(t.clone());
+        }
+        envelope::validate_topic(name).map_err(PublishError::BadTopic)?;
+        let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
+        let topic = topics.entry(Arc::from(name)).or_insert_with_key(|name| {
+            Arc::new(Topic {
+                name: name.clone(),
+                state: Mutex::new(TopicState {
+                    next_seq: 1,
+                    ..TopicState::default()
+                }),
+                dropped: AtomicU64::new(0),
+            })
+        });
+        Ok(topic.clone())
+    }
+
+    fn existing(&self, name: &str) -> Option<Arc<Topic>> {
+        self.topics
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Sequences `payload` in `topic`, keeps it in history and hands it to every shard with
+    /// subscribers, all under the topic's lock.
+    pub(crate) fn publish(
+        &self,
+        topic: &Arc<Topic>,
+        payload: Payload,
+    ) -> Result<PublishReceipt, PublishError> {
+        if payload.len() > self.max_publish_bytes {
+            return Err(PublishError::TooLarge);
+        }
+        let mut st = topic.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut saturated = false;
+        for &shard in &st.interest {
+            let pending = self.pending[usize::from(shard)].load(Relaxed);
+            if pending >= self.max_pending.saturating_mul(2) {
+                return Err(PublishError::Saturated);
+            }
+            saturated |= pending >= self.max_pending;
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let len = payload.len();
+        let msg = Arc::new(Published {
+            topic: topic.clone(),
+            seq,
+            payload,
+            at: Instant::now(),
+            frames: Default::default(),
+        });
+        if self.history_max_messages > 0 {
+            st.history.push_back(msg.clone());
+            st.history_bytes += len;
+            while st.history.len() > self.history_max_messages
+                || (st.history_bytes > self.history_max_bytes && st.history.len() > 1)
+            {
+                if let Some(old) = st.history.pop_front() {
+                    st.history_bytes -= old.payload.len();
+                }
+            }
+        }
+        for &shard in &st.interest {
+            let shard = usize::from(shard);
+            self.pending[shard].fetch_add(1, Relaxed);
+            if self.mailboxes[shard]
+                .send(ShardMsg::Deliver(msg.clone()))
+                .is_err()
+            {
+                self.pending[shard].fetch_sub(1, Relaxed);
+            }
+        }
+        Ok(PublishReceipt { seq, saturated })
+    }
+
+    /// Registers a new subscriber on `shard` (the shard's first for this topic when `first`),
+    /// and works out what it must be replayed.
+    pub(crate) fn attach(
+        &self,
+        topic: &Topic,
+        shard: u16,
+        first: bool,
+        since: Option<u64>,
+    ) -> Attach {
+        let mut st = topic.state.lock().unwrap_or_else(|e| e.into_inner());
+        if first && !st.interest.contains(&shard) {
+            st.interest.push(shard);
+        }
+        let live_from = st.next_seq;
+        let mut attach = Attach {
+            live_from,
+            replay: Vec::new(),
+            replayed: 0,
+            reset: None,
+        };
+        let Some(since) = since else {
+            return attach;
+        };
+        if since >= live_from {
+            // The client has seen messages this history never had (another process, a
+            // restart): tell it where this history stands.
+            attach.reset = Some(live_from);
+            return attach;
+        }
+        let oldest = st.history.front().map_or(live_from, |m| m.seq);
+        if since + 1 < oldest {
+            attach.reset = Some(oldest);
+        }
+        attach.replay = st
+            .history
+            .iter()
+            .filter(|m| m.seq > since)
+            .cloned()
+            .collect();
+        attach.replayed = attach.replay.len();
+        attach
+    }
+
+    /// The shard's last subscriber to `topic` left.
+    pub(crate) fn detach(&self, topic: &Topic, shard: u16) {
+        let mut st = topic.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.interest.retain(|&s| s != shard);
+    }
+
+    /// The shard took `n` deliveries out of its inbox.
+    pub(crate) fn taken(&self, shard: usize, n: usize) {
+        self.pending[shard].fetch_sub(n, Relaxed);
+    }
+
+    fn saturated(&self) -> bool {
+        self.pending
+            .iter()
+            .any(|p| p.load(Relaxed) >= self.max_pending)
+    }
+
+    fn stats(&self, name: &str) -> Option<TopicStats> {
+        let topic = self.existing(name)?;
+        let st = topic.state.lock().unwrap_or_else(|e| e.into_inner());
+        Some(TopicStats {
+            next_seq: st.next_seq,
+            oldest_held: st.history.front().map(|m| m.seq),
+            history_messages: st.history.len(),
+            interested_shards: st.interest.len(),
+            dropped: topic.dropped.load(Relaxed),
+        })
+    }
+}
+
+/// Publishes to topics from any thread: a market-data feed, a timer, another service's
+/// client. Cheap to clone; `Send + Sync`.
+///
+/// ```
+/// use ringcast::{Engine, EngineConfig, Echo, Payload};
+///
+/// let engine = Engine::start(
+///     EngineConfig::default().with_listen("127.0.0.1:0".parse().unwrap()).with_shards(1),
+///     |_| Echo,
+/// )?;
+/// let publisher = engine.handle().publisher();
+/// let feed = std::thread::spawn(move || {
+///     publisher.publish("prices.BTC", Payload::json(r#"{"bid":1}"#).unwrap()).unwrap()
+/// });
+/// assert_eq!(feed.join().unwrap().seq, 1);
+/// engine.stop()?;
+/// # Ok::<(), ringcast::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    pub(crate) hub: Arc<Hub>,
+}
+
+impl Publisher {
+    /// Publishes `payload` to `topic`, made on first use. Subscribers on every shard get it
+    /// in sequence order; it is kept in the topic's history for resume.
+    ///
+    /// # Errors
+    /// A bad topic name, a payload over `pubsub.max_publish_bytes`, or a saturated engine
+    /// ([`PublishError::Saturated`]: nothing was published, retry later).
+    pub fn publish(&self, topic: &str, payload: Payload) -> Result<PublishReceipt, PublishError> {
+        let topic = self.hub.topic(topic)?;
+        self.hub.publish(&topic, payload)
+    }
+
+    /// A handle to one topic, which publishes without looking the name up each time.
+    ///
+    /// # Errors
+    /// [`PublishError::BadTopic`] for a name that breaks the topic rules.
+    pub fn topic(&self, topic: &str) -> Result<TopicPublisher, PublishError> {
+        Ok(TopicPublisher {
+            topic: self.hub.topic(topic)?,
+            hub: self.hub.clone(),
+        })
+    }
+
+    /// Whether any shard has more than `pubsub.max_pending_per_shard` deliveries waiting.
+    pub fn is_saturated(&self) -> bool {
+        self.hub.saturated()
+    }
+
+    /// The counters of `topic`, if it exists.
+    pub fn topic_stats(&self, topic: &str) -> Option<TopicStats> {
+        self.hub.stats(topic)
+    }
+}
+
+/// Publishes to one topic; see [`Publisher::topic`].
+#[derive(Debug, Clone)]
+pub struct TopicPublisher {
+    topic: Arc<Topic>,
+    hub: Arc<Hub>,
+}
+
+impl TopicPublisher {
+    /// As [`Publisher::publish`], to this handle's topic.
+    ///
+    /// # Errors
+    /// As [`Publisher::publish`].
+    pub fn publish(&self, payload: Payload) -> Result<PublishReceipt, PublishError> {
+        self.hub.publish(&self.topic, payload)
+    }
+
+    /// The topic's name.
+    pub fn name(&self) -> &str {
+        &self.topic.name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub(max_pending: usize, history: usize) -> (Hub, crate::bus::Inbox) {
+        let (mailbox, inbox) = crate::bus::channel();
+        let config = PubSubConfig {
+            max_pending_per_shard: max_pending,
+            history_max_messages: history,
+            ..PubSubConfig::default()
+        };
+        (Hub::new(&config, vec![mailbox]), inbox)
+    }
+
+    #[test]
+    fn a_shard_that_falls_behind_saturates_then_refuses_publishes() {
+        let (hub, inbox) = hub(4, 16);
+        let topic = hub.topic("t").unwrap();
+        hub.attach(&topic, 0, true, None);
+        let mut saturated = Vec::new();
+        for _ in 0..8 {
+            saturated.push(
+                hub.publish(&topic, Payload::Json("1".into()))
+                    .unwrap()
+                    .saturated,
+            );
+        }
+        assert_eq!(
+            saturated,
+            [false, false, false, false, true, true, true, true]
+        );
+        assert_eq!(
+            hub.publish(&topic, Payload::Json("1".into())),
+            Err(PublishError::Saturated)
+        );
+        // Nothing was sequenced for the refused publish.
+        let mut seqs = Vec::new();
+        while let Some(ShardMsg::Deliver(m)) = inbox.try_recv() {
+            seqs.push(m.seq);
+        }
+        assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+        hub.taken(0, 8);
+        assert_eq!(
+            hub.publish(&topic, Payload::Json("1".into())).unwrap().seq,
+            9
+        );
+    }
+
+    #[test]
+    fn history_is_bounded_by_count_and_bytes_and_replays_after_since() {
+        let (hub, _inbox) = hub(1 << 20, 5);
+        let topic = hub.topic("t").unwrap();
+        for _ in 0..9 {
+            hub.publish(&topic, Payload::Binary(vec![0; 10].into()))
+                .unwrap();
+        }
+        let a = hub.attach(&topic, 0, true, Some(6));
+        assert_eq!(a.live_from, 10);
+        assert_eq!(a.reset, None);
+        assert_eq!(
+            a.replay.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            [7, 8, 9]
+        );
+        let b = hub.attach(&topic, 0, false, Some(1));
+        assert_eq!(b.reset, Some(5), "history holds 5..=9");
+        assert_eq!(b.replayed, 5);
+        assert!(hub.topic("bad topic").is_err());
+    }
+
+    #[test]
+    fn frames_are_made_once_per_format_and_shared() {
+        let (hub, _inbox) = hub(16, 4);
+        let topic = hub.topic("t").unwrap();
+        hub.publish(&topic, Payload::Text("hi".into())).unwrap();
+        let st = topic.state.lock().unwrap();
+        let msg = st.history.back().unwrap();
+        let raw = msg.frame(DeliveryFormat::Raw).clone();
+        assert_eq!(&raw[..], b"\x81\x02hi");
+        assert_eq!(raw.as_ptr(), msg.frame(DeliveryFormat::Raw).as_ptr());
+        let json = msg.frame(DeliveryFormat::Envelope(Encoding::Json));
+        assert!(json.ends_with(br#""data":"hi"}"#), "{json:?}");
+    }
+}

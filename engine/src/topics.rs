@@ -1,0 +1,456 @@
+//! A shard's side of pub/sub: which of its connections subscribe to what, and each
+//! connection's bounded data ring with its overflow policy.
+//!
+//! Owns the shard-local topic table (topic to subscribers, with back-pointers so a connection
+//! leaves in O(its subscriptions)), the per-connection [`ConnPubSub`] (delivery format,
+//! policy, subscriptions, the data ring, drop notices, budgets), delivery of one published
+//! message to every local subscriber, and the move of ring messages onto the socket's queue.
+//! The data ring is the only place topic data may be dropped: acks, errors and notices go
+//! straight onto the connection's outbound queue (the lossless control lane).
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use ringcast_protocol::{envelope, CloseCode};
+use slab::Slab;
+
+use crate::{
+    config::RingOverflow,
+    conn::{ConnTable, Phase},
+    handler::CloseInitiator,
+    pubsub::{Attach, DeliveryFormat, Published, Topic},
+};
+
+/// Topics with subscribers on this shard.
+#[derive(Debug, Default)]
+pub(crate) struct LocalTopics {
+    by_name: HashMap<Arc<str>, u32>,
+    topics: Slab<LocalTopic>,
+}
+
+#[derive(Debug)]
+struct LocalTopic {
+    topic: Arc<Topic>,
+    subs: Vec<Sub>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sub {
+    key: u32,
+    /// Messages with a lower seq still in the inbox predate this subscription.
+    live_from: u64,
+}
+
+/// One connection's pub/sub state, made on its first pub/sub use (boxed in the connection:
+/// a connection that never subscribes pays one pointer).
+#[derive(Debug)]
+pub(crate) struct ConnPubSub {
+    pub(crate) format: DeliveryFormat,
+    pub(crate) overflow: RingOverflow,
+    /// (local topic, index of this connection in that topic's subscribers).
+    subs: Vec<(u32, u32)>,
+    ring: VecDeque<Item>,
+    ring_bytes: usize,
+    drops: Vec<DropNote>,
+    pub(crate) dropped: u64,
+    pub(crate) publish_budget: TokenBucket,
+    pub(crate) bad_request_budget: TokenBucket,
+}
+
+#[derive(Debug)]
+struct Item {
+    frame: Bytes,
+    seq: u64,
+    topic: u32,
+}
+
+/// Deliveries of one topic dropped since the client last heard of it.
+#[derive(Debug)]
+struct DropNote {
+    topic: u32,
+    name: Arc<str>,
+    count: u64,
+    /// The highest seq dropped.
+    last: u64,
+}
+
+/// A token bucket: `burst` tokens, refilled at `rate` per second.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TokenBucket {
+    tokens: f64,
+    burst: f64,
+    rate: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    pub(crate) fn new(rate: f64, burst: f64) -> Self {
+        Self {
+            tokens: burst,
+            burst,
+            rate,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes a token if there is one.
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What became of a delivery offered to a connection's ring.
+enum Offer {
+    Queued,
+    Disconnect,
+}
+
+impl ConnTable {
+    /// The connection's pub/sub state, made on first use.
+    pub(crate) fn pubsub(&mut self, key: usize) -> &mut ConnPubSub {
+        let s = &self.settings.pubsub;
+        self.conns[key].pubsub.get_or_insert_with(|| {
+            Box::new(ConnPubSub {
+                format: DeliveryFormat::Raw,
+                overflow: s.ring_overflow,
+                subs: Vec::new(),
+                ring: VecDeque::new(),
+                ring_bytes: 0,
+                drops: Vec::new(),
+                dropped: 0,
+                publish_budget: TokenBucket::new(
+                    f64::from(s.publish_rate_per_sec),
+                    f64::from(s.publish_burst.max(1)),
+                ),
+                bad_request_budget: TokenBucket::new(1.0, f64::from(s.max_bad_requests)),
+            })
+        })
+    }
+
+    /// The hub's topic for `name`, from the local table when this shard already has it.
+    pub(crate) fn local_topic(&self, name: &str) -> Option<Arc<Topic>> {
+        let &id = self.topics.by_name.get(name)?;
+        Some(self.topics.topics[id as usize].topic.clone())
+    }
+
+    /// Subscribes connection `key` to `topic`; a repeated subscription starts over (so a
+    /// `since` replays again). Queues the replay onto the data ring.
+    pub(crate) fn subscribe(
+        &mut self,
+        key: usize,
+        topic: Arc<Topic>,
+        since: Option<u64>,
+    ) -> Result<Attach, SubscribeLimit> {
+        if self.is_subscribed(key, &topic.name) {
+            self.unsubscribe(key, &topic.name);
+        }
+        let max = self.settings.pubsub.max_subscriptions_per_connection;
+        if self.pubsub(key).subs.len() >= max {
+            return Err(SubscribeLimit);
+        }
+        let shard = self.shard.0;
+        let (id, first) = match self.topics.by_name.get(&*topic.name) {
+            Some(&id) => (id, false),
+            None => {
+                let id = self.topics.topics.insert(LocalTopic {
+                    topic: topic.clone(),
+                    subs: Vec::new(),
+                }) as u32;
+                self.topics.by_name.insert(topic.name.clone(), id);
+                (id, true)
+            }
+        };
+        let mut attach = self.hub.attach(&topic, shard, first, since);
+        let local = &mut self.topics.topics[id as usize];
+        let index = local.subs.len() as u32;
+        local.subs.push(Sub {
+            key: key as u32,
+            live_from: attach.live_from,
+        });
+        self.pubsub(key).subs.push((id, index));
+        for msg in std::mem::take(&mut attach.replay) {
+            if let Offer::Disconnect = self.offer(key, id, &msg) {
+                self.slow_consumer(key);
+                break;
+            }
+        }
+        self.notify(key, usize::MAX);
+        Ok(attach)
+    }
+
+    fn is_subscribed(&self, key: usize, name: &str) -> bool {
+        let Some(&id) = self.topics.by_name.get(name) else {
+            return false;
+        };
+        self.conns[key]
+            .pubsub
+            .as_ref()
+            .is_some_and(|ps| ps.subs.iter().any(|&(t, _)| t == id))
+    }
+
+    /// Ends connection `key`'s subscription to `name`; false if it had none. Its messages of
+    /// that topic still in the ring are dropped with it (the client asked to stop).
+    pub(crate) fn unsubscribe(&mut self, key: usize, name: &str) -> bool {
+        let Some(&id) = self.topics.by_name.get(name) else {
+            return false;
+        };
+        let Some(ps) = self.conns[key].pubsub.as_mut() else {
+            return false;
+        };
+        let Some(pos) = ps.subs.iter().position(|&(t, _)| t == id) else {
+            return false;
+        };
+        let (_, index) = ps.subs.swap_remove(pos);
+        let mut freed = 0;
+        ps.ring.retain(|item| {
+            let keep = item.topic != id;
+            if !keep {
+                freed += item.frame.len();
+            }
+            keep
+        });
+        ps.ring_bytes -= freed;
+        ps.drops.retain(|d| d.topic != id);
+        self.remove_sub(id, index);
+        true
+    }
+
+    /// Ends every subscription of connection `key` (it is closing).
+    pub(crate) fn unsubscribe_all(&mut self, key: usize) {
+        let Some(ps) = self.conns[key].pubsub.as_mut() else {
+            return;
+        };
+        let subs = std::mem::take(&mut ps.subs);
+        ps.ring.clear();
+        ps.ring_bytes = 0;
+        ps.drops.clear();
+        for (id, index) in subs {
+            self.remove_sub(id, index);
+        }
+    }
+
+    /// Removes the subscriber at `index` of local topic `id`, fixing the back-pointer of the
+    /// one moved into its place, and the topic itself when it was the last.
+    fn remove_sub(&mut self, id: u32, index: u32) {
+        let local = &mut self.topics.topics[id as usize];
+        local.subs.swap_remove(index as usize);
+        if let Some(moved) = local.subs.get(index as usize) {
+            let moved_key = moved.key as usize;
+            if let Some(ps) = self.conns[moved_key].pubsub.as_mut() {
+                if let Some(entry) = ps.subs.iter_mut().find(|(t, _)| *t == id) {
+                    entry.1 = index;
+                }
+            }
+        }
+        if local.subs.is_empty() {
+            let local = self.topics.topics.remove(id as usize);
+            self.topics.by_name.remove(&*local.topic.name);
+            self.hub.detach(&local.topic, self.shard.0);
+        }
+    }
+
+    /// Queues one published message to every local subscriber of its topic.
+    pub(crate) fn deliver(&mut self, msg: &Published) {
+        let Some(&id) = self.topics.by_name.get(&*msg.topic.name) else {
+            return; // the last subscriber left while it was on its way
+        };
+        let mut slow = Vec::new();
+        let count = self.topics.topics[id as usize].subs.len();
+        for i in 0..count {
+            let sub = self.topics.topics[id as usize].subs[i];
+            if msg.seq < sub.live_from {
+                continue;
+            }
+            let key = sub.key as usize;
+            match self.offer(key, id, msg) {
+                Offer::Queued => self.notify(key, usize::MAX),
+                Offer::Disconnect => slow.push(key),
+            }
+        }
+        self.metrics.deliveries.add(count as u64);
+        for key in slow {
+            self.slow_consumer(key);
+        }
+    }
+
+    /// Puts `msg` on connection `key`'s data ring, applying its overflow policy.
+    fn offer(&mut self, key: usize, topic: u32, msg: &Published) -> Offer {
+        let max_messages = self.settings.pubsub.ring_max_messages;
+        let max_bytes = self.settings.pubsub.ring_max_bytes;
+        let topics = &self.topics;
+        let metrics = &self.metrics;
+        let conn = &mut self.conns[key];
+        let Phase::Open(codec) = &conn.phase else {
+            return Offer::Queued; // closing: it would never be sent
+        };
+        if !codec.can_send() {
+            return Offer::Queued;
+        }
+        let Some(ps) = conn.pubsub.as_mut() else {
+            return Offer::Queued;
+        };
+        let frame = msg.frame(ps.format).clone();
+        let len = frame.len();
+        let fits = |ps: &ConnPubSub| {
+            ps.ring.is_empty() || (ps.ring.len() < max_messages && ps.ring_bytes + len <= max_bytes)
+        };
+        if !fits(ps) {
+            let mut dropped = 0u64;
+            match ps.overflow {
+                RingOverflow::Disconnect => return Offer::Disconnect,
+                RingOverflow::DropNewest => {
+                    ps.note_drop(topic, &msg.topic.name, msg.seq);
+                    msg.topic.dropped.fetch_add(1, Relaxed);
+                    metrics.ring_dropped.incr();
+                    return Offer::Queued;
+                }
+                RingOverflow::Conflate => {
+                    if let Some(pos) = ps.ring.iter().rposition(|it| it.topic == topic) {
+                        let old = &mut ps.ring[pos];
+                        let old_seq = old.seq;
+                        ps.ring_bytes = ps.ring_bytes - old.frame.len() + len;
+                        *old = Item {
+                            frame,
+                            seq: msg.seq,
+                            topic,
+                        };
+                        ps.note_drop(topic, &msg.topic.name, old_seq);
+                        msg.topic.dropped.fetch_add(1, Relaxed);
+                        metrics.ring_dropped.incr();
+                        return Offer::Queued;
+                    }
+                }
+                RingOverflow::DropOldest => {}
+            }
+            // Drop the oldest until the new one fits.
+            while !fits(ps) {
+                let Some(old) = ps.ring.pop_front() else {
+                    break;
+                };
+                ps.ring_bytes -= old.frame.len();
+                let local = &topics.topics[old.topic as usize];
+                local.topic.dropped.fetch_add(1, Relaxed);
+                ps.note_drop(old.topic, &local.topic.name, old.seq);
+                dropped += 1;
+            }
+            metrics.ring_dropped.add(dropped);
+        }
+        ps.ring_bytes += len;
+        ps.ring.push_back(Item {
+            frame,
+            seq: msg.seq,
+            topic,
+        });
+        Offer::Queued
+    }
+
+    /// Closes a connection whose ring overflowed under the disconnect policy.
+    fn slow_consumer(&mut self, key: usize) {
+        self.metrics.slow_consumer_closes.incr();
+        if let Some(ps) = self.conns[key].pubsub.as_mut() {
+            ps.ring.clear();
+            ps.ring_bytes = 0;
+        }
+        tracing::debug!(conn = %self.id_of(key), "slow consumer: data ring full");
+        self.close(
+            key,
+            CloseCode::POLICY,
+            "slow consumer",
+            CloseInitiator::Server,
+            usize::MAX,
+        );
+    }
+
+    /// Moves topic messages from connection `key`'s data ring onto its outbound queue while
+    /// less than the write window is queued there, each preceded by the drop notice owed for
+    /// its topic. Called by the drivers before they write. Returns true if messages are
+    /// still waiting (the window is full).
+    pub(crate) fn refill(&mut self, key: usize) -> bool {
+        let window = self.settings.pubsub.write_window_bytes;
+        let conn = &mut self.conns[key];
+        let Some(ps) = conn.pubsub.as_mut() else {
+            return false;
+        };
+        // Nothing may follow a close frame.
+        if !matches!(&conn.phase, Phase::Open(codec) if codec.can_send()) {
+            return false;
+        }
+        if ps.ring.is_empty() && ps.drops.is_empty() {
+            return false;
+        }
+        let encoding = match ps.format {
+            DeliveryFormat::Envelope(enc) => Some(enc),
+            DeliveryFormat::Raw => None,
+        };
+        while conn.out.len_bytes() < window {
+            let Some(item) = ps.ring.pop_front() else {
+                break;
+            };
+            ps.ring_bytes -= item.frame.len();
+            if let Some(i) = ps
+                .drops
+                .iter()
+                .position(|d| d.topic == item.topic && item.seq > d.last)
+            {
+                let note = ps.drops.swap_remove(i);
+                if let Some(enc) = encoding {
+                    conn.out.push_encoded(envelope::dropped_frame(
+                        enc, &note.name, note.count, item.seq,
+                    ));
+                }
+            }
+            conn.out.push_encoded(item.frame);
+            self.metrics.messages_out.incr();
+        }
+        if ps.ring.is_empty() {
+            for note in ps.drops.drain(..) {
+                if let Some(enc) = encoding {
+                    conn.out.push_encoded(envelope::dropped_frame(
+                        enc,
+                        &note.name,
+                        note.count,
+                        note.last + 1,
+                    ));
+                }
+            }
+            if ps.ring.capacity() > 64 {
+                ps.ring = VecDeque::new();
+            }
+        }
+        !ps.ring.is_empty()
+    }
+}
+
+/// The connection is at `pubsub.max_subscriptions_per_connection`.
+#[derive(Debug)]
+pub(crate) struct SubscribeLimit;
+
+impl ConnPubSub {
+    fn note_drop(&mut self, topic: u32, name: &Arc<str>, seq: u64) {
+        self.dropped += 1;
+        match self.drops.iter_mut().find(|d| d.topic == topic) {
+            Some(note) => {
+                note.count += 1;
+                note.last = note.last.max(seq);
+            }
+            None => self.drops.push(DropNote {
+                topic,
+                name: name.clone(),
+                count: 1,
+                last: seq,
+            }),
+        }
+    }
+}
