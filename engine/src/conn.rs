@@ -30,7 +30,7 @@ use crate::{
     handler::{CloseInfo, CloseInitiator, Enqueue, Frame, Message},
     metrics::ShardMetrics,
     outbound::Outbound,
-    pubsub::Hub,
+    pubsub::{DeliveryFormat, Hub},
     topics::{ConnPubSub, LocalTopics},
 };
 
@@ -688,13 +688,25 @@ impl ConnTable {
         for key in keys {
             let conn = &mut self.conns[key];
             match conn.phase {
-                Phase::Open(_) => self.close(
-                    key,
-                    CloseCode::GOING_AWAY,
-                    "server shutting down",
-                    CloseInitiator::Server,
-                    usize::MAX,
-                ),
+                Phase::Open(_) => {
+                    // Envelope clients hear why before the close frame.
+                    if let Some(DeliveryFormat::Envelope(enc)) =
+                        conn.pubsub.as_ref().map(|ps| ps.format)
+                    {
+                        conn.out
+                            .push_encoded(ringcast_protocol::envelope::shutdown_frame(
+                                enc,
+                                "server shutting down",
+                            ));
+                    }
+                    self.close(
+                        key,
+                        CloseCode::GOING_AWAY,
+                        "server shutting down",
+                        CloseInitiator::Server,
+                        usize::MAX,
+                    )
+                }
                 Phase::Handshake(_) => {
                     conn.out.push_encoded(ringcast_protocol::http_response(
                         503,

@@ -56,6 +56,19 @@
 //! | connections per shard | 65536 | [`LimitsConfig::max_connections_per_shard`] |
 //! | handshake / close / shutdown timeouts | 10 s / 5 s / 10 s | [`TimeoutsConfig`] |
 //! | read buffer | 64 KiB per shard (not per connection) | [`IoConfig::read_buffer_bytes`] |
+//! | topic history | 1024 messages or 1 MiB per topic | [`PubSubConfig`] |
+//! | data ring | 1024 messages or 1 MiB per connection, drop-oldest | [`PubSubConfig`] |
+//! | subscriptions / publishes | 256 per connection / 1000 per s, burst 1000 | [`PubSubConfig`] |
+//! | bad requests before 1008 | 20, refilled at 1 per s | [`PubSubConfig::max_bad_requests`] |
+//!
+//! ## Pub/sub
+//!
+//! Topics live in the process (the in-memory broker backend). [`Ctx::subscribe`] puts a
+//! connection on a topic, optionally replaying history after a seq; [`Ctx::publish`] and
+//! [`Publisher::publish`] (any thread) sequence a message under the topic's lock and hand it
+//! to every shard with subscribers, where it is framed once per delivery format and queued to
+//! each subscriber's data ring. [`Broker`] is the wire protocol of `protocol/PROTOCOL.md` on
+//! top of these calls; [`Broadcast`] is the raw all-to-all benchmark server.
 //!
 //! ## Features
 //!

@@ -957,6 +957,26 @@ fn thousands_of_subscribers_in_child_processes_get_every_message() {
 }
 
 #[test]
+fn envelope_clients_get_a_shutdown_notice_then_1001() {
+    let engine = broker(config(1));
+    let mut ws = client(engine.local_addr(), "/", Encoding::Json);
+    subscribe(&mut ws, 1, "t", None);
+    engine.handle().stop();
+    let TMessage::Text(text) = ws.read().unwrap() else {
+        panic!("a notice first")
+    };
+    assert_eq!(
+        text.as_str(),
+        r#"{"type":"shutdown","reason":"server shutting down"}"#
+    );
+    match ws.read().unwrap() {
+        TMessage::Close(Some(frame)) => assert_eq!(frame.code, TCloseCode::Away),
+        other => panic!("{other:?}"),
+    }
+    engine.wait().unwrap();
+}
+
+#[test]
 fn overflow_names_round_trip() {
     for p in [
         RingOverflow::DropOldest,
