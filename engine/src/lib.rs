@@ -70,6 +70,7 @@
 pub struct ReadmeDoctests;
 
 mod bus;
+pub mod capacity;
 mod config;
 mod conn;
 mod echo;

@@ -44,3 +44,49 @@ fn serve_refuses_an_address_in_use() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("cannot listen"), "{err}");
 }
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn capacity_prints_hosts_per_limit_as_text_and_json() {
+    let args = [
+        "capacity",
+        "--users",
+        "2000000",
+        "--shards-per-host",
+        "8",
+        "--ram-gib",
+        "32",
+        "--msgs-per-sec",
+        "20000",
+        "--fanout",
+        "100",
+    ];
+    let out = ringcast(&args);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("hosts needed: 4 (binding: config)"), "{text}");
+
+    let out = ringcast(&[&args[..], &["--json"]].concat());
+    assert!(out.status.success(), "{out:?}");
+    let estimate = json(&out);
+    assert_eq!(estimate["hosts"], 4);
+    assert_eq!(estimate["binding"], "config");
+    assert_eq!(estimate["limits"][2]["hosts"], 3);
+
+    let out = ringcast(&[
+        "capacity",
+        "--users",
+        "1",
+        "--shards-per-host",
+        "0",
+        "--ram-gib",
+        "1",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("shards_per_host"), "{err}");
+}

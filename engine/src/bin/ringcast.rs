@@ -28,6 +28,8 @@ enum Command {
     Serve(ServeArgs),
     /// Print the effective configuration as TOML (defaults, then the file, then flags).
     Config(ConfigArgs),
+    /// Plan hosts for a load: hosts needed by open files, memory, CPU and config.
+    Capacity(CapacityArgs),
 }
 
 #[derive(Debug, Args)]
@@ -54,6 +56,43 @@ struct ServeArgs {
     /// Until the broker lands this is also what `serve` does without the flag.
     #[arg(long)]
     echo: bool,
+}
+
+#[derive(Debug, Args)]
+struct CapacityArgs {
+    /// Users at peak.
+    #[arg(long)]
+    users: u64,
+    /// Connections per user, on average.
+    #[arg(long, default_value_t = 1.0)]
+    conns_per_user: f64,
+    /// Shards (cores given to ringcast) per host.
+    #[arg(long)]
+    shards_per_host: u64,
+    /// RAM per host, in GiB.
+    #[arg(long)]
+    ram_gib: f64,
+    /// Messages published per second, across the deployment.
+    #[arg(long, default_value_t = 0.0)]
+    msgs_per_sec: f64,
+    /// Deliveries per message (subscribers that receive each one).
+    #[arg(long, default_value_t = 1.0)]
+    fanout: f64,
+    /// Open-files limit of ringcast on each host [default: the tuned profile's 4194304].
+    #[arg(long)]
+    nofile: Option<u64>,
+    /// Fraction of each shard's core that message work may use.
+    #[arg(long, default_value_t = 0.5)]
+    cpu_utilisation: f64,
+    /// Fraction of RAM kept free for the OS and busy connections' queued data.
+    #[arg(long, default_value_t = 0.25)]
+    memory_headroom: f64,
+    /// TOML file with settings (buffers, request head, max_connections_per_shard).
+    #[arg(long, short = 'c', env = "RINGCAST_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 fn parse_driver(s: &str) -> Result<Driver, String> {
@@ -101,6 +140,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Config(args) => args.load().map(|c| print!("{}", c.to_toml())),
+        Command::Capacity(args) => capacity(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -155,4 +195,45 @@ fn serve(args: ServeArgs) -> Result<()> {
         "ringcast stopped"
     );
     Ok(())
+}
+
+fn capacity(args: CapacityArgs) -> Result<()> {
+    // Only the file: capacity plans for other hosts, so --shards and friends do not apply.
+    let config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            EngineConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))?
+        }
+        None => EngineConfig::default(),
+    };
+    config.validate()?;
+    let mut inputs = ringcast::capacity::Inputs::new(
+        args.users,
+        args.shards_per_host,
+        (args.ram_gib * (1u64 << 30) as f64) as u64,
+    )
+    .with_connections_per_user(args.conns_per_user)
+    .with_messages_per_sec(args.msgs_per_sec)
+    .with_fanout(args.fanout)
+    .with_cpu_utilisation(args.cpu_utilisation)
+    .with_memory_headroom(args.memory_headroom);
+    if let Some(nofile) = args.nofile {
+        inputs = inputs.with_nofile_per_host(nofile);
+    }
+    let estimate = inputs.estimate(&config)?;
+    match args.json {
+        true => emit(&format!("{}\n", serde_json::to_string_pretty(&estimate)?)),
+        false => emit(&estimate.to_string()),
+    }
+}
+
+/// Writes a report to stdout and flushes it; a reader that stopped early (`| head`) is fine.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
