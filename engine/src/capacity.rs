@@ -1,6 +1,6 @@
 //! Capacity planning without a host: how many hosts a deployment needs, and which limit decides.
 //!
-//! Owns the measured per-connection costs ([`Costs`]),
+//! Owns the measured per-connection costs ([`Costs`], shared with [`doctor`](crate::doctor)),
 //! the planning inputs ([`Inputs`]) and the answer ([`Estimate`]): hosts needed by open files,
 //! by memory, by CPU and by the config's connection cap, with the binding one named. It reads
 //! nothing from the machine it runs on and opens nothing; every figure comes from the inputs,

@@ -73,6 +73,7 @@ mod bus;
 pub mod capacity;
 mod config;
 mod conn;
+pub mod doctor;
 mod echo;
 mod error;
 mod handler;

@@ -28,6 +28,9 @@ enum Command {
     Serve(ServeArgs),
     /// Print the effective configuration as TOML (defaults, then the file, then flags).
     Config(ConfigArgs),
+    /// Check this host for a target connection count: the binding limit and how to lift it.
+    /// Exit status 0 when the target fits, 1 when it does not (or the host cannot be read).
+    Doctor(DoctorArgs),
     /// Plan hosts for a load: hosts needed by open files, memory, CPU and config.
     Capacity(CapacityArgs),
 }
@@ -56,6 +59,25 @@ struct ServeArgs {
     /// Until the broker lands this is also what `serve` does without the flag.
     #[arg(long)]
     echo: bool,
+}
+
+#[derive(Debug, Args)]
+struct DoctorArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Root of the host to read (/proc and /sys under it); another path reads a copy.
+    #[arg(long, default_value = "/")]
+    root: PathBuf,
+    /// Connections to check for [default: shards x limits.max_connections_per_shard].
+    #[arg(long)]
+    target: Option<u64>,
+    /// The connections are opened from this host to one address (a proxy in front of
+    /// ringcast, a load generator): count ephemeral ports too.
+    #[arg(long)]
+    outbound: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -140,6 +162,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Config(args) => args.load().map(|c| print!("{}", c.to_toml())),
+        Command::Doctor(args) => doctor(args),
         Command::Capacity(args) => capacity(args),
     };
     match result {
@@ -194,6 +217,30 @@ fn serve(args: ServeArgs) -> Result<()> {
         messages_out = total.messages_out,
         "ringcast stopped"
     );
+    Ok(())
+}
+
+fn doctor(args: DoctorArgs) -> Result<()> {
+    use ringcast::doctor::{self, Host, Target};
+    let config = args.config.load()?;
+    let host = Host::read(&args.root)
+        .with_context(|| format!("reading the host under {}", args.root.display()))?;
+    let connections = args.target.unwrap_or_else(|| {
+        doctor::effective_shards(&host, &config) * config.limits.max_connections_per_shard as u64
+    });
+    let target = match args.outbound {
+        true => Target::outbound(connections),
+        false => Target::inbound(connections),
+    };
+    let report = doctor::diagnose(&host, &config, target);
+    match args.json {
+        true => emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?,
+        false => emit(&report.to_string())?,
+    }
+    if !report.fits {
+        // The report says why; exit status 1 says "does not fit".
+        std::process::exit(1);
+    }
     Ok(())
 }
 
