@@ -84,8 +84,10 @@ pub struct ReadmeDoctests;
 
 mod broker;
 mod bus;
+pub mod capacity;
 mod config;
 mod conn;
+pub mod doctor;
 mod echo;
 mod error;
 mod handler;

@@ -44,3 +44,115 @@ fn serve_refuses_an_address_in_use() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("cannot listen"), "{err}");
 }
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn doctor_exit_status_says_whether_the_target_fits() {
+    let tight = fixture("tight");
+    let out = ringcast(&["doctor", "--root", &tight, "--json", "--target", "100000"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let report = json(&out);
+    assert_eq!(report["fits"], false);
+    assert_eq!(report["binding"], "file-descriptors");
+
+    let out = ringcast(&["doctor", "--root", &tight, "--json", "--target", "900"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(json(&out)["fits"], true);
+
+    // Text for people, same verdict.
+    let out = ringcast(&["doctor", "--root", &tight, "--target", "100000"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("does NOT fit 100,000"), "{text}");
+}
+
+#[test]
+fn doctor_uses_the_effective_config_and_defaults_the_target_to_its_cap() {
+    // Without --target: 16 cores x 65,536 connections per shard.
+    let out = ringcast(&["doctor", "--root", &fixture("tuned"), "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let report = json(&out);
+    assert_eq!(report["target"]["connections"], 1_048_576);
+    assert_eq!(report["binding"], "config");
+
+    let no_uring = fixture("no-io-uring");
+    let out = ringcast(&["doctor", "--root", &no_uring, "--target", "10000"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = ringcast(&[
+        "doctor", "--root", &no_uring, "--target", "10000", "--driver", "epoll", "--shards", "2",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("driver epoll, 2 shards (from config)"),
+        "{text}"
+    );
+
+    let out = ringcast(&[
+        "doctor",
+        "--root",
+        &fixture("tuned"),
+        "--outbound",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["binding"], "ports");
+}
+
+#[test]
+fn doctor_on_a_missing_root_fails_saying_why() {
+    let out = ringcast(&["doctor", "--root", "/nonexistent/ringcast-host"]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("/nonexistent/ringcast-host"), "{err}");
+}
+
+#[test]
+fn capacity_prints_hosts_per_limit_as_text_and_json() {
+    let args = [
+        "capacity",
+        "--users",
+        "2000000",
+        "--shards-per-host",
+        "8",
+        "--ram-gib",
+        "32",
+        "--msgs-per-sec",
+        "20000",
+        "--fanout",
+        "100",
+    ];
+    let out = ringcast(&args);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("hosts needed: 4 (binding: config)"), "{text}");
+
+    let out = ringcast(&[&args[..], &["--json"]].concat());
+    assert!(out.status.success(), "{out:?}");
+    let estimate = json(&out);
+    assert_eq!(estimate["hosts"], 4);
+    assert_eq!(estimate["binding"], "config");
+    assert_eq!(estimate["limits"][2]["hosts"], 3);
+
+    let out = ringcast(&[
+        "capacity",
+        "--users",
+        "1",
+        "--shards-per-host",
+        "0",
+        "--ram-gib",
+        "1",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("shards_per_host"), "{err}");
+}

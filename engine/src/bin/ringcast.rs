@@ -28,6 +28,11 @@ enum Command {
     Serve(ServeArgs),
     /// Print the effective configuration as TOML (defaults, then the file, then flags).
     Config(ConfigArgs),
+    /// Check this host for a target connection count: the binding limit and how to lift it.
+    /// Exit status 0 when the target fits, 1 when it does not (or the host cannot be read).
+    Doctor(DoctorArgs),
+    /// Plan hosts for a load: hosts needed by open files, memory, CPU and config.
+    Capacity(CapacityArgs),
 }
 
 #[derive(Debug, Args)]
@@ -59,6 +64,62 @@ struct ServeArgs {
     /// fan-out path.
     #[arg(long)]
     broadcast: bool,
+}
+
+#[derive(Debug, Args)]
+struct DoctorArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Root of the host to read (/proc and /sys under it); another path reads a copy.
+    #[arg(long, default_value = "/")]
+    root: PathBuf,
+    /// Connections to check for [default: shards x limits.max_connections_per_shard].
+    #[arg(long)]
+    target: Option<u64>,
+    /// The connections are opened from this host to one address (a proxy in front of
+    /// ringcast, a load generator): count ephemeral ports too.
+    #[arg(long)]
+    outbound: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct CapacityArgs {
+    /// Users at peak.
+    #[arg(long)]
+    users: u64,
+    /// Connections per user, on average.
+    #[arg(long, default_value_t = 1.0)]
+    conns_per_user: f64,
+    /// Shards (cores given to ringcast) per host.
+    #[arg(long)]
+    shards_per_host: u64,
+    /// RAM per host, in GiB.
+    #[arg(long)]
+    ram_gib: f64,
+    /// Messages published per second, across the deployment.
+    #[arg(long, default_value_t = 0.0)]
+    msgs_per_sec: f64,
+    /// Deliveries per message (subscribers that receive each one).
+    #[arg(long, default_value_t = 1.0)]
+    fanout: f64,
+    /// Open-files limit of ringcast on each host [default: the tuned profile's 4194304].
+    #[arg(long)]
+    nofile: Option<u64>,
+    /// Fraction of each shard's core that message work may use.
+    #[arg(long, default_value_t = 0.5)]
+    cpu_utilisation: f64,
+    /// Fraction of RAM kept free for the OS and busy connections' queued data.
+    #[arg(long, default_value_t = 0.25)]
+    memory_headroom: f64,
+    /// TOML file with settings (buffers, request head, max_connections_per_shard).
+    #[arg(long, short = 'c', env = "RINGCAST_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 fn parse_driver(s: &str) -> Result<Driver, String> {
@@ -106,6 +167,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Config(args) => args.load().map(|c| print!("{}", c.to_toml())),
+        Command::Doctor(args) => doctor(args),
+        Command::Capacity(args) => capacity(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -173,4 +236,69 @@ fn run<H: Handler>(
         "ringcast stopped"
     );
     Ok(())
+}
+
+fn doctor(args: DoctorArgs) -> Result<()> {
+    use ringcast::doctor::{self, Host, Target};
+    let config = args.config.load()?;
+    let host = Host::read(&args.root)
+        .with_context(|| format!("reading the host under {}", args.root.display()))?;
+    let connections = args.target.unwrap_or_else(|| {
+        doctor::effective_shards(&host, &config) * config.limits.max_connections_per_shard as u64
+    });
+    let target = match args.outbound {
+        true => Target::outbound(connections),
+        false => Target::inbound(connections),
+    };
+    let report = doctor::diagnose(&host, &config, target);
+    match args.json {
+        true => emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?,
+        false => emit(&report.to_string())?,
+    }
+    if !report.fits {
+        // The report says why; exit status 1 says "does not fit".
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn capacity(args: CapacityArgs) -> Result<()> {
+    // Only the file: capacity plans for other hosts, so --shards and friends do not apply.
+    let config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            EngineConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))?
+        }
+        None => EngineConfig::default(),
+    };
+    config.validate()?;
+    let mut inputs = ringcast::capacity::Inputs::new(
+        args.users,
+        args.shards_per_host,
+        (args.ram_gib * (1u64 << 30) as f64) as u64,
+    )
+    .with_connections_per_user(args.conns_per_user)
+    .with_messages_per_sec(args.msgs_per_sec)
+    .with_fanout(args.fanout)
+    .with_cpu_utilisation(args.cpu_utilisation)
+    .with_memory_headroom(args.memory_headroom);
+    if let Some(nofile) = args.nofile {
+        inputs = inputs.with_nofile_per_host(nofile);
+    }
+    let estimate = inputs.estimate(&config)?;
+    match args.json {
+        true => emit(&format!("{}\n", serde_json::to_string_pretty(&estimate)?)),
+        false => emit(&estimate.to_string()),
+    }
+}
+
+/// Writes a report to stdout and flushes it; a reader that stopped early (`| head`) is fine.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
