@@ -287,9 +287,11 @@ pub struct IoConfig {
     /// io_uring driver: size of each receive buffer, in bytes. Default 4096. A frame longer
     /// than this arrives in several completions and is gathered in its connection.
     pub ring_buffer_bytes: usize,
-    /// Keep the upgrade request head (path, headers) for the connection's lifetime, readable
-    /// through [`ConnInfo`](crate::ConnInfo). Default true. Memory: the head's size per
-    /// connection (often 200 to 600 bytes); when false only the request target is kept.
+    /// Keep the upgrade request head (headers) for the connection's lifetime, readable
+    /// through [`ConnInfo::header`](crate::ConnInfo::header). Default false: the upgrade hook
+    /// sees every header anyway, and the request target (path and query) and subprotocol are
+    /// always kept. Memory: the head's size per connection (often 200 to 600 bytes; measured
+    /// 415 B instead of 265 B per idle connection at 10,000).
     pub keep_request_head: bool,
 }
 
@@ -303,7 +305,7 @@ impl Default for IoConfig {
             uring_entries: 1024,
             ring_buffers: 1024,
             ring_buffer_bytes: 4096,
-            keep_request_head: true,
+            keep_request_head: false,
         }
     }
 }

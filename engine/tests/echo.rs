@@ -113,7 +113,9 @@ fn many_concurrent_clients_are_spread_over_both_shards() {
 
 #[test]
 fn path_query_subprotocol_and_headers_reach_the_handler() {
-    let (engine, _recorder) = start_recorder(config(1));
+    let mut cfg = config(1);
+    cfg.io.keep_request_head = true; // headers after the upgrade are opt-in
+    let (engine, _recorder) = start_recorder(cfg);
     let (mut ws, resp) = connect_with(
         engine.local_addr(),
         "/room/7?since=41",
@@ -128,6 +130,26 @@ fn path_query_subprotocol_and_headers_reach_the_handler() {
     assert_eq!(
         ws.read().unwrap(),
         WsMessage::text("/room/7 since=41 echo.v1 ringcast-test")
+    );
+    engine.stop().unwrap();
+}
+
+#[test]
+fn without_the_kept_head_path_query_and_subprotocol_remain_but_headers_do_not() {
+    let (engine, _recorder) = start_recorder(config(1));
+    let (mut ws, _) = connect_with(
+        engine.local_addr(),
+        "/room/7?since=41",
+        &[
+            ("Sec-WebSocket-Protocol", "echo.v1"),
+            ("User-Agent", "ringcast-test"),
+        ],
+    )
+    .unwrap();
+    ws.send(WsMessage::text("whoami")).unwrap();
+    assert_eq!(
+        ws.read().unwrap(),
+        WsMessage::text("/room/7 since=41 echo.v1 ")
     );
     engine.stop().unwrap();
 }
