@@ -12,9 +12,13 @@
 //! reproduced with
 //!
 //! ```sh
-//! cargo build --release -p ringcast -p ringcast-bench
-//! target/release/loadgen compare --rounds 3 --duration 5 --idle 10000
+//! cargo build --release -p ringcast --bin ringcast
+//! cargo build --release -p ringcast-bench --bins
+//! target/release/loadgen compare --rounds 3 --duration 4 --idle 10000
 //! ```
+//!
+//! and, for the default config's idle figure, `loadgen idle --conns 10000 --hold 0` against
+//! `ringcast serve --echo --shards 1`.
 //!
 //! Rerun it on the hardware you plan for and compare before trusting a plan near its edge.
 //!
@@ -42,42 +46,45 @@ use crate::{
     error::ConfigError,
 };
 
-/// Server RSS per idle upgraded connection, in bytes, with the request head kept (the default).
+/// Server RSS per idle upgraded connection, in bytes, with `[io] keep_request_head = true`.
 ///
-/// `bench/RESULTS.md`, "Idle, 10,000 connections", ringcast row: 693 B of server RSS per
-/// connection (`target/release/loadgen compare --rounds 3 --duration 5 --idle 10000`, median
-/// of 3 rounds). It includes the slab entry, the kept upgrade head, allocator overhead and
-/// rounding.
-pub const IDLE_USER_BYTES_PER_CONNECTION: u64 = 693;
+/// `bench/RESULTS.md`, "Idle, 10,000 connections" (run of 2026-11-23, when keeping the head
+/// was the default): 415 B of server RSS per connection (`target/release/loadgen compare
+/// --rounds 3 --duration 4 --idle 10000`). It includes the slab entry, the kept upgrade head,
+/// allocator overhead and rounding.
+pub const IDLE_USER_BYTES_PER_CONNECTION: u64 = 415;
 
-/// Server RSS per idle upgraded connection, in bytes, with `[io] keep_request_head = false`.
+/// Server RSS per idle upgraded connection, in bytes, with the default
+/// `[io] keep_request_head = false`.
 ///
-/// `bench/RESULTS.md`, "Idle, 10,000 connections": 535 B (`loadgen idle --conns 10000` against
-/// `ringcast serve --echo --shards 1 --config FILE` with that setting).
-pub const IDLE_USER_BYTES_PER_CONNECTION_NO_HEAD: u64 = 535;
+/// `bench/RESULTS.md`, "Idle, 10,000 connections": 270 B (`loadgen idle --conns 10000
+/// --hold 0` against `ringcast serve --echo --shards 1`).
+pub const IDLE_USER_BYTES_PER_CONNECTION_NO_HEAD: u64 = 270;
 
 /// Kernel memory per idle connection held by the server, in bytes.
 ///
-/// `bench/RESULTS.md`, "Idle, 10,000 connections", ringcast row: 8,753 B per connection pair
+/// `bench/RESULTS.md`, "Idle, 10,000 connections", ringcast row: 9,394 B per connection pair
 /// (kernel slab objects in use, system-wide). On loopback that counts both ends (two TCP
-/// sockets with their inodes, dentries and files); a server holds one end, so this is half,
-/// rounded up. An idle socket has no data queued: a busy one adds its socket buffers (bounded
-/// by `net.ipv4.tcp_rmem`/`tcp_wmem` per socket and `tcp_mem` in all).
-pub const IDLE_KERNEL_BYTES_PER_CONNECTION: u64 = 4_377;
+/// sockets with their inodes, dentries and files); a server holds one end, so this is half.
+/// An idle socket has no data queued: a busy one adds its socket buffers (bounded by
+/// `net.ipv4.tcp_rmem`/`tcp_wmem` per socket and `tcp_mem` in all).
+pub const IDLE_KERNEL_BYTES_PER_CONNECTION: u64 = 4_697;
 
 /// Server CPU per message, in nanoseconds.
 ///
-/// `bench/RESULTS.md`, "Echo, 100 connections x 20 B, closed loop", ringcast row: 4.41 us of
+/// `bench/RESULTS.md`, "Echo, closed loop", ringcast row, 100 conns x 20 B: 3.84 us of
 /// server CPU per echoed message (one frame received and parsed, one frame sent), median of 3
-/// rounds, server at 99-100% of one core.
-pub const CPU_NANOS_PER_MESSAGE: u64 = 4_410;
+/// rounds, server at 98% of one core.
+pub const CPU_NANOS_PER_MESSAGE: u64 = 3_840;
 
 /// Server CPU per delivery (one frame sent to one subscriber), in nanoseconds.
 ///
-/// `bench/RESULTS.md` has no broadcast figure yet, so this is the echo figure of
-/// [`CPU_NANOS_PER_MESSAGE`]. An echo both receives and sends; a delivery only sends, so this
-/// overstates the cost of fan-out. Replace it once the broadcast scenario's figure is recorded.
-pub const CPU_NANOS_PER_DELIVERY: u64 = 4_410;
+/// `bench/RESULTS.md`, "Broadcast, all-to-all lockstep", ringcast row, N = 100 clients x 20 B:
+/// 0.196 us of server CPU per delivery, median of 3 rounds. That load delivers a burst of 100
+/// messages to each connection per round, so sends are batched; a trickle of single messages
+/// to each subscriber costs more per delivery (one send per message), so treat this as the
+/// floor.
+pub const CPU_NANOS_PER_DELIVERY: u64 = 196;
 
 /// Open descriptors of a ringcast process besides its shards and connections. Counted in
 /// `/proc/PID/fd` of `ringcast serve` with 1 and 4 shards: 7 (stdin, stdout, stderr, the
@@ -599,8 +606,9 @@ impl fmt::Display for Estimate {
         if let Some((per_shard, hosts)) = self.config_fix() {
             writeln!(
                 f,
-                "  with [limits] max_connections_per_shard = {per_shard} in ringcast.toml: {} hosts",
-                group(hosts)
+                "  with [limits] max_connections_per_shard = {per_shard} in ringcast.toml: {} {}",
+                group(hosts),
+                if hosts == 1 { "host" } else { "hosts" }
             )?;
         }
         Ok(())

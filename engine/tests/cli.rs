@@ -141,7 +141,9 @@ fn capacity_prints_hosts_per_limit_as_text_and_json() {
     let estimate = json(&out);
     assert_eq!(estimate["hosts"], 4);
     assert_eq!(estimate["binding"], "config");
-    assert_eq!(estimate["limits"][2]["hosts"], 3);
+    // CPU: 20,000 x 3,840 ns + 2,000,000 x 196 ns = 0.47 cores of 4 per host.
+    assert_eq!(estimate["limits"][2]["constraint"], "cpu");
+    assert_eq!(estimate["limits"][2]["hosts"], 1);
 
     let out = ringcast(&[
         "capacity",

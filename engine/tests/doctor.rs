@@ -71,19 +71,20 @@ fn tight_host_is_bound_by_open_files_with_fixes_for_each_shortfall() {
     assert_eq!(e["max_connections_per_shard"], 65536);
     assert_eq!(e["listen_port"], 9000);
     assert_eq!(e["listen_backlog"], 4096);
-    assert_eq!(e["keep_request_head"], true);
+    // The default since the run of 2026-11-23: only the request target is kept.
+    assert_eq!(e["keep_request_head"], false);
     assert_eq!(e["fixed_fds"], 28);
     assert_eq!(e["fixed_bytes"], 2 * FIXED_BYTES_PER_SHARD);
     assert_eq!(
         e["costs"],
         json!({
-            "user_bytes_per_connection": 693,
-            "kernel_bytes_per_connection": 4377,
+            "user_bytes_per_connection": 270,
+            "kernel_bytes_per_connection": 4697,
             "fixed_bytes_per_shard": FIXED_BYTES_PER_SHARD,
             "fds_per_shard": 6,
             "fds_per_process": 16,
-            "cpu_nanos_per_message": 4410,
-            "cpu_nanos_per_delivery": 4410,
+            "cpu_nanos_per_message": 3840,
+            "cpu_nanos_per_delivery": 196,
         })
     );
 
@@ -111,13 +112,13 @@ fn tight_host_is_bound_by_open_files_with_fixes_for_each_shortfall() {
         ])
     );
 
-    // (1 GiB available - 2 x fixed) / (693 + 4377) = 210,041.
+    // (1 GiB available - 2 x fixed) / (270 + 4697) = 1,064,910,848 / 4,967 = 214,397.
     let memory = &limits[1];
     assert_eq!(
         memory["max_connections"],
-        ((1_u64 << 30) - 2 * FIXED_BYTES_PER_SHARD) / 5070
+        ((1_u64 << 30) - 2 * FIXED_BYTES_PER_SHARD) / 4967
     );
-    assert_eq!(memory["max_connections"], 210_041);
+    assert_eq!(memory["max_connections"], 214_397);
     assert_eq!(memory["short_by"], 0);
     assert_eq!(memory["fixes"], json!([]));
 
@@ -243,11 +244,12 @@ fn tuned_host_fits_a_million_and_names_the_config_cap() {
     assert_eq!(names, ["file-descriptors", "memory", "config", "ports"]);
     // min(4,194,304 soft, 4,194,304 file-max - 2,000 open) - 112.
     assert_eq!(limits[0]["max_connections"], 4_194_304 - 2_000 - 112);
-    // (62 GiB - 16 x fixed) / 5070.
+    // (62 GiB - 16 x fixed) / (270 + 4697) = 66,501,345,280 / 4,967 = 13,388,634.
     assert_eq!(
         limits[1]["max_connections"],
-        ((62_u64 << 30) - 16 * FIXED_BYTES_PER_SHARD) / 5070
+        ((62_u64 << 30) - 16 * FIXED_BYTES_PER_SHARD) / 4967
     );
+    assert_eq!(limits[1]["max_connections"], 13_388_634);
     assert_eq!(limits[2]["max_connections"], 1_048_576);
     assert_eq!(limits[3]["max_connections"], 55_296);
     for l in limits {
