@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Smoke test of the load generator: every loadgen scenario, briefly, against the peer servers
-# (and ringcast when its binary is there), on loopback. About 10 s in all; exits non-zero when
+# (and ringcast when its binary is there), on loopback. About 12 s in all; exits non-zero when
 # a run is broken (no round trip, a connection error, a failed churn attempt, a connection that
 # did not come back).
 #
@@ -77,4 +77,16 @@ run idle --url "ws://127.0.0.1:$port_fws/" --conns 100 --hold 0 --settle-timeout
     --server-pid "${pids[1]}"
 run broadcast --url "ws://127.0.0.1:$port_bcast/" --conns 4 --duration 1 --warmup 0.2 \
     --server-pid "${pids[2]}"
+# Fan-out over two subscriber processes: the broker (binary envelope, publish limit lifted)
+# when ringcast is built, else raw through the broadcast peer.
+if [[ -x "$ringcast" ]]; then
+    port_broker=19705
+    serve "$port_broker" "$ringcast" serve -c "$(dirname "$0")/ringcast-fanout.toml" \
+        --shards 1 --listen "127.0.0.1:$port_broker"
+    run fanout --url "ws://127.0.0.1:$port_broker/" --mode envelope-bin --subs 40 --topics 4 \
+        --rate 500 --duration 1 --warmup 0.2 --procs 2 --max-missing 0 --server-pid "${pids[-1]}"
+else
+    run fanout --url "ws://127.0.0.1:$port_bcast/" --mode raw --subs 40 --rate 500 \
+        --duration 1 --warmup 0.2 --procs 2 --max-missing 0 --server-pid "${pids[2]}"
+fi
 echo "smoke: all loadgen scenarios ran"

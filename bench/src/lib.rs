@@ -17,6 +17,10 @@
 //!   - `broadcast`: N clients in lockstep rounds, each sending one message that the server
 //!     delivers to all N, reporting deliveries/s, round latency and the server's CPU time per
 //!     delivery ([`broadcast`]).
+//!   - `fanout`: N subscribers over T topics and publishers at a fixed rate, against the
+//!     ringcast broker (JSON or binary envelope) or a broadcast server (raw); each message
+//!     carries its due time, so every subscriber reports publish-to-receive latency, besides
+//!     deliveries/s, drops and the server's CPU time per delivery ([`fanout`]).
 //!   - `storm`: connection churn (connect, hold, close, repeat; upgrades/s and failures by
 //!     reason) and a mass reconnect (drop N at once, reconnect with jittered backoff; time
 //!     until all are back) ([`storm`]).
@@ -46,6 +50,7 @@
 pub mod broadcast;
 pub mod compare;
 pub mod echo;
+pub mod fanout;
 pub mod idle;
 pub mod net;
 pub mod plot;

@@ -15,6 +15,7 @@ use ringcast_bench::{
         SERVER_NAMES,
     },
     echo::{run_echo, Driver, EchoConfig},
+    fanout::{self, fanout_worker, run_fanout, FanoutConfig, FanoutMode, SubscriberPart},
     idle::{idle_worker, run_idle, IdleConfig, WorkerConfig},
     net::{SourceAddrs, Target},
     parse_secs, plot,
@@ -48,12 +49,27 @@ enum Cmd {
     Compare(CompareArgs),
     /// Connection storms: churn (connect, hold, close, repeat) and a mass reconnect.
     Storm(StormArgs),
+    /// Fan-out: N subscribers over T topics, a fixed publish rate, publish-to-receive latency.
+    ///
+    /// envelope-json / envelope-bin: against the ringcast broker. Its default publish limit
+    /// (1000/s per connection) refuses faster publishing, so start it with the config in this
+    /// repository, which lifts the limit and keeps the default rings:
+    ///
+    ///     ringcast serve -c bench/ringcast-fanout.toml --shards 1 --listen 127.0.0.1:9000
+    ///
+    /// raw: against a broadcast server (`ringcast serve --broadcast -c
+    /// bench/ringcast-fanout.toml`, peer-tokio-tungstenite-broadcast, `node
+    /// bench/node/broadcast.js PORT`); every connection receives every message.
+    Fanout(FanoutArgs),
     /// Holds a slice of `idle`'s connections in a child process.
     #[command(hide = true)]
     IdleWorker(WorkerArgs),
     /// Runs a slice of `storm`'s connections in a child process.
     #[command(hide = true)]
-    StormWorker(StormWorkerArgs),
+    StormWorker(PartArgs),
+    /// Runs a slice of `fanout`'s subscribers in a child process.
+    #[command(hide = true)]
+    FanoutWorker(PartArgs),
 }
 
 /// Source address flags shared by the subcommands that connect.
@@ -177,8 +193,61 @@ struct StormArgs {
 }
 
 #[derive(Debug, Args)]
-struct StormWorkerArgs {
-    /// The part to run, as JSON.
+struct FanoutArgs {
+    /// Server URL, ws://HOST:PORT/PATH (loopback only).
+    #[arg(long)]
+    url: String,
+    /// envelope-json or envelope-bin (the ringcast broker), or raw (a broadcast server).
+    #[arg(long, default_value_t = FanoutMode::EnvelopeJson)]
+    mode: FanoutMode,
+    /// Subscriber connections.
+    #[arg(long, default_value_t = 1000)]
+    subs: usize,
+    /// Topics: subscriber i takes fanout.{i % topics} (1 in raw mode).
+    #[arg(long, default_value_t = 1)]
+    topics: usize,
+    /// Messages per second in total, on a fixed schedule, round-robin over the topics; latency
+    /// counts from each message's due time.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Payload bytes per message: binary, 8 bytes of timestamp first; JSON, [ts,"x..."], at
+    /// least 25.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Measured window, in seconds.
+    #[arg(long, default_value = "5", value_parser = parse_secs)]
+    duration: Duration,
+    /// Unmeasured publishing before the window, in seconds.
+    #[arg(long, default_value = "1", value_parser = parse_secs)]
+    warmup: Duration,
+    /// Processes for the subscribers (0: one per 15,000; 1: a thread of this one).
+    #[arg(long, default_value_t = 0)]
+    procs: usize,
+    /// Publisher connections, taking messages in turn.
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// The server's pid, to report its CPU time per delivery.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Deadline for opening and subscribing every connection, in seconds.
+    #[arg(long, default_value = "60", value_parser = parse_secs)]
+    open_timeout: Duration,
+    /// Exit non-zero when more deliveries than this are missing (dropped or lost).
+    #[arg(long)]
+    max_missing: Option<u64>,
+    /// Write the latency spectrum and deliveries over time as SVG plots into this directory.
+    #[arg(long)]
+    plot_dir: Option<PathBuf>,
+    #[command(flatten)]
+    sources: SourceArgs,
+    /// Print the report as JSON instead of a line of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct PartArgs {
+    /// The part to run (storm or fanout), as JSON.
     #[arg(long)]
     config: String,
 }
@@ -431,6 +500,30 @@ fn main() -> Result<()> {
             let report = run_broadcast(&cfg)?;
             emit(a.json, &report, report.human())?;
         }
+        Cmd::Fanout(a) => {
+            let mut cfg = FanoutConfig::new(Target::parse(&a.url)?);
+            cfg.mode = a.mode;
+            cfg.subs = a.subs;
+            cfg.topics = a.topics;
+            cfg.rate = a.rate;
+            cfg.size_bytes = a.size;
+            cfg.duration = a.duration;
+            cfg.warmup = a.warmup;
+            cfg.procs = a.procs;
+            cfg.publishers = a.publishers;
+            cfg.server_pid = a.server_pid;
+            cfg.sources = a.sources.sources();
+            cfg.open_timeout = a.open_timeout;
+            cfg.progress = progress;
+            let report = run_fanout(&cfg)?;
+            emit(a.json, &report, report.human())?;
+            if let Some(dir) = &a.plot_dir {
+                for path in fanout::plot(&report, dir)? {
+                    eprintln!("wrote {}", path.display());
+                }
+            }
+            report.check(a.max_missing)?;
+        }
         Cmd::Compare(a) => {
             let peer_dir = match a.peer_dir {
                 Some(dir) => dir,
@@ -482,6 +575,11 @@ fn main() -> Result<()> {
             let part: PartConfig =
                 serde_json::from_str(&a.config).context("parsing the storm worker's config")?;
             storm_worker(&part)?;
+        }
+        Cmd::FanoutWorker(a) => {
+            let part: SubscriberPart =
+                serde_json::from_str(&a.config).context("parsing the fanout worker's config")?;
+            fanout_worker(&part)?;
         }
     }
     Ok(())

@@ -1,0 +1,264 @@
+//! The fan-out load against real servers on loopback: the ringcast broker and broadcast server
+//! started in-process (`ringcast::Engine`), and a small in-test relay that can lose messages
+//! on purpose. Short windows; every server ends with its test (the engines are stopped, the
+//! relay thread has a deadline), and the loadgen binary runs under the load's own deadlines.
+
+use std::{
+    io,
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use ringcast::{Broadcast, Broker, Engine, EngineConfig, Handler};
+use ringcast_bench::{
+    fanout::{run_fanout, FanoutConfig, FanoutMode, FanoutReport},
+    net::Target,
+};
+use tungstenite::WebSocket;
+
+/// The longest the in-test relay lives.
+const RELAY_LIFETIME: Duration = Duration::from_secs(30);
+
+/// A one-shard ringcast engine on a free port running `handler`, with the per-connection
+/// publish limit lifted (as `bench/ringcast-fanout.toml` does) unless `default_limits`.
+fn engine<H: Handler + Clone + Send + Sync>(handler: H, default_limits: bool) -> Engine {
+    let mut config = EngineConfig::default()
+        .with_listen("127.0.0.1:0".parse().unwrap())
+        .with_shards(1);
+    if !default_limits {
+        config.pubsub.publish_rate_per_sec = 10_000_000;
+        config.pubsub.publish_burst = 10_000_000;
+    }
+    Engine::start(config, move |_| handler.clone()).expect("the engine starts")
+}
+
+fn config(addr: SocketAddr, mode: FanoutMode, subs: usize, topics: usize) -> FanoutConfig {
+    let mut cfg = FanoutConfig::new(Target::parse(&format!("ws://{addr}/")).unwrap());
+    cfg.mode = mode;
+    cfg.subs = subs;
+    cfg.topics = topics;
+    cfg.rate = 400.0;
+    cfg.procs = 1;
+    cfg.warmup = Duration::from_millis(100);
+    cfg.duration = Duration::from_millis(400);
+    cfg.open_timeout = Duration::from_secs(10);
+    cfg.server_pid = Some(std::process::id());
+    cfg
+}
+
+/// Every measured message reached every subscriber of its topic, once, in order.
+fn assert_complete(report: &FanoutReport, per_message: u64) {
+    assert!(report.published > 0, "{report:?}");
+    assert_eq!(
+        report.expected,
+        report.published * per_message,
+        "{report:?}"
+    );
+    assert_eq!(report.received, report.expected, "{report:?}");
+    assert_eq!((report.missing, report.in_flight), (0, 0), "{report:?}");
+    assert_eq!(
+        (
+            report.dropped,
+            report.seq_errors,
+            report.foreign,
+            report.errors
+        ),
+        (0, 0, 0, 0),
+        "{report:?}"
+    );
+    assert_eq!(report.incomplete_subs, 0, "{report:?}");
+    assert!(report.latency.p50_us > 0.0, "{report:?}");
+    assert!(report.latency.max_us >= report.latency.p99_us, "{report:?}");
+    assert!(!report.latency_spectrum.is_empty());
+    assert!(
+        report.deliveries > 0 && report.deliveries_per_sec > 0.0,
+        "{report:?}"
+    );
+    assert!(report.server_cpu_us_per_delivery.is_some(), "{report:?}");
+    report.check(Some(0)).unwrap();
+}
+
+#[test]
+fn envelope_modes_deliver_every_message_to_every_subscriber_of_its_topic() {
+    let engine = engine(Broker, false);
+    for mode in [FanoutMode::EnvelopeJson, FanoutMode::EnvelopeBin] {
+        // 12 subscribers over 3 topics: each message goes to 4.
+        let report = run_fanout(&config(engine.local_addr(), mode, 12, 3)).unwrap();
+        assert_eq!(report.mode, mode.to_string());
+        assert_complete(&report, 4);
+        assert_eq!(report.publish_errors, 0);
+        assert!(report.achieved_rate > 0.0, "{report:?}");
+    }
+    engine.stop().unwrap();
+}
+
+#[test]
+fn raw_mode_through_ringcast_broadcast_reaches_every_connection() {
+    let engine = engine(Broadcast::default(), false);
+    let mut cfg = config(engine.local_addr(), FanoutMode::Raw, 10, 1);
+    cfg.publishers = 2;
+    let report = run_fanout(&cfg).unwrap();
+    assert_complete(&report, 10);
+    engine.stop().unwrap();
+}
+
+#[test]
+fn the_brokers_default_publish_limit_shows_as_refused_publishes() {
+    // 1000/s with a burst of 1000 by default: 3000/s for 0.6 s is over it.
+    let engine = engine(Broker, true);
+    let mut cfg = config(engine.local_addr(), FanoutMode::EnvelopeBin, 4, 1);
+    cfg.rate = 3000.0;
+    let report = run_fanout(&cfg).unwrap();
+    assert!(report.publish_errors > 0, "{report:?}");
+    assert!(report.missing > 0, "{report:?}");
+    let err = report.check(None).unwrap_err().to_string();
+    assert!(
+        err.contains("rate_limited") && err.contains("ringcast-fanout.toml"),
+        "{err}"
+    );
+    engine.stop().unwrap();
+}
+
+#[test]
+fn subscribers_spread_over_worker_processes_add_up() {
+    let engine = engine(Broker, false);
+    let addr = engine.local_addr();
+    let output = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["--quiet", "fanout", "--url", &format!("ws://{addr}/")])
+        .args(["--mode", "envelope-json", "--subs", "9", "--topics", "2"])
+        .args([
+            "--procs",
+            "3",
+            "--rate",
+            "300",
+            "--warmup",
+            "0.1",
+            "--duration",
+            "0.4",
+        ])
+        .args(["--max-missing", "0", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: FanoutReport = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report.procs, 3);
+    // Subscribers 0, 2, 4, 6, 8 on topic 0 and 1, 3, 5, 7 on topic 1, spread over three
+    // processes; messages alternate topics, so an odd count gives one topic one more.
+    let twice = report.published * 9;
+    assert!(
+        (twice.saturating_sub(1) / 2..=twice.div_ceil(2)).contains(&report.expected),
+        "{report:?}"
+    );
+    assert_eq!(report.received, report.expected, "{report:?}");
+    assert!(report.client_cpu_util > 0.0);
+    engine.stop().unwrap();
+}
+
+#[test]
+fn a_relay_that_loses_messages_is_caught() {
+    let addr = spawn_relay(6 + 1, |n| n % 5 != 0);
+    let report = run_fanout(&config(addr, FanoutMode::Raw, 6, 1)).unwrap();
+    assert!(report.missing > 0, "{report:?}");
+    assert_eq!(report.received + report.missing, report.expected);
+    assert!(
+        report.in_flight < report.missing,
+        "lost, not late: {report:?}"
+    );
+    assert!(report.incomplete_subs > 0, "{report:?}");
+    assert!(report.check(Some(0)).is_err());
+    report.check(None).unwrap();
+}
+
+#[test]
+fn a_stalled_relay_leaves_messages_in_flight_at_a_lower_bound_latency() {
+    // 400 msgs/s, 0.1 s of warmup: messages 40.. are measured, 60.. never relayed.
+    let addr = spawn_relay(4 + 1, |n| n <= 60);
+    let report = run_fanout(&config(addr, FanoutMode::Raw, 4, 1)).unwrap();
+    assert_eq!(report.received, 4 * 20, "{report:?}");
+    assert_eq!(report.in_flight, report.missing, "{report:?}");
+    assert_eq!(report.expected, report.received + report.in_flight);
+    // The first message never relayed was due 0.15 s in; the load stops after the window
+    // (0.5 s in) and the drain.
+    assert!(report.latency.max_us > 350_000.0, "{report:?}");
+    assert!(report.check(Some(0)).is_err());
+}
+
+#[test]
+fn a_lossless_relay_passes() {
+    let addr = spawn_relay(5 + 1, |_| true);
+    let report = run_fanout(&config(addr, FanoutMode::Raw, 5, 1)).unwrap();
+    assert_complete(&report, 5);
+}
+
+#[test]
+fn a_server_that_is_not_the_broker_fails_before_the_load() {
+    // The relay selects no subprotocol.
+    let addr = spawn_relay(1, |_| true);
+    let err = run_fanout(&config(addr, FanoutMode::EnvelopeJson, 1, 1)).unwrap_err();
+    assert!(format!("{err:#}").contains("subprotocol"), "{err:#}");
+}
+
+/// A single-threaded relay: accepts `clients` WebSocket connections, then sends the `n`-th
+/// message (from 1) any of them sends to all of them (the sender included) if `relay(n)`,
+/// until all have closed or [`RELAY_LIFETIME`] passes. Polls non-blocking sockets, pausing
+/// briefly when idle.
+fn spawn_relay(clients: usize, relay: fn(usize) -> bool) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        let deadline = Instant::now() + RELAY_LIFETIME;
+        let mut conns: Vec<WebSocket<TcpStream>> = Vec::new();
+        for stream in listener.incoming().take(clients) {
+            let Ok(stream) = stream else { return };
+            stream.set_nodelay(true).unwrap();
+            let Ok(ws) = tungstenite::accept(stream) else {
+                return;
+            };
+            ws.get_ref().set_nonblocking(true).unwrap();
+            conns.push(ws);
+        }
+        let mut seen = 0usize;
+        while !conns.is_empty() && Instant::now() < deadline {
+            let mut incoming = Vec::new();
+            let mut idle = true;
+            conns.retain_mut(|ws| match ws.read() {
+                Ok(msg) => {
+                    idle = false;
+                    if msg.is_binary() || msg.is_text() {
+                        incoming.push(msg);
+                    }
+                    true
+                }
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Push out what an earlier send or a close reply left queued.
+                    !matches!(ws.flush(), Err(e) if !would_block(&e))
+                }
+                Err(_) => false,
+            });
+            for msg in incoming {
+                seen += 1;
+                if !relay(seen) {
+                    continue;
+                }
+                for ws in &mut conns {
+                    // A full socket keeps the frame queued; the flush above sends it later.
+                    let _ = ws.send(msg.clone());
+                }
+            }
+            if idle {
+                thread::sleep(Duration::from_micros(200));
+            }
+        }
+    });
+    addr
+}
+
+fn would_block(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
