@@ -171,14 +171,17 @@ impl BroadcastReport {
 /// or the server's `/proc` entries cannot be read.
 pub fn run_broadcast(cfg: &BroadcastConfig) -> Result<BroadcastReport> {
     validate(cfg)?;
-    let set = idle::open_range(&WorkerConfig {
-        target: cfg.target.clone(),
-        range: 0..cfg.conns,
-        raw: false,
-        sources: cfg.sources,
-        open_timeout: cfg.connect_timeout,
-        lifetime: Duration::MAX,
-    })?;
+    let set = idle::open_range(
+        &WorkerConfig {
+            target: cfg.target.clone(),
+            range: 0..cfg.conns,
+            raw: false,
+            sources: cfg.sources,
+            open_timeout: cfg.connect_timeout,
+            lifetime: Duration::MAX,
+        },
+        &[],
+    )?;
     if set.failed > 0 {
         bail!(
             "{} of {} connections failed to open; first: {}",

@@ -22,7 +22,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
-use bytes::BytesMut;
+use bytes::{Buf as _, BytesMut};
 use ringcast_protocol::{ClientHandshake, CloseCode, CloseFrame, Codec, HeadReader, Limits};
 use serde::{Deserialize, Serialize};
 
@@ -212,7 +212,7 @@ pub fn run_idle(cfg: &IdleConfig) -> Result<IdleReport> {
             lifetime: Duration::MAX,
         };
         let mut bar = Progress::new(cfg.progress, "idle", cfg.conns as u64);
-        let set = open_range_with(&worker, &mut |set| {
+        let set = open_range_with(&worker, &[], &mut |set| {
             let opened = set.conns.len();
             bar.update(Instant::now(), opened as u64, || {
                 format!("{opened} open, {} failed", set.failed)
@@ -350,17 +350,21 @@ pub(crate) struct IdleConn {
     pub(crate) stream: TcpStream,
     /// The client codec; `None` for raw TCP.
     pub(crate) codec: Option<Codec>,
+    /// Bytes that came after the upgrade response, not yet parsed.
+    pub(crate) rest: BytesMut,
 }
 
 /// Opens the connections of `cfg.range`, in batches, until done or the open deadline passes
-/// (the rest count as failed).
-pub(crate) fn open_range(cfg: &WorkerConfig) -> Result<OpenSet> {
-    open_range_with(cfg, &mut |_| {})
+/// (the rest count as failed). Each upgrade offers `protocols` (none: no subprotocol header);
+/// when some are offered, a server that selects none of them fails that connection.
+pub(crate) fn open_range(cfg: &WorkerConfig, protocols: &[&str]) -> Result<OpenSet> {
+    open_range_with(cfg, protocols, &mut |_| {})
 }
 
 /// [`open_range`], calling `batch_done(set)` after each batch (for a progress bar).
 pub(crate) fn open_range_with(
     cfg: &WorkerConfig,
+    protocols: &[&str],
     batch_done: &mut dyn FnMut(&OpenSet),
 ) -> Result<OpenSet> {
     raise_fd_limit();
@@ -378,13 +382,13 @@ pub(crate) fn open_range_with(
         // Connect the whole batch and send every request, then read every response.
         let mut pending = Vec::with_capacity(batch.len());
         for &i in batch {
-            match start_conn(cfg, i, deadline) {
+            match start_conn(cfg, protocols, i, deadline) {
                 Ok(p) => pending.push(p),
                 Err(e) => set.fail(&e),
             }
         }
         for (stream, handshake) in pending {
-            match finish_conn(stream, handshake.as_ref(), deadline) {
+            match finish_conn(stream, handshake.as_ref(), protocols, deadline) {
                 Ok(conn) => set.conns.push(conn),
                 Err(e) => set.fail(&e),
             }
@@ -456,9 +460,10 @@ fn await_eof(stream: &TcpStream, deadline: Instant) -> bool {
     }
 }
 
-/// Connects connection `index` and sends its upgrade request.
+/// Connects connection `index` and sends its upgrade request, offering `protocols`.
 fn start_conn(
     cfg: &WorkerConfig,
+    protocols: &[&str],
     index: usize,
     deadline: Instant,
 ) -> Result<(TcpStream, Option<ClientHandshake>)> {
@@ -472,21 +477,24 @@ fn start_conn(
     if cfg.raw {
         return Ok((stream, None));
     }
-    let handshake = ClientHandshake::new(fastrand::u128(..).to_ne_bytes(), &[]);
+    let handshake = ClientHandshake::new(fastrand::u128(..).to_ne_bytes(), protocols);
     stream.write_all(&handshake.request(&cfg.target.host, &cfg.target.path, &[]))?;
     Ok((stream, Some(handshake)))
 }
 
-/// Reads and checks the upgrade response.
+/// Reads and checks the upgrade response, and that the server selected one of `protocols`
+/// if any were offered. Keeps any bytes that came after the response head.
 fn finish_conn(
     mut stream: TcpStream,
     handshake: Option<&ClientHandshake>,
+    protocols: &[&str],
     deadline: Instant,
 ) -> Result<IdleConn> {
     let Some(handshake) = handshake else {
         return Ok(IdleConn {
             stream,
             codec: None,
+            rest: BytesMut::new(),
         });
     };
     let mut buf = BytesMut::with_capacity(1024);
@@ -510,10 +518,20 @@ fn finish_conn(
             n => buf.extend_from_slice(&chunk[..n]),
         }
     };
-    handshake.check_response(&buf[..head_len])?;
+    let selected = handshake.check_response(&buf[..head_len])?;
+    if !protocols.is_empty() {
+        // Only ringcast's envelope subprotocols are ever offered.
+        ensure!(
+            selected.as_deref().is_some_and(|p| protocols.contains(&p)),
+            "the server did not select the subprotocol {} (is it the ringcast broker?)",
+            protocols.join(" or ")
+        );
+    }
+    buf.advance(head_len);
     Ok(IdleConn {
         stream,
         codec: Some(Codec::client(Limits::default(), fastrand::u64(..))),
+        rest: buf,
     })
 }
 
@@ -540,7 +558,7 @@ pub(crate) fn raise_fd_limit() {
 /// Stdout cannot be written.
 pub fn idle_worker(cfg: &WorkerConfig) -> Result<()> {
     let born = Instant::now();
-    let set = open_range(cfg)?;
+    let set = open_range(cfg, &[])?;
     if let Some(err) = &set.first_error {
         eprintln!("idle-worker: {} failed, first: {err}", set.failed);
     }

@@ -14,6 +14,20 @@ pub fn latency_histogram() -> Histogram<u64> {
         .expect("the bounds are constants with low < high and 3 significant figures")
 }
 
+/// A histogram as `(value, count)` buckets, for sending between processes.
+pub fn buckets(h: &Histogram<u64>) -> Vec<(u64, u64)> {
+    h.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
+}
+
+/// Adds `(value, count)` buckets (from [`buckets`]) to `h`, saturating the counts.
+pub fn record_buckets(h: &mut Histogram<u64>, buckets: &[(u64, u64)]) {
+    for &(v, n) in buckets {
+        h.saturating_record_n(v, n);
+    }
+}
+
 /// Round-trip latency percentiles, in microseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct LatencySummary {
@@ -73,6 +87,20 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(&[]), None);
+    }
+
+    #[test]
+    fn buckets_round_trip_into_a_histogram() {
+        let mut h = latency_histogram();
+        for ns in [1_000, 1_000, 250_000, 7_000_000] {
+            h.record(ns).unwrap();
+        }
+        let mut back = latency_histogram();
+        record_buckets(&mut back, &buckets(&h));
+        record_buckets(&mut back, &buckets(&h));
+        assert_eq!(back.len(), 2 * h.len());
+        assert_eq!(back.max(), h.max());
+        assert_eq!(back.value_at_quantile(0.5), h.value_at_quantile(0.5));
     }
 
     #[test]

@@ -52,7 +52,7 @@ use crate::{
     idle::{self, WorkerConfig, AUTO_CONNS_PER_PROCESS, MAX_CONNS_PER_PROCESS},
     net::{SourceAddrs, Target},
     progress::Progress,
-    stats::{latency_histogram, LatencySummary},
+    stats::{buckets, latency_histogram, record_buckets, LatencySummary},
     timeline::{self, merge_counts, Timeline},
     workers::Children,
 };
@@ -766,14 +766,17 @@ fn prepare(part: &PartConfig, target: &Target) -> Result<Prepared> {
         return Ok(Prepared::default());
     }
     let started = Instant::now();
-    let set = idle::open_range(&WorkerConfig {
-        target: target.clone(),
-        range: part.first_index..part.first_index + part.count,
-        raw: part.raw,
-        sources: part.sources(),
-        open_timeout: part.open_timeout,
-        lifetime: Duration::MAX,
-    })?;
+    let set = idle::open_range(
+        &WorkerConfig {
+            target: target.clone(),
+            range: part.first_index..part.first_index + part.count,
+            raw: part.raw,
+            sources: part.sources(),
+            open_timeout: part.open_timeout,
+            lifetime: Duration::MAX,
+        },
+        &[],
+    )?;
     Ok(Prepared {
         conns: set.conns.into_iter().map(|c| c.stream).collect(),
         open_failed: set.failed,
@@ -916,22 +919,11 @@ fn merge(parts: &[PartResult]) -> Merged {
         m.closed_cleanly += p.closed_cleanly;
         m.unclean_closes += p.unclean_closes;
         m.dropped_by_server += p.dropped_by_server;
-        for &(v, n) in &p.upgrade_ns {
-            m.upgrade.saturating_record_n(v, n);
-        }
-        for &(v, n) in &p.reconnect_ns {
-            m.reconnect.saturating_record_n(v, n);
-        }
+        record_buckets(&mut m.upgrade, &p.upgrade_ns);
+        record_buckets(&mut m.reconnect, &p.reconnect_ns);
         merge_counts(&mut m.timeline, &p.timeline);
     }
     m
-}
-
-/// A histogram as `(value, count)` buckets, for sending between processes.
-fn buckets(h: &Histogram<u64>) -> Vec<(u64, u64)> {
-    h.iter_recorded()
-        .map(|v| (v.value_iterated_to(), v.count_at_value()))
-        .collect()
 }
 
 /// Where one slot is.

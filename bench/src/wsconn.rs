@@ -31,11 +31,13 @@ pub(crate) struct MioConn {
     out: BytesMut,
     /// Whether writable readiness is registered (the socket buffer was full).
     wants_write: bool,
+    /// Text messages are passed on like binary ones instead of refused.
+    pass_text: bool,
 }
 
 impl MioConn {
     /// Makes an upgraded blocking connection non-blocking and registers it for readable
-    /// readiness under `token`.
+    /// readiness under `token`. Bytes that came after the upgrade response are parsed first.
     ///
     /// # Errors
     /// The connection is raw TCP (no codec), or the socket cannot be switched or registered.
@@ -50,10 +52,19 @@ impl MioConn {
             token,
             stream,
             codec,
-            rbuf: BytesMut::new(),
+            rbuf: conn.rest,
             out: BytesMut::new(),
             wants_write: false,
+            pass_text: false,
         })
+    }
+
+    /// Passes text messages on to `on_message` (as their UTF-8 bytes) instead of refusing
+    /// them; the broker's JSON envelope travels in text messages.
+    #[must_use]
+    pub(crate) fn passing_text(mut self) -> Self {
+        self.pass_text = true;
+        self
     }
 
     /// Queues one binary message and sends what the socket takes.
@@ -61,9 +72,19 @@ impl MioConn {
     /// # Errors
     /// The socket failed.
     pub(crate) fn send_binary(&mut self, payload: &[u8], registry: &Registry) -> Result<()> {
-        self.codec
-            .encode_frame(true, OpCode::Binary, payload, &mut self.out);
+        self.queue(OpCode::Binary, payload);
         self.flush(registry)
+    }
+
+    /// Queues one message without sending it (see [`MioConn::flush`]).
+    pub(crate) fn queue(&mut self, opcode: OpCode, payload: &[u8]) {
+        self.codec
+            .encode_frame(true, opcode, payload, &mut self.out);
+    }
+
+    /// Bytes queued and not yet sent.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.out.len()
     }
 
     /// Writes queued bytes until done or the socket is full; asks for writable readiness only
@@ -102,14 +123,14 @@ impl MioConn {
 
     /// Handles one readiness event: flushes if writable, then (if readable) reads until the
     /// socket is drained and passes each complete binary message to `on_message`, in order.
-    /// Text messages are refused; pings are answered.
+    /// Text messages are refused unless [`MioConn::passing_text`]; pings are answered.
     ///
     /// A read that returns less than `scratch` drained the socket, so edge-triggered
     /// readiness is safe without the extra read that ends in `EWOULDBLOCK`.
     ///
     /// # Errors
     /// The socket failed or reached end of stream, the server broke the protocol or sent a
-    /// close frame or a text message, or `on_message` failed.
+    /// close frame or a text message it refuses, or `on_message` failed.
     pub(crate) fn on_ready(
         &mut self,
         readable: bool,
@@ -150,6 +171,7 @@ impl MioConn {
         while let Some(event) = self.codec.poll_event(&mut self.rbuf)? {
             match event {
                 Event::Binary(message) => on_message(message)?,
+                Event::Text(text) if self.pass_text => on_message(text.into_bytes())?,
                 Event::Text(text) => bail!("a text message ({} bytes) came", text.len()),
                 Event::Close(frame) => bail!("the server closed: {frame:?}"),
                 // A ping: send the pong the codec queued. Pongs are ignored.
@@ -167,6 +189,11 @@ impl MioConn {
         Ok(())
     }
 
+    /// Stops readiness events for the connection (it failed and is left out), best effort.
+    pub(crate) fn deregister(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.stream);
+    }
+
     /// Deregisters the connection and makes it blocking again, with any partly sent frame
     /// written out whole, so the caller can close it (see `OpenSet::close`).
     /// `None` if the socket failed on the way.
@@ -179,6 +206,7 @@ impl MioConn {
         Some(IdleConn {
             stream,
             codec: Some(self.codec),
+            rest: BytesMut::new(),
         })
     }
 }

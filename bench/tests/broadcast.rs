@@ -5,8 +5,9 @@
 //! windows; every in-test server thread ends on its own (a deadline), every peer process is
 //! killed when its test ends.
 
+mod relay;
+
 use std::{
-    io,
     net::{SocketAddr, TcpListener, TcpStream},
     path::Path,
     process::{Child, Command, Stdio},
@@ -18,63 +19,11 @@ use ringcast_bench::{
     broadcast::{run_broadcast, BroadcastConfig},
     net::Target,
 };
-use tungstenite::WebSocket;
 
-/// The longest an in-test server lives.
+use relay::spawn_relay;
+
+/// The longest an in-test echo server connection waits for its client.
 const SERVER_LIFETIME: Duration = Duration::from_secs(30);
-
-/// A single-threaded relay: accepts `clients` WebSocket connections, then sends every message
-/// any of them sends to all of them (the sender included) until all have closed or
-/// [`SERVER_LIFETIME`] passes. Polls non-blocking sockets, pausing briefly when idle.
-fn spawn_relay(clients: usize) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    thread::spawn(move || {
-        let deadline = Instant::now() + SERVER_LIFETIME;
-        let mut conns: Vec<WebSocket<TcpStream>> = Vec::new();
-        for stream in listener.incoming().take(clients) {
-            let Ok(stream) = stream else { return };
-            stream.set_nodelay(true).unwrap();
-            let Ok(ws) = tungstenite::accept(stream) else {
-                return;
-            };
-            ws.get_ref().set_nonblocking(true).unwrap();
-            conns.push(ws);
-        }
-        while !conns.is_empty() && Instant::now() < deadline {
-            let mut incoming = Vec::new();
-            let mut idle = true;
-            conns.retain_mut(|ws| match ws.read() {
-                Ok(msg) => {
-                    idle = false;
-                    if msg.is_binary() || msg.is_text() {
-                        incoming.push(msg);
-                    }
-                    true
-                }
-                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Push out what an earlier send or a close reply left queued.
-                    !matches!(ws.flush(), Err(e) if !would_block(&e))
-                }
-                Err(_) => false,
-            });
-            for msg in incoming {
-                for ws in &mut conns {
-                    // A full socket keeps the frame queued; the flush above sends it later.
-                    let _ = ws.send(msg.clone());
-                }
-            }
-            if idle {
-                thread::sleep(Duration::from_micros(200));
-            }
-        }
-    });
-    addr
-}
-
-fn would_block(e: &tungstenite::Error) -> bool {
-    matches!(e, tungstenite::Error::Io(e) if e.kind() == io::ErrorKind::WouldBlock)
-}
 
 /// Echoes each message back to its sender only: one thread per connection.
 fn spawn_echo(clients: usize) -> SocketAddr {
@@ -111,7 +60,7 @@ fn config(addr: SocketAddr, clients: usize) -> BroadcastConfig {
 
 #[test]
 fn every_round_delivers_n_squared_messages() {
-    let addr = spawn_relay(5);
+    let addr = spawn_relay(5, |_| true);
     let report = run_broadcast(&config(addr, 5)).unwrap();
     assert!(report.rounds > 0, "{report:?}");
     assert_eq!(report.deliveries, report.rounds * 25);
@@ -123,7 +72,7 @@ fn every_round_delivers_n_squared_messages() {
 
 #[test]
 fn max_rounds_ends_the_window_early_and_short_messages_work() {
-    let addr = spawn_relay(3);
+    let addr = spawn_relay(3, |_| true);
     let mut cfg = config(addr, 3);
     cfg.size_bytes = 4;
     cfg.warmup = Duration::ZERO;

@@ -3,23 +3,17 @@
 //! on purpose. Short windows; every server ends with its test (the engines are stopped, the
 //! relay thread has a deadline), and the loadgen binary runs under the load's own deadlines.
 
-use std::{
-    io,
-    net::{SocketAddr, TcpListener, TcpStream},
-    process::Command,
-    thread,
-    time::{Duration, Instant},
-};
+mod relay;
+
+use std::{net::SocketAddr, process::Command, time::Duration};
 
 use ringcast::{Broadcast, Broker, Engine, EngineConfig, Handler};
 use ringcast_bench::{
     fanout::{run_fanout, FanoutConfig, FanoutMode, FanoutReport},
     net::Target,
 };
-use tungstenite::WebSocket;
 
-/// The longest the in-test relay lives.
-const RELAY_LIFETIME: Duration = Duration::from_secs(30);
+use relay::spawn_relay;
 
 /// A one-shard ringcast engine on a free port running `handler`, with the per-connection
 /// publish limit lifted (as `bench/ringcast-fanout.toml` does) unless `default_limits`.
@@ -202,63 +196,4 @@ fn a_server_that_is_not_the_broker_fails_before_the_load() {
     let addr = spawn_relay(1, |_| true);
     let err = run_fanout(&config(addr, FanoutMode::EnvelopeJson, 1, 1)).unwrap_err();
     assert!(format!("{err:#}").contains("subprotocol"), "{err:#}");
-}
-
-/// A single-threaded relay: accepts `clients` WebSocket connections, then sends the `n`-th
-/// message (from 1) any of them sends to all of them (the sender included) if `relay(n)`,
-/// until all have closed or [`RELAY_LIFETIME`] passes. Polls non-blocking sockets, pausing
-/// briefly when idle.
-fn spawn_relay(clients: usize, relay: fn(usize) -> bool) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    thread::spawn(move || {
-        let deadline = Instant::now() + RELAY_LIFETIME;
-        let mut conns: Vec<WebSocket<TcpStream>> = Vec::new();
-        for stream in listener.incoming().take(clients) {
-            let Ok(stream) = stream else { return };
-            stream.set_nodelay(true).unwrap();
-            let Ok(ws) = tungstenite::accept(stream) else {
-                return;
-            };
-            ws.get_ref().set_nonblocking(true).unwrap();
-            conns.push(ws);
-        }
-        let mut seen = 0usize;
-        while !conns.is_empty() && Instant::now() < deadline {
-            let mut incoming = Vec::new();
-            let mut idle = true;
-            conns.retain_mut(|ws| match ws.read() {
-                Ok(msg) => {
-                    idle = false;
-                    if msg.is_binary() || msg.is_text() {
-                        incoming.push(msg);
-                    }
-                    true
-                }
-                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Push out what an earlier send or a close reply left queued.
-                    !matches!(ws.flush(), Err(e) if !would_block(&e))
-                }
-                Err(_) => false,
-            });
-            for msg in incoming {
-                seen += 1;
-                if !relay(seen) {
-                    continue;
-                }
-                for ws in &mut conns {
-                    // A full socket keeps the frame queued; the flush above sends it later.
-                    let _ = ws.send(msg.clone());
-                }
-            }
-            if idle {
-                thread::sleep(Duration::from_micros(200));
-            }
-        }
-    });
-    addr
-}
-
-fn would_block(e: &tungstenite::Error) -> bool {
-    matches!(e, tungstenite::Error::Io(e) if e.kind() == io::ErrorKind::WouldBlock)
 }

@@ -41,14 +41,17 @@ pub(super) const OUT_HIGH_BYTES: usize = 64 << 10;
 
 /// Opens and upgrades every connection, then registers them, readable, with a new `Poll`.
 pub(super) fn open(cfg: &EchoConfig) -> Result<(Poll, Vec<Conn>)> {
-    let set = idle::open_range(&WorkerConfig {
-        target: cfg.target.clone(),
-        range: 0..cfg.conns,
-        raw: cfg.raw,
-        sources: cfg.sources,
-        open_timeout: cfg.connect_timeout,
-        lifetime: Duration::MAX,
-    })?;
+    let set = idle::open_range(
+        &WorkerConfig {
+            target: cfg.target.clone(),
+            range: 0..cfg.conns,
+            raw: cfg.raw,
+            sources: cfg.sources,
+            open_timeout: cfg.connect_timeout,
+            lifetime: Duration::MAX,
+        },
+        &[],
+    )?;
     if set.failed > 0 {
         bail!(
             "{} of {} connections failed to open; first: {}",
@@ -199,6 +202,7 @@ pub(super) fn close(poll: Poll, conns: Vec<Conn>) {
         live.conns.push(IdleConn {
             stream,
             codec: conn.codec,
+            rest: BytesMut::new(),
         });
     }
     live.close(CLOSE_GRACE);

@@ -55,28 +55,42 @@ const TIMER: Token = Token(usize::MAX);
 /// Bytes one `read` may return; the buffer is shared by all connections.
 const READ_BYTES: usize = 64 << 10;
 
-/// When message `m` is due: `m / rate` seconds from the start.
+/// When message `m` is due: `m / rate` seconds from the start. The fan-out load follows the
+/// same schedule.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Schedule {
+pub(crate) struct Schedule {
     /// Nanoseconds between two messages (all connections together).
     period_ns: f64,
 }
 
 impl Schedule {
     /// The schedule for `rate` messages per second.
-    pub(super) fn new(rate: f64) -> Self {
+    pub(crate) fn new(rate: f64) -> Self {
         Self {
             period_ns: 1e9 / rate,
         }
     }
 
+    /// How many nanoseconds after the start message `m` is due.
+    pub(crate) fn offset_ns(&self, m: u64) -> u64 {
+        (m as f64 * self.period_ns) as u64
+    }
+
     /// How long after the start message `m` is due.
-    pub(super) fn at(&self, m: u64) -> Duration {
-        Duration::from_nanos((m as f64 * self.period_ns) as u64)
+    pub(crate) fn at(&self, m: u64) -> Duration {
+        Duration::from_nanos(self.offset_ns(m))
+    }
+
+    /// The message due exactly `offset_ns` after the start, if any.
+    pub(crate) fn index_of(&self, offset_ns: u64) -> Option<u64> {
+        let m = (offset_ns as f64 / self.period_ns).round() as u64;
+        [m.saturating_sub(1), m, m + 1]
+            .into_iter()
+            .find(|&k| self.offset_ns(k) == offset_ns)
     }
 
     /// The first message due at or after `offset` from the start.
-    pub(super) fn first_at_or_after(&self, offset: Duration) -> u64 {
+    pub(crate) fn first_at_or_after(&self, offset: Duration) -> u64 {
         let mut m = (offset.as_nanos() as f64 / self.period_ns).ceil() as u64;
         // Float rounding can land one off either way: settle it against `at`.
         while m > 0 && self.at(m - 1) >= offset {
@@ -409,7 +423,7 @@ impl TimerFd {
 }
 
 /// Sets this thread's timer slack (how late the kernel may fire its timers), best effort.
-fn set_timer_slack_ns(ns: libc::c_ulong) {
+pub(crate) fn set_timer_slack_ns(ns: libc::c_ulong) {
     // SAFETY: PR_SET_TIMERSLACK takes one integer argument and touches no memory.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns, 0, 0, 0) };
 }
@@ -440,6 +454,17 @@ mod tests {
             assert!(s.at(m) >= offset, "{ms}");
             assert!(m == 0 || s.at(m - 1) < offset, "{ms}");
         }
+    }
+
+    #[test]
+    fn a_timestamp_names_its_message_exactly() {
+        for rate in [3.0, 1000.0, 2000.0, 7777.7, 1e6] {
+            let s = Schedule::new(rate);
+            for m in (0..5000).chain([1 << 20, 1 << 30]) {
+                assert_eq!(s.index_of(s.offset_ns(m)), Some(m), "rate {rate}, m {m}");
+            }
+        }
+        assert_eq!(Schedule::new(1000.0).index_of(1), None);
     }
 
     #[test]
