@@ -183,6 +183,7 @@ const RECV_ARMED: u8 = 1;
 const RECV_CANCELLING: u8 = 1 << 1;
 const SEND_CANCELLING: u8 = 1 << 2;
 const DIRTY: u8 = 1 << 3;
+const SHUTDOWN_PENDING: u8 = 1 << 4;
 
 impl Default for RingState {
     fn default() -> Self {
@@ -234,6 +235,12 @@ impl RingState {
         set_dirty,
         DIRTY,
         "The connection is in the driver's dirty list."
+    );
+    flag!(
+        shutdown_pending,
+        set_shutdown_pending,
+        SHUTDOWN_PENDING,
+        "A write shutdown was submitted and has not completed: the descriptor must stay open."
     );
 
     /// The slot of the send in flight, if any.

@@ -36,7 +36,11 @@ pub(crate) enum Op {
     Recv { key: usize, gen: u32 },
     /// A send in flight, by its slot in the send table.
     Send { slot: u32 },
-    /// Anything whose completion needs no handling (cancellations, shutdowns).
+    /// A connection's write shutdown. Tracked, not ignored: the kernel may look the descriptor
+    /// up only when an io-wq worker runs the shutdown, so the descriptor must stay open (and
+    /// its number unused by a new connection) until the completion arrives.
+    Shutdown { key: usize, gen: u32 },
+    /// Anything whose completion needs no handling (cancellations).
     Ignore,
 }
 
@@ -44,16 +48,28 @@ const KIND_ACCEPT: u64 = 1;
 const KIND_RECV: u64 = 2;
 const KIND_SEND: u64 = 3;
 const KIND_IGNORE: u64 = 4;
+const KIND_SHUTDOWN: u64 = 5;
+
+/// A connection's slot and generation in `user_data` below the kind byte.
+fn encode_conn(kind: u64, key: usize, gen: u32) -> u64 {
+    // 24 bits of generation are plenty to tell a stale completion from a live one.
+    kind << 56 | (u64::from(gen) & 0xFF_FFFF) << 32 | key as u64 & 0xFFFF_FFFF
+}
+
+fn decode_conn(data: u64) -> (usize, u32) {
+    (
+        (data & 0xFFFF_FFFF) as usize,
+        ((data >> 32) & 0xFF_FFFF) as u32,
+    )
+}
 
 impl Op {
     fn encode(self) -> u64 {
         match self {
             Op::Accept => KIND_ACCEPT << 56,
-            // 24 bits of generation are plenty to tell a stale completion from a live one.
-            Op::Recv { key, gen } => {
-                KIND_RECV << 56 | (u64::from(gen) & 0xFF_FFFF) << 32 | key as u64 & 0xFFFF_FFFF
-            }
+            Op::Recv { key, gen } => encode_conn(KIND_RECV, key, gen),
             Op::Send { slot } => KIND_SEND << 56 | u64::from(slot),
+            Op::Shutdown { key, gen } => encode_conn(KIND_SHUTDOWN, key, gen),
             Op::Ignore => KIND_IGNORE << 56,
         }
     }
@@ -61,10 +77,14 @@ impl Op {
     fn decode(data: u64) -> Op {
         match data >> 56 {
             KIND_ACCEPT => Op::Accept,
-            KIND_RECV => Op::Recv {
-                key: (data & 0xFFFF_FFFF) as usize,
-                gen: ((data >> 32) & 0xFF_FFFF) as u32,
-            },
+            KIND_RECV => {
+                let (key, gen) = decode_conn(data);
+                Op::Recv { key, gen }
+            }
+            KIND_SHUTDOWN => {
+                let (key, gen) = decode_conn(data);
+                Op::Shutdown { key, gen }
+            }
             KIND_SEND => Op::Send {
                 slot: (data & 0xFFFF_FFFF) as u32,
             },
@@ -410,11 +430,12 @@ impl SocketRing {
         self.push(entry);
     }
 
-    /// Shuts down the write side of `fd` (sends FIN once queued data is out).
-    pub(crate) fn shutdown_write(&mut self, fd: RawFd) {
+    /// Shuts down the write side of `fd`, connection `key` of generation `gen` (sends FIN once
+    /// queued data is out). `fd` must stay open until the [`Op::Shutdown`] completion.
+    pub(crate) fn shutdown_write(&mut self, fd: RawFd, key: usize, gen: u32) {
         let entry = opcode::Shutdown::new(types::Fd(fd), libc::SHUT_WR)
             .build()
-            .user_data(Op::Ignore.encode());
+            .user_data(Op::Shutdown { key, gen }.encode());
         self.push(entry);
     }
 
@@ -549,6 +570,10 @@ mod tests {
                 gen: 0xAB_CDEF,
             },
             Op::Send { slot: 7 },
+            Op::Shutdown {
+                key: 42,
+                gen: 0x12_3456,
+            },
             Op::Ignore,
         ] {
             assert_eq!(Op::decode(op.encode()), op);

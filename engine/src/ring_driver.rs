@@ -186,6 +186,7 @@ impl<H: Handler> Driver<'_, H> {
                 Op::Accept => self.on_accept(c),
                 Op::Recv { key, gen } => self.on_recv(key, gen, c),
                 Op::Send { slot } => self.on_send(slot, c.result),
+                Op::Shutdown { key, gen } => self.on_shutdown(key, gen, c.result),
                 Op::Ignore => {}
             }
         }
@@ -400,6 +401,23 @@ impl<H: Handler> Driver<'_, H> {
         }
     }
 
+    /// The write shutdown finished: a closed connection may now give its descriptor back.
+    fn on_shutdown(&mut self, key: usize, gen: u32, result: i32) {
+        let mut table = self.shard.table.borrow_mut();
+        let live = table
+            .conns
+            .get(key)
+            .is_some_and(|conn| Op::matches_gen(gen, conn.gen));
+        if !live {
+            return; // cannot happen: the slot is kept until this completion
+        }
+        if result < 0 && result != -libc::ENOTCONN {
+            debug!(conn = %table.id_of(key), error = %std::io::Error::from_raw_os_error(-result), "shutdown failed");
+        }
+        table.conns[key].ring.set_shutdown_pending(false);
+        table.notify(key, usize::MAX);
+    }
+
     /// Fires deadlines that have passed.
     fn expire(&mut self, now: Instant) {
         let shard = self.shard;
@@ -460,7 +478,10 @@ impl<H: Handler> Driver<'_, H> {
                         conn.ring.set_send_cancelling(true);
                     }
                 }
-                if !conn.ring.recv_armed() && conn.ring.send_slot().is_none() {
+                if !conn.ring.recv_armed()
+                    && conn.ring.send_slot().is_none()
+                    && !conn.ring.shutdown_pending()
+                {
                     release.push(key);
                 }
                 continue;
@@ -474,7 +495,8 @@ impl<H: Handler> Driver<'_, H> {
             }
             if matches!(conn.phase, Phase::Flushing) && conn.out.len_bytes() == 0 {
                 // Everything we owed is out: send FIN, then wait for the peer's.
-                self.ring.shutdown_write(fd);
+                self.ring.shutdown_write(fd, key, gen);
+                conn.ring.set_shutdown_pending(true);
                 conn.phase = Phase::Draining;
                 let close_timeout = table.settings.close_timeout;
                 table.set_deadline(key, close_timeout);
