@@ -248,6 +248,23 @@ pub struct TimeoutsConfig {
     /// 10 s. Past it the remaining sockets are closed.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// A connection the server has heard nothing from (no frame of any kind) for this long is
+    /// sent a ping. Default 30 s; `"0s"` sends no pings. Traffic from the peer counts as
+    /// proof of life, so busy connections are never pinged. A dead peer is found within
+    /// `ping_interval` plus `pong_timeout` of its last frame. At most 1 day.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// Time the peer has to send anything (its pong, or any frame) after a ping. Default
+    /// 10 s. Past it the connection is dropped without a closing handshake (the peer is
+    /// presumed gone), its slot freed, and `on_close` reports 1006 "no pong within
+    /// pong_timeout". At most 1 day.
+    #[serde(with = "humantime_serde")]
+    pub pong_timeout: Duration,
+    /// A connection whose peer sent no message (text or binary; pings and pongs do not
+    /// count) for this long is closed with 1001 "idle timeout". Default `"0s"`: off, since a
+    /// subscriber may never speak. At most 1 day.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for TimeoutsConfig {
@@ -256,6 +273,9 @@ impl Default for TimeoutsConfig {
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(30),
+            pong_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::ZERO,
         }
     }
 }
@@ -398,6 +418,19 @@ impl EngineConfig {
         ] {
             check(!value.is_zero(), key, "must be > 0")?;
         }
+        const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+        for (value, key) in [
+            (t.ping_interval, "timeouts.ping_interval"),
+            (t.pong_timeout, "timeouts.pong_timeout"),
+            (t.idle_timeout, "timeouts.idle_timeout"),
+        ] {
+            check(value <= DAY, key, "must be at most 1 day")?;
+        }
+        check(
+            t.ping_interval.is_zero() || !t.pong_timeout.is_zero(),
+            "timeouts.pong_timeout",
+            "must be > 0 while timeouts.ping_interval is set",
+        )?;
         check(
             io.read_buffer_bytes >= 1024,
             "io.read_buffer_bytes",

@@ -10,7 +10,7 @@ use std::{
     collections::BinaryHeap,
     fmt,
     net::SocketAddr,
-    num::NonZeroU64,
+    num::{NonZeroU32, NonZeroU64},
     os::fd::OwnedFd,
     sync::{Arc, OnceLock},
     task::Waker,
@@ -97,7 +97,7 @@ impl<'a> ConnInfo<'a> {
 
     /// The request target (path and query) of the upgrade; empty before it completes.
     pub fn target(&self) -> &'a str {
-        if self.conn.head_kept {
+        if self.conn.upgrade.head_kept() {
             self.request().map_or("", |r| r.target())
         } else {
             std::str::from_utf8(self.conn.upgrade.request()).unwrap_or_default()
@@ -123,7 +123,7 @@ impl<'a> ConnInfo<'a> {
     /// The whole upgrade request, headers included, parsed again from the kept head. `None`
     /// when `io.keep_request_head` is false.
     pub fn request(&self) -> Option<UpgradeRequest<'a>> {
-        if !self.conn.head_kept {
+        if !self.conn.upgrade.head_kept() {
             return None;
         }
         UpgradeRequest::parse(self.conn.upgrade.request()).ok()
@@ -272,9 +272,12 @@ pub(crate) struct Conn {
     /// Subscriptions, the data ring and budgets, once the connection uses pub/sub.
     pub(crate) pubsub: Option<Box<ConnPubSub>>,
     pub(crate) ring: RingState,
-    head_kept: bool,
-    /// `on_open` ran, so `on_close` is owed.
-    pub(crate) opened: bool,
+    /// When the last bytes arrived from the peer (any frame: liveness).
+    pub(crate) heard: Stamp,
+    /// When the peer last sent a message (text or binary: idleness).
+    pub(crate) spoke: Stamp,
+    /// When the outstanding ping went out, while nothing has been heard since.
+    pub(crate) ping_out: Option<Stamp>,
 }
 
 impl Conn {
@@ -290,8 +293,9 @@ impl Conn {
             close: None,
             pubsub: None,
             ring: RingState::default(),
-            head_kept: false,
-            opened: false,
+            heard: Stamp::START,
+            spoke: Stamp::START,
+            ping_out: None,
         }
     }
 
@@ -308,8 +312,12 @@ impl Conn {
         subprotocol: Option<String>,
     ) {
         let request = if keep { head } else { req.target().as_bytes() };
-        self.upgrade = UpgradeFacts::new(subprotocol.as_deref(), request);
-        self.head_kept = keep;
+        self.upgrade = UpgradeFacts::new(subprotocol.as_deref(), request, keep);
+    }
+
+    /// The upgrade completed and `on_open` ran, so `on_close` is owed.
+    pub(crate) fn opened(&self) -> bool {
+        self.upgrade.is_set()
     }
 
     /// Moves the codec's owed frames (pongs, close frames) onto the outbound queue. They are
@@ -355,6 +363,42 @@ impl When {
     }
 }
 
+/// A coarse point in time in 4 bytes: milliseconds since the process's epoch, wrapping every
+/// 49 days (never zero, so `Option<Stamp>` is 4 bytes too). Only differences are read, so
+/// the intervals compared stay under 24 days (the config caps liveness timeouts at 1 day).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stamp(NonZeroU32);
+
+impl Stamp {
+    /// A placeholder until the first real stamp.
+    pub(crate) const START: Stamp = Stamp(NonZeroU32::MIN);
+
+    pub(crate) fn now() -> Self {
+        Self::from_instant(Instant::now())
+    }
+
+    pub(crate) fn from_instant(at: Instant) -> Self {
+        let epoch = *EPOCH.get_or_init(Instant::now);
+        // Truncation is the wrap; the one zero value in each wrap reads as 1 ms later.
+        let millis = at.saturating_duration_since(epoch).as_millis() as u32;
+        Self(NonZeroU32::new(millis).unwrap_or(NonZeroU32::MIN))
+    }
+
+    /// Time from `self` to `later` (zero if `later` is earlier).
+    pub(crate) fn until(self, later: Stamp) -> Duration {
+        let diff = later.0.get().wrapping_sub(self.0.get());
+        if diff > u32::MAX / 2 {
+            return Duration::ZERO; // `later` is before `self`
+        }
+        Duration::from_millis(u64::from(diff))
+    }
+
+    /// Whether `self` is at or after `other`.
+    pub(crate) fn at_or_after(self, other: Stamp) -> bool {
+        self.0.get().wrapping_sub(other.0.get()) <= u32::MAX / 2
+    }
+}
+
 /// Received bytes of an unfinished frame or head, boxed: most connections have none, so an
 /// idle one pays 8 bytes instead of a `BytesMut`'s 32.
 #[derive(Debug, Default)]
@@ -390,28 +434,50 @@ impl Tail {
 }
 
 /// The subprotocol and the request (head or target) chosen at the upgrade, in one buffer:
-/// two length bytes, the subprotocol, then the request.
+/// two header bytes (the subprotocol's length, and whether the request is the whole head),
+/// the subprotocol, then the request. Empty until the upgrade completes.
 #[derive(Debug, Default)]
 struct UpgradeFacts(Box<[u8]>);
 
 impl UpgradeFacts {
-    fn new(subprotocol: Option<&str>, request: &[u8]) -> Self {
+    /// In the 2-byte header, beside the subprotocol's length: the request is the whole head.
+    const HEAD_KEPT: u16 = 1 << 15;
+
+    fn new(subprotocol: Option<&str>, request: &[u8], head_kept: bool) -> Self {
         let sub = subprotocol.unwrap_or_default().as_bytes();
-        // Header values are capped by max_header_bytes, far below 64 KiB of subprotocol.
-        let len = u16::try_from(sub.len()).unwrap_or(u16::MAX);
+        // Header values are capped by max_header_bytes, far below 32 KiB of subprotocol.
+        let len = u16::try_from(sub.len()).unwrap_or(u16::MAX) & !Self::HEAD_KEPT;
         let sub = &sub[..usize::from(len)];
+        let header = if head_kept {
+            len | Self::HEAD_KEPT
+        } else {
+            len
+        };
         let mut buf = Vec::with_capacity(2 + sub.len() + request.len());
-        buf.extend_from_slice(&len.to_be_bytes());
+        buf.extend_from_slice(&header.to_be_bytes());
         buf.extend_from_slice(sub);
         buf.extend_from_slice(request);
         Self(buf.into_boxed_slice())
     }
 
-    fn sub_len(&self) -> usize {
+    /// Set at the upgrade: empty before it.
+    fn is_set(&self) -> bool {
+        !self.0.is_empty()
+    }
+
+    fn header(&self) -> u16 {
         match *self.0 {
-            [a, b, ..] => usize::from(u16::from_be_bytes([a, b])),
+            [a, b, ..] => u16::from_be_bytes([a, b]),
             _ => 0,
         }
+    }
+
+    fn head_kept(&self) -> bool {
+        self.header() & Self::HEAD_KEPT != 0
+    }
+
+    fn sub_len(&self) -> usize {
+        usize::from(self.header() & !Self::HEAD_KEPT)
     }
 
     fn subprotocol(&self) -> Option<&str> {
@@ -436,6 +502,9 @@ pub(crate) struct Settings {
     pub(crate) handshake_timeout: Duration,
     pub(crate) close_timeout: Duration,
     pub(crate) shutdown_timeout: Duration,
+    pub(crate) ping_interval: Duration,
+    pub(crate) pong_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     pub(crate) read_buffer_bytes: usize,
     pub(crate) max_reads_per_turn: usize,
     pub(crate) keep_request_head: bool,
@@ -453,6 +522,9 @@ impl Settings {
             handshake_timeout: config.timeouts.handshake_timeout,
             close_timeout: config.timeouts.close_timeout,
             shutdown_timeout: config.timeouts.shutdown_timeout,
+            ping_interval: config.timeouts.ping_interval,
+            pong_timeout: config.timeouts.pong_timeout,
+            idle_timeout: config.timeouts.idle_timeout,
             read_buffer_bytes: config.io.read_buffer_bytes,
             max_reads_per_turn: config.io.max_reads_per_turn,
             keep_request_head: config.io.keep_request_head,
@@ -491,6 +563,9 @@ pub(crate) struct ConnTable {
     pub(crate) topics: LocalTopics,
     /// Every topic of the process.
     pub(crate) hub: Arc<Hub>,
+    /// The drivers' coarse clock, read when bytes arrive: set once per io_uring loop turn,
+    /// and before each read on the epoll driver.
+    pub(crate) now: Stamp,
 }
 
 impl ConnTable {
@@ -518,6 +593,7 @@ impl ConnTable {
             driver_running: false,
             topics: LocalTopics::default(),
             hub,
+            now: Stamp::now(),
         }
     }
 

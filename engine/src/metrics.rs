@@ -72,6 +72,12 @@ shard_metrics! {
     upgrades_rejected,
     /// Handshakes that timed out (a subset of `upgrades_rejected`).
     handshake_timeouts,
+    /// Pings the server sent to quiet connections.
+    pings_sent,
+    /// Connections dropped because nothing came back within `pong_timeout` of a ping.
+    pong_timeouts,
+    /// Connections closed (1001) after `idle_timeout` without a message from the peer.
+    idle_timeouts,
     /// Messages received (whole messages, after reassembly).
     messages_in,
     /// Messages queued for sending.

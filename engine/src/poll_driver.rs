@@ -24,7 +24,7 @@ use ringcast_protocol::CloseCode;
 use tracing::{debug, warn};
 
 use crate::{
-    conn::{Conn, Phase, PollSocket, Settings, Socket, When},
+    conn::{Conn, Phase, PollSocket, Settings, Socket, Stamp, When},
     handler::{CloseInitiator, Handler},
     metrics::ShardMetrics,
     outbound::MAX_IOV,
@@ -205,6 +205,7 @@ impl<H: Handler> Shard<H> {
                 Landing::Shared => mem::take(&mut *self.read_buf.borrow_mut()),
                 Landing::Tail => conn.tail.take(),
             };
+            table.now = Stamp::now();
             self.process(table, key, &mut input);
             let conn = &mut table.conns[key];
             match landing {

@@ -27,7 +27,7 @@ use ringcast_protocol::CloseCode;
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    conn::{ConnTable, Phase, Socket, When},
+    conn::{ConnTable, Phase, Socket, Stamp, When},
     handler::{CloseInitiator, Handler},
     outbound::MAX_IOV,
     ring::{Completion, Op, SocketRing},
@@ -82,7 +82,12 @@ struct Driver<'a, H> {
 impl<H: Handler> Driver<'_, H> {
     async fn run(&mut self) {
         loop {
-            self.shard.table.borrow_mut().driver_running = true;
+            let now = Instant::now();
+            {
+                let mut table = self.shard.table.borrow_mut();
+                table.driver_running = true;
+                table.now = Stamp::from_instant(now);
+            }
             self.reap();
             self.ring.pool.reclaim();
             if self.ring.pool.available() > 0 && !self.starved.is_empty() {
@@ -93,7 +98,7 @@ impl<H: Handler> Driver<'_, H> {
                     }
                 }
             }
-            self.expire(Instant::now());
+            self.expire(now);
             self.serve();
             self.serve_accept();
             self.ring.pool.publish();

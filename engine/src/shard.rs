@@ -31,7 +31,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     bus::{Inbox, ShardMsg},
     config::Driver,
-    conn::{Conn, ConnTable, Phase, Settings, ShardId, Socket},
+    conn::{Conn, ConnTable, Phase, Settings, ShardId, Socket, Stamp},
     error::Error,
     handler::{CloseInfo, CloseInitiator, Ctx, Handler, Message, Upgrade, UpgradeCtx},
     listener::accept_loop,
@@ -332,6 +332,7 @@ impl<H: Handler> Shard<H> {
     /// Feeds newly read bytes through the handshake or the codec, calling the handler.
     pub(crate) fn process(&self, table: &mut ConnTable, key: usize, input: &mut BytesMut) {
         let mut handler = self.handler.borrow_mut();
+        table.conns[key].heard = table.now;
         loop {
             let conn = &mut table.conns[key];
             match &mut conn.phase {
@@ -438,7 +439,10 @@ impl<H: Handler> Shard<H> {
         conn.set_upgraded(&req, head, keep, subprotocol);
         conn.phase = Phase::Open(Codec::server(limits));
         conn.deadline = None;
-        conn.opened = true;
+        conn.spoke = table.now;
+        if let Some(first) = first_liveness_check(&table.settings) {
+            table.set_deadline(key, first);
+        }
         self.metrics.upgrades_accepted.incr();
         handler.on_open(&mut Ctx {
             table,
@@ -463,6 +467,7 @@ impl<H: Handler> Shard<H> {
             _ => return,
         };
         self.metrics.messages_in.incr();
+        table.conns[key].spoke = table.now;
         handler.on_message(
             &mut Ctx {
                 table,
@@ -491,9 +496,86 @@ impl<H: Handler> Shard<H> {
                 table.notify(key, key);
                 Flow::Continue
             }
+            Phase::Open(ref codec) if codec.close_state() == CloseState::Open => {
+                self.check_liveness(table, key)
+            }
             // Our close frame went unanswered, or the final bytes or FIN did not get through.
             Phase::Open(_) | Phase::Flushing | Phase::Draining | Phase::Closed => Flow::Done,
         }
+    }
+
+    /// The liveness deadline of an open connection: closes it if its pong is overdue or it
+    /// idled too long, sends a ping if it has been quiet for `ping_interval`, and sets the
+    /// next deadline. The deadline may come early (a later frame moved a check), so each
+    /// check first asks whether it is due.
+    fn check_liveness(&self, table: &mut ConnTable, key: usize) -> Flow {
+        let now = Stamp::now();
+        let settings = &table.settings;
+        let (ping, pong, idle) = (
+            settings.ping_interval,
+            settings.pong_timeout,
+            settings.idle_timeout,
+        );
+        let id = table.id_of(key);
+        let conn = &mut table.conns[key];
+        let mut next: Option<Duration> = None;
+        let mut sooner = |d: Duration| next = Some(next.map_or(d, |n| n.min(d)));
+        if let Some(ping_at) = conn.ping_out {
+            if conn.heard.at_or_after(ping_at) {
+                conn.ping_out = None; // the pong, or any frame, came back
+            } else if ping_at.until(now) >= pong {
+                debug!(conn = %id, "no pong within pong_timeout: dropped");
+                self.metrics.pong_timeouts.incr();
+                conn.note_close(
+                    CloseCode::ABNORMAL,
+                    "no pong within pong_timeout",
+                    CloseInitiator::Server,
+                );
+                return Flow::Done;
+            } else {
+                sooner(pong - ping_at.until(now));
+            }
+        }
+        if !idle.is_zero() {
+            let quiet = conn.spoke.until(now);
+            if quiet >= idle {
+                debug!(conn = %id, "idle timeout");
+                self.metrics.idle_timeouts.incr();
+                table.close(
+                    key,
+                    CloseCode::GOING_AWAY,
+                    "idle timeout",
+                    CloseInitiator::Server,
+                    key,
+                );
+                return Flow::Continue;
+            }
+            sooner(idle - quiet);
+        }
+        if !ping.is_zero() && conn.ping_out.is_none() {
+            let quiet = conn.heard.until(now);
+            if quiet >= ping {
+                let mut frame = BytesMut::with_capacity(2);
+                ringcast_protocol::encode_frame(
+                    &mut frame,
+                    true,
+                    ringcast_protocol::frame::OpCode::Ping,
+                    &[],
+                    None,
+                );
+                conn.out.push_encoded(frame.freeze());
+                conn.ping_out = Some(now);
+                self.metrics.pings_sent.incr();
+                sooner(pong);
+            } else {
+                sooner(ping - quiet);
+            }
+        }
+        if let Some(after) = next {
+            // Millisecond stamps: never re-arm for less than that, or a check could spin.
+            table.set_deadline(key, after.max(Duration::from_millis(1)));
+        }
+        Flow::Continue
     }
 
     /// Ends the connection's task.
@@ -514,7 +596,7 @@ impl<H: Handler> Shard<H> {
         if matches!(conn.phase, Phase::Closed) {
             return;
         }
-        if conn.opened {
+        if conn.opened() {
             conn.phase = Phase::Draining; // sends from on_close now return Closed
             let info = conn.close.take().map_or_else(
                 || CloseInfo {
@@ -561,6 +643,14 @@ impl<H: Handler> Shard<H> {
             }
         }
     }
+}
+
+/// When an open connection's first liveness check is due, if pings or the idle timeout are on.
+fn first_liveness_check(settings: &Settings) -> Option<Duration> {
+    [settings.ping_interval, settings.idle_timeout]
+        .into_iter()
+        .filter(|d| !d.is_zero())
+        .min()
 }
 
 /// Queues an HTTP error and moves the connection to flushing.
