@@ -27,7 +27,7 @@ use ringcast_protocol::CloseCode;
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    conn::{ConnTable, Phase, Socket, Stamp, When},
+    conn::{reservation, ConnTable, Phase, Socket, Stamp, When},
     handler::{CloseInitiator, Handler},
     outbound::MAX_IOV,
     ring::{Completion, Op, SocketRing},
@@ -531,8 +531,10 @@ impl<H: Handler> Driver<'_, H> {
         if table.dirty.is_empty() && dirty.capacity() <= 1024 {
             table.dirty = dirty;
         }
-        if table.timers.is_empty() && table.timers.capacity() > 1024 {
-            table.timers = Default::default();
+        // Stale entries can grow the heap past its reservation; give that back once empty.
+        let reserve = reservation(&table.settings);
+        if table.timers.is_empty() && table.timers.capacity() > reserve {
+            table.timers = std::collections::BinaryHeap::with_capacity(reserve);
         }
         drop(table_ref);
         for key in release {
