@@ -37,6 +37,35 @@ pub struct EngineConfig {
     pub io: IoConfig,
     /// Topics, fan-out, history, per-connection rings and budgets.
     pub pubsub: PubSubConfig,
+    /// Plain HTTP answered on the WebSocket port: health, readiness, metrics.
+    pub http: HttpConfig,
+}
+
+/// Plain HTTP GETs the engine answers itself on the listening port, before any handler sees
+/// them. An empty path turns that endpoint off. Every other plain request gets 426 (or 405
+/// for a method other than GET), never a hang.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct HttpConfig {
+    /// Liveness: 200 "ok" while the shard that answers is running. Default `/healthz`.
+    pub health_path: String,
+    /// Readiness: 200 "ready", or 503 "draining" once the engine is stopping. Default
+    /// `/readyz`.
+    pub ready_path: String,
+    /// Every counter of every shard in the OpenMetrics text format (Prometheus scrapes it).
+    /// Default `/metrics`.
+    pub metrics_path: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            health_path: "/healthz".into(),
+            ready_path: "/readyz".into(),
+            metrics_path: "/metrics".into(),
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -50,6 +79,7 @@ impl Default for EngineConfig {
             timeouts: TimeoutsConfig::default(),
             io: IoConfig::default(),
             pubsub: PubSubConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }

@@ -26,7 +26,7 @@ use slab::Slab;
 use tracing::warn;
 
 use crate::{
-    config::{EngineConfig, OverflowPolicy, PubSubConfig},
+    config::{EngineConfig, HttpConfig, OverflowPolicy, PubSubConfig},
     handler::{CloseInfo, CloseInitiator, Enqueue, Frame, Message},
     metrics::ShardMetrics,
     outbound::Outbound,
@@ -510,6 +510,7 @@ pub(crate) struct Settings {
     pub(crate) keep_request_head: bool,
     pub(crate) tcp_nodelay: bool,
     pub(crate) pubsub: PubSubConfig,
+    pub(crate) http: HttpConfig,
 }
 
 impl Settings {
@@ -530,6 +531,7 @@ impl Settings {
             keep_request_head: config.io.keep_request_head,
             tcp_nodelay: config.io.tcp_nodelay,
             pubsub: config.pubsub.clone(),
+            http: config.http.clone(),
         }
     }
 }

@@ -105,8 +105,8 @@ use std::{net::SocketAddr, sync::Arc, thread};
 
 pub use broker::{Broadcast, Broker};
 pub use config::{
-    Driver, EngineConfig, IoConfig, LimitsConfig, OverflowPolicy, PubSubConfig, RingOverflow,
-    TimeoutsConfig,
+    Driver, EngineConfig, HttpConfig, IoConfig, LimitsConfig, OverflowPolicy, PubSubConfig,
+    RingOverflow, TimeoutsConfig,
 };
 pub use conn::{ConnId, ConnInfo, ShardId};
 pub use echo::Echo;
@@ -194,12 +194,15 @@ impl Engine {
         let mut threads = Vec::with_capacity(count);
         let mut readiness = Vec::with_capacity(count);
         let mut failure = None;
+        let all_metrics: Arc<[Arc<ShardMetrics>]> = (0..count)
+            .map(|_| Arc::new(ShardMetrics::default()))
+            .collect();
         for ((i, listener), (mailbox, inbox)) in listeners
             .into_iter()
             .enumerate()
             .zip(all_mailboxes.into_iter().zip(inboxes))
         {
-            let shard_metrics = Arc::new(ShardMetrics::default());
+            let shard_metrics = all_metrics[i].clone();
             let (ready, ready_rx) = crossbeam_channel::bounded(1);
             let spec = ShardSpec {
                 id: ShardId(i as u16),
@@ -212,6 +215,7 @@ impl Engine {
                 ring_buffer_bytes: config.io.ring_buffer_bytes,
                 settings: Settings::new(&config),
                 metrics: shard_metrics.clone(),
+                all_metrics: all_metrics.clone(),
                 hub: hub.clone(),
                 ready,
             };

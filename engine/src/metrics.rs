@@ -2,7 +2,8 @@
 //!
 //! Owns the counters and their snapshot. Each counter has exactly one writer, the shard that
 //! owns it, so an increment is a plain load and store (no locked instruction); other threads
-//! only read. It does not export anything (Prometheus comes with the hardening work).
+//! only read. [`Metrics::to_openmetrics`] writes a snapshot in the OpenMetrics text format,
+//! which the engine serves at `/metrics` (see `HttpConfig`).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -57,6 +58,11 @@ macro_rules! shard_metrics {
             fn add(&mut self, other: &MetricsSnapshot) {
                 $(self.$name = self.$name.wrapping_add(other.$name);)*
             }
+
+            /// Every counter as (name, help, value), in declaration order.
+            pub fn fields(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((stringify!($name), concat!($($doc, "\n"),*), self.$name),)*]
+            }
         }
     };
 }
@@ -72,6 +78,9 @@ shard_metrics! {
     upgrades_rejected,
     /// Handshakes that timed out (a subset of `upgrades_rejected`).
     handshake_timeouts,
+    /// Plain HTTP requests answered by the engine's own endpoints (health, readiness,
+    /// metrics).
+    http_requests,
     /// Pings the server sent to quiet connections.
     pings_sent,
     /// Connections dropped because nothing came back within `pong_timeout` of a ping.
@@ -112,6 +121,51 @@ shard_metrics! {
     bad_requests,
 }
 
+/// The counters that are levels, not running totals.
+const GAUGES: &[&str] = &["connections_active"];
+
+/// A snapshot handed to the encoder as a collector: one family per counter, one series per
+/// shard.
+#[derive(Debug)]
+struct Snapshot(Metrics);
+
+impl prometheus_client::collector::Collector for Snapshot {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        use prometheus_client::{
+            encoding::EncodeMetric,
+            metrics::{counter::ConstCounter, gauge::ConstGauge},
+        };
+        let per_shard: Vec<_> = self.0.shards.iter().map(MetricsSnapshot::fields).collect();
+        let Some(first) = per_shard.first() else {
+            return Ok(());
+        };
+        for (i, &(name, help, _)) in first.iter().enumerate() {
+            let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+            let gauge = GAUGES.contains(&name);
+            let kind = if gauge {
+                ConstGauge::new(0i64).metric_type()
+            } else {
+                ConstCounter::new(0u64).metric_type()
+            };
+            let mut family = encoder.encode_descriptor(name, &help, None, kind)?;
+            for (shard, fields) in per_shard.iter().enumerate() {
+                let labels = [("shard", shard.to_string())];
+                let series = family.encode_family(&labels)?;
+                let value = fields[i].2;
+                if gauge {
+                    ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(series)?;
+                } else {
+                    ConstCounter::new(value).encode(series)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Metrics of every shard, as taken by [`EngineHandle::metrics`](crate::EngineHandle::metrics).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Metrics {
@@ -124,6 +178,17 @@ impl Metrics {
         Self {
             shards: shards.map(ShardMetrics::snapshot).collect(),
         }
+    }
+
+    /// The snapshot in the OpenMetrics text format, every counter prefixed `ringcast_` with a
+    /// `shard` label (counters get the `_total` suffix; `connections_active` is a gauge).
+    pub fn to_openmetrics(&self) -> String {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("ringcast");
+        registry.register_collector(Box::new(Snapshot(self.clone())));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
     }
 
     /// The sum over all shards.

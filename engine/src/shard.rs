@@ -24,7 +24,8 @@ use bytes::BytesMut;
 use crossbeam_channel::Sender;
 use monoio::{io::Canceller, net::TcpListener, IoUringDriver, LegacyDriver, RuntimeBuilder};
 use ringcast_protocol::{
-    error_response, http_response, CloseCode, CloseState, Codec, Event, UpgradeRequest,
+    error::HandshakeError, error_response, http_response, CloseCode, CloseState, Codec, Event,
+    UpgradeRequest,
 };
 use tracing::{debug, error, info, warn};
 
@@ -35,7 +36,7 @@ use crate::{
     error::Error,
     handler::{CloseInfo, CloseInitiator, Ctx, Handler, Message, Upgrade, UpgradeCtx},
     listener::accept_loop,
-    metrics::ShardMetrics,
+    metrics::{Metrics, ShardMetrics},
     poll_driver,
     pubsub::{Hub, Published},
     ring, ring_driver,
@@ -57,6 +58,8 @@ pub(crate) struct ShardSpec {
     pub(crate) ring_buffer_bytes: usize,
     pub(crate) settings: Settings,
     pub(crate) metrics: Arc<ShardMetrics>,
+    /// Every shard's counters, for `/metrics`.
+    pub(crate) all_metrics: Arc<[Arc<ShardMetrics>]>,
     pub(crate) hub: Arc<Hub>,
     /// Gets `Ok` once the shard listens, or the error that stopped it from starting.
     pub(crate) ready: Sender<Result<(), Error>>,
@@ -131,6 +134,7 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
         ring_buffer_bytes,
         settings,
         metrics,
+        all_metrics,
         hub,
         ready,
         ..
@@ -148,6 +152,7 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
         handler: RefCell::new(handler),
         read_buf: RefCell::new(BytesMut::new()),
         metrics,
+        all_metrics,
         deferred: RefCell::new(Vec::new()),
         deferrer: RefCell::new(None),
         stopped: Cell::new(false),
@@ -241,6 +246,7 @@ pub(crate) struct Shard<H> {
     /// epoll driver: every read lands here first; only unfinished frames are copied out.
     pub(crate) read_buf: RefCell<BytesMut>,
     pub(crate) metrics: Arc<ShardMetrics>,
+    all_metrics: Arc<[Arc<ShardMetrics>]>,
     pub(crate) deferred: RefCell<Vec<Waker>>,
     pub(crate) deferrer: RefCell<Option<Waker>>,
     pub(crate) stopped: Cell<bool>,
@@ -386,10 +392,48 @@ impl<H: Handler> Shard<H> {
         }
     }
 
+    /// Answers a plain GET to one of the engine's own endpoints (`[http]`): health,
+    /// readiness, metrics. Returns false, answering nothing, for any other request.
+    fn answer_plain_http(&self, table: &mut ConnTable, key: usize, head: &[u8]) -> bool {
+        let Some(("GET", path)) = ringcast_protocol::request_path(head) else {
+            return false;
+        };
+        let http = &table.settings.http;
+        let response = if path == http.health_path {
+            http_response(200, &[], "ok")
+        } else if path == http.ready_path {
+            if table.stopping {
+                http_response(503, &[], "draining")
+            } else {
+                http_response(200, &[], "ready")
+            }
+        } else if path == http.metrics_path {
+            let text = Metrics::collect(self.all_metrics.iter().map(|m| &**m)).to_openmetrics();
+            // Not `http_response`: that one is text/plain and adds a final newline.
+            bytes::Bytes::from(format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; \
+                 charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                text.len()
+            ))
+        } else {
+            return false;
+        };
+        self.metrics.http_requests.incr();
+        let close_timeout = table.settings.close_timeout;
+        let conn = &mut table.conns[key];
+        conn.out.push_encoded(response);
+        conn.phase = Phase::Flushing;
+        table.set_deadline(key, close_timeout);
+        true
+    }
+
     /// Decides a complete upgrade request. Returns true if the connection is now open.
     fn upgrade(&self, table: &mut ConnTable, handler: &mut H, key: usize, head: &[u8]) -> bool {
         let req = match UpgradeRequest::parse(head) {
             Ok(req) => req,
+            Err(HandshakeError::NotWebSocket) if self.answer_plain_http(table, key, head) => {
+                return false;
+            }
             Err(e) => {
                 debug!(peer = %table.conns[key].info().peer_addr(), error = %e, "bad upgrade request");
                 reject(table, key, error_response(&e));

@@ -299,6 +299,21 @@ pub fn http_response(status: u16, extra_headers: &[(&str, &str)], body: &str) ->
     Bytes::from(out)
 }
 
+/// The method and path (the target without its query) of a complete request head, for a
+/// server that answers some plain HTTP requests (health checks, metrics) on the WebSocket
+/// port. `None` if the head does not parse.
+pub fn request_path(head: &[u8]) -> Option<(&str, &str)> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return None,
+    }
+    let target = req.path?;
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    Some((req.method?, path))
+}
+
 /// The response a server sends for a failed upgrade, with the headers the status calls for
 /// (`Allow` on 405; `Upgrade` and `Sec-WebSocket-Version: 13` on 426, RFC 6455 §4.4).
 pub fn error_response(err: &HandshakeError) -> Bytes {
@@ -407,6 +422,13 @@ impl ClientHandshake {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_path_reads_method_and_path_without_query() {
+        let head = b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(request_path(head), Some(("GET", "/metrics")));
+        assert_eq!(request_path(b"GET /x HTTP/1.1\r\n"), None);
+    }
 
     const REQ: &[u8] = b"GET /chat?room=1 HTTP/1.1\r\nHost: server.example.com\r\n\
         Upgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\

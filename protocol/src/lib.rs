@@ -82,7 +82,8 @@ pub use envelope::{
 pub use error::{Error, HandshakeError, ProtocolError, Result};
 pub use frame::{encode_frame, server_frame, FrameHeader, OpCode, MAX_HEADER_BYTES};
 pub use handshake::{
-    accept_key, error_response, http_response, ClientHandshake, HeadReader, UpgradeRequest,
+    accept_key, error_response, http_response, request_path, ClientHandshake, HeadReader,
+    UpgradeRequest,
 };
 pub use limits::Limits;
 pub use utf8::{Utf8Bytes, Utf8Validator};

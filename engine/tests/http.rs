@@ -1,0 +1,102 @@
+//! Plain HTTP on the WebSocket port: `/healthz`, `/readyz` and `/metrics` answered by the
+//! engine, every other plain request a clear 426 or 405. `/metrics` is parsed as a
+//! Prometheus scraper would parse it and checked for counters this test caused.
+
+mod util;
+
+use std::io::Write;
+
+use tungstenite::Message as WsMessage;
+use util::*;
+
+/// Sends one plain request and reads the whole response (the server closes after it).
+fn get(addr: std::net::SocketAddr, request_line: &str) -> (u16, String, String) {
+    let mut stream = raw(addr);
+    write!(stream, "{request_line}\r\nHost: localhost\r\n\r\n").unwrap();
+    let response = String::from_utf8(read_to_close(&mut stream)).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("a whole response");
+    let status = head[9..12].parse().unwrap();
+    (status, head.to_owned(), body.to_owned())
+}
+
+#[test]
+fn health_and_readiness_answer_200() {
+    let (engine, _) = start_recorder(config(2));
+    let addr = engine.local_addr();
+    assert_eq!(get(addr, "GET /healthz HTTP/1.1").0, 200);
+    let (status, _, body) = get(addr, "GET /readyz?probe=lb HTTP/1.1");
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    engine.stop().unwrap();
+}
+
+#[test]
+fn other_plain_requests_get_426_or_405_and_paths_are_configurable() {
+    let mut cfg = config(1);
+    cfg.http.metrics_path = "/internal/metrics".into();
+    cfg.http.health_path = String::new(); // off
+    let (engine, _) = start_recorder(cfg);
+    let addr = engine.local_addr();
+    let (status, head, _) = get(addr, "GET /index.html HTTP/1.1");
+    assert_eq!(status, 426);
+    assert!(head.contains("Upgrade: websocket"), "{head}");
+    assert_eq!(get(addr, "GET /healthz HTTP/1.1").0, 426, "turned off");
+    assert_eq!(get(addr, "GET /metrics HTTP/1.1").0, 426, "moved");
+    assert_eq!(get(addr, "GET /internal/metrics HTTP/1.1").0, 200);
+    let (status, head, _) = get(addr, "POST /internal/metrics HTTP/1.1");
+    assert_eq!(status, 405);
+    assert!(head.contains("Allow: GET"), "{head}");
+    engine.stop().unwrap();
+}
+
+#[test]
+fn metrics_parse_and_count_what_happened() {
+    let (engine, _) = start_recorder(config(2));
+    let addr = engine.local_addr();
+    let mut ws = connect(addr, "/");
+    for i in 0..3 {
+        ws.send(WsMessage::text(format!("m{i}"))).unwrap();
+        assert!(matches!(ws.read().unwrap(), WsMessage::Text(_)));
+    }
+    assert_eq!(get(addr, "GET /healthz HTTP/1.1").0, 200);
+    wait_until("the /healthz connection released", || {
+        engine.handle().metrics().total().connections_active == 1
+    });
+    let (status, head, body) = get(addr, "GET /metrics HTTP/1.1");
+    assert_eq!(status, 200);
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    let scrape =
+        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("parses");
+    let sum = |name: &str| -> f64 {
+        let samples: Vec<_> = scrape.samples.iter().filter(|s| s.metric == name).collect();
+        assert_eq!(samples.len(), 2, "one series per shard for {name}");
+        samples
+            .iter()
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                ref other => panic!("{name}: {other:?}"),
+            })
+            .sum()
+    };
+    assert_eq!(sum("ringcast_messages_in_total"), 3.0);
+    assert_eq!(sum("ringcast_upgrades_accepted_total"), 1.0);
+    assert_eq!(
+        sum("ringcast_http_requests_total"),
+        1.0,
+        "the /healthz before"
+    );
+    // The WebSocket client and the scrape's own connection.
+    assert_eq!(sum("ringcast_connections_active"), 2.0);
+    assert!(scrape
+        .samples
+        .iter()
+        .any(|s| s.metric == "ringcast_messages_in_total" && s.labels.get("shard") == Some("1")));
+    let help = scrape
+        .docs
+        .get("ringcast_pong_timeouts")
+        .expect("help text");
+    assert!(help.contains("pong_timeout"), "{help}");
+    engine.stop().unwrap();
+}
