@@ -419,11 +419,7 @@ impl<H: Handler> Shard<H> {
             return false;
         };
         self.metrics.http_requests.incr();
-        let close_timeout = table.settings.close_timeout;
-        let conn = &mut table.conns[key];
-        conn.out.push_encoded(response);
-        conn.phase = Phase::Flushing;
-        table.set_deadline(key, close_timeout);
+        respond_and_close(table, key, response);
         true
     }
 
@@ -523,20 +519,16 @@ impl<H: Handler> Shard<H> {
     }
 
     pub(crate) fn on_deadline(&self, table: &mut ConnTable, key: usize) -> Flow {
-        let close_timeout = table.settings.close_timeout;
         let conn = &mut table.conns[key];
         match conn.phase {
             Phase::Handshake(_) => {
                 debug!(peer = %conn.info().peer_addr(), "upgrade request timed out");
                 self.metrics.handshake_timeouts.incr();
-                self.metrics.upgrades_rejected.incr();
-                conn.out.push_encoded(http_response(
-                    408,
-                    &[],
-                    "the upgrade request did not arrive in time",
-                ));
-                conn.phase = Phase::Flushing;
-                table.set_deadline(key, close_timeout);
+                reject(
+                    table,
+                    key,
+                    http_response(408, &[], "the upgrade request did not arrive in time"),
+                );
                 table.notify(key, key);
                 Flow::Continue
             }
@@ -700,6 +692,12 @@ fn first_liveness_check(settings: &Settings) -> Option<Duration> {
 /// Queues an HTTP error and moves the connection to flushing.
 pub(crate) fn reject(table: &mut ConnTable, key: usize, response: bytes::Bytes) {
     table.metrics.upgrades_rejected.incr();
+    respond_and_close(table, key, response);
+}
+
+/// Queues an HTTP response to a connection still in its handshake, then flushes and closes it
+/// within `close_timeout`.
+fn respond_and_close(table: &mut ConnTable, key: usize, response: bytes::Bytes) {
     let close_timeout = table.settings.close_timeout;
     let conn = &mut table.conns[key];
     conn.out.push_encoded(response);
