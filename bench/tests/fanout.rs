@@ -82,7 +82,7 @@ fn assert_complete(report: &FanoutReport, per_message: u64) {
 
 #[test]
 fn envelope_modes_deliver_every_message_to_every_subscriber_of_its_topic() {
-    let engine = engine(Broker);
+    let engine = engine(Broker::new());
     for mode in [FanoutMode::EnvelopeJson, FanoutMode::EnvelopeBin] {
         // 12 subscribers over 3 topics: each message goes to 4.
         let report = run_fanout(&config(engine.local_addr(), mode, 12, 3)).unwrap();
@@ -112,7 +112,7 @@ fn the_brokers_default_publish_limit_shows_as_refused_publishes() {
     // those would disconnect the publisher (1008): that limit is lifted here.
     let mut server = one_shard();
     server.pubsub.max_bad_requests = u32::MAX;
-    let engine = start(server, Broker);
+    let engine = start(server, Broker::new());
     let mut cfg = config(engine.local_addr(), FanoutMode::EnvelopeBin, 4, 1);
     cfg.rate = 8000.0;
     let report = run_fanout(&cfg).unwrap();
@@ -128,7 +128,7 @@ fn the_brokers_default_publish_limit_shows_as_refused_publishes() {
 
 #[test]
 fn subscribers_spread_over_worker_processes_add_up() {
-    let engine = engine(Broker);
+    let engine = engine(Broker::new());
     let addr = engine.local_addr();
     let output = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["--quiet", "fanout", "--url", &format!("ws://{addr}/")])

@@ -6,6 +6,8 @@
 //! or an error on the control lane. A malformed request gets an error naming its id; a client
 //! that spends its bad-request budget is closed with 1008.
 
+use std::{collections::HashMap, sync::Arc, time::SystemTime};
+
 use bytes::Bytes;
 use ringcast_protocol::{
     envelope::{self, Encoding, ErrorCode, PayloadKind, Request},
@@ -13,7 +15,9 @@ use ringcast_protocol::{
 };
 
 use crate::{
+    auth::{Auth, Grants},
     config::RingOverflow,
+    conn::ConnId,
     handler::{Ctx, Frame, Handler, Message, SubscribeError, Upgrade, UpgradeCtx},
     pubsub::{DeliveryFormat, Payload, PublishError},
 };
@@ -24,30 +28,64 @@ use crate::{
 /// `ringcast.v1.json` if offered; a client that offers neither (a bare browser `WebSocket`)
 /// speaks JSON. `?overflow=drop-oldest|drop-newest|conflate|disconnect` in the request target
 /// picks the connection's data-ring policy (anything else: 400).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Broker;
+///
+/// With token auth ([`Broker::with_auth`]) an upgrade needs a valid token (401 otherwise,
+/// with a `WWW-Authenticate` challenge); the token's `sub` names the user and its
+/// `subscribe` and `publish` patterns bound what the connection may do: a request for any
+/// other topic gets a `forbidden` error, not a disconnect. Once the token expires, the next
+/// request closes the connection with 1008 "token expired".
+#[derive(Debug, Clone, Default)]
+pub struct Broker {
+    auth: Option<Arc<Auth>>,
+    /// The grants of the upgrade being decided, until `on_open` files them by connection.
+    pending: Option<Arc<Grants>>,
+    grants: HashMap<ConnId, Arc<Grants>>,
+}
+
+impl Broker {
+    /// A broker without auth: anyone may connect, subscribe and publish.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A broker that requires a token checked by `auth` (`None`: no auth, as
+    /// [`Auth::from_config`] returns when `auth.required` is false).
+    pub fn with_auth(auth: Option<Arc<Auth>>) -> Self {
+        Self {
+            auth,
+            ..Self::default()
+        }
+    }
+}
 
 impl Handler for Broker {
     fn on_upgrade(&mut self, req: &UpgradeRequest<'_>, _ctx: &UpgradeCtx) -> Upgrade {
-        if let Some(policy) = query_param(req.target(), "overflow") {
-            if RingOverflow::from_name(policy).is_none() {
-                return Upgrade::reject(
-                    400,
-                    "overflow must be drop-oldest, drop-newest, conflate or disconnect",
-                );
+        self.pending = None;
+        let mut user = None;
+        if let Some(auth) = &self.auth {
+            match auth.authenticate(req) {
+                Ok(grants) => {
+                    user = Some(grants.user().to_owned());
+                    self.pending = Some(Arc::new(grants));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "upgrade refused: token");
+                    return Upgrade::reject(401, e.to_string())
+                        .with_header("WWW-Authenticate", e.challenge());
+                }
             }
         }
-        let offered = |name: &str| req.protocols().any(|p| p == name);
-        if offered(envelope::BINARY_SUBPROTOCOL) {
-            Upgrade::accept_subprotocol(envelope::BINARY_SUBPROTOCOL)
-        } else if offered(envelope::JSON_SUBPROTOCOL) {
-            Upgrade::accept_subprotocol(envelope::JSON_SUBPROTOCOL)
-        } else {
-            Upgrade::accept()
+        let accept = self.choose(req);
+        match user {
+            Some(user) => accept.with_user(user),
+            None => accept,
         }
     }
 
     fn on_open(&mut self, ctx: &mut Ctx<'_>) {
+        if let Some(grants) = self.pending.take() {
+            self.grants.insert(ctx.id(), grants);
+        }
         let encoding = encoding_of(ctx);
         ctx.set_delivery_format(DeliveryFormat::Envelope(encoding));
         let policy = query_param(ctx.info().target(), "overflow").and_then(RingOverflow::from_name);
@@ -56,7 +94,22 @@ impl Handler for Broker {
         }
     }
 
+    fn on_close(&mut self, ctx: &mut Ctx<'_>, _close: &crate::CloseInfo) {
+        self.grants.remove(&ctx.id());
+    }
+
     fn on_message(&mut self, ctx: &mut Ctx<'_>, msg: Message) {
+        let grants = match &self.auth {
+            None => None,
+            Some(_) => match self.grants.get(&ctx.id()) {
+                Some(g) if !g.expired_at(SystemTime::now()) => Some(g.clone()),
+                // Expired, or (a bug) never filed: either way no longer trusted.
+                _ => {
+                    ctx.close(CloseCode::POLICY, "token expired");
+                    return;
+                }
+            },
+        };
         let encoding = encoding_of(ctx);
         let request = match (&msg, encoding) {
             (Message::Text(_), Encoding::Json) | (Message::Binary(_), Encoding::Binary) => {
@@ -74,15 +127,48 @@ impl Handler for Broker {
             }),
         };
         match request {
-            Ok(request) => handle(ctx, encoding, request),
+            Ok(request) => handle(ctx, encoding, grants.as_deref(), request),
             Err(e) => refuse(ctx, encoding, e.id, e.code, &e.message),
         }
     }
 }
 
-fn handle(ctx: &mut Ctx<'_>, enc: Encoding, request: Request<'_>) {
+impl Broker {
+    /// The acceptance for a request that passed auth: the encoding by subprotocol, after
+    /// checking `?overflow=`.
+    fn choose(&self, req: &UpgradeRequest<'_>) -> Upgrade {
+        if let Some(policy) = query_param(req.target(), "overflow") {
+            if RingOverflow::from_name(policy).is_none() {
+                return Upgrade::reject(
+                    400,
+                    "overflow must be drop-oldest, drop-newest, conflate or disconnect",
+                );
+            }
+        }
+        let offered = |name: &str| req.protocols().any(|p| p == name);
+        if offered(envelope::BINARY_SUBPROTOCOL) {
+            Upgrade::accept_subprotocol(envelope::BINARY_SUBPROTOCOL)
+        } else if offered(envelope::JSON_SUBPROTOCOL) {
+            Upgrade::accept_subprotocol(envelope::JSON_SUBPROTOCOL)
+        } else {
+            Upgrade::accept()
+        }
+    }
+}
+
+fn handle(ctx: &mut Ctx<'_>, enc: Encoding, grants: Option<&Grants>, request: Request<'_>) {
     match request {
         Request::Subscribe { id, topics } => {
+            // All or nothing: a denied topic subscribes none of the request's topics.
+            if let Some(denied) = grants.and_then(|g| {
+                topics
+                    .iter()
+                    .find(|t| !g.may_subscribe(&t.topic))
+                    .map(|t| t.topic.to_string())
+            }) {
+                let why = format!("{denied}: not allowed to subscribe");
+                return refuse(ctx, enc, id, ErrorCode::Forbidden, &why);
+            }
             let mut resets = Vec::new();
             for t in &topics {
                 match ctx.subscribe(&t.topic, t.since) {
@@ -127,6 +213,10 @@ fn handle(ctx: &mut Ctx<'_>, enc: Encoding, request: Request<'_>) {
             }
         }
         Request::Publish { id, topic, payload } => {
+            if grants.is_some_and(|g| !g.may_publish(&topic)) {
+                let why = format!("{topic}: not allowed to publish");
+                return refuse(ctx, enc, id, ErrorCode::Forbidden, &why);
+            }
             let payload = match payload.kind {
                 // The one copy, out of the read buffer.
                 PayloadKind::Json => Payload::Json(Bytes::copy_from_slice(&payload.bytes)),

@@ -4,7 +4,7 @@
 //! All defaults live in the `Default` impls here and nowhere else. Nothing is clamped: a value
 //! out of range is a [`ConfigError`] at startup.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use ringcast_protocol::Limits;
 use serde::{Deserialize, Serialize};
@@ -39,6 +39,116 @@ pub struct EngineConfig {
     pub pubsub: PubSubConfig,
     /// Plain HTTP answered on the WebSocket port: health, readiness, metrics.
     pub http: HttpConfig,
+    /// Who may upgrade, and how fast: origins, per-address and per-user caps, upgrade rate.
+    pub admission: AdmissionConfig,
+    /// Token auth for the built-in [`Broker`](crate::Broker) (and any handler that uses
+    /// [`Auth`](crate::Auth)).
+    pub auth: AuthConfig,
+}
+
+/// Admission: checks the engine makes on every upgrade request before the handler sees it,
+/// in this order: the upgrade rate (503), the origin (403), connections per address (429);
+/// after the handler accepts, connections per user (429). Plain HTTP requests (`[http]`)
+/// are not subject to any of them. Each refusal is counted in `upgrades_rejected` by reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AdmissionConfig {
+    /// Origins whose pages may open connections, as `scheme://host[:port]`; `*` matches any
+    /// run of characters (`"https://*.example.com"`). Default empty: any origin. A request
+    /// with an `Origin` not on the list gets 403, so a page on another site cannot ride a
+    /// user's cookies (cross-site WebSocket hijacking).
+    pub allowed_origins: Vec<String>,
+    /// Refuse (403) requests without an `Origin` header. Default false: clients other than
+    /// browsers send none, and a browser always sends one.
+    pub require_origin: bool,
+    /// Open connections one peer IP address may hold, over all shards. Default 0: no cap
+    /// (behind a proxy every client shares its address). Over it: 429.
+    pub max_connections_per_ip: u32,
+    /// Open connections one user (as the handler names it with
+    /// [`Upgrade::with_user`](crate::Upgrade::with_user), the token's `sub` for the broker)
+    /// may hold, over all shards. Default 0: no cap. Over it: 429.
+    pub max_connections_per_user: u32,
+    /// Upgrades one shard accepts per second, sustained (a token bucket). Default 0: no
+    /// shaping. Over it: 503 with a `Retry-After` drawn at random between 1 s and
+    /// `retry_after_max`, so a reconnect storm comes back spread out and live connections
+    /// keep their share of the shard.
+    pub upgrades_per_sec: u32,
+    /// Upgrades one shard accepts in a burst above `upgrades_per_sec`. Default 0: the same
+    /// as `upgrades_per_sec`.
+    pub upgrade_burst: u32,
+    /// The longest `Retry-After` a shaped upgrade is told, whole seconds. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub retry_after_max: Duration,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            require_origin: false,
+            max_connections_per_ip: 0,
+            max_connections_per_user: 0,
+            upgrades_per_sec: 0,
+            upgrade_burst: 0,
+            retry_after_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Token auth at the upgrade: a JWT signed with HS256, RS256 or ES256, read from the first
+/// place that has one: `Authorization: Bearer`, a subprotocol entry, a cookie, or (when
+/// enabled) a query parameter. Claims: `sub` (the user id), `exp` (required), and the topic
+/// patterns `subscribe` and `publish` (arrays; `*` matches any run of characters). A
+/// missing, malformed, badly signed or expired token gets 401.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AuthConfig {
+    /// Require a token. Default false: anyone may connect, subscribe and publish.
+    pub required: bool,
+    /// File holding the HS256 shared secret (its bytes, trailing newline removed). Default
+    /// none. Files, not inline values, so `ringcast config` never prints a secret.
+    pub hs256_secret_file: Option<PathBuf>,
+    /// PEM file with the RSA public key for RS256 tokens. Default none.
+    pub rs256_public_key_file: Option<PathBuf>,
+    /// PEM file with the P-256 public key for ES256 tokens. Default none.
+    pub es256_public_key_file: Option<PathBuf>,
+    /// Required `iss` claim. Default empty: not checked.
+    pub issuer: String,
+    /// Required `aud` claim. Default empty: not checked.
+    pub audience: String,
+    /// Clock skew allowed on `exp` and `nbf`, whole seconds. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// Cookie that may carry the token. Default `ringcast_token`; empty: cookies are not
+    /// read.
+    pub cookie: String,
+    /// A subprotocol entry starting with this carries the token after it (browsers cannot set
+    /// headers): offer `["ringcast.v1.json", "ringcast.token.<JWT>"]`. The server never
+    /// selects that entry. Default `ringcast.token.`; empty: not read.
+    pub subprotocol_prefix: String,
+    /// Query parameter that may carry the token (`?token=...`). Default empty: not read.
+    /// Tokens in URLs end up in proxy and access logs; the engine logs a warning at start
+    /// when this is set.
+    pub query_param: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            required: false,
+            hs256_secret_file: None,
+            rs256_public_key_file: None,
+            es256_public_key_file: None,
+            issuer: String::new(),
+            audience: String::new(),
+            leeway: Duration::from_secs(30),
+            cookie: "ringcast_token".into(),
+            subprotocol_prefix: "ringcast.token.".into(),
+            query_param: String::new(),
+        }
+    }
 }
 
 /// Plain HTTP GETs the engine answers itself on the listening port, before any handler sees
@@ -80,6 +190,8 @@ impl Default for EngineConfig {
             io: IoConfig::default(),
             pubsub: PubSubConfig::default(),
             http: HttpConfig::default(),
+            admission: AdmissionConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -274,10 +386,16 @@ pub struct TimeoutsConfig {
     /// our side. Default 5 s. Past it the socket is closed regardless.
     #[serde(with = "humantime_serde")]
     pub close_timeout: Duration,
-    /// Time a stopping shard gives its connections to finish the closing handshake. Default
-    /// 10 s. Past it the remaining sockets are closed.
+    /// Time a stopping engine has, from the stop, to close every connection: the drain
+    /// window, then the closing handshakes. Default 10 s. Past it the remaining sockets are
+    /// closed. Must be longer than `drain_window`.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Window over which a stopping engine spreads its close frames (1012 "service
+    /// restart"), each connection at a random moment in it, so clients do not all reconnect
+    /// at once. Default 2 s; `"0s"` closes every connection at once.
+    #[serde(with = "humantime_serde")]
+    pub drain_window: Duration,
     /// A connection the server has heard nothing from (no frame of any kind) for this long is
     /// sent a ping. Default 30 s; `"0s"` sends no pings. Traffic from the peer counts as
     /// proof of life, so busy connections are never pinged. A dead peer is found within
@@ -303,6 +421,7 @@ impl Default for TimeoutsConfig {
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
+            drain_window: Duration::from_secs(2),
             ping_interval: Duration::from_secs(30),
             pong_timeout: Duration::from_secs(10),
             idle_timeout: Duration::ZERO,
@@ -370,7 +489,7 @@ impl EngineConfig {
         toml::from_str(text).map_err(|e| ConfigError::Toml(e.to_string()))
     }
 
-    /// The configuration as TOML, every key present.
+    /// The configuration as TOML, every key present (but unset key files, `auth.*_file`).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("EngineConfig always serializes")
     }
@@ -461,6 +580,33 @@ impl EngineConfig {
             "timeouts.pong_timeout",
             "must be > 0 while timeouts.ping_interval is set",
         )?;
+        check(
+            t.drain_window < t.shutdown_timeout,
+            "timeouts.drain_window",
+            "must be shorter than timeouts.shutdown_timeout",
+        )?;
+        let a = &self.admission;
+        check(
+            a.retry_after_max >= Duration::from_secs(1) && a.retry_after_max <= DAY,
+            "admission.retry_after_max",
+            "must be between 1s and 1 day",
+        )?;
+        check(
+            a.allowed_origins.iter().all(|o| !o.is_empty()),
+            "admission.allowed_origins",
+            "entries must not be empty",
+        )?;
+        let auth = &self.auth;
+        check(
+            !auth.required
+                || auth.hs256_secret_file.is_some()
+                || auth.rs256_public_key_file.is_some()
+                || auth.es256_public_key_file.is_some(),
+            "auth.required",
+            "needs at least one of hs256_secret_file, rs256_public_key_file, \
+             es256_public_key_file",
+        )?;
+        check(auth.leeway <= DAY, "auth.leeway", "must be at most 1 day")?;
         check(
             io.read_buffer_bytes >= 1024,
             "io.read_buffer_bytes",
@@ -556,6 +702,43 @@ mod tests {
     fn unknown_keys_are_errors_that_name_the_key() {
         let err = EngineConfig::from_toml("[limits]\nmax_frame_byte = 3\n").unwrap_err();
         assert!(err.to_string().contains("max_frame_byte"), "{err}");
+    }
+
+    #[test]
+    fn drain_auth_and_admission_values_are_checked() {
+        let mut config = EngineConfig::default();
+        config.timeouts.drain_window = config.timeouts.shutdown_timeout;
+        assert_eq!(
+            config.validate().unwrap_err(),
+            ConfigError::Invalid {
+                key: "timeouts.drain_window",
+                why: "must be shorter than timeouts.shutdown_timeout"
+            }
+        );
+        let mut config = EngineConfig::default();
+        config.auth.required = true;
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("auth.required"));
+        config.auth.hs256_secret_file = Some("/etc/ringcast/secret".into());
+        config.validate().unwrap();
+        let mut config = EngineConfig::default();
+        config.admission.retry_after_max = Duration::from_millis(500);
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("retry_after_max"));
+        let parsed = EngineConfig::from_toml(
+            "[admission]\nallowed_origins = [\"https://*.example.com\"]\n\
+             max_connections_per_ip = 10\n[auth]\nrequired = true\n\
+             hs256_secret_file = \"/run/secret\"\n",
+        )
+        .unwrap();
+        assert_eq!(parsed.admission.max_connections_per_ip, 10);
+        assert_eq!(parsed.to_toml().matches("hs256_secret_file").count(), 1);
     }
 
     #[test]

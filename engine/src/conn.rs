@@ -9,7 +9,7 @@ use std::{
     cmp::Reverse,
     collections::BinaryHeap,
     fmt,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     num::{NonZeroU32, NonZeroU64},
     os::fd::OwnedFd,
     sync::{Arc, OnceLock},
@@ -26,12 +26,13 @@ use slab::Slab;
 use tracing::warn;
 
 use crate::{
+    admission::{Gate, RejectReason},
     config::{EngineConfig, HttpConfig, OverflowPolicy, PubSubConfig},
     handler::{CloseInfo, CloseInitiator, Enqueue, Frame, Message},
     metrics::ShardMetrics,
     outbound::Outbound,
     pubsub::{DeliveryFormat, Hub},
-    topics::{ConnPubSub, LocalTopics},
+    topics::{ConnPubSub, LocalTopics, TokenBucket},
 };
 
 /// Identifies a shard: its index, from 0.
@@ -118,6 +119,13 @@ impl<'a> ConnInfo<'a> {
     /// The subprotocol selected at the upgrade.
     pub fn subprotocol(&self) -> Option<&'a str> {
         self.conn.upgrade.subprotocol()
+    }
+
+    /// The user the handler named when it accepted the upgrade
+    /// ([`Upgrade::with_user`](crate::Upgrade::with_user)); for the broker with token auth,
+    /// the token's `sub`.
+    pub fn user(&self) -> Option<&'a str> {
+        self.conn.upgrade.user()
     }
 
     /// The whole upgrade request, headers included, parsed again from the kept head. `None`
@@ -308,11 +316,20 @@ impl Conn {
         &mut self,
         req: &UpgradeRequest<'_>,
         head: &[u8],
-        keep: bool,
-        subprotocol: Option<String>,
+        facts: Upgraded<'_>,
     ) {
-        let request = if keep { head } else { req.target().as_bytes() };
-        self.upgrade = UpgradeFacts::new(subprotocol.as_deref(), request, keep);
+        let request = if facts.head_kept {
+            head
+        } else {
+            req.target().as_bytes()
+        };
+        self.upgrade = UpgradeFacts::new(&facts, request);
+    }
+
+    /// The user the handler named at the upgrade, and the address counted for the
+    /// per-address cap: what the connection holds in the admission counts.
+    pub(crate) fn admitted(&self) -> (Option<&str>, Option<IpAddr>) {
+        (self.upgrade.user(), self.upgrade.counted_ip())
     }
 
     /// The upgrade completed and `on_open` ran, so `on_close` is owed.
@@ -433,29 +450,43 @@ impl Tail {
     }
 }
 
-/// The subprotocol and the request (head or target) chosen at the upgrade, in one buffer:
-/// two header bytes (the subprotocol's length, and whether the request is the whole head),
-/// the subprotocol, then the request. Empty until the upgrade completes.
+/// What the upgrade settled, in one buffer: a 5-byte header (flags, the subprotocol's
+/// length, the user's length), the peer address when it was counted against
+/// `admission.max_connections_per_ip` (4 or 16 bytes), the subprotocol, the user, then the
+/// request (the whole head, or only its target). Empty until the upgrade completes.
 #[derive(Debug, Default)]
 struct UpgradeFacts(Box<[u8]>);
 
 impl UpgradeFacts {
-    /// In the 2-byte header, beside the subprotocol's length: the request is the whole head.
-    const HEAD_KEPT: u16 = 1 << 15;
+    /// Flag: the request is the whole head.
+    const HEAD_KEPT: u8 = 1;
+    /// Flag: an IPv4 address (4 bytes) follows the header.
+    const IP4: u8 = 2;
+    /// Flag: an IPv6 address (16 bytes) follows the header.
+    const IP6: u8 = 4;
+    const HEADER: usize = 5;
 
-    fn new(subprotocol: Option<&str>, request: &[u8], head_kept: bool) -> Self {
-        let sub = subprotocol.unwrap_or_default().as_bytes();
-        // Header values are capped by max_header_bytes, far below 32 KiB of subprotocol.
-        let len = u16::try_from(sub.len()).unwrap_or(u16::MAX) & !Self::HEAD_KEPT;
-        let sub = &sub[..usize::from(len)];
-        let header = if head_kept {
-            len | Self::HEAD_KEPT
-        } else {
-            len
+    fn new(facts: &Upgraded<'_>, request: &[u8]) -> Self {
+        // Header values are capped by max_header_bytes, far below 64 KiB.
+        fn clip(s: &str) -> &[u8] {
+            &s.as_bytes()[..s.len().min(usize::from(u16::MAX))]
+        }
+        let sub = clip(facts.subprotocol.unwrap_or_default());
+        let user = clip(facts.user.unwrap_or_default());
+        let (ip_flag, ip): (u8, Vec<u8>) = match facts.counted_ip {
+            None => (0, Vec::new()),
+            Some(IpAddr::V4(a)) => (Self::IP4, a.octets().to_vec()),
+            Some(IpAddr::V6(a)) => (Self::IP6, a.octets().to_vec()),
         };
-        let mut buf = Vec::with_capacity(2 + sub.len() + request.len());
-        buf.extend_from_slice(&header.to_be_bytes());
+        let flags = ip_flag | if facts.head_kept { Self::HEAD_KEPT } else { 0 };
+        let mut buf =
+            Vec::with_capacity(Self::HEADER + ip.len() + sub.len() + user.len() + request.len());
+        buf.push(flags);
+        buf.extend_from_slice(&(sub.len() as u16).to_be_bytes());
+        buf.extend_from_slice(&(user.len() as u16).to_be_bytes());
+        buf.extend_from_slice(&ip);
         buf.extend_from_slice(sub);
+        buf.extend_from_slice(user);
         buf.extend_from_slice(request);
         Self(buf.into_boxed_slice())
     }
@@ -465,31 +496,75 @@ impl UpgradeFacts {
         !self.0.is_empty()
     }
 
-    fn header(&self) -> u16 {
-        match *self.0 {
-            [a, b, ..] => u16::from_be_bytes([a, b]),
+    fn flags(&self) -> u8 {
+        self.0.first().copied().unwrap_or(0)
+    }
+
+    fn head_kept(&self) -> bool {
+        self.flags() & Self::HEAD_KEPT != 0
+    }
+
+    fn len_at(&self, at: usize) -> usize {
+        match self.0.get(at..at + 2) {
+            Some(&[a, b]) => usize::from(u16::from_be_bytes([a, b])),
             _ => 0,
         }
     }
 
-    fn head_kept(&self) -> bool {
-        self.header() & Self::HEAD_KEPT != 0
+    fn ip_len(&self) -> usize {
+        match self.flags() {
+            f if f & Self::IP4 != 0 => 4,
+            f if f & Self::IP6 != 0 => 16,
+            _ => 0,
+        }
     }
 
-    fn sub_len(&self) -> usize {
-        usize::from(self.header() & !Self::HEAD_KEPT)
+    /// The peer address counted against the per-address cap, if it was.
+    fn counted_ip(&self) -> Option<IpAddr> {
+        let at = Self::HEADER;
+        match self.ip_len() {
+            4 => <[u8; 4]>::try_from(&self.0[at..at + 4])
+                .ok()
+                .map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(&self.0[at..at + 16])
+                .ok()
+                .map(IpAddr::from),
+            _ => None,
+        }
     }
 
-    fn subprotocol(&self) -> Option<&str> {
-        let len = self.sub_len();
+    /// The text at `at` of `len` bytes, if any.
+    fn text(&self, at: usize, len: usize) -> Option<&str> {
         (len > 0)
-            .then(|| std::str::from_utf8(&self.0[2..2 + len]).ok())
+            .then(|| std::str::from_utf8(self.0.get(at..at + len)?).ok())
             .flatten()
     }
 
-    fn request(&self) -> &[u8] {
-        self.0.get(2 + self.sub_len()..).unwrap_or_default()
+    fn subprotocol(&self) -> Option<&str> {
+        self.text(Self::HEADER + self.ip_len(), self.len_at(1))
     }
+
+    fn user(&self) -> Option<&str> {
+        self.text(
+            Self::HEADER + self.ip_len() + self.len_at(1),
+            self.len_at(3),
+        )
+    }
+
+    fn request(&self) -> &[u8] {
+        let at = Self::HEADER + self.ip_len() + self.len_at(1) + self.len_at(3);
+        self.0.get(at..).unwrap_or_default()
+    }
+}
+
+/// What an accepted upgrade settled, beside the request itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Upgraded<'a> {
+    pub(crate) subprotocol: Option<&'a str>,
+    pub(crate) user: Option<&'a str>,
+    /// The peer address, when it was counted against the per-address cap.
+    pub(crate) counted_ip: Option<IpAddr>,
+    pub(crate) head_kept: bool,
 }
 
 /// Per-shard settings copied out of the config, read on the hot path.
@@ -511,6 +586,9 @@ pub(crate) struct Settings {
     pub(crate) tcp_nodelay: bool,
     pub(crate) pubsub: PubSubConfig,
     pub(crate) http: HttpConfig,
+    /// Upgrades per second and burst per shard; 0 is unshaped.
+    pub(crate) upgrade_rate: (u32, u32),
+    pub(crate) drain_window: Duration,
 }
 
 impl Settings {
@@ -532,6 +610,16 @@ impl Settings {
             tcp_nodelay: config.io.tcp_nodelay,
             pubsub: config.pubsub.clone(),
             http: config.http.clone(),
+            upgrade_rate: {
+                let a = &config.admission;
+                let burst = if a.upgrade_burst == 0 {
+                    a.upgrades_per_sec
+                } else {
+                    a.upgrade_burst
+                };
+                (a.upgrades_per_sec, burst)
+            },
+            drain_window: config.timeouts.drain_window,
         }
     }
 }
@@ -573,6 +661,10 @@ pub(crate) struct ConnTable {
     /// The drivers' coarse clock, read when bytes arrive: set once per io_uring loop turn,
     /// and before each read on the epoll driver.
     pub(crate) now: Stamp,
+    /// Admission checks shared by every shard.
+    pub(crate) gate: Arc<Gate>,
+    /// This shard's upgrade rate (`admission.upgrades_per_sec`), when shaped.
+    pub(crate) upgrade_bucket: Option<TokenBucket>,
 }
 
 impl ConnTable {
@@ -581,12 +673,14 @@ impl ConnTable {
         settings: Settings,
         metrics: Arc<ShardMetrics>,
         hub: Arc<Hub>,
+        gate: Arc<Gate>,
     ) -> Self {
         // Reserve the slab and the timer heap once: growing by doubling left every old copy
         // resident (about 700 bytes per connection at 10,000 for the slab; about 55 for the
         // heap, which holds an entry per open connection since heartbeats). Untouched pages
         // of a reservation cost no RSS.
         let reserve = reservation(&settings);
+        let settings_rate = settings.upgrade_rate;
         Self {
             shard,
             conns: Slab::with_capacity(reserve),
@@ -603,6 +697,9 @@ impl ConnTable {
             topics: LocalTopics::default(),
             hub,
             now: Stamp::now(),
+            gate,
+            upgrade_bucket: (settings_rate.0 > 0)
+                .then(|| TokenBucket::new(f64::from(settings_rate.0), f64::from(settings_rate.1))),
         }
     }
 
@@ -772,34 +869,16 @@ impl ConnTable {
         }
     }
 
-    /// Marks the shard as stopping and starts closing every connection: open ones get 1001,
-    /// ones still in the handshake get 503.
+    /// Marks the shard as stopping: no new connections, and ones still in the handshake get
+    /// 503. Open connections are closed afterwards, one by one, by [`ConnTable::drain_close`].
     pub(crate) fn begin_stop(&mut self) {
         self.stopping = true;
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             let conn = &mut self.conns[key];
             match conn.phase {
-                Phase::Open(_) => {
-                    // Envelope clients hear why before the close frame.
-                    if let Some(DeliveryFormat::Envelope(enc)) =
-                        conn.pubsub.as_ref().map(|ps| ps.format)
-                    {
-                        conn.out
-                            .push_encoded(ringcast_protocol::envelope::shutdown_frame(
-                                enc,
-                                "server shutting down",
-                            ));
-                    }
-                    self.close(
-                        key,
-                        CloseCode::GOING_AWAY,
-                        "server shutting down",
-                        CloseInitiator::Server,
-                        usize::MAX,
-                    )
-                }
                 Phase::Handshake(_) => {
+                    self.metrics.rejected(RejectReason::Draining);
                     conn.out.push_encoded(ringcast_protocol::http_response(
                         503,
                         &[("Retry-After", "1")],
@@ -810,7 +889,7 @@ impl ConnTable {
                     self.notify(key, usize::MAX);
                 }
                 Phase::Flushing | Phase::Draining => self.notify(key, usize::MAX),
-                Phase::Closed => {}
+                Phase::Open(_) | Phase::Closed => {}
             }
         }
         if let Some(w) = self.accept_waker.take() {
@@ -819,5 +898,38 @@ impl ConnTable {
         if let Some(w) = &self.driver_waker {
             w.wake_by_ref();
         }
+    }
+
+    /// Drain: ends one open connection with 1012 "service restart", after what is queued for
+    /// it (all of a must-deliver connection's data ring, see `flush_for_close`) and, for
+    /// envelope clients, a `shutdown` notice. The connection has `time_left` (until the
+    /// shutdown deadline, not `close_timeout`) to take what was flushed and answer: a
+    /// must-deliver client may be reading a full data ring. Returns (messages flushed,
+    /// messages dropped).
+    pub(crate) fn drain_close(&mut self, key: usize, time_left: Duration) -> (u64, u64) {
+        let conn = &self.conns[key];
+        if !matches!(&conn.phase, Phase::Open(codec) if codec.can_send()) {
+            return (0, 0);
+        }
+        let (flushed, dropped) = self.flush_for_close(key);
+        let conn = &mut self.conns[key];
+        if let Some(DeliveryFormat::Envelope(enc)) = conn.pubsub.as_ref().map(|ps| ps.format) {
+            conn.out
+                .push_encoded(ringcast_protocol::envelope::shutdown_frame(
+                    enc,
+                    "service restart",
+                ));
+        }
+        self.close(
+            key,
+            CloseCode::SERVICE_RESTART,
+            "service restart",
+            CloseInitiator::Server,
+            usize::MAX,
+        );
+        self.set_deadline(key, time_left);
+        self.metrics.drain_flushed.add(flushed);
+        self.metrics.drain_dropped.add(dropped);
+        (flushed, dropped)
     }
 }

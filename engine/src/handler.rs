@@ -73,6 +73,10 @@ pub enum Upgrade {
     Accept {
         /// The subprotocol to answer with.
         subprotocol: Option<String>,
+        /// Who the client is (set with [`Upgrade::with_user`]): counted against
+        /// `admission.max_connections_per_user` and readable as
+        /// [`ConnInfo::user`](crate::ConnInfo::user).
+        user: Option<String>,
     },
     /// Refuse with an HTTP status and a plain-text body, then close.
     Reject {
@@ -88,14 +92,27 @@ pub enum Upgrade {
 impl Upgrade {
     /// Accept with no subprotocol.
     pub fn accept() -> Self {
-        Self::Accept { subprotocol: None }
+        Self::Accept {
+            subprotocol: None,
+            user: None,
+        }
     }
 
     /// Accept, selecting `subprotocol`.
     pub fn accept_subprotocol(subprotocol: impl Into<String>) -> Self {
         Self::Accept {
             subprotocol: Some(subprotocol.into()),
+            user: None,
         }
+    }
+
+    /// Names the user an acceptance is for; a rejection is returned unchanged.
+    #[must_use]
+    pub fn with_user(mut self, id: impl Into<String>) -> Self {
+        if let Self::Accept { user, .. } = &mut self {
+            *user = Some(id.into());
+        }
+        self
     }
 
     /// Refuse with `status` and `body`.

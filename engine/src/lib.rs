@@ -12,8 +12,8 @@
 //! 2. [`Engine::start`] validates the config, binds every listener, starts the shards and
 //!    returns once all of them listen; each shard calls your factory once, on its own thread.
 //! 3. Handlers run on their shard: decide upgrades, react to messages through [`Ctx`].
-//! 4. [`EngineHandle::stop`] (any thread) closes every connection with 1001 and stops the
-//!    shards; [`Engine::wait`] joins them.
+//! 4. [`EngineHandle::stop`] (any thread) drains: every connection gets close 1012, spread
+//!    over `timeouts.drain_window`, and the shards stop; [`Engine::wait`] joins them.
 //!
 //! ```
 //! use ringcast::{Ctx, Engine, EngineConfig, Handler, Message};
@@ -60,6 +60,10 @@
 //! | data ring | 1024 messages or 1 MiB per connection, drop-oldest | [`PubSubConfig`] |
 //! | subscriptions / publishes | 256 per connection / 1000 per s, burst 1000 | [`PubSubConfig`] |
 //! | bad requests before 1008 | 20, refilled at 1 per s | [`PubSubConfig::max_bad_requests`] |
+//! | heartbeat | ping after 30 s quiet, pong within 10 s | [`TimeoutsConfig`] |
+//! | drain | 1012 spread over 2 s, exit by 10 s | [`TimeoutsConfig::drain_window`] |
+//! | origins, per-IP / per-user caps, upgrade rate | off | [`AdmissionConfig`] |
+//! | token auth (broker) | off | [`AuthConfig`] |
 //!
 //! ## Pub/sub
 //!
@@ -82,6 +86,8 @@
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
+mod admission;
+mod auth;
 mod broker;
 mod bus;
 pub mod capacity;
@@ -103,10 +109,12 @@ mod topics;
 
 use std::{net::SocketAddr, sync::Arc, thread};
 
+pub use admission::RejectReason;
+pub use auth::{Auth, AuthError, Grants};
 pub use broker::{Broadcast, Broker};
 pub use config::{
-    Driver, EngineConfig, HttpConfig, IoConfig, LimitsConfig, OverflowPolicy, PubSubConfig,
-    RingOverflow, TimeoutsConfig,
+    AdmissionConfig, AuthConfig, Driver, EngineConfig, HttpConfig, IoConfig, LimitsConfig,
+    OverflowPolicy, PubSubConfig, RingOverflow, TimeoutsConfig,
 };
 pub use conn::{ConnId, ConnInfo, ShardId};
 pub use echo::Echo;
@@ -189,6 +197,7 @@ impl Engine {
         // Every inbox exists before any shard starts: the hub sends to all of them.
         let (all_mailboxes, inboxes): (Vec<_>, Vec<_>) = (0..count).map(|_| bus::channel()).unzip();
         let hub = Arc::new(Hub::new(&config.pubsub, all_mailboxes.clone()));
+        let gate = Arc::new(admission::Gate::new(&config.admission));
         let mut mailboxes = Vec::with_capacity(count);
         let mut metrics = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
@@ -217,6 +226,7 @@ impl Engine {
                 metrics: shard_metrics.clone(),
                 all_metrics: all_metrics.clone(),
                 hub: hub.clone(),
+                gate: gate.clone(),
                 ready,
             };
             match shard::spawn(spec, factory.clone()) {
@@ -315,9 +325,13 @@ impl Drop for Engine {
 }
 
 impl EngineHandle {
-    /// Asks every shard to stop: no new connections, close 1001 to every open one, wait for
-    /// the closing handshakes up to `timeouts.shutdown_timeout`, then exit. Returns at once;
-    /// [`Engine::wait`] waits. Calling it again is harmless.
+    /// Drains and stops every shard: no new connections (upgrades in progress get 503),
+    /// then every open connection gets close 1012 "service restart" at a random moment of
+    /// `timeouts.drain_window` (envelope clients a `shutdown` notice first; must-deliver
+    /// connections everything their data ring holds first), the shards wait for the closing
+    /// handshakes until `timeouts.shutdown_timeout` after this call, and exit. Counters
+    /// `drain_flushed`, `drain_dropped` and `drain_forced` report what became of queued data.
+    /// Returns at once; [`Engine::wait`] waits. Calling it again is harmless.
     pub fn stop(&self) {
         for mailbox in &self.inner.mailboxes {
             let _ = mailbox.send(ShardMsg::Stop);

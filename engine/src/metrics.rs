@@ -7,6 +7,52 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use ringcast_protocol::CloseCode;
+
+use crate::{admission::RejectReason, handler::CloseInitiator};
+
+/// Rejection reasons counted apart.
+const REASONS: usize = RejectReason::ALL.len();
+/// Close codes counted apart: 1000 to 1015, then one slot for every other code.
+const CLOSE_SLOTS: usize = 17;
+const INITIATORS: [CloseInitiator; 3] = [
+    CloseInitiator::Peer,
+    CloseInitiator::Server,
+    CloseInitiator::Transport,
+];
+
+fn close_slot(code: u16) -> usize {
+    match code {
+        1000..=1015 => usize::from(code - 1000),
+        _ => CLOSE_SLOTS - 1,
+    }
+}
+
+fn initiator_index(by: CloseInitiator) -> usize {
+    INITIATORS.iter().position(|&i| i == by).unwrap_or(1)
+}
+
+fn initiator_name(by: CloseInitiator) -> &'static str {
+    match by {
+        CloseInitiator::Peer => "peer",
+        CloseInitiator::Server => "server",
+        CloseInitiator::Transport => "transport",
+    }
+}
+
+impl ShardMetrics {
+    /// Counts a refused upgrade (the total and its reason).
+    pub(crate) fn rejected(&self, reason: RejectReason) {
+        self.upgrades_rejected.incr();
+        self.rejections[reason.index()].incr();
+    }
+
+    /// Counts a closed connection by its close code and who started the close.
+    pub(crate) fn closed(&self, code: CloseCode, by: CloseInitiator) {
+        self.closes[initiator_index(by)][close_slot(code.as_u16())].incr();
+    }
+}
+
 /// A counter written by one shard and read by any thread.
 #[derive(Debug, Default)]
 pub(crate) struct Counter(AtomicU64);
@@ -39,6 +85,10 @@ macro_rules! shard_metrics {
         #[derive(Debug, Default)]
         pub(crate) struct ShardMetrics {
             $(pub(crate) $name: Counter,)*
+            /// Refused upgrades, by [`RejectReason::index`].
+            pub(crate) rejections: [Counter; REASONS],
+            /// Closed connections, by initiator and close code slot (see `close_slot`).
+            pub(crate) closes: [[Counter; CLOSE_SLOTS]; 3],
         }
 
         /// Counter values at one moment, for one shard or summed over all.
@@ -46,20 +96,50 @@ macro_rules! shard_metrics {
         #[non_exhaustive]
         pub struct MetricsSnapshot {
             $($(#[doc = $doc])* pub $name: u64,)*
+            /// Refused upgrades by reason; read with [`MetricsSnapshot::rejected`].
+            pub rejections: [u64; REASONS],
+            /// Closed connections by initiator and code; read with [`MetricsSnapshot::closes`].
+            pub closes: [[u64; CLOSE_SLOTS]; 3],
         }
 
         impl ShardMetrics {
             pub(crate) fn snapshot(&self) -> MetricsSnapshot {
-                MetricsSnapshot { $($name: self.$name.get(),)* }
+                MetricsSnapshot {
+                    $($name: self.$name.get(),)*
+                    rejections: std::array::from_fn(|i| self.rejections[i].get()),
+                    closes: std::array::from_fn(|by| {
+                        std::array::from_fn(|slot| self.closes[by][slot].get())
+                    }),
+                }
             }
         }
 
         impl MetricsSnapshot {
             fn add(&mut self, other: &MetricsSnapshot) {
                 $(self.$name = self.$name.wrapping_add(other.$name);)*
+                for (a, b) in self.rejections.iter_mut().zip(other.rejections) {
+                    *a = a.wrapping_add(b);
+                }
+                for (row, other_row) in self.closes.iter_mut().zip(other.closes) {
+                    for (a, b) in row.iter_mut().zip(other_row) {
+                        *a = a.wrapping_add(b);
+                    }
+                }
             }
 
-            /// Every counter as (name, help, value), in declaration order.
+            /// Refused upgrades for `reason`.
+            pub fn rejected(&self, reason: RejectReason) -> u64 {
+                self.rejections[reason.index()]
+            }
+
+            /// Connections closed with `code` (sent or received, 1006 for a dropped
+            /// connection) where `by` started the close. Codes outside 1000 to 1015 share
+            /// one count, read with any of them.
+            pub fn closes(&self, code: u16, by: CloseInitiator) -> u64 {
+                self.closes[initiator_index(by)][close_slot(code)]
+            }
+
+            /// Every plain counter as (name, help, value), in declaration order.
             pub fn fields(&self) -> Vec<(&'static str, &'static str, u64)> {
                 vec![$((stringify!($name), concat!($($doc, "\n"),*), self.$name),)*]
             }
@@ -74,7 +154,7 @@ shard_metrics! {
     connections_accepted,
     /// Upgrades completed with a 101.
     upgrades_accepted,
-    /// Upgrades refused: a malformed or invalid request, the handler's rejection, a timeout.
+    /// Upgrades refused, for any reason (by reason: `upgrade_rejections`).
     upgrades_rejected,
     /// Handshakes that timed out (a subset of `upgrades_rejected`).
     handshake_timeouts,
@@ -119,6 +199,14 @@ shard_metrics! {
     publishes_refused,
     /// Requests the broker refused as malformed.
     bad_requests,
+    /// Drain: topic messages moved from must-deliver connections' data rings onto the socket
+    /// ahead of their close frame.
+    drain_flushed,
+    /// Drain: topic messages dropped from loss-tolerant connections' data rings at their
+    /// close.
+    drain_dropped,
+    /// Drain: connections still open at `shutdown_timeout`, closed without a handshake.
+    drain_forced,
 }
 
 /// The counters that are levels, not running totals.
@@ -159,6 +247,45 @@ impl prometheus_client::collector::Collector for Snapshot {
                     ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(series)?;
                 } else {
                     ConstCounter::new(value).encode(series)?;
+                }
+            }
+        }
+        let counter = ConstCounter::new(0u64).metric_type();
+        let mut family = encoder.encode_descriptor(
+            "upgrade_rejections",
+            "Upgrade requests refused, by reason.",
+            None,
+            counter,
+        )?;
+        for (shard, snap) in self.0.shards.iter().enumerate() {
+            for reason in RejectReason::ALL {
+                let labels = [
+                    ("shard", shard.to_string()),
+                    ("reason", reason.name().into()),
+                ];
+                ConstCounter::new(snap.rejected(reason)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "closes",
+            "Connections closed, by close code (sent or received; 1006 for a dropped \
+             connection; \"other\" for codes past 1015) and by who started the close.",
+            None,
+            counter,
+        )?;
+        for (shard, snap) in self.0.shards.iter().enumerate() {
+            for (by, row) in INITIATORS.iter().zip(snap.closes) {
+                for (slot, value) in row.into_iter().enumerate().filter(|&(_, v)| v > 0) {
+                    let code = match slot {
+                        s if s < CLOSE_SLOTS - 1 => (1000 + s).to_string(),
+                        _ => "other".into(),
+                    };
+                    let labels = [
+                        ("shard", shard.to_string()),
+                        ("code", code),
+                        ("initiator", initiator_name(*by).into()),
+                    ];
+                    ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
                 }
             }
         }

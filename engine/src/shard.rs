@@ -30,9 +30,10 @@ use ringcast_protocol::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    admission::{Gate, RejectReason},
     bus::{Inbox, ShardMsg},
     config::Driver,
-    conn::{Conn, ConnTable, Phase, Settings, ShardId, Socket, Stamp},
+    conn::{Conn, ConnTable, Phase, Settings, ShardId, Socket, Stamp, Upgraded},
     error::Error,
     handler::{CloseInfo, CloseInitiator, Ctx, Handler, Message, Upgrade, UpgradeCtx},
     listener::accept_loop,
@@ -44,6 +45,17 @@ use crate::{
 
 /// Topic messages a shard delivers before it lets its other tasks run.
 const DELIVER_BATCH: usize = 256;
+
+/// How often a drain closes its next share of connections.
+const DRAIN_TICK: Duration = Duration::from_millis(10);
+
+/// What one shard's drain did.
+#[derive(Debug, Default)]
+struct DrainReport {
+    closed: u64,
+    flushed: u64,
+    dropped: u64,
+}
 
 /// What a shard thread needs to start.
 #[derive(Debug)]
@@ -61,6 +73,7 @@ pub(crate) struct ShardSpec {
     /// Every shard's counters, for `/metrics`.
     pub(crate) all_metrics: Arc<[Arc<ShardMetrics>]>,
     pub(crate) hub: Arc<Hub>,
+    pub(crate) gate: Arc<Gate>,
     /// Gets `Ok` once the shard listens, or the error that stopped it from starting.
     pub(crate) ready: Sender<Result<(), Error>>,
 }
@@ -136,6 +149,7 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
         metrics,
         all_metrics,
         hub,
+        gate,
         ready,
         ..
     } = spec;
@@ -148,7 +162,7 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
     let read_buffer_bytes = settings.read_buffer_bytes;
     let shard = Rc::new(Shard {
         id,
-        table: RefCell::new(ConnTable::new(id, settings, metrics.clone(), hub)),
+        table: RefCell::new(ConnTable::new(id, settings, metrics.clone(), hub, gate)),
         handler: RefCell::new(handler),
         read_buf: RefCell::new(BytesMut::new()),
         metrics,
@@ -209,14 +223,26 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
         }
     }
 
-    let open = shard.table.borrow().len();
-    info!(shard = %id, open, "shard stopping: closing connections with 1001");
+    let stop_at = std::time::Instant::now();
     shard.table.borrow_mut().begin_stop();
     canceller.cancel();
-    let drained = monoio::time::timeout(shutdown_timeout, shard.wait_empty())
-        .await
-        .is_ok();
+    let report = shard.drain(&inbox, stop_at).await;
+    let drained = monoio::time::timeout(
+        shutdown_timeout.saturating_sub(stop_at.elapsed()),
+        shard.wait_empty(),
+    )
+    .await
+    .is_ok();
     let forced = shard.close_all_now();
+    shard.metrics.drain_forced.add(forced as u64);
+    info!(
+        shard = %id,
+        closed = report.closed,
+        flushed = report.flushed,
+        dropped = report.dropped,
+        forced,
+        "shard drained: connections closed with 1012, topic messages flushed and dropped"
+    );
     if let Some(task) = ring_task {
         // The driver cancels what is still in flight, closes the sockets and returns.
         if monoio::time::timeout(Duration::from_secs(2), task)
@@ -314,6 +340,66 @@ impl<H: Handler> Shard<H> {
         })
     }
 
+    /// Closes every open connection with 1012, each at a random moment of the drain window
+    /// (a shuffled order, spread evenly), delivering topic messages to the ones still open
+    /// meanwhile.
+    async fn drain(&self, inbox: &Inbox, stop_at: std::time::Instant) -> DrainReport {
+        let (window, shutdown_timeout) = {
+            let settings = &self.table.borrow().settings;
+            (settings.drain_window, settings.shutdown_timeout)
+        };
+        let mut order: Vec<(usize, u32)> = {
+            let table = self.table.borrow();
+            table
+                .conns
+                .iter()
+                .filter(|(_, c)| matches!(c.phase, Phase::Open(_)))
+                .map(|(k, c)| (k, c.gen))
+                .collect()
+        };
+        fastrand::shuffle(&mut order);
+        let mut report = DrainReport::default();
+        let total = order.len();
+        info!(shard = %self.id, open = total, ?window, "shard draining: closing connections with 1012");
+        let mut done = 0;
+        loop {
+            let due = if window.is_zero() {
+                total
+            } else {
+                let share = stop_at.elapsed().as_secs_f64() / window.as_secs_f64();
+                ((total as f64 * share).ceil() as usize).min(total)
+            };
+            {
+                let mut table = self.table.borrow_mut();
+                let time_left = shutdown_timeout.saturating_sub(stop_at.elapsed());
+                for &(key, gen) in &order[done..due] {
+                    if table.conns.get(key).is_some_and(|c| c.gen == gen) {
+                        let (flushed, dropped) = table.drain_close(key, time_left);
+                        report.closed += 1;
+                        report.flushed += flushed;
+                        report.dropped += dropped;
+                    }
+                }
+            }
+            done = due;
+            if done == total {
+                return report;
+            }
+            // Until the next share is due, keep delivering to the connections still open.
+            monoio::select! {
+                msg = inbox.recv() => {
+                    if let Some(ShardMsg::Deliver(msg)) = msg {
+                        self.deliver(inbox, msg).await;
+                    } else if msg.is_none() {
+                        // The engine is gone: no more deliveries; just wait out the window.
+                        monoio::time::sleep(DRAIN_TICK).await;
+                    }
+                }
+                () = monoio::time::sleep(DRAIN_TICK) => {}
+            }
+        }
+    }
+
     fn wait_empty(&self) -> impl Future<Output = ()> + '_ {
         poll_fn(|cx| {
             let mut table = self.table.borrow_mut();
@@ -354,7 +440,7 @@ impl<H: Handler> Shard<H> {
                         }
                         Err(e) => {
                             debug!(peer = %conn.info().peer_addr(), error = %e, "bad upgrade request");
-                            reject(table, key, error_response(&e));
+                            reject(table, key, RejectReason::BadRequest, error_response(&e));
                             input.clear();
                             return;
                         }
@@ -423,7 +509,8 @@ impl<H: Handler> Shard<H> {
         true
     }
 
-    /// Decides a complete upgrade request. Returns true if the connection is now open.
+    /// Decides a complete upgrade request: the engine's admission checks, then the handler,
+    /// then the per-user cap. Returns true if the connection is now open.
     fn upgrade(&self, table: &mut ConnTable, handler: &mut H, key: usize, head: &[u8]) -> bool {
         let req = match UpgradeRequest::parse(head) {
             Ok(req) => req,
@@ -432,21 +519,45 @@ impl<H: Handler> Shard<H> {
             }
             Err(e) => {
                 debug!(peer = %table.conns[key].info().peer_addr(), error = %e, "bad upgrade request");
-                reject(table, key, error_response(&e));
+                reject(table, key, RejectReason::BadRequest, error_response(&e));
                 return false;
             }
         };
+        let peer = table.conns[key].info().peer_addr();
+        if let Err((reason, response)) = admit(table, &req) {
+            debug!(%peer, reason = reason.name(), "upgrade refused");
+            reject(table, key, reason, response);
+            return false;
+        }
+        // Counted from here: every refusal below gives the count back.
+        let counted_ip = if table.gate.counts_ips() {
+            if !table.gate.acquire_ip(peer.ip()) {
+                debug!(%peer, "upgrade refused: connections per address at the cap");
+                let response = http_response(429, &[], "too many connections from this address");
+                reject(table, key, RejectReason::IpCap, response);
+                return false;
+            }
+            Some(peer.ip())
+        } else {
+            None
+        };
+        let give_back_ip = |table: &ConnTable| {
+            if let Some(ip) = counted_ip {
+                table.gate.release_ip(ip);
+            }
+        };
         let ctx = UpgradeCtx {
-            peer: table.conns[key].info().peer_addr(),
+            peer,
             shard: self.id,
         };
-        let subprotocol = match handler.on_upgrade(&req, &ctx) {
-            Upgrade::Accept { subprotocol } => subprotocol,
+        let (subprotocol, user) = match handler.on_upgrade(&req, &ctx) {
+            Upgrade::Accept { subprotocol, user } => (subprotocol, user),
             Upgrade::Reject {
                 status,
                 body,
                 headers,
             } => {
+                give_back_ip(table);
                 let status = if (400..=599).contains(&status) {
                     status
                 } else {
@@ -460,23 +571,41 @@ impl<H: Handler> Shard<H> {
                     .iter()
                     .map(|(n, v)| (n.as_str(), v.as_str()))
                     .collect();
-                reject(table, key, http_response(status, &headers, &body));
+                let response = http_response(status, &headers, &body);
+                reject(table, key, RejectReason::Handler, response);
                 return false;
             }
         };
         let response = match req.accept(subprotocol.as_deref()) {
             Ok(r) => r,
             Err(e) => {
+                give_back_ip(table);
                 error!(error = %e, "handler selected a subprotocol the client did not offer");
-                reject(table, key, error_response(&e));
+                reject(table, key, RejectReason::Handler, error_response(&e));
                 return false;
             }
         };
-        let keep = table.settings.keep_request_head;
+        let counted_user = user.as_deref().filter(|_| table.gate.counts_users());
+        if let Some(user) = counted_user {
+            if !table.gate.acquire_user(user) {
+                give_back_ip(table);
+                debug!(%peer, user, "upgrade refused: connections per user at the cap");
+                let response = http_response(429, &[], "too many connections for this user");
+                reject(table, key, RejectReason::UserCap, response);
+                return false;
+            }
+        }
+        let facts = Upgraded {
+            subprotocol: subprotocol.as_deref(),
+            // Kept only when counted, or the handler may read it back: always.
+            user: user.as_deref(),
+            counted_ip,
+            head_kept: table.settings.keep_request_head,
+        };
         let limits = table.settings.limits;
         let conn = &mut table.conns[key];
         conn.out.push_encoded(response);
-        conn.set_upgraded(&req, head, keep, subprotocol);
+        conn.set_upgraded(&req, head, facts);
         conn.phase = Phase::Open(Codec::server(limits));
         conn.deadline = None;
         conn.spoke = table.now;
@@ -527,6 +656,7 @@ impl<H: Handler> Shard<H> {
                 reject(
                     table,
                     key,
+                    RejectReason::Timeout,
                     http_response(408, &[], "the upgrade request did not arrive in time"),
                 );
                 table.notify(key, key);
@@ -642,6 +772,14 @@ impl<H: Handler> Shard<H> {
                 },
                 |boxed| *boxed,
             );
+            self.metrics.closed(info.code, info.initiator);
+            let (user, ip) = conn.admitted();
+            if let Some(ip) = ip {
+                table.gate.release_ip(ip);
+            }
+            if let Some(user) = user.filter(|_| table.gate.counts_users()) {
+                table.gate.release_user(user);
+            }
             self.handler.borrow_mut().on_close(
                 &mut Ctx {
                     table,
@@ -689,9 +827,42 @@ fn first_liveness_check(settings: &Settings) -> Option<Duration> {
         .min()
 }
 
+/// The engine's own checks of an upgrade request, before the handler sees it: draining, the
+/// shard's upgrade rate, the origin. The caps that count connections come after.
+fn admit(
+    table: &mut ConnTable,
+    req: &UpgradeRequest<'_>,
+) -> Result<(), (RejectReason, bytes::Bytes)> {
+    if table.stopping {
+        let response = http_response(503, &[("Retry-After", "1")], "server shutting down");
+        return Err((RejectReason::Draining, response));
+    }
+    if let Some(bucket) = &mut table.upgrade_bucket {
+        if !bucket.take(std::time::Instant::now()) {
+            let wait = table.gate.retry_after().as_secs().to_string();
+            let response = http_response(
+                503,
+                &[("Retry-After", &wait)],
+                "too many new connections; retry after the time given",
+            );
+            return Err((RejectReason::Rate, response));
+        }
+    }
+    if !table.gate.origin_allowed(req.header("origin")) {
+        let response = http_response(403, &[], "origin not allowed");
+        return Err((RejectReason::Origin, response));
+    }
+    Ok(())
+}
+
 /// Queues an HTTP error and moves the connection to flushing.
-pub(crate) fn reject(table: &mut ConnTable, key: usize, response: bytes::Bytes) {
-    table.metrics.upgrades_rejected.incr();
+pub(crate) fn reject(
+    table: &mut ConnTable,
+    key: usize,
+    reason: RejectReason,
+    response: bytes::Bytes,
+) {
+    table.metrics.rejected(reason);
     respond_and_close(table, key, response);
 }
 

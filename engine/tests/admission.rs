@@ -1,0 +1,143 @@
+//! The engine's admission checks with real clients: the origin allow-list (403), the
+//! per-address cap under a burst from one address (429), and upgrade-rate shaping (503 with a
+//! jittered `Retry-After`); each refusal counted by reason in `/metrics`.
+
+mod util;
+
+use std::{collections::HashSet, time::Duration};
+
+use ringcast::RejectReason;
+use util::*;
+
+/// A TCP connection to `addr` from the loopback address `source`.
+fn from_address(source: [u8; 4], addr: std::net::SocketAddr) -> std::net::TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from((source, 0)).into())
+        .unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream
+}
+
+#[test]
+fn origins_off_the_list_get_403_and_listed_ones_upgrade() {
+    let mut cfg = config(2);
+    cfg.admission.allowed_origins = vec![
+        "https://app.example.com".into(),
+        "https://*.trusted.io".into(),
+    ];
+    let (engine, _) = start_recorder(cfg);
+    let addr = engine.local_addr();
+    connect_with(addr, "/", &[("Origin", "https://app.example.com")]).expect("listed");
+    connect_with(addr, "/", &[("Origin", "https://desk.trusted.io")]).expect("pattern");
+    connect_with(addr, "/", &[]).expect("no Origin: not a browser");
+    for origin in ["https://evil.example", "http://app.example.com", "null"] {
+        let (status, response) = refused(connect_with(addr, "/", &[("Origin", origin)]));
+        assert_eq!(status, 403, "{origin}");
+        let body = String::from_utf8(response.body().clone().unwrap()).unwrap();
+        assert_eq!(body, "origin not allowed\n");
+    }
+    let scrape = parse_metrics(&http_get(addr, "GET /metrics HTTP/1.1").2);
+    let origin = [("reason", "origin")];
+    assert_eq!(
+        metric_sum(&scrape, "ringcast_upgrade_rejections_total", &origin),
+        3.0
+    );
+    assert_eq!(
+        metric_sum(&scrape, "ringcast_upgrade_rejections_total", &[]),
+        3.0,
+        "no other refusals"
+    );
+    engine.stop().unwrap();
+}
+
+#[test]
+fn a_required_origin_refuses_clients_without_one() {
+    let mut cfg = config(1);
+    cfg.admission.require_origin = true;
+    let (engine, _) = start_recorder(cfg);
+    let addr = engine.local_addr();
+    assert_eq!(refused(connect_with(addr, "/", &[])).0, 403);
+    connect_with(addr, "/", &[("Origin", "https://any.where")]).expect("any origin is listed");
+    engine.stop().unwrap();
+}
+
+#[test]
+fn the_per_address_cap_holds_under_a_burst_from_one_address() {
+    const CAP: usize = 5;
+    const BURST: usize = 40;
+    let mut cfg = config(2);
+    cfg.admission.max_connections_per_ip = CAP as u32;
+    let (engine, _) = start_recorder(cfg);
+    let addr = engine.local_addr();
+    // Every client at once, from 127.0.0.1, over both shards.
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..BURST)
+            .map(|_| s.spawn(move || connect_with(addr, "/", &[])))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut open = Vec::new();
+    let mut statuses = Vec::new();
+    for r in results {
+        match r {
+            Ok((ws, _)) => open.push(ws),
+            Err(e) => statuses.push(refused(Err(e)).0),
+        }
+    }
+    assert_eq!(open.len(), CAP, "exactly the cap got through");
+    assert!(statuses.iter().all(|&s| s == 429), "{statuses:?}");
+    assert_eq!(statuses.len(), BURST - CAP);
+    // Another address is counted apart.
+    let mut other = from_address([127, 0, 0, 2], addr);
+    raw_upgrade(&mut other); // asserts the 101
+    let total = engine.handle().metrics().total();
+    assert_eq!(total.rejected(RejectReason::IpCap), (BURST - CAP) as u64);
+    // A place frees when a connection closes (counted on whichever shard held it).
+    let mut ws = open.pop().unwrap();
+    ws.close(None).unwrap();
+    while ws.read().is_ok() {}
+    drop(ws);
+    wait_until("a freed place", || connect_with(addr, "/", &[]).is_ok());
+    engine.stop().unwrap();
+}
+
+#[test]
+fn over_the_upgrade_rate_gets_503_with_a_spread_retry_after() {
+    let mut cfg = config(1);
+    cfg.admission.upgrades_per_sec = 1;
+    cfg.admission.upgrade_burst = 3;
+    cfg.admission.retry_after_max = Duration::from_secs(30);
+    let (engine, _) = start_recorder(cfg);
+    let addr = engine.local_addr();
+    // Health checks are plain HTTP: never shaped.
+    for _ in 0..5 {
+        assert_eq!(http_get(addr, "GET /healthz HTTP/1.1").0, 200);
+    }
+    let mut accepted = 0;
+    let mut waits = HashSet::new();
+    for _ in 0..40 {
+        match connect_with(addr, "/", &[]) {
+            Ok(_) => accepted += 1,
+            Err(e) => {
+                let (status, response) = refused(Err(e));
+                assert_eq!(status, 503);
+                let wait: u64 = response.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!((1..=30).contains(&wait), "{wait}");
+                waits.insert(wait);
+            }
+        }
+    }
+    // The burst, plus at most what one per second refills while the loop runs.
+    assert!((3..=6).contains(&accepted), "{accepted} accepted");
+    assert!(waits.len() >= 5, "Retry-After should be spread: {waits:?}");
+    let total = engine.handle().metrics().total();
+    assert_eq!(total.rejected(RejectReason::Rate), 40 - accepted);
+    engine.stop().unwrap();
+}
