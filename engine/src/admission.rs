@@ -9,13 +9,19 @@ use std::{
     collections::HashMap,
     hash::{BuildHasher, Hash, RandomState},
     net::IpAddr,
-    sync::Mutex,
-    time::Duration,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Mutex,
+    },
+    time::{Duration, Instant},
 };
 
 use wildmatch::WildMatch;
 
-use crate::config::AdmissionConfig;
+use crate::{config::AdmissionConfig, memory};
+
+/// How often the memory budget is checked against a fresh reading.
+const MEMORY_SAMPLE: Duration = Duration::from_millis(100);
 
 /// Why an upgrade request was refused: the `reason` label of
 /// `ringcast_upgrade_rejections_total`.
@@ -30,6 +36,8 @@ pub enum RejectReason {
     Draining,
     /// Over the shard's upgrade rate, `admission.upgrades_per_sec` (503).
     Rate,
+    /// Memory at `admission.memory_budget_bytes` (503).
+    Memory,
     /// An `Origin` not on `admission.allowed_origins`, or none when one is required (403).
     Origin,
     /// The peer address holds `admission.max_connections_per_ip` connections (429).
@@ -42,11 +50,12 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason, in label order.
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::BadRequest,
         RejectReason::Timeout,
         RejectReason::Draining,
         RejectReason::Rate,
+        RejectReason::Memory,
         RejectReason::Origin,
         RejectReason::IpCap,
         RejectReason::UserCap,
@@ -60,6 +69,7 @@ impl RejectReason {
             RejectReason::Timeout => "timeout",
             RejectReason::Draining => "draining",
             RejectReason::Rate => "rate",
+            RejectReason::Memory => "memory",
             RejectReason::Origin => "origin",
             RejectReason::IpCap => "ip_cap",
             RejectReason::UserCap => "user_cap",
@@ -136,6 +146,13 @@ pub(crate) struct Gate {
     ips: Counts<IpAddr>,
     users: Counts<Box<str>>,
     retry_after_max: u64,
+    memory_budget: u64,
+    kernel_per_conn: u64,
+    /// The last memory sample (resident plus the kernel's share), and when it was taken
+    /// (milliseconds since `epoch`, 0 = never).
+    memory_sample: AtomicU64,
+    sampled_at: AtomicU64,
+    epoch: Instant,
 }
 
 impl Gate {
@@ -152,7 +169,37 @@ impl Gate {
             ips: Counts::new(),
             users: Counts::new(),
             retry_after_max: config.retry_after_max.as_secs().max(1),
+            memory_budget: config.memory_budget_bytes,
+            kernel_per_conn: config.kernel_bytes_per_connection,
+            memory_sample: AtomicU64::new(0),
+            sampled_at: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
+    }
+
+    /// The kernel's memory per connection, as configured.
+    pub(crate) fn kernel_bytes_per_connection(&self) -> u64 {
+        self.kernel_per_conn
+    }
+
+    /// Whether memory is at the budget: resident memory plus `connections()` times the
+    /// kernel's share, sampled at most every [`MEMORY_SAMPLE`] by whichever shard asks first.
+    /// Always false without a budget.
+    pub(crate) fn memory_full(&self, connections: impl FnOnce() -> u64) -> bool {
+        if self.memory_budget == 0 {
+            return false;
+        }
+        // Plus one, so that 0 means "never sampled".
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let at = self.sampled_at.load(Relaxed);
+        if at == 0 || now.saturating_sub(at) >= MEMORY_SAMPLE.as_millis() as u64 {
+            // One shard samples; a race only means two samples.
+            self.sampled_at.store(now, Relaxed);
+            let used = memory::resident_bytes().unwrap_or(0)
+                + connections().saturating_mul(self.kernel_per_conn);
+            self.memory_sample.store(used, Relaxed);
+        }
+        self.memory_sample.load(Relaxed) >= self.memory_budget
     }
 
     /// Whether a request with this `Origin` header value (or none) may upgrade.
@@ -255,6 +302,24 @@ mod tests {
         g.release_user("ann");
         assert_eq!(g.users.get(&"ann".into()), 0);
         assert!(g.acquire_user("ann"));
+    }
+
+    #[test]
+    fn the_memory_budget_counts_resident_memory_and_the_kernel_share() {
+        let off = gate(|_| {});
+        assert!(!off.memory_full(|| unreachable!("no budget: nothing is read")));
+        let rss = memory::resident_bytes().unwrap();
+        let g = gate(|c| {
+            c.memory_budget_bytes = rss + (64 << 20);
+            c.kernel_bytes_per_connection = 4096;
+        });
+        assert!(!g.memory_full(|| 10));
+        // A fresh gate (no cached sample) with enough connections to pass the budget.
+        let g = gate(|c| {
+            c.memory_budget_bytes = rss + (64 << 20);
+            c.kernel_bytes_per_connection = 4096;
+        });
+        assert!(g.memory_full(|| 1 << 15));
     }
 
     #[test]

@@ -47,7 +47,8 @@ pub struct EngineConfig {
 }
 
 /// Admission: checks the engine makes on every upgrade request before the handler sees it,
-/// in this order: the upgrade rate (503), the origin (403), connections per address (429);
+/// in this order: the memory budget (503), the upgrade rate (503), the origin (403),
+/// connections per address (429);
 /// after the handler accepts, connections per user (429). Plain HTTP requests (`[http]`)
 /// are not subject to any of them. Each refusal is counted in `upgrades_rejected` by reason.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +81,17 @@ pub struct AdmissionConfig {
     /// The longest `Retry-After` a shaped upgrade is told, whole seconds. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub retry_after_max: Duration,
+    /// Memory the process may use, counting its resident memory and the kernel's share for
+    /// its connections (`kernel_bytes_per_connection` each), sampled every 100 ms. At or
+    /// over it, upgrades get 503 with a `Retry-After` until memory falls. Default 0: no
+    /// budget. A cap by memory as well as by count (`limits.max_connections_per_shard`):
+    /// busy connections with queued data cost more than idle ones.
+    pub memory_budget_bytes: u64,
+    /// The kernel's memory per connection, counted against `memory_budget_bytes` and shown
+    /// in `/metrics`: socket structures and idle buffers. Default 3900 bytes (about 3.8 KiB
+    /// measured per idle loopback socket on Linux 6.x). Measure your host's with
+    /// `loadgen idle` (bench/RESULTS.md).
+    pub kernel_bytes_per_connection: u64,
 }
 
 impl Default for AdmissionConfig {
@@ -92,6 +104,8 @@ impl Default for AdmissionConfig {
             upgrades_per_sec: 0,
             upgrade_burst: 0,
             retry_after_max: Duration::from_secs(10),
+            memory_budget_bytes: 0,
+            kernel_bytes_per_connection: 3900,
         }
     }
 }

@@ -98,6 +98,7 @@ mod echo;
 mod error;
 mod handler;
 mod listener;
+mod memory;
 mod metrics;
 mod outbound;
 mod poll_driver;
@@ -123,7 +124,7 @@ pub use handler::{
     CloseInfo, CloseInitiator, Ctx, Enqueue, Frame, Handler, Message, SubscribeError, Subscribed,
     Upgrade, UpgradeCtx,
 };
-pub use metrics::{Metrics, MetricsSnapshot};
+pub use metrics::{LatencySnapshot, MemoryGauges, Metrics, MetricsSnapshot, LATENCY_BUCKETS};
 pub use pubsub::{
     DeliveryFormat, Payload, PublishError, PublishReceipt, Publisher, TopicPublisher, TopicStats,
 };
@@ -159,6 +160,7 @@ struct HandleInner {
     mailboxes: Vec<Mailbox>,
     metrics: Vec<Arc<ShardMetrics>>,
     hub: Arc<Hub>,
+    gate: Arc<admission::Gate>,
     local_addr: SocketAddr,
     driver: Driver,
 }
@@ -246,6 +248,7 @@ impl Engine {
                     mailboxes,
                     metrics,
                     hub,
+                    gate,
                     local_addr,
                     driver: config.driver,
                 }),
@@ -362,6 +365,6 @@ impl EngineHandle {
 
     /// Current counters of every shard.
     pub fn metrics(&self) -> Metrics {
-        Metrics::collect(self.inner.metrics.iter().map(|m| &**m))
+        Metrics::gather(&self.inner.metrics, &self.inner.hub, &self.inner.gate)
     }
 }

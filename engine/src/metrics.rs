@@ -9,7 +9,93 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use ringcast_protocol::CloseCode;
 
-use crate::{admission::RejectReason, handler::CloseInitiator};
+use std::sync::Arc;
+
+use crate::{
+    admission::{Gate, RejectReason},
+    handler::CloseInitiator,
+    memory,
+    pubsub::Hub,
+};
+
+/// Latency buckets: bucket `i` counts durations in (2^(i-1), 2^i] microseconds (bucket 0: up
+/// to 1 us); the last one everything above 2^(LATENCY_BUCKETS-2) us (about 4.2 s).
+pub const LATENCY_BUCKETS: usize = 24;
+
+/// A latency histogram with power-of-two microsecond buckets, written by one shard.
+#[derive(Debug, Default)]
+pub(crate) struct Latency {
+    buckets: [Counter; LATENCY_BUCKETS],
+    sum_ns: Counter,
+}
+
+impl Latency {
+    #[inline]
+    pub(crate) fn record(&self, took: std::time::Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let i = match us {
+            0 | 1 => 0,
+            _ => (64 - (us - 1).leading_zeros()) as usize,
+        };
+        self.buckets[i.min(LATENCY_BUCKETS - 1)].incr();
+        self.sum_ns
+            .add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    fn snapshot(&self) -> LatencySnapshot {
+        LatencySnapshot {
+            buckets: std::array::from_fn(|i| self.buckets[i].get()),
+            sum_ns: self.sum_ns.get(),
+        }
+    }
+}
+
+/// A latency histogram at one moment: counts per power-of-two microsecond bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LatencySnapshot {
+    /// Count per bucket; see [`LATENCY_BUCKETS`].
+    pub buckets: [u64; LATENCY_BUCKETS],
+    /// Sum of every recorded duration, nanoseconds.
+    pub sum_ns: u64,
+}
+
+impl LatencySnapshot {
+    /// Durations recorded.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    /// The upper bound of bucket `i` (`None` for the last, unbounded one).
+    pub fn bucket_bound(i: usize) -> Option<std::time::Duration> {
+        (i < LATENCY_BUCKETS - 1).then(|| std::time::Duration::from_micros(1 << i))
+    }
+
+    /// An upper bound on the `q` quantile (0 to 1): the bound of the bucket it falls in
+    /// (`None` when nothing was recorded or it falls in the last bucket).
+    pub fn quantile_bound(&self, q: f64) -> Option<std::time::Duration> {
+        let count = self.count();
+        if count == 0 {
+            return None;
+        }
+        let rank = ((count as f64) * q.clamp(0.0, 1.0)).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Self::bucket_bound(i);
+            }
+        }
+        None
+    }
+
+    fn add(&mut self, other: &LatencySnapshot) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
+            *a = a.wrapping_add(b);
+        }
+        self.sum_ns = self.sum_ns.wrapping_add(other.sum_ns);
+    }
+}
 
 /// Rejection reasons counted apart.
 const REASONS: usize = RejectReason::ALL.len();
@@ -89,6 +175,10 @@ macro_rules! shard_metrics {
             pub(crate) rejections: [Counter; REASONS],
             /// Closed connections, by initiator and close code slot (see `close_slot`).
             pub(crate) closes: [[Counter; CLOSE_SLOTS]; 3],
+            /// Publish to taken from this shard's inbox and offered to subscribers.
+            pub(crate) inbox_latency: Latency,
+            /// Publish to moved from a subscriber's data ring onto its socket queue.
+            pub(crate) queued_latency: Latency,
         }
 
         /// Counter values at one moment, for one shard or summed over all.
@@ -100,6 +190,12 @@ macro_rules! shard_metrics {
             pub rejections: [u64; REASONS],
             /// Closed connections by initiator and code; read with [`MetricsSnapshot::closes`].
             pub closes: [[u64; CLOSE_SLOTS]; 3],
+            /// Delivery latency, publish to taken from the shard's inbox (one per message
+            /// per shard with subscribers).
+            pub inbox_latency: LatencySnapshot,
+            /// Delivery latency, publish to moved from a subscriber's data ring onto its
+            /// socket queue (one per delivery): how far behind subscribers are.
+            pub queued_latency: LatencySnapshot,
         }
 
         impl ShardMetrics {
@@ -110,6 +206,8 @@ macro_rules! shard_metrics {
                     closes: std::array::from_fn(|by| {
                         std::array::from_fn(|slot| self.closes[by][slot].get())
                     }),
+                    inbox_latency: self.inbox_latency.snapshot(),
+                    queued_latency: self.queued_latency.snapshot(),
                 }
             }
         }
@@ -125,6 +223,8 @@ macro_rules! shard_metrics {
                         *a = a.wrapping_add(b);
                     }
                 }
+                self.inbox_latency.add(&other.inbox_latency);
+                self.queued_latency.add(&other.queued_latency);
             }
 
             /// Refused upgrades for `reason`.
@@ -217,6 +317,9 @@ const GAUGES: &[&str] = &["connections_active"];
 #[derive(Debug)]
 struct Snapshot(Metrics);
 
+/// No exemplar labels.
+type NoLabels = [(&'static str, &'static str); 0];
+
 impl prometheus_client::collector::Collector for Snapshot {
     fn encode(
         &self,
@@ -249,6 +352,81 @@ impl prometheus_client::collector::Collector for Snapshot {
                     ConstCounter::new(value).encode(series)?;
                 }
             }
+        }
+        let gauge = ConstGauge::new(0i64).metric_type();
+        let as_gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+        if !self.0.inbox_depth.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "inbox_depth",
+                "Topic deliveries waiting in the shard's inbox (the cross-shard queue).",
+                None,
+                gauge,
+            )?;
+            for (shard, depth) in self.0.inbox_depth.iter().enumerate() {
+                let labels = [("shard", shard.to_string())];
+                as_gauge(*depth).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "delivery_latency_seconds",
+            "Publish-to-delivery latency by stage: inbox (taken from the shard's inbox and \
+             offered to its subscribers, once per message per shard) and queued (moved from a \
+             subscriber's data ring onto its socket queue, once per delivery: subscriber lag).",
+            None,
+            prometheus_client::metrics::MetricType::Histogram,
+        )?;
+        for (shard, snap) in self.0.shards.iter().enumerate() {
+            for (stage, lat) in [
+                ("inbox", &snap.inbox_latency),
+                ("queued", &snap.queued_latency),
+            ] {
+                let labels = [("shard", shard.to_string()), ("stage", stage.to_owned())];
+                let buckets: Vec<(f64, u64)> = lat
+                    .buckets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| {
+                        let bound =
+                            LatencySnapshot::bucket_bound(i).map_or(f64::MAX, |d| d.as_secs_f64());
+                        (bound, n)
+                    })
+                    .collect();
+                family
+                    .encode_family(&labels)?
+                    .encode_histogram::<NoLabels>(
+                        lat.sum_ns as f64 / 1e9,
+                        lat.count(),
+                        &buckets,
+                        None,
+                    )?;
+            }
+        }
+        let m = &self.0.memory;
+        for (name, help, value) in [
+            (
+                "memory_resident_bytes",
+                "Resident memory of the process (RSS).",
+                m.resident_bytes,
+            ),
+            (
+                "memory_kernel_estimate_bytes",
+                "The kernel's share for open connections: connections x \
+                 admission.kernel_bytes_per_connection.",
+                m.kernel_estimate_bytes,
+            ),
+            (
+                "memory_per_connection_bytes",
+                "Resident memory plus the kernel's share, per open connection.",
+                m.per_connection_bytes(),
+            ),
+            (
+                "host_tcp_memory_bytes",
+                "Kernel TCP buffer memory of the whole host (/proc/net/sockstat).",
+                m.host_tcp_bytes,
+            ),
+        ] {
+            let family = encoder.encode_descriptor(name, help, None, gauge)?;
+            as_gauge(value).encode(family)?;
         }
         let counter = ConstCounter::new(0u64).metric_type();
         let mut family = encoder.encode_descriptor(
@@ -293,17 +471,59 @@ impl prometheus_client::collector::Collector for Snapshot {
     }
 }
 
+/// Memory as the kernel reports it, read when metrics are taken.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MemoryGauges {
+    /// The process's resident memory (RSS), bytes.
+    pub resident_bytes: u64,
+    /// The kernel's share for the open connections: connections x
+    /// `admission.kernel_bytes_per_connection` (socket structures and idle buffers).
+    pub kernel_estimate_bytes: u64,
+    /// Kernel TCP buffer memory of the whole host, every process's sockets
+    /// (`/proc/net/sockstat`), bytes.
+    pub host_tcp_bytes: u64,
+    /// Connections open over all shards.
+    pub connections: u64,
+}
+
+impl MemoryGauges {
+    /// Resident plus the kernel's estimated share, per open connection (0 with none open).
+    pub fn per_connection_bytes(&self) -> u64 {
+        (self.resident_bytes + self.kernel_estimate_bytes)
+            .checked_div(self.connections)
+            .unwrap_or(0)
+    }
+}
+
 /// Metrics of every shard, as taken by [`EngineHandle::metrics`](crate::EngineHandle::metrics).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Metrics {
     /// One snapshot per shard, indexed by shard id.
     pub shards: Vec<MetricsSnapshot>,
+    /// Topic deliveries waiting in each shard's inbox (the cross-shard queue), by shard id.
+    pub inbox_depth: Vec<u64>,
+    /// Process memory and the kernel's share.
+    pub memory: MemoryGauges,
 }
 
 impl Metrics {
-    pub(crate) fn collect<'a>(shards: impl Iterator<Item = &'a ShardMetrics>) -> Self {
+    /// Every shard's counters, each inbox's depth, and memory read now.
+    pub(crate) fn gather(shards: &[Arc<ShardMetrics>], hub: &Hub, gate: &Gate) -> Self {
+        let shards: Vec<MetricsSnapshot> = shards.iter().map(|m| m.snapshot()).collect();
+        let connections = shards.iter().map(|s| s.connections_active).sum();
         Self {
-            shards: shards.map(ShardMetrics::snapshot).collect(),
+            inbox_depth: (0..shards.len())
+                .map(|i| hub.inbox_depth(i) as u64)
+                .collect(),
+            shards,
+            memory: MemoryGauges {
+                resident_bytes: memory::resident_bytes().unwrap_or(0),
+                kernel_estimate_bytes: connections * gate.kernel_bytes_per_connection(),
+                host_tcp_bytes: memory::host_tcp_bytes().unwrap_or(0),
+                connections,
+            },
         }
     }
 
@@ -340,7 +560,10 @@ mod tests {
         b.messages_in.add(4);
         b.connections_active.incr();
         b.connections_active.sub(1);
-        let m = Metrics::collect([&a, &b].into_iter());
+        let m = Metrics {
+            shards: vec![a.snapshot(), b.snapshot()],
+            ..Metrics::default()
+        };
         assert_eq!(m.shards.len(), 2);
         assert_eq!(m.total().messages_in, 7);
         assert_eq!(m.total().connections_active, 0);

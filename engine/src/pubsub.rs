@@ -146,8 +146,7 @@ pub(crate) struct Published {
     pub(crate) topic: Arc<Topic>,
     pub(crate) seq: u64,
     payload: Payload,
-    /// When it was sequenced (for publish-to-flush latency).
-    #[allow(dead_code)]
+    /// When it was sequenced (for the delivery latency histograms).
     pub(crate) at: Instant,
     /// The frame for each delivery format, made by the first shard that needs it.
     frames: [OnceLock<Bytes>; 3],
@@ -404,6 +403,11 @@ impl Hub {
     pub(crate) fn detach(&self, topic: &Topic, shard: u16) {
         let mut st = topic.state.lock().unwrap_or_else(|e| e.into_inner());
         st.interest.retain(|&s| s != shard);
+    }
+
+    /// Deliveries sent to `shard`'s inbox and not yet taken out.
+    pub(crate) fn inbox_depth(&self, shard: usize) -> usize {
+        self.pending[shard].load(Relaxed)
     }
 
     /// The shard took `n` deliveries out of its inbox.

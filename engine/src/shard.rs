@@ -293,7 +293,11 @@ impl<H: Handler> Shard<H> {
             let mut n = 0;
             {
                 let mut table = self.table.borrow_mut();
+                let now = std::time::Instant::now();
                 while let Some(msg) = next.take() {
+                    self.metrics
+                        .inbox_latency
+                        .record(now.saturating_duration_since(msg.at));
                     table.deliver(&msg);
                     n += 1;
                     if n == DELIVER_BATCH {
@@ -494,7 +498,7 @@ impl<H: Handler> Shard<H> {
                 http_response(200, &[], "ready")
             }
         } else if path == http.metrics_path {
-            let text = Metrics::collect(self.all_metrics.iter().map(|m| &**m)).to_openmetrics();
+            let text = Metrics::gather(&self.all_metrics, &table.hub, &table.gate).to_openmetrics();
             // Not `http_response`: that one is text/plain and adds a final newline.
             bytes::Bytes::from(format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; \
@@ -524,7 +528,9 @@ impl<H: Handler> Shard<H> {
             }
         };
         let peer = table.conns[key].info().peer_addr();
-        if let Err((reason, response)) = admit(table, &req) {
+        let all = &self.all_metrics;
+        let open = || all.iter().map(|m| m.connections_active.get()).sum();
+        if let Err((reason, response)) = admit(table, &req, open) {
             debug!(%peer, reason = reason.name(), "upgrade refused");
             reject(table, key, reason, response);
             return false;
@@ -828,25 +834,30 @@ fn first_liveness_check(settings: &Settings) -> Option<Duration> {
 }
 
 /// The engine's own checks of an upgrade request, before the handler sees it: draining, the
-/// shard's upgrade rate, the origin. The caps that count connections come after.
+/// memory budget, the shard's upgrade rate, the origin. The caps that count connections come
+/// after.
 fn admit(
     table: &mut ConnTable,
     req: &UpgradeRequest<'_>,
+    connections: impl FnOnce() -> u64,
 ) -> Result<(), (RejectReason, bytes::Bytes)> {
     if table.stopping {
         let response = http_response(503, &[("Retry-After", "1")], "server shutting down");
         return Err((RejectReason::Draining, response));
     }
-    if let Some(bucket) = &mut table.upgrade_bucket {
-        if !bucket.take(std::time::Instant::now()) {
-            let wait = table.gate.retry_after().as_secs().to_string();
-            let response = http_response(
-                503,
-                &[("Retry-After", &wait)],
-                "too many new connections; retry after the time given",
-            );
-            return Err((RejectReason::Rate, response));
-        }
+    // 503 with a Retry-After spread at random, so refused clients come back spread out.
+    let try_later = |table: &ConnTable, reason, body| {
+        let wait = table.gate.retry_after().as_secs().to_string();
+        Err((reason, http_response(503, &[("Retry-After", &wait)], body)))
+    };
+    if table.gate.memory_full(connections) {
+        let body = "server at its memory budget; retry after the time given";
+        return try_later(table, RejectReason::Memory, body);
+    }
+    let now = std::time::Instant::now();
+    if let Some(false) = table.upgrade_bucket.as_mut().map(|b| b.take(now)) {
+        let body = "too many new connections; retry after the time given";
+        return try_later(table, RejectReason::Rate, body);
     }
     if !table.gate.origin_allowed(req.header("origin")) {
         let response = http_response(403, &[], "origin not allowed");

@@ -20,7 +20,7 @@ use slab::Slab;
 
 use crate::{
     config::RingOverflow,
-    conn::{ConnTable, Phase},
+    conn::{ConnTable, Phase, When},
     handler::CloseInitiator,
     pubsub::{Attach, DeliveryFormat, Published, Topic},
 };
@@ -66,6 +66,8 @@ struct Item {
     frame: Bytes,
     seq: u64,
     topic: u32,
+    /// When the message was published.
+    at: When,
 }
 
 /// Deliveries of one topic dropped since the client last heard of it.
@@ -325,6 +327,7 @@ impl ConnTable {
                             frame,
                             seq: msg.seq,
                             topic,
+                            at: When::from_instant(msg.at),
                         };
                         ps.note_drop(topic, &msg.topic.name, old_seq);
                         msg.topic.dropped.fetch_add(1, Relaxed);
@@ -352,6 +355,7 @@ impl ConnTable {
             frame,
             seq: msg.seq,
             topic,
+            at: When::from_instant(msg.at),
         });
         Offer::Queued
     }
@@ -429,10 +433,14 @@ impl ConnTable {
             DeliveryFormat::Envelope(enc) => Some(enc),
             DeliveryFormat::Raw => None,
         };
+        let now = Instant::now();
         while conn.out.len_bytes() < window {
             let Some(item) = ps.ring.pop_front() else {
                 break;
             };
+            self.metrics
+                .queued_latency
+                .record(now.saturating_duration_since(item.at.instant()));
             ps.ring_bytes -= item.frame.len();
             if let Some(i) = ps
                 .drops

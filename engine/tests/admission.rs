@@ -141,3 +141,59 @@ fn over_the_upgrade_rate_gets_503_with_a_spread_retry_after() {
     assert_eq!(total.rejected(RejectReason::Rate), 40 - accepted);
     engine.stop().unwrap();
 }
+
+#[test]
+fn at_the_memory_budget_upgrades_get_503_and_metrics_show_the_memory() {
+    let mut cfg = config(2);
+    // Below what any process holds: every upgrade is over budget.
+    cfg.admission.memory_budget_bytes = 1 << 20;
+    let (engine, _) = start_recorder(cfg);
+    let addr = engine.local_addr();
+    let (status, response) = refused(connect_with(addr, "/", &[]));
+    assert_eq!(status, 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let body = String::from_utf8(response.body().clone().unwrap()).unwrap();
+    assert!(body.contains("memory budget"), "{body}");
+    assert_eq!(
+        engine
+            .handle()
+            .metrics()
+            .total()
+            .rejected(RejectReason::Memory),
+        1
+    );
+    // Plain HTTP still answers: an operator can see why.
+    let scrape = parse_metrics(&http_get(addr, "GET /metrics HTTP/1.1").2);
+    assert!(metric_sum(&scrape, "ringcast_memory_resident_bytes", &[]) > f64::from(1 << 20));
+    assert_eq!(
+        metric_sum(
+            &scrape,
+            "ringcast_upgrade_rejections_total",
+            &[("reason", "memory")]
+        ),
+        1.0
+    );
+    let depths = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "ringcast_inbox_depth")
+        .count();
+    assert_eq!(depths, 2, "one inbox depth per shard");
+    engine.stop().unwrap();
+}
+
+#[test]
+fn under_the_memory_budget_connections_count_their_kernel_share() {
+    let mut cfg = config(1);
+    cfg.admission.memory_budget_bytes = 1 << 40;
+    cfg.admission.kernel_bytes_per_connection = 5000;
+    let (engine, _) = start_recorder(cfg);
+    let addr = engine.local_addr();
+    let _clients: Vec<_> = (0..3).map(|_| connect(addr, "/")).collect();
+    let memory = engine.handle().metrics().memory;
+    assert_eq!(memory.connections, 3);
+    assert_eq!(memory.kernel_estimate_bytes, 3 * 5000);
+    assert!(memory.resident_bytes > 0);
+    assert!(memory.per_connection_bytes() > 5000);
+    engine.stop().unwrap();
+}

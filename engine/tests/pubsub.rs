@@ -989,3 +989,42 @@ fn overflow_names_round_trip() {
         assert_eq!(RingOverflow::from_name(p.name()), Some(p));
     }
 }
+
+#[test]
+fn delivery_latency_is_recorded_per_stage_and_scraped_as_histograms() {
+    let engine = broker(config(2));
+    let addr = engine.local_addr();
+    let mut ws = client(addr, "/", Encoding::Json);
+    subscribe(&mut ws, 1, "lat", None);
+    let publisher = engine.handle().publisher();
+    for i in 0..5 {
+        publish(&publisher, "lat", json(&i.to_string()));
+    }
+    for _ in 0..5 {
+        assert!(matches!(ws.read().unwrap(), TMessage::Text(_)));
+    }
+    let total = engine.handle().metrics().total();
+    assert_eq!(total.inbox_latency.count(), 5, "one per message per shard");
+    assert_eq!(total.queued_latency.count(), 5, "one per delivery");
+    let p50 = total.queued_latency.quantile_bound(0.5).expect("recorded");
+    assert!(p50 < std::time::Duration::from_secs(1), "{p50:?}");
+    let (status, _, body) = util::http_get(addr, "GET /metrics HTTP/1.1");
+    assert_eq!(status, 200);
+    let scrape = util::parse_metrics(&body);
+    for stage in ["inbox", "queued"] {
+        let count: u64 = scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == "ringcast_delivery_latency_seconds")
+            .filter(|s| s.labels.get("stage") == Some(stage))
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Histogram(buckets) => {
+                    buckets.iter().map(|b| b.count).fold(0.0, f64::max) as u64
+                }
+                other => panic!("{other:?}"),
+            })
+            .sum();
+        assert_eq!(count, 5, "{stage}");
+    }
+    engine.stop().unwrap();
+}
