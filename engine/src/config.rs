@@ -508,6 +508,43 @@ impl EngineConfig {
         toml::to_string_pretty(self).expect("EngineConfig always serializes")
     }
 
+    /// Sets one key, named as in the TOML file with dots between sections
+    /// (`limits.max_frame_bytes`, `timeouts.drain_window`, `admission.allowed_origins`), to
+    /// `value` written as in TOML (`1048576`, `"2s"`, `["https://a.example"]`, `true`); a
+    /// value that is not valid TOML is taken as a string, so `2s` and `/run/secret` need no
+    /// quotes. What `--set KEY=VALUE` and the `RINGCAST__SECTION__KEY` environment variables
+    /// of the binary do.
+    ///
+    /// # Errors
+    /// [`ConfigError::Toml`] naming the key when it does not exist or the value has the
+    /// wrong type.
+    pub fn set(self, key: &str, value: &str) -> Result<Self, ConfigError> {
+        let mut doc = toml::Table::try_from(&self).expect("EngineConfig always serializes");
+        let parsed = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+            Ok(mut t) => t.remove("v").expect("the key just written"),
+            Err(_) => toml::Value::String(value.to_owned()),
+        };
+        let mut path: Vec<&str> = key.split('.').collect();
+        let last = path.pop().filter(|k| !k.is_empty());
+        let mut table = &mut doc;
+        for section in path {
+            table = match table.get_mut(section) {
+                Some(toml::Value::Table(t)) => t,
+                _ => {
+                    return Err(ConfigError::Toml(format!(
+                        "unknown section `{section}` in `{key}`"
+                    )))
+                }
+            };
+        }
+        let Some(last) = last else {
+            return Err(ConfigError::Toml(format!("empty key in `{key}`")));
+        };
+        table.insert(last.to_owned(), parsed);
+        doc.try_into::<EngineConfig>()
+            .map_err(|e| ConfigError::Toml(format!("{key}: {}", e.message())))
+    }
+
     /// Sets [`EngineConfig::listen`].
     #[must_use]
     pub fn with_listen(mut self, addr: SocketAddr) -> Self {
@@ -753,6 +790,38 @@ mod tests {
         .unwrap();
         assert_eq!(parsed.admission.max_connections_per_ip, 10);
         assert_eq!(parsed.to_toml().matches("hs256_secret_file").count(), 1);
+    }
+
+    #[test]
+    fn single_keys_are_set_by_dotted_name() {
+        let config = EngineConfig::default()
+            .set("limits.max_frame_bytes", "4096")
+            .unwrap()
+            .set("timeouts.drain_window", "500ms")
+            .unwrap()
+            .set("admission.allowed_origins", r#"["https://a.example"]"#)
+            .unwrap()
+            .set("auth.hs256_secret_file", "/run/secret")
+            .unwrap()
+            .set("shards", "3")
+            .unwrap();
+        assert_eq!(config.limits.max_frame_bytes, 4096);
+        assert_eq!(config.timeouts.drain_window, Duration::from_millis(500));
+        assert_eq!(config.admission.allowed_origins, ["https://a.example"]);
+        assert_eq!(
+            config.auth.hs256_secret_file,
+            Some(PathBuf::from("/run/secret"))
+        );
+        assert_eq!(config.shards, 3);
+        let err = |key: &str, value: &str| {
+            EngineConfig::default()
+                .set(key, value)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("limits.max_frame_byte", "1").contains("max_frame_byte"));
+        assert!(err("limit.max_frame_bytes", "1").contains("limit"));
+        assert!(err("limits.max_frame_bytes", "lots").contains("limits.max_frame_bytes"));
     }
 
     #[test]

@@ -23,6 +23,45 @@ fn config_prints_the_effective_settings_with_flags_applied() {
 }
 
 #[test]
+fn any_key_is_set_by_environment_or_flag_and_flags_win() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ringcast"))
+        .args([
+            "config",
+            "--set",
+            "timeouts.drain_window=3s",
+            "--set",
+            "admission.allowed_origins=[\"https://a.example\"]",
+        ])
+        .env_remove("RINGCAST_CONFIG")
+        .env("RINGCAST__TIMEOUTS__DRAIN_WINDOW", "1s")
+        .env("RINGCAST__ADMISSION__MAX_CONNECTIONS_PER_IP", "7")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config =
+        ringcast::EngineConfig::from_toml(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert_eq!(
+        config.timeouts.drain_window,
+        std::time::Duration::from_secs(3)
+    );
+    assert_eq!(config.admission.max_connections_per_ip, 7);
+    assert_eq!(config.admission.allowed_origins, ["https://a.example"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_ringcast"))
+        .args(["config"])
+        .env_remove("RINGCAST_CONFIG")
+        .env("RINGCAST__LIMITS__MAX_FRAME_BYTE", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("max_frame_byte"), "{err}");
+}
+
+#[test]
 fn a_config_file_with_an_unknown_key_is_refused_naming_it() {
     let dir = std::env::temp_dir().join(format!("ringcast-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

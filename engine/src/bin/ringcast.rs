@@ -49,6 +49,12 @@ struct ConfigArgs {
     /// IO driver: io-uring, or epoll where io_uring is unavailable [default: io-uring].
     #[arg(long, env = "RINGCAST_DRIVER", value_parser = parse_driver)]
     driver: Option<Driver>,
+    /// Set any key of the config file, dotted, with its value written as in TOML:
+    /// `--set limits.max_frame_bytes=1048576 --set timeouts.drain_window=5s`. Repeatable;
+    /// applied after the file and after `RINGCAST__SECTION__KEY` environment variables
+    /// (`RINGCAST__ADMISSION__MAX_CONNECTIONS_PER_IP=100`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -140,6 +146,27 @@ impl ConfigArgs {
             }
             None => EngineConfig::default(),
         };
+        // Environment first, then flags: flags win.
+        let mut env: Vec<(String, String)> = std::env::vars()
+            .filter_map(|(name, value)| {
+                let key = name.strip_prefix("RINGCAST__")?;
+                Some((key.to_ascii_lowercase().replace("__", "."), value))
+            })
+            .collect();
+        env.sort();
+        for (key, value) in env {
+            config = config
+                .set(&key, &value)
+                .with_context(|| format!("in environment variable for {key}"))?;
+        }
+        for pair in &self.set {
+            let (key, value) = pair
+                .split_once('=')
+                .with_context(|| format!("--set {pair}: expected KEY=VALUE"))?;
+            config = config
+                .set(key.trim(), value.trim())
+                .with_context(|| format!("in --set {pair}"))?;
+        }
         if let Some(listen) = self.listen {
             config = config.with_listen(listen);
         }
