@@ -238,14 +238,26 @@ pub(crate) struct Attach {
     pub(crate) reset: Option<u64>,
 }
 
-/// The in-memory broker backend: every topic of the process.
+/// The broker-backend seam: where a topic's sequence numbers and history live, and how a
+/// published message reaches the shards. Every backend offers the same three operations
+/// (publish, attach, detach, dispatched by [`Hub`]); an enum rather than a trait object so
+/// the in-memory path stays a direct, inlinable call.
+#[derive(Debug)]
+pub(crate) enum Backend {
+    /// In this process (the default): each topic's seq and history under the topic's lock.
+    Memory {
+        history_max_messages: usize,
+        history_max_bytes: usize,
+    },
+}
+
+/// Every topic of the process, the shards' inboxes, and the backend that orders messages.
 pub(crate) struct Hub {
     topics: RwLock<HashMap<Arc<str>, Arc<Topic>>>,
     mailboxes: Vec<Mailbox>,
     /// Deliveries sent to each shard's inbox and not yet taken out.
     pending: Box<[AtomicUsize]>,
-    history_max_messages: usize,
-    history_max_bytes: usize,
+    backend: Backend,
     max_pending: usize,
     max_publish_bytes: usize,
 }
@@ -264,8 +276,10 @@ impl Hub {
             topics: RwLock::new(HashMap::new()),
             pending: mailboxes.iter().map(|_| AtomicUsize::new(0)).collect(),
             mailboxes,
-            history_max_messages: config.history_max_messages,
-            history_max_bytes: config.history_max_bytes,
+            backend: Backend::Memory {
+                history_max_messages: config.history_max_messages,
+                history_max_bytes: config.history_max_bytes,
+            },
             max_pending: config.max_pending_per_shard,
             max_publish_bytes: config.max_publish_bytes,
         }
@@ -305,7 +319,7 @@ impl Hub {
     }
 
     /// Sequences `payload` in `topic`, keeps it in history and hands it to every shard with
-    /// subscribers, all under the topic's lock.
+    /// subscribers, in the backend's order.
     pub(crate) fn publish(
         &self,
         topic: &Arc<Topic>,
@@ -314,6 +328,22 @@ impl Hub {
         if payload.len() > self.max_publish_bytes {
             return Err(PublishError::TooLarge);
         }
+        match &self.backend {
+            Backend::Memory {
+                history_max_messages,
+                history_max_bytes,
+            } => self.publish_memory(topic, payload, *history_max_messages, *history_max_bytes),
+        }
+    }
+
+    /// The in-memory backend's publish: seq, history and hand-off under the topic's lock.
+    fn publish_memory(
+        &self,
+        topic: &Arc<Topic>,
+        payload: Payload,
+        history_max_messages: usize,
+        history_max_bytes: usize,
+    ) -> Result<PublishReceipt, PublishError> {
         let mut st = topic.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut saturated = false;
         for &shard in &st.interest {
@@ -333,11 +363,11 @@ impl Hub {
             at: Instant::now(),
             frames: Default::default(),
         });
-        if self.history_max_messages > 0 {
+        if history_max_messages > 0 {
             st.history.push_back(msg.clone());
             st.history_bytes += len;
-            while st.history.len() > self.history_max_messages
-                || (st.history_bytes > self.history_max_bytes && st.history.len() > 1)
+            while st.history.len() > history_max_messages
+                || (st.history_bytes > history_max_bytes && st.history.len() > 1)
             {
                 if let Some(old) = st.history.pop_front() {
                     st.history_bytes -= old.payload.len();
@@ -345,16 +375,20 @@ impl Hub {
             }
         }
         for &shard in &st.interest {
-            let shard = usize::from(shard);
-            self.pending[shard].fetch_add(1, Relaxed);
-            if self.mailboxes[shard]
-                .send(ShardMsg::Deliver(msg.clone()))
-                .is_err()
-            {
-                self.pending[shard].fetch_sub(1, Relaxed);
-            }
+            self.hand_off(usize::from(shard), &msg);
         }
         Ok(PublishReceipt { seq, saturated })
+    }
+
+    /// Sends one sequenced message to a shard's inbox, counted as pending there.
+    pub(crate) fn hand_off(&self, shard: usize, msg: &Arc<Published>) {
+        self.pending[shard].fetch_add(1, Relaxed);
+        if self.mailboxes[shard]
+            .send(ShardMsg::Deliver(msg.clone()))
+            .is_err()
+        {
+            self.pending[shard].fetch_sub(1, Relaxed);
+        }
     }
 
     /// Registers a new subscriber on `shard` (the shard's first for this topic when `first`),
@@ -366,6 +400,12 @@ impl Hub {
         first: bool,
         since: Option<u64>,
     ) -> Attach {
+        match &self.backend {
+            Backend::Memory { .. } => Self::attach_memory(topic, shard, first, since),
+        }
+    }
+
+    fn attach_memory(topic: &Topic, shard: u16, first: bool, since: Option<u64>) -> Attach {
         let mut st = topic.state.lock().unwrap_or_else(|e| e.into_inner());
         if first && !st.interest.contains(&shard) {
             st.interest.push(shard);
@@ -402,6 +442,12 @@ impl Hub {
 
     /// The shard's last subscriber to `topic` left.
     pub(crate) fn detach(&self, topic: &Topic, shard: u16) {
+        match &self.backend {
+            Backend::Memory { .. } => Self::detach_memory(topic, shard),
+        }
+    }
+
+    fn detach_memory(topic: &Topic, shard: u16) {
         let mut st = topic.state.lock().unwrap_or_else(|e| e.into_inner());
         st.interest.retain(|&s| s != shard);
     }
