@@ -39,6 +39,72 @@ pub struct EngineConfig {
     pub pubsub: PubSubConfig,
     /// Plain HTTP answered on the WebSocket port: health, readiness, metrics.
     pub http: HttpConfig,
+    /// Where topics are ordered: in this process (the default) or in Redis, shared by hosts.
+    pub broker: BrokerConfig,
+}
+
+/// The broker backend: where each topic's sequence numbers and history live.
+///
+/// By default (an empty `url`) they live in this process, and only its own connections see a
+/// topic. With `url = "redis://HOST:PORT"` they live in Redis, so every host pointed at the
+/// same Redis shares topics: a message published on any host reaches subscribers on all of
+/// them with the same seq, and a client may resume with `since` on any host. A bridge
+/// thread talks to Redis; shards never wait on it. Keys and channels, per topic `T`:
+/// `{key_prefix}T:seq` (the counter), `{key_prefix}T:h` (a stream holding the history) and
+/// the channel `{key_prefix}T`. History in Redis is bounded by
+/// `pubsub.history_max_messages` and by `history_max_age`; `pubsub.history_max_bytes`
+/// applies to the in-memory backend only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct BrokerConfig {
+    /// Empty (the default): the in-memory broker. `redis://HOST:PORT[/DB]`: Redis.
+    pub url: String,
+    /// Prefix of every Redis key and channel this engine uses. Default `ringcast:`. Hosts
+    /// that share topics must use the same prefix.
+    pub key_prefix: String,
+    /// Redis only: messages older than this are trimmed from a topic's history (checked on
+    /// each publish and each resume). Default 1 h. Memory: none here; Redis holds at most
+    /// `pubsub.history_max_messages` per topic.
+    #[serde(with = "humantime_serde")]
+    pub history_max_age: Duration,
+    /// Redis only: time one Redis command (a publish, a history read, a ping) may take
+    /// before the bridge counts Redis as unreachable. Default 2 s. A publish waiting longer
+    /// gets `unavailable`.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Redis only: first delay before reconnecting after Redis went away; it doubles at each
+    /// failed attempt, with full jitter, up to `reconnect_max_delay`. Default 100 ms.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min_delay: Duration,
+    /// Redis only: the longest delay between reconnect attempts. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max_delay: Duration,
+    /// Redis only: how often an idle bridge pings Redis, so a silent outage is noticed
+    /// (readiness turns false) within this plus `command_timeout`. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            key_prefix: "ringcast:".into(),
+            history_max_age: Duration::from_secs(3600),
+            command_timeout: Duration::from_secs(2),
+            reconnect_min_delay: Duration::from_millis(100),
+            reconnect_max_delay: Duration::from_secs(5),
+            health_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// Whether this selects the Redis backend.
+    pub fn is_redis(&self) -> bool {
+        !self.url.is_empty()
+    }
 }
 
 /// Plain HTTP GETs the engine answers itself on the listening port, before any handler sees
@@ -80,6 +146,7 @@ impl Default for EngineConfig {
             io: IoConfig::default(),
             pubsub: PubSubConfig::default(),
             http: HttpConfig::default(),
+            broker: BrokerConfig::default(),
         }
     }
 }
@@ -396,6 +463,14 @@ impl EngineConfig {
         self
     }
 
+    /// Sets [`BrokerConfig::url`]: `redis://HOST:PORT` selects the Redis backend, empty the
+    /// in-memory one.
+    #[must_use]
+    pub fn with_broker_url(mut self, url: impl Into<String>) -> Self {
+        self.broker.url = url.into();
+        self
+    }
+
     /// Sets [`EngineConfig::pin_shards`].
     #[must_use]
     pub fn with_pin_shards(mut self, pin: bool) -> Self {
@@ -506,6 +581,25 @@ impl EngineConfig {
             (512..=(1 << 20)).contains(&io.ring_buffer_bytes),
             "io.ring_buffer_bytes",
             "must be between 512 and 1048576",
+        )?;
+        let b = &self.broker;
+        check(
+            b.url.is_empty() || b.url.starts_with("redis://") || b.url.starts_with("redis+unix://"),
+            "broker.url",
+            "must be empty (in-memory) or a redis:// URL",
+        )?;
+        for (value, key) in [
+            (b.history_max_age, "broker.history_max_age"),
+            (b.command_timeout, "broker.command_timeout"),
+            (b.reconnect_min_delay, "broker.reconnect_min_delay"),
+            (b.health_interval, "broker.health_interval"),
+        ] {
+            check(!value.is_zero(), key, "must be > 0")?;
+        }
+        check(
+            b.reconnect_max_delay >= b.reconnect_min_delay,
+            "broker.reconnect_max_delay",
+            "must be >= broker.reconnect_min_delay",
         )?;
         Ok(())
     }

@@ -96,6 +96,7 @@ mod metrics;
 mod outbound;
 mod poll_driver;
 mod pubsub;
+mod redis_bridge;
 mod ring;
 mod ring_driver;
 mod shard;
@@ -105,8 +106,8 @@ use std::{net::SocketAddr, sync::Arc, thread};
 
 pub use broker::{Broadcast, Broker};
 pub use config::{
-    Driver, EngineConfig, HttpConfig, IoConfig, LimitsConfig, OverflowPolicy, PubSubConfig,
-    RingOverflow, TimeoutsConfig,
+    BrokerConfig, Driver, EngineConfig, HttpConfig, IoConfig, LimitsConfig, OverflowPolicy,
+    PubSubConfig, RingOverflow, TimeoutsConfig,
 };
 pub use conn::{ConnId, ConnInfo, ShardId};
 pub use echo::Echo;
@@ -119,6 +120,7 @@ pub use metrics::{Metrics, MetricsSnapshot};
 pub use pubsub::{
     DeliveryFormat, Payload, PublishError, PublishReceipt, Publisher, TopicPublisher, TopicStats,
 };
+pub use redis_bridge::BrokerStats;
 /// The protocol crate, re-exported for its types ([`protocol::CloseCode`],
 /// [`protocol::UpgradeRequest`], ...).
 pub use ringcast_protocol as protocol;
@@ -188,7 +190,7 @@ impl Engine {
         let factory = Arc::new(factory);
         // Every inbox exists before any shard starts: the hub sends to all of them.
         let (all_mailboxes, inboxes): (Vec<_>, Vec<_>) = (0..count).map(|_| bus::channel()).unzip();
-        let hub = Arc::new(Hub::new(&config.pubsub, all_mailboxes.clone()));
+        let hub = Arc::new(hub(&config, all_mailboxes.clone())?);
         let mut mailboxes = Vec::with_capacity(count);
         let mut metrics = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
@@ -301,8 +303,34 @@ impl Engine {
                 result = Err(Error::ShardPanicked(i));
             }
         }
+        self.handle.inner.hub.stop();
         result
     }
+}
+
+/// The hub with the backend the config names: in memory, or Redis through a bridge thread.
+fn hub(config: &EngineConfig, mailboxes: Vec<Mailbox>) -> Result<Hub> {
+    if !config.broker.is_redis() {
+        return Ok(Hub::new(&config.pubsub, mailboxes));
+    }
+    let fanout = Hub::fanout(mailboxes);
+    let bridge = redis_bridge::Bridge::start(
+        &config.broker,
+        config.pubsub.history_max_messages,
+        fanout.clone(),
+    )
+    .map_err(|e| {
+        tracing::error!(error = %e, "broker.url");
+        ConfigError::Invalid {
+            key: "broker.url",
+            why: "not a usable Redis URL",
+        }
+    })?;
+    Ok(Hub::with_backend(
+        &config.pubsub,
+        fanout,
+        pubsub::Backend::Redis(bridge),
+    ))
 }
 
 impl Drop for Engine {
@@ -346,8 +374,21 @@ impl EngineHandle {
         }
     }
 
-    /// Current counters of every shard.
+    /// Current counters of every shard, and of the Redis bridge when that is the broker.
     pub fn metrics(&self) -> Metrics {
         Metrics::collect(self.inner.metrics.iter().map(|m| &**m))
+            .with_broker(self.inner.hub.broker_stats())
+    }
+
+    /// Whether the broker backend can order publishes now: always true in memory; with
+    /// Redis, true while the bridge is connected with every local topic subscribed. `/readyz`
+    /// answers 503 "broker unavailable" while this is false.
+    pub fn broker_ready(&self) -> bool {
+        self.inner.hub.ready()
+    }
+
+    /// The Redis bridge's state and counters; `None` with the in-memory broker.
+    pub fn broker_stats(&self) -> Option<BrokerStats> {
+        self.inner.hub.broker_stats()
     }
 }

@@ -7,6 +7,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::redis_bridge::BrokerStats;
+
 /// A counter written by one shard and read by any thread.
 #[derive(Debug, Default)]
 pub(crate) struct Counter(AtomicU64);
@@ -138,6 +140,9 @@ impl prometheus_client::collector::Collector for Snapshot {
             encoding::EncodeMetric,
             metrics::{counter::ConstCounter, gauge::ConstGauge},
         };
+        if let Some(b) = &self.0.broker {
+            encode_broker(&mut encoder, b)?;
+        }
         let per_shard: Vec<_> = self.0.shards.iter().map(MetricsSnapshot::fields).collect();
         let Some(first) = per_shard.first() else {
             return Ok(());
@@ -166,18 +171,95 @@ impl prometheus_client::collector::Collector for Snapshot {
     }
 }
 
+/// The Redis bridge's series: `broker_up` and `broker_lag_ms` are gauges, the rest counters.
+fn encode_broker(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+    b: &BrokerStats,
+) -> std::fmt::Result {
+    use prometheus_client::{
+        encoding::EncodeMetric,
+        metrics::{counter::ConstCounter, gauge::ConstGauge},
+    };
+    let gauges = [
+        (
+            "broker_up",
+            "1 while the Redis bridge is connected",
+            u64::from(b.up),
+        ),
+        (
+            "broker_lag_ms",
+            "Publish-to-receive lag of the latest message from Redis, in ms",
+            b.lag_ms,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+        gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+    }
+    let counters = [
+        (
+            "broker_reconnects",
+            "Redis connection attempts after the first",
+            b.reconnects,
+        ),
+        (
+            "broker_errors",
+            "Redis failures: connections, commands, timeouts",
+            b.errors,
+        ),
+        (
+            "broker_publishes",
+            "Publishes Redis sequenced for this host",
+            b.publishes,
+        ),
+        (
+            "broker_publish_errors",
+            "Publishes answered unavailable",
+            b.publish_errors,
+        ),
+        (
+            "broker_messages_in",
+            "Topic messages received from Redis",
+            b.messages_in,
+        ),
+        (
+            "broker_repaired",
+            "Messages fetched from history to fill a hole",
+            b.repaired,
+        ),
+        (
+            "broker_lost",
+            "Messages announced as dropped after a hole",
+            b.lost,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let counter = ConstCounter::new(value);
+        counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+    }
+    Ok(())
+}
+
 /// Metrics of every shard, as taken by [`EngineHandle::metrics`](crate::EngineHandle::metrics).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Metrics {
     /// One snapshot per shard, indexed by shard id.
     pub shards: Vec<MetricsSnapshot>,
+    /// The Redis bridge's state and counters; `None` with the in-memory broker.
+    pub broker: Option<BrokerStats>,
 }
 
 impl Metrics {
     pub(crate) fn collect<'a>(shards: impl Iterator<Item = &'a ShardMetrics>) -> Self {
         Self {
             shards: shards.map(ShardMetrics::snapshot).collect(),
+            broker: None,
         }
+    }
+
+    pub(crate) fn with_broker(mut self, broker: Option<BrokerStats>) -> Self {
+        self.broker = broker;
+        self
     }
 
     /// The snapshot in the OpenMetrics text format, every counter prefixed `ringcast_` with a

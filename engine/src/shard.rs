@@ -38,7 +38,7 @@ use crate::{
     listener::accept_loop,
     metrics::{Metrics, ShardMetrics},
     poll_driver,
-    pubsub::{Hub, Published},
+    pubsub::Hub,
     ring, ring_driver,
 };
 
@@ -203,7 +203,7 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
     info!(shard = %id, listen = ?addr, "shard listening");
 
     // Deliver topic messages until told to stop; a closed inbox (engine dropped) means stop.
-    while let Some(ShardMsg::Deliver(msg)) = inbox.recv().await {
+    while let Some(msg) = inbox.recv().await {
         if !shard.deliver(&inbox, msg).await {
             break; // a stop came in behind the deliveries
         }
@@ -261,27 +261,30 @@ pub(crate) enum Flow {
 impl<H: Handler> Shard<H> {
     /// Delivers `first` and whatever else waits in the inbox, yielding to the socket tasks
     /// every [`DELIVER_BATCH`] messages. Returns false if it found a stop in the inbox.
-    async fn deliver(&self, inbox: &Inbox, first: Arc<Published>) -> bool {
+    async fn deliver(&self, inbox: &Inbox, first: ShardMsg) -> bool {
         let mut next = Some(first);
         loop {
             let mut n = 0;
             {
                 let mut table = self.table.borrow_mut();
                 while let Some(msg) = next.take() {
-                    table.deliver(&msg);
-                    n += 1;
-                    if n == DELIVER_BATCH {
-                        break;
-                    }
-                    match inbox.try_recv() {
-                        Some(ShardMsg::Deliver(msg)) => next = Some(msg),
-                        Some(ShardMsg::Stop) => {
+                    match msg {
+                        ShardMsg::Deliver(msg) => {
+                            table.deliver(&msg);
+                            n += 1;
+                        }
+                        // In the inbox's order, so after the deliveries before it.
+                        ShardMsg::Backend(msg) => table.handle_backend(msg),
+                        ShardMsg::Stop => {
                             table.hub.taken(self.id.index(), n);
                             self.metrics.published_in.add(n as u64);
                             return false;
                         }
-                        None => {}
                     }
+                    if n == DELIVER_BATCH {
+                        break;
+                    }
+                    next = inbox.try_recv();
                 }
                 table.hub.taken(self.id.index(), n);
                 self.metrics.published_in.add(n as u64);
@@ -291,8 +294,7 @@ impl<H: Handler> Shard<H> {
             }
             self.yield_now().await;
             match inbox.try_recv() {
-                Some(ShardMsg::Deliver(msg)) => next = Some(msg),
-                Some(ShardMsg::Stop) => return false,
+                Some(msg) => next = Some(msg),
                 None => return true,
             }
         }
@@ -404,11 +406,15 @@ impl<H: Handler> Shard<H> {
         } else if path == http.ready_path {
             if table.stopping {
                 http_response(503, &[], "draining")
+            } else if !table.hub.ready() {
+                http_response(503, &[], "broker unavailable")
             } else {
                 http_response(200, &[], "ready")
             }
         } else if path == http.metrics_path {
-            let text = Metrics::collect(self.all_metrics.iter().map(|m| &**m)).to_openmetrics();
+            let text = Metrics::collect(self.all_metrics.iter().map(|m| &**m))
+                .with_broker(table.hub.broker_stats())
+                .to_openmetrics();
             // Not `http_response`: that one is text/plain and adds a final newline.
             bytes::Bytes::from(format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; \

@@ -49,6 +49,10 @@ struct ConfigArgs {
     /// IO driver: io-uring, or epoll where io_uring is unavailable [default: io-uring].
     #[arg(long, env = "RINGCAST_DRIVER", value_parser = parse_driver)]
     driver: Option<Driver>,
+    /// Broker backend: `redis://HOST:PORT` orders topics in Redis, shared by every host
+    /// using it (`[broker] url`) [default: in memory].
+    #[arg(long, env = "RINGCAST_BROKER")]
+    broker: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -149,6 +153,9 @@ impl ConfigArgs {
         if let Some(driver) = self.driver {
             config = config.with_driver(driver);
         }
+        if let Some(url) = &self.broker {
+            config = config.with_broker_url(url.clone());
+        }
         config.validate()?;
         Ok(config)
     }
@@ -204,6 +211,7 @@ fn run<H: Handler>(
         mode,
         shards = handle.shards(),
         driver = handle.driver().name(),
+        broker = if handle.broker_stats().is_some() { "redis" } else { "memory" },
         "ringcast listening"
     );
     let stopper = std::thread::Builder::new()
