@@ -60,10 +60,13 @@
 //! | data ring | 1024 messages or 1 MiB per connection, drop-oldest | [`PubSubConfig`] |
 //! | subscriptions / publishes | 256 per connection / 1000 per s, burst 1000 | [`PubSubConfig`] |
 //! | bad requests before 1008 | 20, refilled at 1 per s | [`PubSubConfig::max_bad_requests`] |
+//! | broker backend | in memory; `redis://HOST:PORT` for several hosts | [`BrokerConfig`] |
 //!
 //! ## Pub/sub
 //!
-//! Topics live in the process (the in-memory broker backend). [`Ctx::subscribe`] puts a
+//! Topics live in the process (the in-memory broker backend), or in Redis when
+//! [`BrokerConfig::url`] names one, shared by every host using it (see [`BrokerConfig`]).
+//! [`Ctx::subscribe`] puts a
 //! connection on a topic, optionally replaying history after a seq; [`Ctx::publish`] and
 //! [`Publisher::publish`] (any thread) sequence a message under the topic's lock and hand it
 //! to every shard with subscribers, where it is framed once per delivery format and queued to
