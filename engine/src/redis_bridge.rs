@@ -532,6 +532,9 @@ impl Worker {
                         self.waiting.push(req);
                     }
                     Cmd::Detach { topic, shard } => {
+                        // Its waiting attaches are moot, and must not bring the interest back.
+                        self.waiting
+                            .retain(|r| !(r.shard == shard && r.topic.name == topic.name));
                         self.detach_local(&topic, shard);
                     }
                     publish @ Cmd::Publish { .. } => {
