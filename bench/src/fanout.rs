@@ -197,6 +197,9 @@ impl fmt::Display for FanoutMode {
 pub struct FanoutConfig {
     /// The server: the ringcast broker for the envelope modes, a broadcast server for raw.
     pub target: Target,
+    /// Where the publishers connect, when not to `target`: another ringcast host sharing
+    /// topics through Redis, for cross-host publish-to-receive latency.
+    pub publish_target: Option<Target>,
     /// What the connections speak.
     pub mode: FanoutMode,
     /// Subscriber connections (N).
@@ -233,6 +236,7 @@ impl FanoutConfig {
     pub fn new(target: Target) -> Self {
         Self {
             target,
+            publish_target: None,
             mode: FanoutMode::default(),
             subs: 1000,
             topics: 1,
@@ -544,7 +548,7 @@ pub fn run_fanout(cfg: &FanoutConfig) -> Result<FanoutReport> {
 
     let mut poll = Poll::new().context("creating the epoll instance")?;
     let mut pubs = open_conns(
-        &cfg.target,
+        cfg.publish_target.as_ref().unwrap_or(&cfg.target),
         cfg.mode,
         cfg.subs..cfg.subs + cfg.publishers,
         cfg.sources,

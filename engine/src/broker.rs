@@ -222,15 +222,19 @@ fn handle(ctx: &mut Ctx<'_>, enc: Encoding, grants: Option<&Grants>, request: Re
                 PayloadKind::Json => Payload::Json(Bytes::copy_from_slice(&payload.bytes)),
                 PayloadKind::Binary => Payload::Binary(Bytes::copy_from_slice(&payload.bytes)),
             };
-            match ctx.publish_owned(&topic, payload) {
-                Ok(_) => control(ctx, envelope::ack_frame(enc, id)),
+            match ctx.publish_request(&topic, payload, id, enc) {
+                Ok(Some(_)) => control(ctx, envelope::ack_frame(enc, id)),
+                // The backend (Redis) acks or refuses it when it has ordered it.
+                Ok(None) => {}
                 Err(e) => {
                     let code = match e {
                         PublishError::BadTopic(_) => ErrorCode::BadTopic,
                         PublishError::TooLarge => ErrorCode::TooLarge,
                         PublishError::BadPayload => ErrorCode::BadPayload,
                         PublishError::RateLimited => ErrorCode::RateLimited,
-                        PublishError::Saturated | PublishError::Stopped => ErrorCode::Unavailable,
+                        PublishError::Saturated
+                        | PublishError::Stopped
+                        | PublishError::Unavailable => ErrorCode::Unavailable,
                     };
                     refuse(ctx, enc, id, code, &e.to_string());
                 }

@@ -9,7 +9,7 @@ use std::{future::poll_fn, sync::Arc, task::Poll};
 use atomic_waker::AtomicWaker;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
-use crate::pubsub::Published;
+use crate::pubsub::{BackendMsg, Published};
 
 /// A command for one shard.
 #[derive(Debug)]
@@ -18,6 +18,8 @@ pub(crate) enum ShardMsg {
     Stop,
     /// A topic message for the shard's local subscribers.
     Deliver(Arc<Published>),
+    /// An answer or notice from a backend with its own thread (Redis).
+    Backend(BackendMsg),
 }
 
 /// The sending side, held by the engine handle (any thread).

@@ -44,6 +44,8 @@ pub struct EngineConfig {
     /// Token auth for the built-in [`Broker`](crate::Broker) (and any handler that uses
     /// [`Auth`](crate::Auth)).
     pub auth: AuthConfig,
+    /// Where topics are ordered: in this process (the default) or in Redis, shared by hosts.
+    pub broker: BrokerConfig,
 }
 
 /// Admission: checks the engine makes on every upgrade request before the handler sees it,
@@ -110,6 +112,63 @@ impl Default for AdmissionConfig {
     }
 }
 
+/// The broker backend: where each topic's sequence numbers and history live.
+///
+/// By default (an empty `url`) they live in this process, and only its own connections see a
+/// topic. With `url = "redis://HOST:PORT"` they live in Redis, so every host pointed at the
+/// same Redis shares topics: a message published on any host reaches subscribers on all of
+/// them with the same seq, and a client may resume with `since` on any host. A bridge
+/// thread talks to Redis; shards never wait on it. Keys and channels, per topic `T`:
+/// `{key_prefix}T:seq` (the counter), `{key_prefix}T:h` (a stream holding the history) and
+/// the channel `{key_prefix}T`. History in Redis is bounded by
+/// `pubsub.history_max_messages` and by `history_max_age`; `pubsub.history_max_bytes`
+/// applies to the in-memory backend only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct BrokerConfig {
+    /// Empty (the default): the in-memory broker. `redis://HOST:PORT[/DB]`: Redis.
+    pub url: String,
+    /// Prefix of every Redis key and channel this engine uses. Default `ringcast:`. Hosts
+    /// that share topics must use the same prefix.
+    pub key_prefix: String,
+    /// Redis only: messages older than this are trimmed from a topic's history (checked on
+    /// each publish and each resume). Default 1 h. Memory: none here; Redis holds at most
+    /// `pubsub.history_max_messages` per topic.
+    #[serde(with = "humantime_serde")]
+    pub history_max_age: Duration,
+    /// Redis only: time one Redis command (a publish, a history read, a ping) may take
+    /// before the bridge counts Redis as unreachable. Default 2 s. A publish waiting longer
+    /// gets `unavailable`.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Redis only: first delay before reconnecting after Redis went away; it doubles at each
+    /// failed attempt, with full jitter, up to `reconnect_max_delay`. Default 100 ms.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min_delay: Duration,
+    /// Redis only: the longest delay between reconnect attempts. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max_delay: Duration,
+    /// Redis only: how often an idle bridge pings Redis, so a silent outage is noticed
+    /// (readiness turns false) within this plus `command_timeout`. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            key_prefix: "ringcast:".into(),
+            history_max_age: Duration::from_secs(3600),
+            command_timeout: Duration::from_secs(2),
+            reconnect_min_delay: Duration::from_millis(100),
+            reconnect_max_delay: Duration::from_secs(5),
+            health_interval: Duration::from_secs(1),
+        }
+    }
+}
+
 /// Token auth at the upgrade: a JWT signed with HS256, RS256 or ES256, read from the first
 /// place that has one: `Authorization: Bearer`, a subprotocol entry, a cookie, or (when
 /// enabled) a query parameter. Claims: `sub` (the user id), `exp` (required), and the topic
@@ -165,6 +224,13 @@ impl Default for AuthConfig {
     }
 }
 
+impl BrokerConfig {
+    /// Whether this selects the Redis backend.
+    pub fn is_redis(&self) -> bool {
+        !self.url.is_empty()
+    }
+}
+
 /// Plain HTTP GETs the engine answers itself on the listening port, before any handler sees
 /// them. An empty path turns that endpoint off. Every other plain request gets 426 (or 405
 /// for a method other than GET), never a hang.
@@ -206,6 +272,7 @@ impl Default for EngineConfig {
             http: HttpConfig::default(),
             admission: AdmissionConfig::default(),
             auth: AuthConfig::default(),
+            broker: BrokerConfig::default(),
         }
     }
 }
@@ -566,6 +633,14 @@ impl EngineConfig {
         self
     }
 
+    /// Sets [`BrokerConfig::url`]: `redis://HOST:PORT` selects the Redis backend, empty the
+    /// in-memory one.
+    #[must_use]
+    pub fn with_broker_url(mut self, url: impl Into<String>) -> Self {
+        self.broker.url = url.into();
+        self
+    }
+
     /// Sets [`EngineConfig::pin_shards`].
     #[must_use]
     pub fn with_pin_shards(mut self, pin: bool) -> Self {
@@ -703,6 +778,25 @@ impl EngineConfig {
             (512..=(1 << 20)).contains(&io.ring_buffer_bytes),
             "io.ring_buffer_bytes",
             "must be between 512 and 1048576",
+        )?;
+        let b = &self.broker;
+        check(
+            b.url.is_empty() || b.url.starts_with("redis://") || b.url.starts_with("redis+unix://"),
+            "broker.url",
+            "must be empty (in-memory) or a redis:// URL",
+        )?;
+        for (value, key) in [
+            (b.history_max_age, "broker.history_max_age"),
+            (b.command_timeout, "broker.command_timeout"),
+            (b.reconnect_min_delay, "broker.reconnect_min_delay"),
+            (b.health_interval, "broker.health_interval"),
+        ] {
+            check(!value.is_zero(), key, "must be > 0")?;
+        }
+        check(
+            b.reconnect_max_delay >= b.reconnect_min_delay,
+            "broker.reconnect_max_delay",
+            "must be >= broker.reconnect_min_delay",
         )?;
         Ok(())
     }

@@ -12,7 +12,7 @@ use ringcast_protocol::{server_frame, CloseCode, OpCode, UpgradeRequest, Utf8Byt
 use crate::{
     config::RingOverflow,
     conn::{ConnId, ConnInfo, ConnTable, ShardId},
-    pubsub::{DeliveryFormat, Payload, PublishError, PublishReceipt, Publisher},
+    pubsub::{DeliveryFormat, Payload, Publish, PublishError, PublishReceipt, Publisher, ReplyTo},
 };
 
 /// The hooks a shard calls for each connection. One handler value lives on each shard (made by
@@ -366,7 +366,12 @@ impl Ctx<'_> {
             .subscribe(self.key, topic, since)
             .map_err(|_| SubscribeError::TooManySubscriptions)?;
         Ok(Subscribed {
-            live_from: attach.live_from,
+            // A backend that answers later (Redis) has not said yet.
+            live_from: if attach.live_from == u64::MAX {
+                0
+            } else {
+                attach.live_from
+            },
             replayed: attach.replayed as u64,
             reset: attach.reset,
         })
@@ -406,7 +411,39 @@ impl Ctx<'_> {
         topic: &str,
         payload: Payload,
     ) -> Result<PublishReceipt, PublishError> {
-        let result = self.publish_inner(topic, payload);
+        match self.publish_to(topic, payload, ReplyTo::Nobody)? {
+            Publish::Done(receipt) => Ok(receipt),
+            Publish::Pending { saturated } => Ok(PublishReceipt { seq: 0, saturated }),
+        }
+    }
+
+    /// A broker client's publish request: `Ok(Some(_))` when it is done (ack it now),
+    /// `Ok(None)` when the backend sends the ack or error to the connection itself later.
+    pub(crate) fn publish_request(
+        &mut self,
+        topic: &str,
+        payload: Payload,
+        id: Option<u64>,
+        encoding: ringcast_protocol::envelope::Encoding,
+    ) -> Result<Option<PublishReceipt>, PublishError> {
+        let reply = ReplyTo::Conn {
+            conn: self.id(),
+            id,
+            encoding,
+        };
+        Ok(match self.publish_to(topic, payload, reply)? {
+            Publish::Done(receipt) => Some(receipt),
+            Publish::Pending { .. } => None,
+        })
+    }
+
+    fn publish_to(
+        &mut self,
+        topic: &str,
+        payload: Payload,
+        reply: ReplyTo,
+    ) -> Result<Publish, PublishError> {
+        let result = self.publish_inner(topic, payload, reply);
         if result.is_err() {
             self.table.metrics.publishes_refused.incr();
         }
@@ -417,7 +454,8 @@ impl Ctx<'_> {
         &mut self,
         topic: &str,
         payload: Payload,
-    ) -> Result<PublishReceipt, PublishError> {
+        reply: ReplyTo,
+    ) -> Result<Publish, PublishError> {
         if !self
             .table
             .pubsub(self.key)
@@ -430,7 +468,7 @@ impl Ctx<'_> {
             Some(t) => t,
             None => self.table.hub.topic(topic)?,
         };
-        self.table.hub.publish(&topic, payload)
+        self.table.hub.publish(&topic, payload, reply)
     }
 
     /// A publisher for use outside hooks (another thread, a timer).

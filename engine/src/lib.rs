@@ -64,10 +64,13 @@
 //! | drain | 1012 spread over 2 s, exit by 10 s | [`TimeoutsConfig::drain_window`] |
 //! | origins, per-IP / per-user caps, upgrade rate | off | [`AdmissionConfig`] |
 //! | token auth (broker) | off | [`AuthConfig`] |
+//! | broker backend | in memory; `redis://HOST:PORT` for several hosts | [`BrokerConfig`] |
 //!
 //! ## Pub/sub
 //!
-//! Topics live in the process (the in-memory broker backend). [`Ctx::subscribe`] puts a
+//! Topics live in the process (the in-memory broker backend), or in Redis when
+//! [`BrokerConfig::url`] names one, shared by every host using it (see [`BrokerConfig`]).
+//! [`Ctx::subscribe`] puts a
 //! connection on a topic, optionally replaying history after a seq; [`Ctx::publish`] and
 //! [`Publisher::publish`] (any thread) sequence a message under the topic's lock and hand it
 //! to every shard with subscribers, where it is framed once per delivery format and queued to
@@ -103,6 +106,7 @@ mod metrics;
 mod outbound;
 mod poll_driver;
 mod pubsub;
+mod redis_bridge;
 mod ring;
 mod ring_driver;
 mod shard;
@@ -114,8 +118,8 @@ pub use admission::RejectReason;
 pub use auth::{Auth, AuthError, Grants};
 pub use broker::{Broadcast, Broker};
 pub use config::{
-    AdmissionConfig, AuthConfig, Driver, EngineConfig, HttpConfig, IoConfig, LimitsConfig,
-    OverflowPolicy, PubSubConfig, RingOverflow, TimeoutsConfig,
+    AdmissionConfig, AuthConfig, BrokerConfig, Driver, EngineConfig, HttpConfig, IoConfig,
+    LimitsConfig, OverflowPolicy, PubSubConfig, RingOverflow, TimeoutsConfig,
 };
 pub use conn::{ConnId, ConnInfo, ShardId};
 pub use echo::Echo;
@@ -128,6 +132,7 @@ pub use metrics::{LatencySnapshot, MemoryGauges, Metrics, MetricsSnapshot, LATEN
 pub use pubsub::{
     DeliveryFormat, Payload, PublishError, PublishReceipt, Publisher, TopicPublisher, TopicStats,
 };
+pub use redis_bridge::BrokerStats;
 /// The protocol crate, re-exported for its types ([`protocol::CloseCode`],
 /// [`protocol::UpgradeRequest`], ...).
 pub use ringcast_protocol as protocol;
@@ -198,7 +203,7 @@ impl Engine {
         let factory = Arc::new(factory);
         // Every inbox exists before any shard starts: the hub sends to all of them.
         let (all_mailboxes, inboxes): (Vec<_>, Vec<_>) = (0..count).map(|_| bus::channel()).unzip();
-        let hub = Arc::new(Hub::new(&config.pubsub, all_mailboxes.clone()));
+        let hub = Arc::new(hub(&config, all_mailboxes.clone())?);
         let gate = Arc::new(admission::Gate::new(&config.admission));
         let mut mailboxes = Vec::with_capacity(count);
         let mut metrics = Vec::with_capacity(count);
@@ -314,8 +319,34 @@ impl Engine {
                 result = Err(Error::ShardPanicked(i));
             }
         }
+        self.handle.inner.hub.stop();
         result
     }
+}
+
+/// The hub with the backend the config names: in memory, or Redis through a bridge thread.
+fn hub(config: &EngineConfig, mailboxes: Vec<Mailbox>) -> Result<Hub> {
+    if !config.broker.is_redis() {
+        return Ok(Hub::new(&config.pubsub, mailboxes));
+    }
+    let fanout = Hub::fanout(mailboxes);
+    let bridge = redis_bridge::Bridge::start(
+        &config.broker,
+        config.pubsub.history_max_messages,
+        fanout.clone(),
+    )
+    .map_err(|e| {
+        tracing::error!(error = %e, "broker.url");
+        ConfigError::Invalid {
+            key: "broker.url",
+            why: "not a usable Redis URL",
+        }
+    })?;
+    Ok(Hub::with_backend(
+        &config.pubsub,
+        fanout,
+        pubsub::Backend::Redis(bridge),
+    ))
 }
 
 impl Drop for Engine {
@@ -363,8 +394,21 @@ impl EngineHandle {
         }
     }
 
-    /// Current counters of every shard.
+    /// Current counters of every shard, and of the Redis bridge when that is the broker.
     pub fn metrics(&self) -> Metrics {
         Metrics::gather(&self.inner.metrics, &self.inner.hub, &self.inner.gate)
+            .with_broker(self.inner.hub.broker_stats())
+    }
+
+    /// Whether the broker backend can order publishes now: always true in memory; with
+    /// Redis, true while the bridge is connected with every local topic subscribed. `/readyz`
+    /// answers 503 "broker unavailable" while this is false.
+    pub fn broker_ready(&self) -> bool {
+        self.inner.hub.ready()
+    }
+
+    /// The Redis bridge's state and counters; `None` with the in-memory broker.
+    pub fn broker_stats(&self) -> Option<BrokerStats> {
+        self.inner.hub.broker_stats()
     }
 }

@@ -16,6 +16,7 @@ use crate::{
     handler::CloseInitiator,
     memory,
     pubsub::Hub,
+    redis_bridge::BrokerStats,
 };
 
 /// Latency buckets: bucket `i` counts durations in (2^(i-1), 2^i] microseconds (bucket 0: up
@@ -329,6 +330,9 @@ impl prometheus_client::collector::Collector for Snapshot {
             encoding::EncodeMetric,
             metrics::{counter::ConstCounter, gauge::ConstGauge},
         };
+        if let Some(b) = &self.0.broker {
+            encode_broker(&mut encoder, b)?;
+        }
         let per_shard: Vec<_> = self.0.shards.iter().map(MetricsSnapshot::fields).collect();
         let Some(first) = per_shard.first() else {
             return Ok(());
@@ -496,6 +500,75 @@ impl MemoryGauges {
     }
 }
 
+/// The Redis bridge's series: `broker_up` and `broker_lag_ms` are gauges, the rest counters.
+fn encode_broker(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+    b: &BrokerStats,
+) -> std::fmt::Result {
+    use prometheus_client::{
+        encoding::EncodeMetric,
+        metrics::{counter::ConstCounter, gauge::ConstGauge},
+    };
+    let gauges = [
+        (
+            "broker_up",
+            "1 while the Redis bridge is connected",
+            u64::from(b.up),
+        ),
+        (
+            "broker_lag_ms",
+            "Publish-to-receive lag of the latest message from Redis, in ms",
+            b.lag_ms,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+        gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+    }
+    let counters = [
+        (
+            "broker_reconnects",
+            "Redis connection attempts after the first",
+            b.reconnects,
+        ),
+        (
+            "broker_errors",
+            "Redis failures: connections, commands, timeouts",
+            b.errors,
+        ),
+        (
+            "broker_publishes",
+            "Publishes Redis sequenced for this host",
+            b.publishes,
+        ),
+        (
+            "broker_publish_errors",
+            "Publishes answered unavailable",
+            b.publish_errors,
+        ),
+        (
+            "broker_messages_in",
+            "Topic messages received from Redis",
+            b.messages_in,
+        ),
+        (
+            "broker_repaired",
+            "Messages fetched from history to fill a hole",
+            b.repaired,
+        ),
+        (
+            "broker_lost",
+            "Messages announced as dropped after a hole",
+            b.lost,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let counter = ConstCounter::new(value);
+        counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+    }
+    Ok(())
+}
+
 /// Metrics of every shard, as taken by [`EngineHandle::metrics`](crate::EngineHandle::metrics).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -506,6 +579,8 @@ pub struct Metrics {
     pub inbox_depth: Vec<u64>,
     /// Process memory and the kernel's share.
     pub memory: MemoryGauges,
+    /// The Redis bridge's state and counters; `None` with the in-memory broker.
+    pub broker: Option<BrokerStats>,
 }
 
 impl Metrics {
@@ -524,7 +599,13 @@ impl Metrics {
                 host_tcp_bytes: memory::host_tcp_bytes().unwrap_or(0),
                 connections,
             },
+            broker: None,
         }
+    }
+
+    pub(crate) fn with_broker(mut self, broker: Option<BrokerStats>) -> Self {
+        self.broker = broker;
+        self
     }
 
     /// The snapshot in the OpenMetrics text format, every counter prefixed `ringcast_` with a

@@ -112,13 +112,22 @@ pub enum PublishError {
     /// The engine has stopped.
     #[error("engine stopped")]
     Stopped,
+    /// The broker backend (Redis) cannot order the message now: it is unreachable, or did not
+    /// answer within `broker.command_timeout`. When Redis went away after the publish was
+    /// sent, the message may still have been sequenced; otherwise nothing was published.
+    #[error("broker unavailable: the message could not be ordered")]
+    Unavailable,
 }
 
 /// A publish that was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PublishReceipt {
-    /// The sequence number the message got in its topic.
+    /// The sequence number the message got in its topic. 0 from [`Ctx::publish`] with the
+    /// Redis backend: the message was handed to the Redis bridge, which assigns the seq
+    /// later; a failure there is counted in the broker metrics (`publish_errors`).
+    ///
+    /// [`Ctx::publish`]: crate::Ctx::publish
     pub seq: u64,
     /// A shard with subscribers to the topic has more than `pubsub.max_pending_per_shard`
     /// deliveries waiting: the message is on its way, but a feed should slow down or shed.
@@ -162,6 +171,17 @@ impl fmt::Debug for Published {
 }
 
 impl Published {
+    /// A message sequenced elsewhere (by a backend outside this process).
+    pub(crate) fn new(topic: Arc<Topic>, seq: u64, payload: Payload) -> Self {
+        Self {
+            topic,
+            seq,
+            payload,
+            at: Instant::now(),
+            frames: Default::default(),
+        }
+    }
+
     /// The complete WebSocket frame of this message for `format`, encoded once.
     pub(crate) fn frame(&self, format: DeliveryFormat) -> &Bytes {
         self.frames[format.index()].get_or_init(|| self.encode(format))
@@ -224,6 +244,7 @@ struct TopicState {
 }
 
 /// What a shard learns when a connection subscribes.
+#[derive(Debug)]
 pub(crate) struct Attach {
     /// Messages from this seq on reach the shard through its inbox; older ones in the inbox
     /// are not for the new subscriber.
@@ -237,14 +258,122 @@ pub(crate) struct Attach {
     pub(crate) reset: Option<u64>,
 }
 
-/// The in-memory broker backend: every topic of the process.
-pub(crate) struct Hub {
-    topics: RwLock<HashMap<Arc<str>, Arc<Topic>>>,
-    mailboxes: Vec<Mailbox>,
+/// The broker-backend seam: where a topic's sequence numbers and history live, and how a
+/// published message reaches the shards. Every backend offers the same three operations
+/// (publish, attach, detach, dispatched by [`Hub`]); an enum rather than a trait object so
+/// the in-memory path stays a direct, inlinable call.
+#[derive(Debug)]
+pub(crate) enum Backend {
+    /// In this process (the default): each topic's seq and history under the topic's lock.
+    Memory {
+        history_max_messages: usize,
+        history_max_bytes: usize,
+    },
+    /// In Redis, shared by every host that uses it, through the bridge thread
+    /// (`redis_bridge.rs`). Publishes and attaches complete later, by messages to the shards.
+    Redis(crate::redis_bridge::Bridge),
+}
+
+/// Where the outcome of a publish goes when the backend sequences it later.
+#[derive(Debug)]
+pub(crate) enum ReplyTo {
+    /// Nobody waits (a handler's `Ctx::publish`); a failure is only counted.
+    Nobody,
+    /// A broker client's publish request: its ack or error goes on the control lane.
+    Conn {
+        conn: crate::ConnId,
+        id: Option<u64>,
+        encoding: Encoding,
+    },
+    /// A thread blocked in [`Publisher::publish`].
+    Thread(crossbeam_channel::Sender<Result<PublishReceipt, PublishError>>),
+}
+
+/// What became of a publish handed to the backend.
+#[derive(Debug)]
+pub(crate) enum Publish {
+    /// Sequenced and handed to the shards.
+    Done(PublishReceipt),
+    /// Handed to the backend; its outcome goes where the `ReplyTo` said. `saturated` as in
+    /// [`PublishReceipt`].
+    Pending { saturated: bool },
+}
+
+/// What a backend with its own thread tells a shard, in the shard's inbox beside the
+/// deliveries (so in order with them).
+#[derive(Debug)]
+pub(crate) enum BackendMsg {
+    /// The answer to an attach that was `Pending`.
+    Attached(Box<Attached>),
+    /// An ack or error for a broker client's publish, for its control lane.
+    Reply { conn: crate::ConnId, frame: Bytes },
+    /// `count` messages of `topic` up to seq `last` will never come: subscribers that
+    /// expected them get a `dropped` notice.
+    Gap {
+        topic: Arc<Topic>,
+        count: u64,
+        last: u64,
+    },
+    /// The topic's seq started over (the backend lost its data): subscribers get a `reset`
+    /// notice and take messages from `next` on.
+    Rebase { topic: Arc<Topic>, next: u64 },
+}
+
+/// A pending attach's answer.
+#[derive(Debug)]
+pub(crate) struct Attached {
+    pub(crate) topic: Arc<Topic>,
+    /// The token the shard gave with the attach.
+    pub(crate) token: u64,
+    /// Live messages from this seq on follow in the inbox.
+    pub(crate) live_from: u64,
+    /// History after the subscriber's `since`, up to `live_from - 1`.
+    pub(crate) replay: Vec<Arc<Published>>,
+    /// As [`Attach::reset`].
+    pub(crate) reset: Option<u64>,
+}
+
+/// What a shard learns when a connection subscribes.
+#[derive(Debug)]
+pub(crate) enum AttachStart {
+    /// At once (in-memory backend).
+    Ready(Attach),
+    /// Later, as `ShardMsg::Attached` with this token; until then the subscriber gets no
+    /// topic messages.
+    Pending,
+}
+
+/// The shards' inboxes, shared by the hub and a backend's own thread.
+#[derive(Debug)]
+pub(crate) struct Fanout {
+    pub(crate) mailboxes: Vec<Mailbox>,
     /// Deliveries sent to each shard's inbox and not yet taken out.
     pending: Box<[AtomicUsize]>,
-    history_max_messages: usize,
-    history_max_bytes: usize,
+}
+
+impl Fanout {
+    /// Sends one sequenced message to a shard's inbox, counted as pending there.
+    pub(crate) fn hand_off(&self, shard: usize, msg: &Arc<Published>) {
+        self.pending[shard].fetch_add(1, Relaxed);
+        if self.mailboxes[shard]
+            .send(ShardMsg::Deliver(msg.clone()))
+            .is_err()
+        {
+            self.pending[shard].fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// Sends a message that is not a delivery (a reply, an attach) to a shard.
+    pub(crate) fn send(&self, shard: usize, msg: ShardMsg) {
+        let _ = self.mailboxes[shard].send(msg);
+    }
+}
+
+/// Every topic of the process, the shards' inboxes, and the backend that orders messages.
+pub(crate) struct Hub {
+    topics: RwLock<HashMap<Arc<str>, Arc<Topic>>>,
+    fanout: Arc<Fanout>,
+    backend: Backend,
     max_pending: usize,
     max_publish_bytes: usize,
 }
@@ -252,21 +381,61 @@ pub(crate) struct Hub {
 impl fmt::Debug for Hub {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Hub")
-            .field("shards", &self.mailboxes.len())
+            .field("shards", &self.fanout.mailboxes.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Hub {
+    /// The in-memory hub.
     pub(crate) fn new(config: &PubSubConfig, mailboxes: Vec<Mailbox>) -> Self {
-        Self {
-            topics: RwLock::new(HashMap::new()),
-            pending: mailboxes.iter().map(|_| AtomicUsize::new(0)).collect(),
-            mailboxes,
+        let backend = Backend::Memory {
             history_max_messages: config.history_max_messages,
             history_max_bytes: config.history_max_bytes,
+        };
+        Self::with_backend(config, Self::fanout(mailboxes), backend)
+    }
+
+    /// The shared inboxes for [`Hub::with_backend`].
+    pub(crate) fn fanout(mailboxes: Vec<Mailbox>) -> Arc<Fanout> {
+        Arc::new(Fanout {
+            pending: mailboxes.iter().map(|_| AtomicUsize::new(0)).collect(),
+            mailboxes,
+        })
+    }
+
+    /// A hub ordering messages through `backend`.
+    pub(crate) fn with_backend(
+        config: &PubSubConfig,
+        fanout: Arc<Fanout>,
+        backend: Backend,
+    ) -> Self {
+        Self {
+            topics: RwLock::new(HashMap::new()),
+            fanout,
+            backend,
             max_pending: config.max_pending_per_shard,
             max_publish_bytes: config.max_publish_bytes,
+        }
+    }
+
+    /// The Redis bridge, when that is the backend.
+    pub(crate) fn bridge(&self) -> Option<&crate::redis_bridge::Bridge> {
+        match &self.backend {
+            Backend::Redis(bridge) => Some(bridge),
+            Backend::Memory { .. } => None,
+        }
+    }
+
+    /// Whether the backend can order messages now (always, in memory).
+    pub(crate) fn ready(&self) -> bool {
+        self.bridge().is_none_or(|b| b.is_up())
+    }
+
+    /// Stops the backend's own thread, if it has one. Publishes fail with `Stopped` after.
+    pub(crate) fn stop(&self) {
+        if let Some(bridge) = self.bridge() {
+            bridge.stop();
         }
     }
 
@@ -303,20 +472,78 @@ impl Hub {
             .cloned()
     }
 
+    /// The Redis bridge's state and counters, when that is the backend.
+    pub(crate) fn broker_stats(&self) -> Option<crate::redis_bridge::BrokerStats> {
+        self.bridge().map(|b| b.stats())
+    }
+
     /// Sequences `payload` in `topic`, keeps it in history and hands it to every shard with
-    /// subscribers, all under the topic's lock.
+    /// subscribers, in the backend's order. A backend that sequences later (Redis) answers
+    /// `Pending` and sends the outcome to `reply`.
     pub(crate) fn publish(
         &self,
         topic: &Arc<Topic>,
         payload: Payload,
-    ) -> Result<PublishReceipt, PublishError> {
+        reply: ReplyTo,
+    ) -> Result<Publish, PublishError> {
         if payload.len() > self.max_publish_bytes {
             return Err(PublishError::TooLarge);
         }
+        match &self.backend {
+            Backend::Memory {
+                history_max_messages,
+                history_max_bytes,
+            } => self
+                .publish_memory(topic, payload, *history_max_messages, *history_max_bytes)
+                .map(Publish::Done),
+            Backend::Redis(bridge) => {
+                // Shards with a full inbox: the same back-pressure as in memory, over all
+                // of this host's shards (the topic's interest lives in the bridge).
+                let mut saturated = false;
+                for p in self.fanout.pending.iter() {
+                    let pending = p.load(Relaxed);
+                    if pending >= self.max_pending.saturating_mul(2) {
+                        return Err(PublishError::Saturated);
+                    }
+                    saturated |= pending >= self.max_pending;
+                }
+                bridge.publish(topic.clone(), payload, reply)?;
+                Ok(Publish::Pending { saturated })
+            }
+        }
+    }
+
+    /// Publishes and returns the receipt, waiting for a backend that sequences later (a
+    /// thread outside the shards: [`Publisher`]).
+    fn publish_wait(
+        &self,
+        topic: &Arc<Topic>,
+        payload: Payload,
+    ) -> Result<PublishReceipt, PublishError> {
+        let Some(bridge) = self.bridge() else {
+            return match self.publish(topic, payload, ReplyTo::Nobody)? {
+                Publish::Done(receipt) => Ok(receipt),
+                Publish::Pending { .. } => unreachable!("the in-memory backend never defers"),
+            };
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.publish(topic, payload, ReplyTo::Thread(tx))?;
+        rx.recv_timeout(bridge.reply_wait())
+            .unwrap_or(Err(PublishError::Unavailable))
+    }
+
+    /// The in-memory backend's publish: seq, history and hand-off under the topic's lock.
+    fn publish_memory(
+        &self,
+        topic: &Arc<Topic>,
+        payload: Payload,
+        history_max_messages: usize,
+        history_max_bytes: usize,
+    ) -> Result<PublishReceipt, PublishError> {
         let mut st = topic.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut saturated = false;
         for &shard in &st.interest {
-            let pending = self.pending[usize::from(shard)].load(Relaxed);
+            let pending = self.fanout.pending[usize::from(shard)].load(Relaxed);
             if pending >= self.max_pending.saturating_mul(2) {
                 return Err(PublishError::Saturated);
             }
@@ -332,11 +559,11 @@ impl Hub {
             at: Instant::now(),
             frames: Default::default(),
         });
-        if self.history_max_messages > 0 {
+        if history_max_messages > 0 {
             st.history.push_back(msg.clone());
             st.history_bytes += len;
-            while st.history.len() > self.history_max_messages
-                || (st.history_bytes > self.history_max_bytes && st.history.len() > 1)
+            while st.history.len() > history_max_messages
+                || (st.history_bytes > history_max_bytes && st.history.len() > 1)
             {
                 if let Some(old) = st.history.pop_front() {
                     st.history_bytes -= old.payload.len();
@@ -344,27 +571,34 @@ impl Hub {
             }
         }
         for &shard in &st.interest {
-            let shard = usize::from(shard);
-            self.pending[shard].fetch_add(1, Relaxed);
-            if self.mailboxes[shard]
-                .send(ShardMsg::Deliver(msg.clone()))
-                .is_err()
-            {
-                self.pending[shard].fetch_sub(1, Relaxed);
-            }
+            self.fanout.hand_off(usize::from(shard), &msg);
         }
         Ok(PublishReceipt { seq, saturated })
     }
 
     /// Registers a new subscriber on `shard` (the shard's first for this topic when `first`),
-    /// and works out what it must be replayed.
+    /// and works out what it must be replayed: at once, or later in a `ShardMsg::Attached`
+    /// carrying `token`.
     pub(crate) fn attach(
         &self,
-        topic: &Topic,
+        topic: &Arc<Topic>,
         shard: u16,
         first: bool,
         since: Option<u64>,
-    ) -> Attach {
+        token: u64,
+    ) -> AttachStart {
+        match &self.backend {
+            Backend::Memory { .. } => {
+                AttachStart::Ready(Self::attach_memory(topic, shard, first, since))
+            }
+            Backend::Redis(bridge) => {
+                bridge.attach(topic.clone(), shard, first, since, token);
+                AttachStart::Pending
+            }
+        }
+    }
+
+    fn attach_memory(topic: &Topic, shard: u16, first: bool, since: Option<u64>) -> Attach {
         let mut st = topic.state.lock().unwrap_or_else(|e| e.into_inner());
         if first && !st.interest.contains(&shard) {
             st.interest.push(shard);
@@ -400,23 +634,31 @@ impl Hub {
     }
 
     /// The shard's last subscriber to `topic` left.
-    pub(crate) fn detach(&self, topic: &Topic, shard: u16) {
+    pub(crate) fn detach(&self, topic: &Arc<Topic>, shard: u16) {
+        match &self.backend {
+            Backend::Memory { .. } => Self::detach_memory(topic, shard),
+            Backend::Redis(bridge) => bridge.detach(topic.clone(), shard),
+        }
+    }
+
+    fn detach_memory(topic: &Topic, shard: u16) {
         let mut st = topic.state.lock().unwrap_or_else(|e| e.into_inner());
         st.interest.retain(|&s| s != shard);
     }
 
     /// Deliveries sent to `shard`'s inbox and not yet taken out.
     pub(crate) fn inbox_depth(&self, shard: usize) -> usize {
-        self.pending[shard].load(Relaxed)
+        self.fanout.pending[shard].load(Relaxed)
     }
 
     /// The shard took `n` deliveries out of its inbox.
     pub(crate) fn taken(&self, shard: usize, n: usize) {
-        self.pending[shard].fetch_sub(n, Relaxed);
+        self.fanout.pending[shard].fetch_sub(n, Relaxed);
     }
 
     fn saturated(&self) -> bool {
-        self.pending
+        self.fanout
+            .pending
             .iter()
             .any(|p| p.load(Relaxed) >= self.max_pending)
     }
@@ -466,7 +708,7 @@ impl Publisher {
     /// ([`PublishError::Saturated`]: nothing was published, retry later).
     pub fn publish(&self, topic: &str, payload: Payload) -> Result<PublishReceipt, PublishError> {
         let topic = self.hub.topic(topic)?;
-        self.hub.publish(&topic, payload)
+        self.hub.publish_wait(&topic, payload)
     }
 
     /// A handle to one topic, which publishes without looking the name up each time.
@@ -504,7 +746,7 @@ impl TopicPublisher {
     /// # Errors
     /// As [`Publisher::publish`].
     pub fn publish(&self, payload: Payload) -> Result<PublishReceipt, PublishError> {
-        self.hub.publish(&self.topic, payload)
+        self.hub.publish_wait(&self.topic, payload)
     }
 
     /// The topic's name.
@@ -527,15 +769,22 @@ mod tests {
         (Hub::new(&config, vec![mailbox]), inbox)
     }
 
+    fn ready(start: AttachStart) -> Attach {
+        match start {
+            AttachStart::Ready(attach) => attach,
+            AttachStart::Pending => panic!("the in-memory backend answers at once"),
+        }
+    }
+
     #[test]
     fn a_shard_that_falls_behind_saturates_then_refuses_publishes() {
         let (hub, inbox) = hub(4, 16);
         let topic = hub.topic("t").unwrap();
-        hub.attach(&topic, 0, true, None);
+        hub.attach(&topic, 0, true, None, 0);
         let mut saturated = Vec::new();
         for _ in 0..8 {
             saturated.push(
-                hub.publish(&topic, Payload::Json("1".into()))
+                hub.publish_wait(&topic, Payload::Json("1".into()))
                     .unwrap()
                     .saturated,
             );
@@ -545,7 +794,7 @@ mod tests {
             [false, false, false, false, true, true, true, true]
         );
         assert_eq!(
-            hub.publish(&topic, Payload::Json("1".into())),
+            hub.publish_wait(&topic, Payload::Json("1".into())),
             Err(PublishError::Saturated)
         );
         // Nothing was sequenced for the refused publish.
@@ -556,7 +805,9 @@ mod tests {
         assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
         hub.taken(0, 8);
         assert_eq!(
-            hub.publish(&topic, Payload::Json("1".into())).unwrap().seq,
+            hub.publish_wait(&topic, Payload::Json("1".into()))
+                .unwrap()
+                .seq,
             9
         );
     }
@@ -566,17 +817,17 @@ mod tests {
         let (hub, _inbox) = hub(1 << 20, 5);
         let topic = hub.topic("t").unwrap();
         for _ in 0..9 {
-            hub.publish(&topic, Payload::Binary(vec![0; 10].into()))
+            hub.publish_wait(&topic, Payload::Binary(vec![0; 10].into()))
                 .unwrap();
         }
-        let a = hub.attach(&topic, 0, true, Some(6));
+        let a = ready(hub.attach(&topic, 0, true, Some(6), 0));
         assert_eq!(a.live_from, 10);
         assert_eq!(a.reset, None);
         assert_eq!(
             a.replay.iter().map(|m| m.seq).collect::<Vec<_>>(),
             [7, 8, 9]
         );
-        let b = hub.attach(&topic, 0, false, Some(1));
+        let b = ready(hub.attach(&topic, 0, false, Some(1), 0));
         assert_eq!(b.reset, Some(5), "history holds 5..=9");
         assert_eq!(b.replayed, 5);
         assert!(hub.topic("bad topic").is_err());
@@ -586,7 +837,8 @@ mod tests {
     fn frames_are_made_once_per_format_and_shared() {
         let (hub, _inbox) = hub(16, 4);
         let topic = hub.topic("t").unwrap();
-        hub.publish(&topic, Payload::Text("hi".into())).unwrap();
+        hub.publish_wait(&topic, Payload::Text("hi".into()))
+            .unwrap();
         let st = topic.state.lock().unwrap();
         let msg = st.history.back().unwrap();
         let raw = msg.frame(DeliveryFormat::Raw).clone();

@@ -39,7 +39,7 @@ use crate::{
     listener::accept_loop,
     metrics::{Metrics, ShardMetrics},
     poll_driver,
-    pubsub::{Hub, Published},
+    pubsub::Hub,
     ring, ring_driver,
 };
 
@@ -217,7 +217,7 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
     info!(shard = %id, listen = ?addr, "shard listening");
 
     // Deliver topic messages until told to stop; a closed inbox (engine dropped) means stop.
-    while let Some(ShardMsg::Deliver(msg)) = inbox.recv().await {
+    while let Some(msg) = inbox.recv().await {
         if !shard.deliver(&inbox, msg).await {
             break; // a stop came in behind the deliveries
         }
@@ -287,7 +287,7 @@ pub(crate) enum Flow {
 impl<H: Handler> Shard<H> {
     /// Delivers `first` and whatever else waits in the inbox, yielding to the socket tasks
     /// every [`DELIVER_BATCH`] messages. Returns false if it found a stop in the inbox.
-    async fn deliver(&self, inbox: &Inbox, first: Arc<Published>) -> bool {
+    async fn deliver(&self, inbox: &Inbox, first: ShardMsg) -> bool {
         let mut next = Some(first);
         loop {
             let mut n = 0;
@@ -295,23 +295,26 @@ impl<H: Handler> Shard<H> {
                 let mut table = self.table.borrow_mut();
                 let now = std::time::Instant::now();
                 while let Some(msg) = next.take() {
-                    self.metrics
-                        .inbox_latency
-                        .record(now.saturating_duration_since(msg.at));
-                    table.deliver(&msg);
-                    n += 1;
-                    if n == DELIVER_BATCH {
-                        break;
-                    }
-                    match inbox.try_recv() {
-                        Some(ShardMsg::Deliver(msg)) => next = Some(msg),
-                        Some(ShardMsg::Stop) => {
+                    match msg {
+                        ShardMsg::Deliver(msg) => {
+                            self.metrics
+                                .inbox_latency
+                                .record(now.saturating_duration_since(msg.at));
+                            table.deliver(&msg);
+                            n += 1;
+                        }
+                        // In the inbox's order, so after the deliveries before it.
+                        ShardMsg::Backend(msg) => table.handle_backend(msg),
+                        ShardMsg::Stop => {
                             table.hub.taken(self.id.index(), n);
                             self.metrics.published_in.add(n as u64);
                             return false;
                         }
-                        None => {}
                     }
+                    if n == DELIVER_BATCH {
+                        break;
+                    }
+                    next = inbox.try_recv();
                 }
                 table.hub.taken(self.id.index(), n);
                 self.metrics.published_in.add(n as u64);
@@ -321,8 +324,7 @@ impl<H: Handler> Shard<H> {
             }
             self.yield_now().await;
             match inbox.try_recv() {
-                Some(ShardMsg::Deliver(msg)) => next = Some(msg),
-                Some(ShardMsg::Stop) => return false,
+                Some(msg) => next = Some(msg),
                 None => return true,
             }
         }
@@ -391,14 +393,15 @@ impl<H: Handler> Shard<H> {
             }
             // Until the next share is due, keep delivering to the connections still open.
             monoio::select! {
-                msg = inbox.recv() => {
-                    if let Some(ShardMsg::Deliver(msg)) = msg {
+                msg = inbox.recv() => match msg {
+                    // A second stop changes nothing: the drain is under way.
+                    Some(ShardMsg::Stop) => {}
+                    Some(msg) => {
                         self.deliver(inbox, msg).await;
-                    } else if msg.is_none() {
-                        // The engine is gone: no more deliveries; just wait out the window.
-                        monoio::time::sleep(DRAIN_TICK).await;
                     }
-                }
+                    // The engine is gone: no more deliveries; just wait out the window.
+                    None => monoio::time::sleep(DRAIN_TICK).await,
+                },
                 () = monoio::time::sleep(DRAIN_TICK) => {}
             }
         }
@@ -494,11 +497,15 @@ impl<H: Handler> Shard<H> {
         } else if path == http.ready_path {
             if table.stopping {
                 http_response(503, &[], "draining")
+            } else if !table.hub.ready() {
+                http_response(503, &[], "broker unavailable")
             } else {
                 http_response(200, &[], "ready")
             }
         } else if path == http.metrics_path {
-            let text = Metrics::gather(&self.all_metrics, &table.hub, &table.gate).to_openmetrics();
+            let text = Metrics::gather(&self.all_metrics, &table.hub, &table.gate)
+                .with_broker(table.hub.broker_stats())
+                .to_openmetrics();
             // Not `http_response`: that one is text/plain and adds a final newline.
             bytes::Bytes::from(format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; \

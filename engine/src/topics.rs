@@ -22,20 +22,28 @@ use crate::{
     config::RingOverflow,
     conn::{ConnTable, Phase, When},
     handler::CloseInitiator,
-    pubsub::{Attach, DeliveryFormat, Published, Topic},
+    pubsub::{Attach, AttachStart, Attached, BackendMsg, DeliveryFormat, Published, Topic},
 };
+
+/// `Sub::live_from` of a subscriber whose attach the backend has not answered yet: it takes
+/// no live message until then.
+const PENDING: u64 = u64::MAX;
 
 /// Topics with subscribers on this shard.
 #[derive(Debug, Default)]
 pub(crate) struct LocalTopics {
     by_name: HashMap<Arc<str>, u32>,
     topics: Slab<LocalTopic>,
+    /// The token of the last attach handed to a backend that answers later.
+    last_token: u64,
 }
 
 #[derive(Debug)]
 struct LocalTopic {
     topic: Arc<Topic>,
     subs: Vec<Sub>,
+    /// Subscribers waiting for the backend's answer: (token, connection key).
+    pending: Vec<(u64, u32)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -169,12 +177,28 @@ impl ConnTable {
                 let id = self.topics.topics.insert(LocalTopic {
                     topic: topic.clone(),
                     subs: Vec::new(),
+                    pending: Vec::new(),
                 }) as u32;
                 self.topics.by_name.insert(topic.name.clone(), id);
                 (id, true)
             }
         };
-        let mut attach = self.hub.attach(&topic, shard, first, since);
+        self.topics.last_token += 1;
+        let token = self.topics.last_token;
+        let mut attach = match self.hub.attach(&topic, shard, first, since, token) {
+            AttachStart::Ready(attach) => attach,
+            AttachStart::Pending => {
+                self.topics.topics[id as usize]
+                    .pending
+                    .push((token, key as u32));
+                Attach {
+                    live_from: PENDING,
+                    replay: Vec::new(),
+                    replayed: 0,
+                    reset: None,
+                }
+            }
+        };
         let local = &mut self.topics.topics[id as usize];
         let index = local.subs.len() as u32;
         local.subs.push(Sub {
@@ -247,7 +271,10 @@ impl ConnTable {
     /// one moved into its place, and the topic itself when it was the last.
     fn remove_sub(&mut self, id: u32, index: u32) {
         let local = &mut self.topics.topics[id as usize];
-        local.subs.swap_remove(index as usize);
+        let gone = local.subs.swap_remove(index as usize);
+        if gone.live_from == PENDING {
+            local.pending.retain(|&(_, key)| key != gone.key);
+        }
         if let Some(moved) = local.subs.get(index as usize) {
             let moved_key = moved.key as usize;
             if let Some(ps) = self.conns[moved_key].pubsub.as_mut() {
@@ -285,6 +312,100 @@ impl ConnTable {
         for key in slow {
             self.slow_consumer(key);
         }
+    }
+
+    /// Handles an answer or notice from a backend with its own thread.
+    pub(crate) fn handle_backend(&mut self, msg: BackendMsg) {
+        match msg {
+            BackendMsg::Attached(attached) => self.attached(*attached),
+            BackendMsg::Reply { conn, frame } => {
+                if let Some(key) = self.key_of(conn) {
+                    self.push_control(key, frame);
+                }
+            }
+            BackendMsg::Gap { topic, count, last } => {
+                let Some(&id) = self.topics.by_name.get(&*topic.name) else {
+                    return;
+                };
+                let first = last + 1 - count;
+                let subs = self.topics.topics[id as usize].subs.clone();
+                for sub in subs {
+                    let from = first.max(sub.live_from);
+                    if sub.live_from == PENDING || from > last {
+                        continue;
+                    }
+                    let key = sub.key as usize;
+                    if let Some(ps) = self.conns[key].pubsub.as_mut() {
+                        ps.note_drops(id, &topic.name, last - from + 1, last);
+                    }
+                    self.notify(key, usize::MAX);
+                }
+            }
+            BackendMsg::Rebase { topic, next } => {
+                let Some(&id) = self.topics.by_name.get(&*topic.name) else {
+                    return;
+                };
+                let mut keys = Vec::new();
+                for sub in &mut self.topics.topics[id as usize].subs {
+                    if sub.live_from != PENDING {
+                        sub.live_from = next;
+                        keys.push(sub.key as usize);
+                    }
+                }
+                for key in keys {
+                    if let Some(ps) = self.conns[key].pubsub.as_mut() {
+                        // Drops counted in the old numbering mean nothing in the new one.
+                        ps.drops.retain(|d| d.topic != id);
+                    }
+                    self.reset_notice(key, &topic.name, next);
+                }
+            }
+        }
+    }
+
+    /// A pending subscriber's replay arrived: queue it, then let live messages through.
+    fn attached(&mut self, a: Attached) {
+        let Some(&id) = self.topics.by_name.get(&*a.topic.name) else {
+            return; // every subscriber left meanwhile
+        };
+        let local = &mut self.topics.topics[id as usize];
+        let Some(pos) = local.pending.iter().position(|&(t, _)| t == a.token) else {
+            return; // this subscriber left meanwhile
+        };
+        let (_, key) = local.pending.swap_remove(pos);
+        if let Some(sub) = local.subs.iter_mut().find(|s| s.key == key) {
+            sub.live_from = a.live_from;
+        }
+        let key = key as usize;
+        if let Some(oldest) = a.reset {
+            self.reset_notice(key, &a.topic.name, oldest);
+        }
+        for msg in &a.replay {
+            if let Offer::Disconnect = self.offer(key, id, msg) {
+                self.slow_consumer(key);
+                return;
+            }
+        }
+        self.notify(key, usize::MAX);
+    }
+
+    /// Queues a `reset` notice for an envelope subscriber.
+    fn reset_notice(&mut self, key: usize, topic: &str, oldest: u64) {
+        let format = self.conns[key].pubsub.as_ref().map(|ps| ps.format);
+        if let Some(DeliveryFormat::Envelope(enc)) = format {
+            self.push_control(key, envelope::reset_frame(enc, topic, oldest));
+        }
+    }
+
+    /// Queues a frame on connection `key`'s control lane (never dropped).
+    pub(crate) fn push_control(&mut self, key: usize, frame: Bytes) {
+        let conn = &mut self.conns[key];
+        if !matches!(&conn.phase, Phase::Open(codec) if codec.can_send()) {
+            return;
+        }
+        conn.out.push_encoded(frame);
+        self.metrics.messages_out.incr();
+        self.notify(key, usize::MAX);
     }
 
     /// Puts `msg` on connection `key`'s data ring, applying its overflow policy.
@@ -482,17 +603,22 @@ pub(crate) struct SubscribeLimit;
 
 impl ConnPubSub {
     fn note_drop(&mut self, topic: u32, name: &Arc<str>, seq: u64) {
-        self.dropped += 1;
+        self.note_drops(topic, name, 1, seq);
+    }
+
+    /// `count` deliveries of `topic`, the highest `last`, will not reach the client.
+    fn note_drops(&mut self, topic: u32, name: &Arc<str>, count: u64, last: u64) {
+        self.dropped += count;
         match self.drops.iter_mut().find(|d| d.topic == topic) {
             Some(note) => {
-                note.count += 1;
-                note.last = note.last.max(seq);
+                note.count += count;
+                note.last = note.last.max(last);
             }
             None => self.drops.push(DropNote {
                 topic,
                 name: name.clone(),
-                count: 1,
-                last: seq,
+                count,
+                last,
             }),
         }
     }

@@ -197,6 +197,10 @@ struct FanoutArgs {
     /// Server URL, ws://HOST:PORT/PATH (loopback only).
     #[arg(long)]
     url: String,
+    /// The publishers' server, when not --url: another ringcast host sharing topics through
+    /// Redis (`serve --broker redis://...`), for cross-host latency.
+    #[arg(long)]
+    publish_url: Option<String>,
     /// envelope-json or envelope-bin (the ringcast broker), or raw (a broadcast server).
     #[arg(long, default_value_t = FanoutMode::EnvelopeJson)]
     mode: FanoutMode,
@@ -502,6 +506,7 @@ fn main() -> Result<()> {
         }
         Cmd::Fanout(a) => {
             let mut cfg = FanoutConfig::new(Target::parse(&a.url)?);
+            cfg.publish_target = a.publish_url.as_deref().map(Target::parse).transpose()?;
             cfg.mode = a.mode;
             cfg.subs = a.subs;
             cfg.topics = a.topics;

@@ -55,6 +55,10 @@ struct ConfigArgs {
     /// (`RINGCAST__ADMISSION__MAX_CONNECTIONS_PER_IP=100`).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Broker backend: `redis://HOST:PORT` orders topics in Redis, shared by every host
+    /// using it (`[broker] url`) [default: in memory].
+    #[arg(long, env = "RINGCAST_BROKER")]
+    broker: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -176,6 +180,9 @@ impl ConfigArgs {
         if let Some(driver) = self.driver {
             config = config.with_driver(driver);
         }
+        if let Some(url) = &self.broker {
+            config = config.with_broker_url(url.clone());
+        }
         config.validate()?;
         Ok(config)
     }
@@ -232,6 +239,7 @@ fn run<H: Handler>(
         mode,
         shards = handle.shards(),
         driver = handle.driver().name(),
+        broker = if handle.broker_stats().is_some() { "redis" } else { "memory" },
         "ringcast listening"
     );
     let stopper = std::thread::Builder::new()
