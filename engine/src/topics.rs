@@ -563,30 +563,25 @@ impl ConnTable {
                 .queued_latency
                 .record(now.saturating_duration_since(item.at.instant()));
             ps.ring_bytes -= item.frame.len();
-            if let Some(i) = ps
-                .drops
-                .iter()
-                .position(|d| d.topic == item.topic && item.seq > d.last)
-            {
-                let note = ps.drops.swap_remove(i);
+            // Every gap of this topic before this message, announced as one: nothing of the
+            // topic was delivered between them, or their notices would have gone already.
+            if let Some((name, count, _)) = ps.take_gaps(item.topic, item.seq) {
                 if let Some(enc) = encoding {
-                    conn.out.push_encoded(envelope::dropped_frame(
-                        enc, &note.name, note.count, item.seq,
-                    ));
+                    conn.out
+                        .push_encoded(envelope::dropped_frame(enc, &name, count, item.seq));
                 }
             }
             conn.out.push_encoded(item.frame);
             self.metrics.messages_out.incr();
         }
         if ps.ring.is_empty() {
-            for note in ps.drops.drain(..) {
+            // The gaps after the last message of each topic: one notice per topic.
+            while let Some(topic) = ps.drops.first().map(|d| d.topic) {
+                let (name, count, last) =
+                    ps.take_gaps(topic, u64::MAX).expect("the topic has a gap");
                 if let Some(enc) = encoding {
-                    conn.out.push_encoded(envelope::dropped_frame(
-                        enc,
-                        &note.name,
-                        note.count,
-                        note.last + 1,
-                    ));
+                    conn.out
+                        .push_encoded(envelope::dropped_frame(enc, &name, count, last + 1));
                 }
             }
             if ps.ring.capacity() > 64 {
@@ -606,13 +601,21 @@ impl ConnPubSub {
         self.note_drops(topic, name, 1, seq);
     }
 
-    /// `count` deliveries of `topic`, the highest `last`, will not reach the client.
+    /// `count` deliveries of `topic`, the highest `last`, will not reach the client. A gap
+    /// that continues the topic's latest one extends it; any other is a gap of its own, so a
+    /// message waiting between two gaps is announced after the first only (merging them
+    /// once made the notice come after that message, leaving the first gap unannounced).
     fn note_drops(&mut self, topic: u32, name: &Arc<str>, count: u64, last: u64) {
         self.dropped += count;
-        match self.drops.iter_mut().find(|d| d.topic == topic) {
+        let first = last + 1 - count;
+        match self
+            .drops
+            .iter_mut()
+            .find(|d| d.topic == topic && d.last + 1 == first)
+        {
             Some(note) => {
                 note.count += count;
-                note.last = note.last.max(last);
+                note.last = last;
             }
             None => self.drops.push(DropNote {
                 topic,
@@ -621,5 +624,71 @@ impl ConnPubSub {
                 last,
             }),
         }
+    }
+
+    /// Removes `topic`'s gaps that end before `before`; returns the topic's name, how many
+    /// messages they missed and the highest missed seq.
+    fn take_gaps(&mut self, topic: u32, before: u64) -> Option<(Arc<str>, u64, u64)> {
+        let mut found: Option<(Arc<str>, u64, u64)> = None;
+        self.drops.retain(|d| {
+            if d.topic != topic || d.last >= before {
+                return true;
+            }
+            let (_, count, last) = found.get_or_insert_with(|| (d.name.clone(), 0, 0));
+            *count += d.count;
+            *last = (*last).max(d.last);
+            false
+        });
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> ConnPubSub {
+        ConnPubSub {
+            format: DeliveryFormat::Raw,
+            overflow: RingOverflow::DropNewest,
+            subs: Vec::new(),
+            ring: VecDeque::new(),
+            ring_bytes: 0,
+            drops: Vec::new(),
+            dropped: 0,
+            publish_budget: TokenBucket::new(1.0, 1.0),
+            bad_request_budget: TokenBucket::new(1.0, 1.0),
+        }
+    }
+
+    /// Drop-newest with 11 waiting in the ring: 9 and 10 were dropped before it, 12 after.
+    /// The notice before 11 must count 9 and 10 only; 12 gets its own at the end.
+    #[test]
+    fn a_gap_after_a_waiting_message_stays_apart_from_the_one_before_it() {
+        let name: Arc<str> = "t".into();
+        let mut ps = state();
+        ps.note_drop(0, &name, 9);
+        ps.note_drop(0, &name, 10);
+        ps.note_drop(1, &name, 4); // another topic, untouched below
+        ps.note_drop(0, &name, 12);
+        assert_eq!(ps.dropped, 4);
+        let (_, count, last) = ps.take_gaps(0, 11).expect("the gap before 11");
+        assert_eq!((count, last), (2, 10));
+        assert!(ps.take_gaps(0, 11).is_none(), "taken once");
+        let (_, count, last) = ps.take_gaps(0, u64::MAX).expect("the gap after 11");
+        assert_eq!((count, last), (1, 12));
+        assert_eq!(ps.take_gaps(1, u64::MAX).map(|g| (g.1, g.2)), Some((1, 4)));
+        assert!(ps.drops.is_empty());
+    }
+
+    #[test]
+    fn gaps_with_no_message_between_them_are_announced_as_one() {
+        let name: Arc<str> = "t".into();
+        let mut ps = state();
+        ps.note_drops(0, &name, 3, 5); // 3..=5
+        ps.note_drop(0, &name, 8); // 6 and 7 conflated away later, say
+        ps.note_drops(0, &name, 2, 7); // 6..=7: continues neither, stands alone
+        let (_, count, last) = ps.take_gaps(0, 9).unwrap();
+        assert_eq!((count, last), (6, 8), "3..=8, one notice before 9");
     }
 }
