@@ -240,12 +240,19 @@ impl BrokerConfig {
 pub struct HttpConfig {
     /// Liveness: 200 "ok" while the shard that answers is running. Default `/healthz`.
     pub health_path: String,
-    /// Readiness: 200 "ready", or 503 "draining" once the engine is stopping. Default
-    /// `/readyz`.
+    /// Readiness: 200 "ready"; 503 "draining" once the engine is stopping, "broker
+    /// unavailable" while the Redis bridge is down, or naming a shard that took no canary
+    /// for 3 `canary_interval`s. Default `/readyz`.
     pub ready_path: String,
     /// Every counter of every shard in the OpenMetrics text format (Prometheus scrapes it).
     /// Default `/metrics`.
     pub metrics_path: String,
+    /// A canary goes through the fan-out path to every shard this often; readiness turns
+    /// false (503 naming the shard) when a shard has taken none for 3 intervals, so a shard
+    /// stuck in a handler or behind on its inbox leaves the load balancer's rotation.
+    /// Default 1 s; `"0s"` turns the canary off. At most 1 hour.
+    #[serde(with = "humantime_serde")]
+    pub canary_interval: Duration,
 }
 
 impl Default for HttpConfig {
@@ -254,6 +261,7 @@ impl Default for HttpConfig {
             health_path: "/healthz".into(),
             ready_path: "/readyz".into(),
             metrics_path: "/metrics".into(),
+            canary_interval: Duration::from_secs(1),
         }
     }
 }
@@ -710,6 +718,11 @@ impl EngineConfig {
             t.drain_window < t.shutdown_timeout,
             "timeouts.drain_window",
             "must be shorter than timeouts.shutdown_timeout",
+        )?;
+        check(
+            self.http.canary_interval <= Duration::from_secs(3600),
+            "http.canary_interval",
+            "must be at most 1 hour",
         )?;
         let a = &self.admission;
         check(

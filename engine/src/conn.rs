@@ -378,6 +378,16 @@ impl When {
         let epoch = *EPOCH.get_or_init(Instant::now);
         epoch + Duration::from_nanos(self.0.get() - 1)
     }
+
+    /// As a plain number, for an atomic (never 0).
+    pub(crate) fn as_nanos(self) -> u64 {
+        self.0.get()
+    }
+
+    /// Back from [`When::as_nanos`]; 0 reads as the epoch.
+    pub(crate) fn from_nanos(nanos: u64) -> Self {
+        Self(NonZeroU64::new(nanos).unwrap_or(NonZeroU64::MIN))
+    }
 }
 
 /// A coarse point in time in 4 bytes: milliseconds since the process's epoch, wrapping every

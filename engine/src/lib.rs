@@ -93,6 +93,7 @@ mod admission;
 mod auth;
 mod broker;
 mod bus;
+mod canary;
 pub mod capacity;
 mod config;
 mod conn;
@@ -152,6 +153,8 @@ use crate::{
 pub struct Engine {
     handle: EngineHandle,
     threads: Vec<thread::JoinHandle<()>>,
+    /// The readiness canary's thread and the sender whose drop stops it.
+    canary: Option<(crossbeam_channel::Sender<()>, thread::JoinHandle<()>)>,
 }
 
 /// Controls a running engine from any thread. Cheap to clone.
@@ -168,6 +171,7 @@ struct HandleInner {
     gate: Arc<admission::Gate>,
     local_addr: SocketAddr,
     driver: Driver,
+    canary_interval: std::time::Duration,
 }
 
 impl Engine {
@@ -205,6 +209,7 @@ impl Engine {
         let (all_mailboxes, inboxes): (Vec<_>, Vec<_>) = (0..count).map(|_| bus::channel()).unzip();
         let hub = Arc::new(hub(&config, all_mailboxes.clone())?);
         let gate = Arc::new(admission::Gate::new(&config.admission));
+        let canary_topic = Hub::unregistered_topic("$ringcast.canary");
         let mut mailboxes = Vec::with_capacity(count);
         let mut metrics = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
@@ -234,6 +239,8 @@ impl Engine {
                 all_metrics: all_metrics.clone(),
                 hub: hub.clone(),
                 gate: gate.clone(),
+                canary: canary_topic.clone(),
+                canary_interval: config.http.canary_interval,
                 ready,
             };
             match shard::spawn(spec, factory.clone()) {
@@ -247,7 +254,7 @@ impl Engine {
             metrics.push(shard_metrics);
             readiness.push(ready_rx);
         }
-        let engine = Engine {
+        let mut engine = Engine {
             handle: EngineHandle {
                 inner: Arc::new(HandleInner {
                     mailboxes,
@@ -256,9 +263,11 @@ impl Engine {
                     gate,
                     local_addr,
                     driver: config.driver,
+                    canary_interval: config.http.canary_interval,
                 }),
             },
             threads,
+            canary: None,
         };
         if failure.is_none() {
             for (i, ready) in readiness.iter().enumerate() {
@@ -273,6 +282,18 @@ impl Engine {
                         break;
                     }
                 }
+            }
+        }
+        if failure.is_none() && !config.http.canary_interval.is_zero() {
+            let (stop, stopped) = crossbeam_channel::bounded(1);
+            match canary::spawn(
+                engine.handle.inner.hub.fanout_handle(),
+                canary_topic,
+                config.http.canary_interval,
+                stopped,
+            ) {
+                Ok(thread) => engine.canary = Some((stop, thread)),
+                Err(e) => failure = Some(Error::Spawn(e)),
             }
         }
         match failure {
@@ -313,6 +334,10 @@ impl Engine {
     }
 
     fn join(&mut self) -> Result<()> {
+        if let Some((stop, thread)) = self.canary.take() {
+            drop(stop);
+            let _ = thread.join();
+        }
         let mut result = Ok(());
         for (i, thread) in self.threads.drain(..).enumerate() {
             if thread.join().is_err() && result.is_ok() {
@@ -398,6 +423,14 @@ impl EngineHandle {
     pub fn metrics(&self) -> Metrics {
         Metrics::gather(&self.inner.metrics, &self.inner.hub, &self.inner.gate)
             .with_broker(self.inner.hub.broker_stats())
+    }
+
+    /// Whether the engine is ready for traffic, as `/readyz` answers it: the broker can order
+    /// publishes ([`EngineHandle::broker_ready`]) and every shard took a readiness canary
+    /// from its inbox within the last 3 `http.canary_interval`s.
+    pub fn ready(&self) -> bool {
+        self.broker_ready()
+            && canary::stale(&self.inner.metrics, self.inner.canary_interval).is_empty()
     }
 
     /// Whether the broker backend can order publishes now: always true in memory; with

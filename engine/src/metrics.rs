@@ -164,6 +164,11 @@ impl Counter {
     pub(crate) fn get(&self) -> u64 {
         self.0.load(Relaxed)
     }
+
+    /// Sets the value (a level, such as a time stamp). Only the owning shard calls this.
+    pub(crate) fn set(&self, v: u64) {
+        self.0.store(v, Relaxed);
+    }
 }
 
 macro_rules! shard_metrics {
@@ -180,6 +185,8 @@ macro_rules! shard_metrics {
             pub(crate) inbox_latency: Latency,
             /// Publish to moved from a subscriber's data ring onto its socket queue.
             pub(crate) queued_latency: Latency,
+            /// When the shard last took a readiness canary from its inbox (`When` nanos).
+            pub(crate) canary_at: Counter,
         }
 
         /// Counter values at one moment, for one shard or summed over all.

@@ -439,6 +439,23 @@ impl Hub {
         }
     }
 
+    /// The shards' inboxes.
+    pub(crate) fn fanout_handle(&self) -> Arc<Fanout> {
+        self.fanout.clone()
+    }
+
+    /// A topic outside the registry (no client can subscribe to it): the readiness canary's.
+    pub(crate) fn unregistered_topic(name: &str) -> Arc<Topic> {
+        Arc::new(Topic {
+            name: Arc::from(name),
+            state: Mutex::new(TopicState {
+                next_seq: 1,
+                ..TopicState::default()
+            }),
+            dropped: AtomicU64::new(0),
+        })
+    }
+
     /// The topic called `name`, made on first use.
     pub(crate) fn topic(&self, name: &str) -> Result<Arc<Topic>, PublishError> {
         if let Some(t) = self

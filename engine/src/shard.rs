@@ -39,7 +39,7 @@ use crate::{
     listener::accept_loop,
     metrics::{Metrics, ShardMetrics},
     poll_driver,
-    pubsub::Hub,
+    pubsub::{Hub, Topic},
     ring, ring_driver,
 };
 
@@ -74,6 +74,9 @@ pub(crate) struct ShardSpec {
     pub(crate) all_metrics: Arc<[Arc<ShardMetrics>]>,
     pub(crate) hub: Arc<Hub>,
     pub(crate) gate: Arc<Gate>,
+    /// The readiness canary's topic: messages of it are noted, not delivered.
+    pub(crate) canary: Arc<Topic>,
+    pub(crate) canary_interval: Duration,
     /// Gets `Ok` once the shard listens, or the error that stopped it from starting.
     pub(crate) ready: Sender<Result<(), Error>>,
 }
@@ -150,6 +153,8 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
         all_metrics,
         hub,
         gate,
+        canary,
+        canary_interval,
         ready,
         ..
     } = spec;
@@ -170,6 +175,8 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
         deferred: RefCell::new(Vec::new()),
         deferrer: RefCell::new(None),
         stopped: Cell::new(false),
+        canary,
+        canary_interval,
     });
 
     // Start the driver. io_uring: one task runs every socket through the socket ring.
@@ -213,6 +220,11 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
             None
         }
     };
+    // A shard that just started counts as fresh until its first canary is due.
+    shard
+        .metrics
+        .canary_at
+        .set(crate::conn::When::from_instant(std::time::Instant::now()).as_nanos());
     let _ = ready.send(Ok(()));
     info!(shard = %id, listen = ?addr, "shard listening");
 
@@ -276,6 +288,8 @@ pub(crate) struct Shard<H> {
     pub(crate) deferred: RefCell<Vec<Waker>>,
     pub(crate) deferrer: RefCell<Option<Waker>>,
     pub(crate) stopped: Cell<bool>,
+    canary: Arc<Topic>,
+    canary_interval: Duration,
 }
 
 /// Whether a connection goes on or ends.
@@ -296,6 +310,11 @@ impl<H: Handler> Shard<H> {
                 let now = std::time::Instant::now();
                 while let Some(msg) = next.take() {
                     match msg {
+                        ShardMsg::Deliver(msg) if Arc::ptr_eq(&msg.topic, &self.canary) => {
+                            let at = crate::conn::When::from_instant(now);
+                            self.metrics.canary_at.set(at.as_nanos());
+                            table.hub.taken(self.id.index(), 1);
+                        }
                         ShardMsg::Deliver(msg) => {
                             self.metrics
                                 .inbox_latency
@@ -499,6 +518,11 @@ impl<H: Handler> Shard<H> {
                 http_response(503, &[], "draining")
             } else if !table.hub.ready() {
                 http_response(503, &[], "broker unavailable")
+            } else if let Some(&(shard, age)) =
+                crate::canary::stale(&self.all_metrics, self.canary_interval).first()
+            {
+                let why = format!("shard {shard} is not taking deliveries (no canary for {age:?})");
+                http_response(503, &[], &why)
             } else {
                 http_response(200, &[], "ready")
             }

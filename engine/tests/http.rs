@@ -79,3 +79,79 @@ fn metrics_parse_and_count_what_happened() {
     assert!(help.contains("pong_timeout"), "{help}");
     engine.stop().unwrap();
 }
+
+/// Blocks its shard's thread on a "block" message until released (bounded), standing in for
+/// a handler that hangs: the shard stops taking deliveries.
+#[derive(Clone)]
+struct Blocker {
+    release: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ringcast::Handler for Blocker {
+    fn on_message(&mut self, ctx: &mut ringcast::Ctx<'_>, msg: ringcast::Message) {
+        if msg.payload().as_ref() == b"block" {
+            let start = std::time::Instant::now();
+            while !self.release.load(std::sync::atomic::Ordering::Relaxed)
+                && start.elapsed() < DEADLINE
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        } else {
+            let _ = ctx.send_text(ctx.shard().index().to_string());
+        }
+    }
+}
+
+#[test]
+fn readiness_turns_false_while_a_shard_takes_no_canary() {
+    let mut cfg = config(2);
+    cfg.http.canary_interval = std::time::Duration::from_millis(50);
+    let release = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let blocker = Blocker {
+        release: release.clone(),
+    };
+    let engine = ringcast::Engine::start(cfg, move |_| blocker.clone()).expect("start");
+    let addr = engine.local_addr();
+    let handle = engine.handle();
+    wait_until("ready", || http_get(addr, "GET /readyz HTTP/1.1").0 == 200);
+    assert!(handle.ready());
+    // Find a connection on each shard, then block shard 0.
+    let mut on_shard: [Option<Client>; 2] = [None, None];
+    wait_until("a client on each shard", || {
+        let mut ws = connect(addr, "/");
+        ws.send(WsMessage::text("which")).unwrap();
+        let WsMessage::Text(shard) = ws.read().unwrap() else {
+            panic!("a shard number")
+        };
+        let i: usize = shard.as_str().parse().unwrap();
+        on_shard[i].get_or_insert(ws);
+        on_shard.iter().all(Option::is_some)
+    });
+    let blocked = on_shard[0].as_mut().unwrap();
+    blocked.send(WsMessage::text("block")).unwrap();
+    wait_until("not ready", || !handle.ready());
+    // /readyz, answered by the shard still running (a probe landing on the blocked one waits
+    // for it; such a probe is skipped by its read timeout, so use short ones).
+    let mut answered = None;
+    wait_until("a 503 from the running shard", || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        use std::io::{Read, Write};
+        write!(stream, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        if stream.read_to_string(&mut text).is_ok() && text.starts_with("HTTP/1.1 503") {
+            answered = Some(text);
+            return true;
+        }
+        false
+    });
+    let text = answered.unwrap();
+    assert!(text.contains("shard 0 is not taking deliveries"), "{text}");
+    release.store(true, std::sync::atomic::Ordering::Relaxed);
+    wait_until("ready again", || handle.ready());
+    assert_eq!(http_get(addr, "GET /readyz HTTP/1.1").0, 200);
+    drop(on_shard);
+    engine.stop().unwrap();
+}
