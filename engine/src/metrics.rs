@@ -31,16 +31,13 @@ pub(crate) struct Latency {
 }
 
 impl Latency {
+    /// Counts one duration of `nanos` nanoseconds: integer math only, it runs per message.
     #[inline]
-    pub(crate) fn record(&self, took: std::time::Duration) {
-        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        let i = match us {
-            0 | 1 => 0,
-            _ => (64 - (us - 1).leading_zeros()) as usize,
-        };
+    pub(crate) fn record_nanos(&self, nanos: u64) {
+        let us = nanos.saturating_sub(1) / 1000; // (2^(i-1), 2^i] us lands in bucket i
+        let i = (64 - us.leading_zeros()) as usize;
         self.buckets[i.min(LATENCY_BUCKETS - 1)].incr();
-        self.sum_ns
-            .add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
+        self.sum_ns.add(nanos);
     }
 
     fn snapshot(&self) -> LatencySnapshot {
@@ -202,7 +199,8 @@ macro_rules! shard_metrics {
             /// per shard with subscribers).
             pub inbox_latency: LatencySnapshot,
             /// Delivery latency, publish to moved from a subscriber's data ring onto its
-            /// socket queue (one per delivery): how far behind subscribers are.
+            /// socket queue, for the oldest message of each batch moved: how far behind
+            /// subscribers are.
             pub queued_latency: LatencySnapshot,
         }
 
@@ -382,7 +380,8 @@ impl prometheus_client::collector::Collector for Snapshot {
             "delivery_latency_seconds",
             "Publish-to-delivery latency by stage: inbox (taken from the shard's inbox and \
              offered to its subscribers, once per message per shard) and queued (moved from a \
-             subscriber's data ring onto its socket queue, once per delivery: subscriber lag).",
+             subscriber's data ring onto its socket queue, the oldest message of each batch \
+             moved: subscriber lag).",
             None,
             prometheus_client::metrics::MetricType::Histogram,
         )?;

@@ -308,6 +308,7 @@ impl<H: Handler> Shard<H> {
             {
                 let mut table = self.table.borrow_mut();
                 let now = std::time::Instant::now();
+                let now_ns = crate::conn::When::from_instant(now).as_nanos();
                 while let Some(msg) = next.take() {
                     match msg {
                         ShardMsg::Deliver(msg) if Arc::ptr_eq(&msg.topic, &self.canary) => {
@@ -316,9 +317,9 @@ impl<H: Handler> Shard<H> {
                             table.hub.taken(self.id.index(), 1);
                         }
                         ShardMsg::Deliver(msg) => {
-                            self.metrics
-                                .inbox_latency
-                                .record(now.saturating_duration_since(msg.at));
+                            let at = msg.at.as_nanos();
+                            let age = now_ns.saturating_sub(at);
+                            self.metrics.inbox_latency.record_nanos(age);
                             table.deliver(&msg);
                             n += 1;
                         }

@@ -1005,7 +1005,8 @@ fn delivery_latency_is_recorded_per_stage_and_scraped_as_histograms() {
     }
     let total = engine.handle().metrics().total();
     assert_eq!(total.inbox_latency.count(), 5, "one per message per shard");
-    assert_eq!(total.queued_latency.count(), 5, "one per delivery");
+    let batches = total.queued_latency.count();
+    assert!((1..=5).contains(&batches), "one per batch moved: {batches}");
     let p50 = total.queued_latency.quantile_bound(0.5).expect("recorded");
     assert!(p50 < std::time::Duration::from_secs(1), "{p50:?}");
     let (status, _, body) = util::http_get(addr, "GET /metrics HTTP/1.1");
@@ -1024,7 +1025,11 @@ fn delivery_latency_is_recorded_per_stage_and_scraped_as_histograms() {
                 other => panic!("{other:?}"),
             })
             .sum();
-        assert_eq!(count, 5, "{stage}");
+        let expected = match stage {
+            "inbox" => 5,
+            _ => batches,
+        };
+        assert_eq!(count, expected, "{stage}");
     }
     engine.stop().unwrap();
 }
