@@ -299,8 +299,24 @@ shard_metrics! {
     /// Topic messages offered to subscribers' data rings (one per subscriber).
     deliveries,
     /// Topic messages dropped by a data ring's overflow policy (drop-oldest, drop-newest,
-    /// conflate).
+    /// conflate): the sum of the three counters below.
     ring_dropped,
+    /// Topic messages dropped under drop-oldest (and under conflate when the ring holds only
+    /// other topics).
+    ring_dropped_oldest,
+    /// Topic messages dropped under drop-newest.
+    ring_dropped_newest,
+    /// Topic messages replaced by a newer one of their topic under conflate.
+    ring_dropped_conflated,
+    /// Topic messages waiting in this shard's data rings, all connections together (sampled
+    /// at each readiness canary, once per `http.canary_interval`).
+    ring_waiting_messages,
+    /// Frame bytes waiting in this shard's data rings (sampled as `ring_waiting_messages`).
+    ring_waiting_bytes,
+    /// Age of the oldest message waiting in any data ring of this shard, in microseconds:
+    /// how far behind the most behind subscriber is (sampled as `ring_waiting_messages`;
+    /// a sum over shards means nothing, take the maximum).
+    subscriber_lag_max_us,
     /// Publishes refused to this shard's connections (rate limit, saturation, bad topic).
     publishes_refused,
     /// Requests the broker refused as malformed.
@@ -316,7 +332,12 @@ shard_metrics! {
 }
 
 /// The counters that are levels, not running totals.
-const GAUGES: &[&str] = &["connections_active"];
+const GAUGES: &[&str] = &[
+    "connections_active",
+    "ring_waiting_messages",
+    "ring_waiting_bytes",
+    "subscriber_lag_max_us",
+];
 
 /// A snapshot handed to the encoder as a collector: one family per counter, one series per
 /// shard.

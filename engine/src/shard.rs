@@ -315,6 +315,7 @@ impl<H: Handler> Shard<H> {
                             let at = crate::conn::When::from_instant(now);
                             self.metrics.canary_at.set(at.as_nanos());
                             table.hub.taken(self.id.index(), 1);
+                            table.sample_rings(at);
                         }
                         ShardMsg::Deliver(msg) => {
                             let at = msg.at.as_nanos();

@@ -416,6 +416,19 @@ fn stalled_subscriber(addr: SocketAddr, path: &str, topics: &[&str]) -> TcpStrea
     s
 }
 
+/// A stalled subscriber to `topic`, once its subscription has reached the hub.
+fn subscribed_stalled(engine: &Engine, path: &str, topic: &str) -> TcpStream {
+    let stalled = stalled_subscriber(engine.local_addr(), path, &[topic]);
+    util::wait_until("the subscription", || {
+        engine
+            .handle()
+            .publisher()
+            .topic_stats(topic)
+            .is_some_and(|s| s.interested_shards == 1)
+    });
+    stalled
+}
+
 /// Reads frames off a raw stream: the 101 first, then server frames until `done` says stop.
 struct RawReader {
     stream: TcpStream,
@@ -571,14 +584,7 @@ fn check_honest(
 #[test]
 fn drop_oldest_delivers_the_newest_with_an_honest_notice() {
     let engine = broker(overflow_config());
-    let stalled = stalled_subscriber(engine.local_addr(), "/?overflow=drop-oldest", &["a"]);
-    util::wait_until("the subscription", || {
-        engine
-            .handle()
-            .publisher()
-            .topic_stats("a")
-            .is_some_and(|s| s.interested_shards == 1)
-    });
+    let stalled = subscribed_stalled(&engine, "/?overflow=drop-oldest", "a");
     let last = flood(&engine, &["a"], 20, dropped);
     let mut reader = RawReader::new(stalled);
     let (messages, notices) = check_honest(&mut reader, 1, &last);
@@ -590,16 +596,37 @@ fn drop_oldest_delivers_the_newest_with_an_honest_notice() {
 }
 
 #[test]
+fn ring_occupancy_lag_and_drops_by_policy_are_reported() {
+    let mut cfg = overflow_config();
+    cfg.http.canary_interval = Duration::from_millis(50);
+    let engine = broker(cfg);
+    let _stalled = subscribed_stalled(&engine, "/?overflow=drop-oldest", "a");
+    flood(&engine, &["a"], 20, dropped);
+    // Keep publishing until the kernel's socket buffers are full and messages wait in the
+    // ring when a canary samples it.
+    let publisher = engine.handle().publisher();
+    let payload = format!("\"{}\"", "x".repeat(16 << 10));
+    util::wait_until("the rings sampled", || {
+        publish(&publisher, "a", json(&payload));
+        let t = engine.handle().metrics().total();
+        t.ring_waiting_messages > 0 && t.subscriber_lag_max_us > 0
+    });
+    let t = engine.handle().metrics().total();
+    assert!(t.ring_waiting_messages <= 8, "bounded by the ring");
+    assert!(t.ring_waiting_bytes >= t.ring_waiting_messages * (16 << 10));
+    assert_eq!(t.ring_dropped_oldest, t.ring_dropped);
+    assert_eq!(t.ring_dropped_newest + t.ring_dropped_conflated, 0);
+    let (_, _, body) = util::http_get(engine.local_addr(), "GET /metrics HTTP/1.1");
+    let scrape = util::parse_metrics(&body);
+    assert!(util::metric_sum(&scrape, "ringcast_ring_waiting_messages", &[]) > 0.0);
+    assert!(util::metric_sum(&scrape, "ringcast_ring_dropped_oldest_total", &[]) > 0.0);
+    engine.stop().unwrap();
+}
+
+#[test]
 fn drop_newest_keeps_the_prefix_and_says_what_was_lost() {
     let engine = broker(overflow_config());
-    let stalled = stalled_subscriber(engine.local_addr(), "/?overflow=drop-newest", &["a"]);
-    util::wait_until("the subscription", || {
-        engine
-            .handle()
-            .publisher()
-            .topic_stats("a")
-            .is_some_and(|s| s.interested_shards == 1)
-    });
+    let stalled = subscribed_stalled(&engine, "/?overflow=drop-newest", "a");
     let last = flood(&engine, &["a"], 20, dropped);
     let mut reader = RawReader::new(stalled);
     let (_, notices) = check_honest(&mut reader, 1, &last);
@@ -629,14 +656,7 @@ fn conflate_keeps_the_latest_per_topic() {
 #[test]
 fn disconnect_policy_closes_a_slow_consumer_with_1008() {
     let engine = broker(overflow_config());
-    let stalled = stalled_subscriber(engine.local_addr(), "/?overflow=disconnect", &["a"]);
-    util::wait_until("the subscription", || {
-        engine
-            .handle()
-            .publisher()
-            .topic_stats("a")
-            .is_some_and(|s| s.interested_shards == 1)
-    });
+    let stalled = subscribed_stalled(&engine, "/?overflow=disconnect", "a");
     flood(&engine, &["a"], 0, |e| {
         e.handle().metrics().total().slow_consumer_closes > 0
     });
