@@ -652,6 +652,9 @@ pub(crate) struct ConnTable {
     next_gen: u32,
     /// Set once the shard stops: no new connections, every open one is being closed.
     pub(crate) stopping: bool,
+    /// Set when a stop begins: the listener still accepts through the drain window, but
+    /// upgrades get 503 and readiness answers 503 "draining" (so load balancers see it).
+    pub(crate) draining: bool,
     /// The accept loop, parked while the table is full.
     pub(crate) accept_waker: Option<Waker>,
     /// The shard's main task, parked while stopping until the table is empty.
@@ -698,6 +701,7 @@ impl ConnTable {
             metrics,
             next_gen: 0,
             stopping: false,
+            draining: false,
             accept_waker: None,
             empty_waker: None,
             dirty: Vec::new(),
@@ -879,10 +883,12 @@ impl ConnTable {
         }
     }
 
-    /// Marks the shard as stopping: no new connections, and ones still in the handshake get
-    /// 503. Open connections are closed afterwards, one by one, by [`ConnTable::drain_close`].
+    /// Marks the shard as draining: ones still in the handshake get 503, as will every
+    /// upgrade from now on (the listener still accepts, so probes get an answer). Open
+    /// connections are closed afterwards, one by one, by [`ConnTable::drain_close`]; then
+    /// [`ConnTable::stop_accepting`].
     pub(crate) fn begin_stop(&mut self) {
-        self.stopping = true;
+        self.draining = true;
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             let conn = &mut self.conns[key];
@@ -902,6 +908,14 @@ impl ConnTable {
                 Phase::Open(_) | Phase::Closed => {}
             }
         }
+        if let Some(w) = &self.driver_waker {
+            w.wake_by_ref();
+        }
+    }
+
+    /// The drain window is over: stop accepting and wait for the table to empty.
+    pub(crate) fn stop_accepting(&mut self) {
+        self.stopping = true;
         if let Some(w) = self.accept_waker.take() {
             w.wake();
         }

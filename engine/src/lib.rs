@@ -172,6 +172,8 @@ struct HandleInner {
     local_addr: SocketAddr,
     driver: Driver,
     canary_interval: std::time::Duration,
+    /// Set by [`EngineHandle::stop`]: not ready from then on.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl Engine {
@@ -264,6 +266,7 @@ impl Engine {
                     local_addr,
                     driver: config.driver,
                     canary_interval: config.http.canary_interval,
+                    stopped: std::sync::atomic::AtomicBool::new(false),
                 }),
             },
             threads,
@@ -384,14 +387,18 @@ impl Drop for Engine {
 }
 
 impl EngineHandle {
-    /// Drains and stops every shard: no new connections (upgrades in progress get 503),
-    /// then every open connection gets close 1012 "service restart" at a random moment of
+    /// Drains and stops every shard: through the drain window the listeners still accept,
+    /// but upgrades get 503 with `Retry-After` and `/readyz` answers 503 "draining"; every
+    /// open connection gets close 1012 "service restart" at a random moment of
     /// `timeouts.drain_window` (envelope clients a `shutdown` notice first; must-deliver
     /// connections everything their data ring holds first), the shards wait for the closing
     /// handshakes until `timeouts.shutdown_timeout` after this call, and exit. Counters
     /// `drain_flushed`, `drain_dropped` and `drain_forced` report what became of queued data.
     /// Returns at once; [`Engine::wait`] waits. Calling it again is harmless.
     pub fn stop(&self) {
+        self.inner
+            .stopped
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         for mailbox in &self.inner.mailboxes {
             let _ = mailbox.send(ShardMsg::Stop);
         }
@@ -425,11 +432,15 @@ impl EngineHandle {
             .with_broker(self.inner.hub.broker_stats())
     }
 
-    /// Whether the engine is ready for traffic, as `/readyz` answers it: the broker can order
-    /// publishes ([`EngineHandle::broker_ready`]) and every shard took a readiness canary
-    /// from its inbox within the last 3 `http.canary_interval`s.
+    /// Whether the engine is ready for traffic, as `/readyz` answers it: not stopping, the
+    /// broker can order publishes ([`EngineHandle::broker_ready`]) and every shard took a
+    /// readiness canary from its inbox within the last 3 `http.canary_interval`s.
     pub fn ready(&self) -> bool {
-        self.broker_ready()
+        !self
+            .inner
+            .stopped
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && self.broker_ready()
             && canary::stale(&self.inner.metrics, self.inner.canary_interval).is_empty()
     }
 

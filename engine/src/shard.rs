@@ -237,8 +237,9 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
 
     let stop_at = std::time::Instant::now();
     shard.table.borrow_mut().begin_stop();
-    canceller.cancel();
     let report = shard.drain(&inbox, stop_at).await;
+    shard.table.borrow_mut().stop_accepting();
+    canceller.cancel();
     let drained = monoio::time::timeout(
         shutdown_timeout.saturating_sub(stop_at.elapsed()),
         shard.wait_empty(),
@@ -369,7 +370,7 @@ impl<H: Handler> Shard<H> {
 
     /// Closes every open connection with 1012, each at a random moment of the drain window
     /// (a shuffled order, spread evenly), delivering topic messages to the ones still open
-    /// meanwhile.
+    /// meanwhile. Returns when the window is over (at once if no shard had a connection).
     async fn drain(&self, inbox: &Inbox, stop_at: std::time::Instant) -> DrainReport {
         let (window, shutdown_timeout) = {
             let settings = &self.table.borrow().settings;
@@ -385,6 +386,12 @@ impl<H: Handler> Shard<H> {
                 .collect()
         };
         fastrand::shuffle(&mut order);
+        // Every shard keeps its listener through the window when any shard has connections:
+        // one that stopped early would leave its share of new connections unanswered.
+        let engine_had_connections = self
+            .all_metrics
+            .iter()
+            .any(|m| m.connections_active.get() > 0);
         let mut report = DrainReport::default();
         let total = order.len();
         info!(shard = %self.id, open = total, ?window, "shard draining: closing connections with 1012");
@@ -409,7 +416,10 @@ impl<H: Handler> Shard<H> {
                 }
             }
             done = due;
-            if done == total {
+            // With connections to drain, the whole window passes before the listener closes:
+            // load balancers probing /readyz meanwhile get 503 "draining", not a refused
+            // connection. With none anywhere, there is nothing to spread: stop at once.
+            if done == total && (!engine_had_connections || stop_at.elapsed() >= window) {
                 return report;
             }
             // Until the next share is due, keep delivering to the connections still open.
@@ -516,7 +526,7 @@ impl<H: Handler> Shard<H> {
         let response = if path == http.health_path {
             http_response(200, &[], "ok")
         } else if path == http.ready_path {
-            if table.stopping {
+            if table.draining {
                 http_response(503, &[], "draining")
             } else if !table.hub.ready() {
                 http_response(503, &[], "broker unavailable")
@@ -874,7 +884,7 @@ fn admit(
     req: &UpgradeRequest<'_>,
     connections: impl FnOnce() -> u64,
 ) -> Result<(), (RejectReason, bytes::Bytes)> {
-    if table.stopping {
+    if table.draining {
         let response = http_response(503, &[("Retry-After", "1")], "server shutting down");
         return Err((RejectReason::Draining, response));
     }

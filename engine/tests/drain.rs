@@ -60,6 +60,40 @@ fn closes_are_1012_spread_over_the_drain_window() {
     assert!(closes.iter().all(|c| c.code.as_u16() == 1012));
 }
 
+#[test]
+fn through_the_drain_window_readiness_and_upgrades_answer_503() {
+    let mut cfg = config(2);
+    cfg.timeouts.drain_window = Duration::from_secs(3);
+    cfg.timeouts.shutdown_timeout = Duration::from_secs(8);
+    let (engine, recorder) = start_recorder(cfg);
+    let addr = engine.local_addr();
+    let mut open = connect(addr, "/"); // gives the drain something to spread
+    wait_until("open", || recorder.seen().len() == 1);
+    let handle = engine.handle();
+    assert!(handle.ready());
+    handle.stop();
+    assert!(!handle.ready());
+    // Both shards answer once each has taken the stop (load balancers probe /readyz).
+    wait_until("every shard draining", || {
+        (0..8).all(|_| http_get(addr, "GET /readyz HTTP/1.1").0 == 503)
+    });
+    let (_, _, body) = http_get(addr, "GET /readyz HTTP/1.1");
+    assert_eq!(body, "draining\n");
+    let (status, response) = refused(connect_with(addr, "/", &[]));
+    assert_eq!(status, 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    while open.read().is_ok() {} // its 1012, answered
+    drop(open);
+    engine.wait().unwrap();
+    assert!(
+        handle
+            .metrics()
+            .total()
+            .rejected(ringcast::RejectReason::Draining)
+            >= 1
+    );
+}
+
 fn broker(cfg: EngineConfig) -> Engine {
     Engine::start(cfg, |_| Broker::new()).expect("start")
 }
