@@ -182,6 +182,8 @@ macro_rules! shard_metrics {
             pub(crate) inbox_latency: Latency,
             /// Publish to moved from a subscriber's data ring onto its socket queue.
             pub(crate) queued_latency: Latency,
+            /// Publish to its last byte written to the subscriber's socket.
+            pub(crate) written_latency: Latency,
             /// When the shard last took a readiness canary from its inbox (`When` nanos).
             pub(crate) canary_at: Counter,
         }
@@ -202,6 +204,9 @@ macro_rules! shard_metrics {
             /// socket queue, for the oldest message of each batch moved: how far behind
             /// subscribers are.
             pub queued_latency: LatencySnapshot,
+            /// Delivery latency, publish to its last byte written to the subscriber's
+            /// socket (handed to the kernel), for the oldest message of each batch moved.
+            pub written_latency: LatencySnapshot,
         }
 
         impl ShardMetrics {
@@ -214,6 +219,7 @@ macro_rules! shard_metrics {
                     }),
                     inbox_latency: self.inbox_latency.snapshot(),
                     queued_latency: self.queued_latency.snapshot(),
+                    written_latency: self.written_latency.snapshot(),
                 }
             }
         }
@@ -231,6 +237,7 @@ macro_rules! shard_metrics {
                 }
                 self.inbox_latency.add(&other.inbox_latency);
                 self.queued_latency.add(&other.queued_latency);
+                self.written_latency.add(&other.written_latency);
             }
 
             /// Refused upgrades for `reason`.
@@ -402,7 +409,8 @@ impl prometheus_client::collector::Collector for Snapshot {
             "Publish-to-delivery latency by stage: inbox (taken from the shard's inbox and \
              offered to its subscribers, once per message per shard) and queued (moved from a \
              subscriber's data ring onto its socket queue, the oldest message of each batch \
-             moved: subscriber lag).",
+             moved: subscriber lag) and written (that message's last byte written to the \
+             socket).",
             None,
             prometheus_client::metrics::MetricType::Histogram,
         )?;
@@ -410,6 +418,7 @@ impl prometheus_client::collector::Collector for Snapshot {
             for (stage, lat) in [
                 ("inbox", &snap.inbox_latency),
                 ("queued", &snap.queued_latency),
+                ("written", &snap.written_latency),
             ] {
                 let labels = [("shard", shard.to_string()), ("stage", stage.to_owned())];
                 let buckets: Vec<(f64, u64)> = lat

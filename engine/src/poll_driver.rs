@@ -296,7 +296,12 @@ fn poll_socket(conn: &mut Conn) -> &mut PollSocket {
 
 /// Writes as much of the outbound queue as the socket takes, in vectored writes.
 fn flush(conn: &mut Conn, cx: &mut Context<'_>, metrics: &ShardMetrics) -> Poll<io::Result<()>> {
-    let Conn { socket, out, .. } = conn;
+    let Conn {
+        socket,
+        out,
+        pubsub,
+        ..
+    } = conn;
     let Socket::Poll(p) = socket else {
         unreachable!("the epoll driver only holds poll sockets");
     };
@@ -308,6 +313,9 @@ fn flush(conn: &mut Conn, cx: &mut Context<'_>, metrics: &ShardMetrics) -> Poll<
             Poll::Ready(Ok(written)) => {
                 metrics.bytes_out.add(written as u64);
                 out.advance(written);
+                if let Some(ps) = pubsub {
+                    ps.note_written(written, metrics);
+                }
             }
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => return Poll::Pending,

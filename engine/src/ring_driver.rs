@@ -371,7 +371,11 @@ impl<H: Handler> Driver<'_, H> {
             shard.metrics.bytes_out.add(n as u64);
             let done = self.ring.send_slot(slot).batch.advance(n);
             if live {
-                table.conns[key].out.note_sent(n);
+                let conn = &mut table.conns[key];
+                conn.out.note_sent(n);
+                if let Some(ps) = conn.pubsub.as_mut() {
+                    ps.note_written(n, &shard.metrics);
+                }
             }
             let closed = !live || matches!(table.conns[key].phase, Phase::Closed);
             if !done && !closed {

@@ -22,6 +22,7 @@ use crate::{
     config::RingOverflow,
     conn::{ConnTable, Phase, When},
     handler::CloseInitiator,
+    metrics::ShardMetrics,
     pubsub::{Attach, AttachStart, Attached, BackendMsg, DeliveryFormat, Published, Topic},
 };
 
@@ -64,6 +65,10 @@ pub(crate) struct ConnPubSub {
     ring: VecDeque<Item>,
     ring_bytes: usize,
     drops: Vec<DropNote>,
+    /// The publish time of the oldest message moved onto the socket queue since the last
+    /// one was written, and the queued bytes up to its end: when they are written, the
+    /// "written" latency stage is recorded.
+    write_mark: Option<(When, usize)>,
     pub(crate) dropped: u64,
     pub(crate) publish_budget: TokenBucket,
     pub(crate) bad_request_budget: TokenBucket,
@@ -139,6 +144,7 @@ impl ConnTable {
                 ring: VecDeque::new(),
                 ring_bytes: 0,
                 drops: Vec::new(),
+                write_mark: None,
                 dropped: 0,
                 publish_budget: TokenBucket::new(
                     f64::from(s.publish_rate_per_sec),
@@ -603,6 +609,9 @@ impl ConnTable {
                 }
             }
             conn.out.push_encoded(item.frame);
+            if ps.write_mark.is_none() {
+                ps.write_mark = Some((item.at, conn.out.len_bytes()));
+            }
             self.metrics.messages_out.incr();
         }
         if ps.ring.is_empty() {
@@ -628,6 +637,22 @@ impl ConnTable {
 pub(crate) struct SubscribeLimit;
 
 impl ConnPubSub {
+    /// `n` bytes of the connection's socket queue were written: once they reach the end of
+    /// the marked message, records its publish-to-written latency.
+    pub(crate) fn note_written(&mut self, n: usize, metrics: &ShardMetrics) {
+        if let Some((at, left)) = &mut self.write_mark {
+            if n >= *left {
+                let now = When::from_instant(Instant::now()).as_nanos();
+                metrics
+                    .written_latency
+                    .record_nanos(now.saturating_sub(at.as_nanos()));
+                self.write_mark = None;
+            } else {
+                *left -= n;
+            }
+        }
+    }
+
     fn note_drop(&mut self, topic: u32, name: &Arc<str>, seq: u64) {
         self.note_drops(topic, name, 1, seq);
     }
@@ -686,6 +711,7 @@ mod tests {
             ring: VecDeque::new(),
             ring_bytes: 0,
             drops: Vec::new(),
+            write_mark: None,
             dropped: 0,
             publish_budget: TokenBucket::new(1.0, 1.0),
             bad_request_budget: TokenBucket::new(1.0, 1.0),
