@@ -100,7 +100,7 @@ impl<K: Hash + Eq> Counts<K> {
         }
     }
 
-    fn stripe(&self, key: &K) -> std::sync::MutexGuard<'_, HashMap<K, u32>> {
+    fn stripe<Q: Hash + ?Sized>(&self, key: &Q) -> std::sync::MutexGuard<'_, HashMap<K, u32>> {
         let i = self.hasher.hash_one(key) as usize % STRIPES;
         // A panic while holding a count lock leaves the counts as they were: keep going.
         self.stripes[i]
@@ -120,7 +120,11 @@ impl<K: Hash + Eq> Counts<K> {
     }
 
     /// Counts one connection of `key` fewer.
-    fn release(&self, key: &K) {
+    fn release<Q>(&self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let mut map = self.stripe(key);
         if let Some(n) = map.get_mut(key) {
             *n -= 1;
@@ -131,7 +135,11 @@ impl<K: Hash + Eq> Counts<K> {
     }
 
     #[cfg(test)]
-    fn get(&self, key: &K) -> u32 {
+    fn get<Q>(&self, key: &Q) -> u32
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.stripe(key).get(key).copied().unwrap_or(0)
     }
 }
@@ -223,11 +231,6 @@ impl Gate {
         self.per_ip > 0
     }
 
-    /// Whether connections per user are capped (and so counted).
-    pub(crate) fn counts_users(&self) -> bool {
-        self.per_user > 0
-    }
-
     /// Counts a connection from `ip`; false (counting nothing) when it holds the cap.
     pub(crate) fn acquire_ip(&self, ip: IpAddr) -> bool {
         self.ips.acquire(ip, self.per_ip)
@@ -237,13 +240,17 @@ impl Gate {
         self.ips.release(&ip);
     }
 
-    /// Counts a connection of `user`; false (counting nothing) when it holds the cap.
+    /// Counts a connection of `user`; false (counting nothing) when it holds the cap. Always
+    /// true, counting nothing, when users are not capped.
     pub(crate) fn acquire_user(&self, user: &str) -> bool {
-        self.users.acquire(user.into(), self.per_user)
+        self.per_user == 0 || self.users.acquire(user.into(), self.per_user)
     }
 
+    /// Gives back what [`Gate::acquire_user`] counted (nothing when users are not capped).
     pub(crate) fn release_user(&self, user: &str) {
-        self.users.release(&Box::from(user));
+        if self.per_user > 0 {
+            self.users.release(user);
+        }
     }
 
     /// A `Retry-After` for a shaped upgrade: whole seconds, uniform in 1..=retry_after_max,
@@ -300,7 +307,7 @@ mod tests {
         assert!(g.acquire_user("ann"));
         assert!(!g.acquire_user("ann"));
         g.release_user("ann");
-        assert_eq!(g.users.get(&"ann".into()), 0);
+        assert_eq!(g.users.get("ann"), 0);
         assert!(g.acquire_user("ann"));
     }
 

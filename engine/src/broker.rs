@@ -102,7 +102,7 @@ impl Handler for Broker {
         let grants = match &self.auth {
             None => None,
             Some(_) => match self.grants.get(&ctx.id()) {
-                Some(g) if !g.expired_at(SystemTime::now()) => Some(g.clone()),
+                Some(g) if !g.expired_at(SystemTime::now()) => Some(&**g),
                 // Expired, or (a bug) never filed: either way no longer trusted.
                 _ => {
                     ctx.close(CloseCode::POLICY, "token expired");
@@ -127,7 +127,7 @@ impl Handler for Broker {
             }),
         };
         match request {
-            Ok(request) => handle(ctx, encoding, grants.as_deref(), request),
+            Ok(request) => handle(ctx, encoding, grants, request),
             Err(e) => refuse(ctx, encoding, e.id, e.code, &e.message),
         }
     }

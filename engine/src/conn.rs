@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use ringcast_protocol::{
     CloseCode, CloseFrame, Codec, FrameHeader, HeadReader, Limits, UpgradeRequest,
@@ -577,6 +577,11 @@ pub(crate) struct Upgraded<'a> {
     pub(crate) head_kept: bool,
 }
 
+/// The answer to an upgrade while the engine drains.
+pub(crate) fn draining_response() -> Bytes {
+    ringcast_protocol::http_response(503, &[("Retry-After", "1")], "server shutting down")
+}
+
 /// Per-shard settings copied out of the config, read on the hot path.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
@@ -894,14 +899,7 @@ impl ConnTable {
             let conn = &mut self.conns[key];
             match conn.phase {
                 Phase::Handshake(_) => {
-                    self.metrics.rejected(RejectReason::Draining);
-                    conn.out.push_encoded(ringcast_protocol::http_response(
-                        503,
-                        &[("Retry-After", "1")],
-                        "server shutting down",
-                    ));
-                    conn.phase = Phase::Flushing;
-                    self.set_deadline(key, self.settings.close_timeout);
+                    self.reject(key, RejectReason::Draining, draining_response());
                     self.notify(key, usize::MAX);
                 }
                 Phase::Flushing | Phase::Draining => self.notify(key, usize::MAX),
@@ -911,6 +909,21 @@ impl ConnTable {
         if let Some(w) = &self.driver_waker {
             w.wake_by_ref();
         }
+    }
+
+    /// Refuses an upgrade: counts it under `reason`, queues the HTTP answer and closes.
+    pub(crate) fn reject(&mut self, key: usize, reason: RejectReason, response: Bytes) {
+        self.metrics.rejected(reason);
+        self.respond_and_close(key, response);
+    }
+
+    /// Queues an HTTP response to a connection still in its handshake, then flushes and
+    /// closes it within `close_timeout`.
+    pub(crate) fn respond_and_close(&mut self, key: usize, response: Bytes) {
+        let conn = &mut self.conns[key];
+        conn.out.push_encoded(response);
+        conn.phase = Phase::Flushing;
+        self.set_deadline(key, self.settings.close_timeout);
     }
 
     /// The drain window is over: stop accepting and wait for the table to empty.

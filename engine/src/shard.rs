@@ -308,15 +308,13 @@ impl<H: Handler> Shard<H> {
             let mut n = 0;
             {
                 let mut table = self.table.borrow_mut();
-                let now = std::time::Instant::now();
-                let now_ns = crate::conn::When::from_instant(now).as_nanos();
+                let now_ns = crate::conn::When::from_instant(std::time::Instant::now()).as_nanos();
                 while let Some(msg) = next.take() {
                     match msg {
                         ShardMsg::Deliver(msg) if Arc::ptr_eq(&msg.topic, &self.canary) => {
-                            let at = crate::conn::When::from_instant(now);
-                            self.metrics.canary_at.set(at.as_nanos());
+                            self.metrics.canary_at.set(now_ns);
                             table.hub.taken(self.id.index(), 1);
-                            table.sample_rings(at);
+                            table.sample_rings(crate::conn::When::from_nanos(now_ns));
                         }
                         ShardMsg::Deliver(msg) => {
                             let at = msg.at.as_nanos();
@@ -478,7 +476,7 @@ impl<H: Handler> Shard<H> {
                         }
                         Err(e) => {
                             debug!(peer = %conn.info().peer_addr(), error = %e, "bad upgrade request");
-                            reject(table, key, RejectReason::BadRequest, error_response(&e));
+                            table.reject(key, RejectReason::BadRequest, error_response(&e));
                             input.clear();
                             return;
                         }
@@ -552,7 +550,7 @@ impl<H: Handler> Shard<H> {
             return false;
         };
         self.metrics.http_requests.incr();
-        respond_and_close(table, key, response);
+        table.respond_and_close(key, response);
         true
     }
 
@@ -566,7 +564,7 @@ impl<H: Handler> Shard<H> {
             }
             Err(e) => {
                 debug!(peer = %table.conns[key].info().peer_addr(), error = %e, "bad upgrade request");
-                reject(table, key, RejectReason::BadRequest, error_response(&e));
+                table.reject(key, RejectReason::BadRequest, error_response(&e));
                 return false;
             }
         };
@@ -575,7 +573,7 @@ impl<H: Handler> Shard<H> {
         let open = || all.iter().map(|m| m.connections_active.get()).sum();
         if let Err((reason, response)) = admit(table, &req, open) {
             debug!(%peer, reason = reason.name(), "upgrade refused");
-            reject(table, key, reason, response);
+            table.reject(key, reason, response);
             return false;
         }
         // Counted from here: every refusal below gives the count back.
@@ -583,7 +581,7 @@ impl<H: Handler> Shard<H> {
             if !table.gate.acquire_ip(peer.ip()) {
                 debug!(%peer, "upgrade refused: connections per address at the cap");
                 let response = http_response(429, &[], "too many connections from this address");
-                reject(table, key, RejectReason::IpCap, response);
+                table.reject(key, RejectReason::IpCap, response);
                 return false;
             }
             Some(peer.ip())
@@ -621,7 +619,7 @@ impl<H: Handler> Shard<H> {
                     .map(|(n, v)| (n.as_str(), v.as_str()))
                     .collect();
                 let response = http_response(status, &headers, &body);
-                reject(table, key, RejectReason::Handler, response);
+                table.reject(key, RejectReason::Handler, response);
                 return false;
             }
         };
@@ -630,23 +628,22 @@ impl<H: Handler> Shard<H> {
             Err(e) => {
                 give_back_ip(table);
                 error!(error = %e, "handler selected a subprotocol the client did not offer");
-                reject(table, key, RejectReason::Handler, error_response(&e));
+                table.reject(key, RejectReason::Handler, error_response(&e));
                 return false;
             }
         };
-        let counted_user = user.as_deref().filter(|_| table.gate.counts_users());
-        if let Some(user) = counted_user {
+        if let Some(user) = user.as_deref() {
             if !table.gate.acquire_user(user) {
                 give_back_ip(table);
                 debug!(%peer, user, "upgrade refused: connections per user at the cap");
                 let response = http_response(429, &[], "too many connections for this user");
-                reject(table, key, RejectReason::UserCap, response);
+                table.reject(key, RejectReason::UserCap, response);
                 return false;
             }
         }
         let facts = Upgraded {
             subprotocol: subprotocol.as_deref(),
-            // Kept only when counted, or the handler may read it back: always.
+            // Kept always: ConnInfo::user reads it, and the close gives its count back.
             user: user.as_deref(),
             counted_ip,
             head_kept: table.settings.keep_request_head,
@@ -702,8 +699,7 @@ impl<H: Handler> Shard<H> {
             Phase::Handshake(_) => {
                 debug!(peer = %conn.info().peer_addr(), "upgrade request timed out");
                 self.metrics.handshake_timeouts.incr();
-                reject(
-                    table,
+                table.reject(
                     key,
                     RejectReason::Timeout,
                     http_response(408, &[], "the upgrade request did not arrive in time"),
@@ -826,7 +822,7 @@ impl<H: Handler> Shard<H> {
             if let Some(ip) = ip {
                 table.gate.release_ip(ip);
             }
-            if let Some(user) = user.filter(|_| table.gate.counts_users()) {
+            if let Some(user) = user {
                 table.gate.release_user(user);
             }
             self.handler.borrow_mut().on_close(
@@ -885,8 +881,7 @@ fn admit(
     connections: impl FnOnce() -> u64,
 ) -> Result<(), (RejectReason, bytes::Bytes)> {
     if table.draining {
-        let response = http_response(503, &[("Retry-After", "1")], "server shutting down");
-        return Err((RejectReason::Draining, response));
+        return Err((RejectReason::Draining, crate::conn::draining_response()));
     }
     // 503 with a Retry-After spread at random, so refused clients come back spread out.
     let try_later = |table: &ConnTable, reason, body| {
@@ -907,27 +902,6 @@ fn admit(
         return Err((RejectReason::Origin, response));
     }
     Ok(())
-}
-
-/// Queues an HTTP error and moves the connection to flushing.
-pub(crate) fn reject(
-    table: &mut ConnTable,
-    key: usize,
-    reason: RejectReason,
-    response: bytes::Bytes,
-) {
-    table.metrics.rejected(reason);
-    respond_and_close(table, key, response);
-}
-
-/// Queues an HTTP response to a connection still in its handshake, then flushes and closes it
-/// within `close_timeout`.
-fn respond_and_close(table: &mut ConnTable, key: usize, response: bytes::Bytes) {
-    let close_timeout = table.settings.close_timeout;
-    let conn = &mut table.conns[key];
-    conn.out.push_encoded(response);
-    conn.phase = Phase::Flushing;
-    table.set_deadline(key, close_timeout);
 }
 
 /// Whether the connection's socket should be read now.

@@ -19,7 +19,7 @@ use ringcast_protocol::{envelope, CloseCode};
 use slab::Slab;
 
 use crate::{
-    config::RingOverflow,
+    config::{PubSubConfig, RingOverflow},
     conn::{ConnTable, Phase, When},
     handler::CloseInitiator,
     metrics::ShardMetrics,
@@ -135,24 +135,10 @@ enum Offer {
 impl ConnTable {
     /// The connection's pub/sub state, made on first use.
     pub(crate) fn pubsub(&mut self, key: usize) -> &mut ConnPubSub {
-        let s = &self.settings.pubsub;
-        self.conns[key].pubsub.get_or_insert_with(|| {
-            Box::new(ConnPubSub {
-                format: DeliveryFormat::Raw,
-                overflow: s.ring_overflow,
-                subs: Vec::new(),
-                ring: VecDeque::new(),
-                ring_bytes: 0,
-                drops: Vec::new(),
-                write_mark: None,
-                dropped: 0,
-                publish_budget: TokenBucket::new(
-                    f64::from(s.publish_rate_per_sec),
-                    f64::from(s.publish_burst.max(1)),
-                ),
-                bad_request_budget: TokenBucket::new(1.0, f64::from(s.max_bad_requests)),
-            })
-        })
+        let settings = &self.settings.pubsub;
+        self.conns[key]
+            .pubsub
+            .get_or_insert_with(|| Box::new(ConnPubSub::new(settings)))
     }
 
     /// The hub's topic for `name`, from the local table when this shard already has it.
@@ -637,6 +623,26 @@ impl ConnTable {
 pub(crate) struct SubscribeLimit;
 
 impl ConnPubSub {
+    /// A connection's state on its first pub/sub use: raw delivery, the configured policy
+    /// and budgets, nothing subscribed or waiting.
+    fn new(s: &PubSubConfig) -> Self {
+        Self {
+            format: DeliveryFormat::Raw,
+            overflow: s.ring_overflow,
+            subs: Vec::new(),
+            ring: VecDeque::new(),
+            ring_bytes: 0,
+            drops: Vec::new(),
+            write_mark: None,
+            dropped: 0,
+            publish_budget: TokenBucket::new(
+                f64::from(s.publish_rate_per_sec),
+                f64::from(s.publish_burst.max(1)),
+            ),
+            bad_request_budget: TokenBucket::new(1.0, f64::from(s.max_bad_requests)),
+        }
+    }
+
     /// `n` bytes of the connection's socket queue were written: once they reach the end of
     /// the marked message, records its publish-to-written latency.
     pub(crate) fn note_written(&mut self, n: usize, metrics: &ShardMetrics) {
@@ -704,18 +710,7 @@ mod tests {
     use super::*;
 
     fn state() -> ConnPubSub {
-        ConnPubSub {
-            format: DeliveryFormat::Raw,
-            overflow: RingOverflow::DropNewest,
-            subs: Vec::new(),
-            ring: VecDeque::new(),
-            ring_bytes: 0,
-            drops: Vec::new(),
-            write_mark: None,
-            dropped: 0,
-            publish_budget: TokenBucket::new(1.0, 1.0),
-            bad_request_budget: TokenBucket::new(1.0, 1.0),
-        }
+        ConnPubSub::new(&PubSubConfig::default())
     }
 
     /// Drop-newest with 11 waiting in the ring: 9 and 10 were dropped before it, 12 after.
