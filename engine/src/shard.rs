@@ -514,11 +514,15 @@ impl<H: Handler> Shard<H> {
         }
     }
 
-    /// Answers a plain GET to one of the engine's own endpoints (`[http]`): health,
-    /// readiness, metrics. Returns false, answering nothing, for any other request.
+    /// Answers a plain GET or HEAD to one of the engine's own endpoints (`[http]`): health,
+    /// readiness, metrics. HEAD gets the GET answer's status and headers (its
+    /// `Content-Length` too) without the body, as RFC 9110 §9.3.2 asks: load balancers probe
+    /// with either. Returns false, answering nothing, for any other request.
     fn answer_plain_http(&self, table: &mut ConnTable, key: usize, head: &[u8]) -> bool {
-        let Some(("GET", path)) = ringcast_protocol::request_path(head) else {
-            return false;
+        let (head_only, path) = match ringcast_protocol::request_path(head) {
+            Some(("GET", path)) => (false, path),
+            Some(("HEAD", path)) => (true, path),
+            _ => return false,
         };
         let http = &table.settings.http;
         let response = if path == http.health_path {
@@ -549,6 +553,11 @@ impl<H: Handler> Shard<H> {
         } else {
             return false;
         };
+        let response = if head_only {
+            without_body(response)
+        } else {
+            response
+        };
         self.metrics.http_requests.incr();
         table.respond_and_close(key, response);
         true
@@ -559,7 +568,9 @@ impl<H: Handler> Shard<H> {
     fn upgrade(&self, table: &mut ConnTable, handler: &mut H, key: usize, head: &[u8]) -> bool {
         let req = match UpgradeRequest::parse(head) {
             Ok(req) => req,
-            Err(HandshakeError::NotWebSocket) if self.answer_plain_http(table, key, head) => {
+            Err(HandshakeError::NotWebSocket | HandshakeError::MethodNotAllowed(_))
+                if self.answer_plain_http(table, key, head) =>
+            {
                 return false;
             }
             Err(e) => {
@@ -861,6 +872,14 @@ impl<H: Handler> Shard<H> {
                 w.wake();
             }
         }
+    }
+}
+
+/// A whole HTTP response cut after its head: what a HEAD request gets.
+fn without_body(response: bytes::Bytes) -> bytes::Bytes {
+    match response.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(end) => response.slice(..end + 4),
+        None => response,
     }
 }
 
