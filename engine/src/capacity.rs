@@ -92,7 +92,7 @@ pub const CPU_NANOS_PER_DELIVERY: u64 = 196;
 pub const FDS_PER_PROCESS: u64 = 16;
 
 /// Descriptors each shard holds besides its connections, io_uring driver. Counted in
-/// `/proc/PID/fd` of `ringcast serve --driver io-uring` with 1 and 4 shards: the listener, two
+/// `/proc/PID/fd` of `ringcast serve --driver io_uring` with 1 and 4 shards: the listener, two
 /// rings (the runtime's and the socket ring), two eventfds and one epoll instance.
 pub const FDS_PER_SHARD_IO_URING: u64 = 6;
 

@@ -26,7 +26,7 @@ pub struct EngineConfig {
     pub shards: usize,
     /// Pin shard `i` to the `i`-th CPU the process may run on (wrapping). Default true.
     pub pin_shards: bool,
-    /// IO driver. Default `io-uring`; starting fails if io_uring is unavailable unless this is
+    /// IO driver. Default `io_uring`; starting fails if io_uring is unavailable unless this is
     /// `epoll`, which must be chosen explicitly.
     pub driver: Driver,
     /// Limits on what peers may send and on what is queued for them.
@@ -285,12 +285,14 @@ impl Default for EngineConfig {
     }
 }
 
-/// Which kernel interface the shards use for IO.
+/// Which kernel interface the shards use for IO. Written `"io_uring"` (the kernel's own
+/// spelling; `"io-uring"` is read too) or `"epoll"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum Driver {
     /// io_uring, with readiness for sockets and completions for accepts and timers.
+    #[serde(rename = "io_uring", alias = "io-uring")]
     IoUring,
     /// epoll. Only when asked for: hosts with io_uring disabled, or comparisons.
     Epoll,
@@ -300,7 +302,7 @@ impl Driver {
     /// The name used in config files and logs.
     pub fn name(self) -> &'static str {
         match self {
-            Driver::IoUring => "io-uring",
+            Driver::IoUring => "io_uring",
             Driver::Epoll => "epoll",
         }
     }

@@ -101,6 +101,8 @@ fn run_thread<H: Handler>(spec: ShardSpec, factory: &(impl Fn(ShardId) -> H + ?S
         warn!(shard = %id, core, "could not pin shard thread; running unpinned");
     }
     let core = pinned.and_then(|(core, ok)| ok.then_some(core));
+    // For the log: the core's number, or "unpinned" (not `Some(3)`).
+    let core_name = core.map_or_else(|| "unpinned".to_owned(), |c| c.to_string());
     let driver = spec.driver;
     let runtime_error = |source: io::Error, hint: &'static str| Error::Runtime {
         shard: id.index(),
@@ -116,7 +118,7 @@ fn run_thread<H: Handler>(spec: ShardSpec, factory: &(impl Fn(ShardId) -> H + ?S
                 .build();
             match built {
                 Ok(mut rt) => {
-                    info!(shard = %id, driver = "io_uring", ?core, "shard starting");
+                    info!(shard = %id, driver = driver.name(), core = %core_name, "shard starting");
                     rt.block_on(run(spec, factory(id)));
                 }
                 Err(e) => {
@@ -128,7 +130,7 @@ fn run_thread<H: Handler>(spec: ShardSpec, factory: &(impl Fn(ShardId) -> H + ?S
         }
         Driver::Epoll => match RuntimeBuilder::<LegacyDriver>::new().enable_timer().build() {
             Ok(mut rt) => {
-                info!(shard = %id, driver = "epoll", ?core, "shard starting");
+                info!(shard = %id, driver = driver.name(), core = %core_name, "shard starting");
                 rt.block_on(run(spec, factory(id)));
             }
             Err(e) => {
@@ -226,7 +228,10 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
         .canary_at
         .set(crate::conn::When::from_instant(std::time::Instant::now()).as_nanos());
     let _ = ready.send(Ok(()));
-    info!(shard = %id, listen = ?addr, "shard listening");
+    match addr {
+        Some(addr) => info!(shard = %id, listen = %addr, "shard listening"),
+        None => info!(shard = %id, "shard listening"),
+    }
 
     // Deliver topic messages until told to stop; a closed inbox (engine dropped) means stop.
     while let Some(msg) = inbox.recv().await {

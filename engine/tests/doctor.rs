@@ -65,7 +65,7 @@ fn tight_host_is_bound_by_open_files_with_fixes_for_each_shortfall() {
     assert_eq!(h["unreadable"], json!([]));
 
     let e = &r["engine"];
-    assert_eq!(e["driver"], "io-uring");
+    assert_eq!(e["driver"], "io_uring");
     assert_eq!(e["shards"], 2);
     assert_eq!(e["shards_from"], "cores");
     assert_eq!(e["max_connections_per_shard"], 65536);

@@ -221,7 +221,10 @@ fn readiness_holds_while_another_thread_waits_from_the_start() {
     handle.stop();
     let deadline = std::time::Instant::now() + DEADLINE;
     while !waiter.is_finished() {
-        assert!(std::time::Instant::now() < deadline, "wait() did not return");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "wait() did not return"
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     waiter.join().unwrap().unwrap();
