@@ -192,10 +192,7 @@ impl Engine {
         config.validate()?;
         // Read the CPU set before any thread is pinned: it is the calling thread's set.
         let cores = core_affinity::get_core_ids().unwrap_or_default();
-        let count = match config.shards {
-            0 => cores.len().max(1),
-            n => n,
-        };
+        let count = config.effective_shards();
         let listeners = listener::bind_all(
             config.listen,
             count,

@@ -26,7 +26,8 @@ struct Cli {
 enum Command {
     /// Run the server until SIGINT or SIGTERM.
     Serve(ServeArgs),
-    /// Print the effective configuration as TOML (defaults, then the file, then flags).
+    /// Print the configuration in effect as a commented TOML file (defaults, then the file,
+    /// then the environment, then flags), shards resolved; it loads back with --config.
     Config(ConfigArgs),
     /// Check this host for a target connection count: the binding limit and how to lift it.
     /// Exit status 0 when the target fits, 1 when it does not (or the host cannot be read).
@@ -200,7 +201,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
-        Command::Config(args) => args.load().map(|c| print!("{}", c.to_toml())),
+        Command::Config(args) => args.load().and_then(|c| emit(&c.to_toml_documented())),
         Command::Doctor(args) => doctor(args),
         Command::Capacity(args) => capacity(args),
     };
