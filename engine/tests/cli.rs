@@ -271,9 +271,12 @@ fn capacity_prints_hosts_per_limit_as_text_and_json() {
     let estimate = json(&out);
     assert_eq!(estimate["hosts"], 4);
     assert_eq!(estimate["binding"], "config");
-    // CPU: 20,000 x 3,840 ns + 2,000,000 x 196 ns = 0.47 cores of 4 per host.
+    // CPU: 1 delivery per connection per second, one send each (3,790 ns, not the batched
+    // 196 ns): 20,000 x 3,840 ns + 2,000,000 x 3,790 ns = 7.66 cores of 4 per host.
     assert_eq!(estimate["limits"][2]["constraint"], "cpu");
-    assert_eq!(estimate["limits"][2]["hosts"], 1);
+    assert_eq!(estimate["limits"][2]["hosts"], 2);
+    assert_eq!(estimate["cpu_nanos_per_delivery"], 3_790.0);
+    assert!(text.contains("196 to 3790 ns per delivery"), "{text}");
 
     let out = ringcast(&[
         "capacity",
