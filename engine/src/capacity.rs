@@ -111,7 +111,8 @@ pub const CPU_NANOS_PER_DELIVERY_BY_RATE: [(f64, u64); 3] = [
 pub fn cpu_nanos_per_delivery_at(rate: f64) -> f64 {
     let points = CPU_NANOS_PER_DELIVERY_BY_RATE;
     let (first, last) = (points[0], points[points.len() - 1]);
-    if !(rate > first.0) {
+    // NaN falls here too: the dear end, never the cheap one.
+    if rate.is_nan() || rate <= first.0 {
         return first.1 as f64;
     }
     if rate >= last.0 {
