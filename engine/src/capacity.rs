@@ -77,14 +77,55 @@ pub const IDLE_KERNEL_BYTES_PER_CONNECTION: u64 = 4_697;
 /// rounds, server at 98% of one core.
 pub const CPU_NANOS_PER_MESSAGE: u64 = 3_840;
 
-/// Server CPU per delivery (one frame sent to one subscriber), in nanoseconds.
+/// Server CPU per delivery (one frame sent to one subscriber) when sends are batched, in
+/// nanoseconds: the floor, reached when each connection receives many messages per second.
 ///
 /// `bench/RESULTS.md`, "Broadcast, all-to-all lockstep", ringcast row, N = 100 clients x 20 B:
-/// 0.196 us of server CPU per delivery, median of 3 rounds. That load delivers a burst of 100
-/// messages to each connection per round, so sends are batched; a trickle of single messages
-/// to each subscriber costs more per delivery (one send per message), so treat this as the
-/// floor.
+/// 0.196 us of server CPU per delivery, median of 3 rounds, at 5,004,896 deliveries/s, 50,049
+/// per connection per second: each send carries many frames.
 pub const CPU_NANOS_PER_DELIVERY: u64 = 196;
+
+/// Server CPU per delivery when every message is a send of its own, in nanoseconds: the cost
+/// at low rates per connection.
+///
+/// `bench/RESULTS.md`, fan-out "Within capacity", `ringcast --broadcast`, R = 50: 3.79 us of
+/// server CPU per delivery at 250,352 deliveries/s to 5,000 subscribers, 50 per connection per
+/// second (one frame per send, and on loopback the receiver's wakeup too).
+pub const CPU_NANOS_PER_DELIVERY_UNBATCHED: u64 = 3_790;
+
+/// Measured CPU per delivery by deliveries per connection per second, rising rate: the
+/// unbatched point, `ringcast --broadcast` at R = 200 (0.912 us at 200 per connection per
+/// second, `bench/RESULTS.md` fan-out "Within capacity"), and the batched point.
+/// [`cpu_nanos_per_delivery_at`] interpolates between them.
+pub const CPU_NANOS_PER_DELIVERY_BY_RATE: [(f64, u64); 3] = [
+    (50.0, CPU_NANOS_PER_DELIVERY_UNBATCHED),
+    (200.0, 912),
+    (50_049.0, CPU_NANOS_PER_DELIVERY),
+];
+
+/// Server CPU per delivery, in nanoseconds, when each connection receives `rate` deliveries
+/// per second: the more frames wait for a connection, the more one send carries. Below the
+/// lowest measured rate, the unbatched cost ([`CPU_NANOS_PER_DELIVERY_UNBATCHED`]); above the
+/// highest, the batched one ([`CPU_NANOS_PER_DELIVERY`]); between measured points, straight
+/// lines on log-log axes.
+pub fn cpu_nanos_per_delivery_at(rate: f64) -> f64 {
+    let points = CPU_NANOS_PER_DELIVERY_BY_RATE;
+    let (first, last) = (points[0], points[points.len() - 1]);
+    // NaN falls here too: the dear end, never the cheap one.
+    if rate.is_nan() || rate <= first.0 {
+        return first.1 as f64;
+    }
+    if rate >= last.0 {
+        return last.1 as f64;
+    }
+    let i = points
+        .iter()
+        .position(|p| p.0 >= rate)
+        .unwrap_or(points.len() - 1);
+    let ((r0, c0), (r1, c1)) = (points[i - 1], points[i]);
+    let t = (rate.ln() - r0.ln()) / (r1.ln() - r0.ln());
+    ((c0 as f64).ln() + t * ((c1 as f64).ln() - (c0 as f64).ln())).exp()
+}
 
 /// Open descriptors of a ringcast process besides its shards and connections. Counted in
 /// `/proc/PID/fd` of `ringcast serve` with 1 and 4 shards: 7 (stdin, stdout, stderr, the
@@ -92,7 +133,7 @@ pub const CPU_NANOS_PER_DELIVERY: u64 = 196;
 pub const FDS_PER_PROCESS: u64 = 16;
 
 /// Descriptors each shard holds besides its connections, io_uring driver. Counted in
-/// `/proc/PID/fd` of `ringcast serve --driver io-uring` with 1 and 4 shards: the listener, two
+/// `/proc/PID/fd` of `ringcast serve --driver io_uring` with 1 and 4 shards: the listener, two
 /// rings (the runtime's and the socket ring), two eventfds and one epoll instance.
 pub const FDS_PER_SHARD_IO_URING: u64 = 6;
 
@@ -136,8 +177,12 @@ pub struct Costs {
     pub fds_per_process: u64,
     /// Server CPU per message received, in nanoseconds ([`CPU_NANOS_PER_MESSAGE`]).
     pub cpu_nanos_per_message: u64,
-    /// Server CPU per delivery sent, in nanoseconds ([`CPU_NANOS_PER_DELIVERY`]).
-    pub cpu_nanos_per_delivery: u64,
+    /// Server CPU per delivery sent when sends are batched (a high rate per connection), in
+    /// nanoseconds ([`CPU_NANOS_PER_DELIVERY`]).
+    pub cpu_nanos_per_delivery_batched: u64,
+    /// Server CPU per delivery sent when each is a send of its own (a low rate per
+    /// connection), in nanoseconds ([`CPU_NANOS_PER_DELIVERY_UNBATCHED`]).
+    pub cpu_nanos_per_delivery_unbatched: u64,
 }
 
 impl Costs {
@@ -163,7 +208,8 @@ impl Costs {
             fds_per_shard,
             fds_per_process: FDS_PER_PROCESS,
             cpu_nanos_per_message: CPU_NANOS_PER_MESSAGE,
-            cpu_nanos_per_delivery: CPU_NANOS_PER_DELIVERY,
+            cpu_nanos_per_delivery_batched: CPU_NANOS_PER_DELIVERY,
+            cpu_nanos_per_delivery_unbatched: CPU_NANOS_PER_DELIVERY_UNBATCHED,
         }
     }
 
@@ -273,7 +319,9 @@ impl Inputs {
     /// Per host: open files hold `nofile_per_host` minus the process's and shards' own
     /// descriptors; memory holds `ram x (1 - headroom)` minus the shards' fixed costs, divided
     /// by the user and kernel bytes of an idle connection; CPU gives `shards x utilisation`
-    /// cores to `messages x cpu_per_message + messages x fanout x cpu_per_delivery`; the config
+    /// cores to `messages x cpu_per_message + messages x fanout x cpu_per_delivery`, where
+    /// `cpu_per_delivery` follows the deliveries each connection receives per second
+    /// ([`cpu_nanos_per_delivery_at`]: 3,790 ns at 50 or fewer, 196 ns when batched); the config
     /// caps connections at `shards x max_connections_per_shard`. Each limit's need in hosts'
     /// worth is rounded up to whole hosts, at least 1. The binding limit is the one the load
     /// uses most of (largest [`HostsNeeded::hosts_exact`]; on an exact tie, the first in the
@@ -301,8 +349,14 @@ impl Inputs {
             .unwrap_or(0);
         let config_per_host = shards.saturating_mul(config.limits.max_connections_per_shard as u64);
         let cores_per_host = shards as f64 * self.cpu_utilisation;
+        // Deliveries each connection receives per second decide how well sends batch.
+        let per_connection = match connections {
+            0 => 0.0,
+            n => deliveries_per_sec / n as f64,
+        };
+        let cpu_nanos_per_delivery = cpu_nanos_per_delivery_at(per_connection);
         let cpu_cores_needed = (self.messages_per_sec * costs.cpu_nanos_per_message as f64
-            + deliveries_per_sec * costs.cpu_nanos_per_delivery as f64)
+            + deliveries_per_sec * cpu_nanos_per_delivery)
             / 1e9;
         check(
             fd_per_host > 0,
@@ -353,14 +407,19 @@ impl Inputs {
                 hosts_exact: cpu_cores_needed / cores_per_host,
                 hosts: 0,
                 how: format!(
-                    "{} msgs/s x {} ns + {} deliveries/s x {} ns = {:.2} cores; {} shards x {:.2} busy per host",
+                    "{} msgs/s x {} ns + {} deliveries/s x {:.0} ns = {:.2} cores; {} shards x {:.2} \
+                     busy per host. Per delivery at {:.1} per connection per s: {} ns batched \
+                     (50,049/s) to {} ns unbatched (50/s or fewer)",
                     group(self.messages_per_sec.ceil() as u64),
                     costs.cpu_nanos_per_message,
                     group(deliveries_per_sec.ceil() as u64),
-                    costs.cpu_nanos_per_delivery,
+                    cpu_nanos_per_delivery,
                     cpu_cores_needed,
                     shards,
-                    self.cpu_utilisation
+                    self.cpu_utilisation,
+                    per_connection,
+                    costs.cpu_nanos_per_delivery_batched,
+                    costs.cpu_nanos_per_delivery_unbatched,
                 ),
             },
             HostsNeeded {
@@ -391,6 +450,8 @@ impl Inputs {
             inputs: self.clone(),
             connections,
             deliveries_per_sec,
+            deliveries_per_connection_per_sec: per_connection,
+            cpu_nanos_per_delivery,
             cpu_cores_needed,
             costs,
             max_connections_per_shard: config.limits.max_connections_per_shard as u64,
@@ -502,7 +563,13 @@ pub struct Estimate {
     pub connections: u64,
     /// Messages per second x fan-out.
     pub deliveries_per_sec: f64,
-    /// Cores the message and delivery work needs, across the deployment.
+    /// Deliveries each connection receives per second: `deliveries_per_sec / connections`.
+    pub deliveries_per_connection_per_sec: f64,
+    /// The CPU per delivery the verdict uses, in nanoseconds: [`cpu_nanos_per_delivery_at`]
+    /// of `deliveries_per_connection_per_sec`, between the batched and the unbatched cost.
+    pub cpu_nanos_per_delivery: f64,
+    /// Cores the message and delivery work needs, across the deployment, at
+    /// `cpu_nanos_per_delivery`.
     pub cpu_cores_needed: f64,
     /// The costs used.
     pub costs: Costs,
@@ -563,12 +630,16 @@ impl fmt::Display for Estimate {
         writeln!(
             f,
             "costs: {} B user + {} B kernel per idle connection, {} per shard, \
-             {} ns CPU per message, {} ns per delivery (bench/RESULTS.md)",
+             {} ns CPU per message, {} to {} ns per delivery (bench/RESULTS.md): \
+             {:.0} ns used, at {:.1} deliveries per connection per s",
             c.user_bytes_per_connection,
             c.kernel_bytes_per_connection,
             bytes(c.fixed_bytes_per_shard),
             c.cpu_nanos_per_message,
-            c.cpu_nanos_per_delivery,
+            c.cpu_nanos_per_delivery_batched,
+            c.cpu_nanos_per_delivery_unbatched,
+            self.cpu_nanos_per_delivery,
+            self.deliveries_per_connection_per_sec,
         )?;
         writeln!(f)?;
         writeln!(
@@ -693,6 +764,28 @@ mod tests {
             costs.user_bytes_per_connection,
             IDLE_USER_BYTES_PER_CONNECTION_NO_HEAD
         );
+    }
+
+    #[test]
+    fn cpu_per_delivery_falls_with_the_rate_per_connection_between_the_measured_points() {
+        assert_eq!(cpu_nanos_per_delivery_at(0.0), 3_790.0);
+        assert_eq!(cpu_nanos_per_delivery_at(f64::NAN), 3_790.0);
+        assert_eq!(cpu_nanos_per_delivery_at(50.0), 3_790.0);
+        assert!((cpu_nanos_per_delivery_at(200.0) - 912.0).abs() < 1e-6);
+        assert_eq!(cpu_nanos_per_delivery_at(50_049.0), 196.0);
+        assert_eq!(cpu_nanos_per_delivery_at(1e9), 196.0);
+        // log-log: halfway between 50 and 200 (100/s) is the geometric mean of the costs.
+        let mid = cpu_nanos_per_delivery_at(100.0);
+        assert!((mid - (3_790.0f64 * 912.0).sqrt()).abs() < 1e-6, "{mid}");
+        let mut last = f64::INFINITY;
+        for rate in [1.0, 60.0, 150.0, 400.0, 5_000.0, 40_000.0, 60_000.0] {
+            let cost = cpu_nanos_per_delivery_at(rate);
+            assert!(
+                cost <= last && (196.0..=3_790.0).contains(&cost),
+                "{rate}: {cost}"
+            );
+            last = cost;
+        }
     }
 
     #[test]

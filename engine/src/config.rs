@@ -26,7 +26,7 @@ pub struct EngineConfig {
     pub shards: usize,
     /// Pin shard `i` to the `i`-th CPU the process may run on (wrapping). Default true.
     pub pin_shards: bool,
-    /// IO driver. Default `io-uring`; starting fails if io_uring is unavailable unless this is
+    /// IO driver. Default `io_uring`; starting fails if io_uring is unavailable unless this is
     /// `epoll`, which must be chosen explicitly.
     pub driver: Driver,
     /// Limits on what peers may send and on what is queued for them.
@@ -285,12 +285,133 @@ impl Default for EngineConfig {
     }
 }
 
-/// Which kernel interface the shards use for IO.
+/// This file's source: the field docs `to_toml_documented` quotes, so the comments it
+/// prints cannot drift from the documentation.
+const SOURCE: &str = include_str!("config.rs");
+
+/// One key of the config file and the line `to_toml_documented` writes above it.
+#[derive(Debug)]
+struct FieldDoc {
+    /// The section (`limits`, ...); empty for top-level keys.
+    section: String,
+    key: String,
+    /// The doc's first sentence, and its sentence on the default when that is another one.
+    summary: String,
+}
+
+/// The documented fields of `EngineConfig` and its sections, in the order of the source.
+fn field_docs() -> Vec<FieldDoc> {
+    struct Field {
+        owner: String,
+        name: String,
+        ty: String,
+        doc: String,
+    }
+    let mut fields = Vec::new();
+    let mut owner: Option<String> = None;
+    let mut doc = Vec::new();
+    for line in SOURCE.lines() {
+        let line = line.trim();
+        if let Some(name) = line
+            .strip_prefix("pub struct ")
+            .and_then(|rest| rest.strip_suffix(" {"))
+        {
+            owner = Some(name.to_owned());
+            doc.clear();
+        } else if line == "}" {
+            owner = None;
+        } else if let Some(text) = line.strip_prefix("///") {
+            doc.push(text.trim().to_owned());
+        } else if line.starts_with("#[") {
+            // Attributes sit between a field's doc and the field.
+        } else if let (Some(owner), Some((name, ty))) = (
+            &owner,
+            line.strip_prefix("pub ")
+                .and_then(|f| f.strip_suffix(','))
+                .and_then(|f| f.split_once(": ")),
+        ) {
+            fields.push(Field {
+                owner: owner.clone(),
+                name: name.to_owned(),
+                ty: ty.to_owned(),
+                doc: doc.join(" "),
+            });
+            doc.clear();
+        } else {
+            doc.clear();
+        }
+    }
+    // Sections are the fields of EngineConfig whose type is another struct here.
+    let section_of = |owner: &str| -> Option<String> {
+        if owner == "EngineConfig" {
+            return Some(String::new());
+        }
+        fields
+            .iter()
+            .find(|f| f.owner == "EngineConfig" && f.ty == owner)
+            .map(|f| f.name.clone())
+    };
+    fields
+        .iter()
+        .filter_map(|f| {
+            let section = section_of(&f.owner)?;
+            let sentences: Vec<&str> = f.doc.split_inclusive(". ").map(str::trim).collect();
+            let mut summary = sentences.first().copied().unwrap_or_default().to_owned();
+            if let Some(default) = sentences
+                .iter()
+                .skip(1)
+                .find(|s| s.starts_with("Default") || s.contains("(the default)"))
+            {
+                summary.push(' ');
+                summary.push_str(default);
+            }
+            Some(FieldDoc {
+                section,
+                key: f.name.clone(),
+                summary: without_doc_links(&summary),
+            })
+        })
+        .collect()
+}
+
+/// `text` with rustdoc links (`` [`Auth`](crate::Auth) ``) reduced to their text.
+fn without_doc_links(text: &str) -> String {
+    let mut out = text.to_owned();
+    while let Some(mid) = out.find("](crate::") {
+        let (Some(open), Some(close)) = (out[..mid].rfind('['), out[mid..].find(')')) else {
+            break;
+        };
+        out.replace_range(mid..mid + close + 1, "");
+        out.remove(open);
+    }
+    out
+}
+
+/// `url` with the password of its user part, if any, replaced by `REDACTED`.
+fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, password)) if !password.is_empty() => {
+            format!("{scheme}://{user}:REDACTED{}", &rest[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Which kernel interface the shards use for IO. Written `"io_uring"` (the kernel's own
+/// spelling; `"io-uring"` is read too) or `"epoll"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum Driver {
     /// io_uring, with readiness for sockets and completions for accepts and timers.
+    #[serde(rename = "io_uring", alias = "io-uring")]
     IoUring,
     /// epoll. Only when asked for: hosts with io_uring disabled, or comparisons.
     Epoll,
@@ -300,7 +421,7 @@ impl Driver {
     /// The name used in config files and logs.
     pub fn name(self) -> &'static str {
         match self {
-            Driver::IoUring => "io-uring",
+            Driver::IoUring => "io_uring",
             Driver::Epoll => "epoll",
         }
     }
@@ -581,6 +702,63 @@ impl EngineConfig {
     /// The configuration as TOML, every key present (but unset key files, `auth.*_file`).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("EngineConfig always serializes")
+    }
+
+    /// The shards [`Engine::start`](crate::Engine::start) runs with this config: `shards`, or
+    /// when it is 0 one per CPU the calling thread may run on (at least 1).
+    pub fn effective_shards(&self) -> usize {
+        match self.shards {
+            0 => core_affinity::get_core_ids().map_or(0, |c| c.len()).max(1),
+            n => n,
+        }
+    }
+
+    /// The configuration in effect as a commented TOML file, what `ringcast config` prints:
+    /// every key, each under a one-line comment saying what it is, its unit and default (the
+    /// summary and the default of its documentation); `shards` resolved to
+    /// [`EngineConfig::effective_shards`]; keys with no value (`auth.*_file`, which TOML
+    /// cannot write as null) as commented-out lines. Loading it back gives this config, with
+    /// `shards` resolved. The password of a `broker.url` is replaced by `REDACTED`: the
+    /// output is meant to be shown.
+    pub fn to_toml_documented(&self) -> String {
+        let mut config = self.clone();
+        config.shards = self.effective_shards();
+        let redacted = redact_url_password(&config.broker.url);
+        let url_redacted = redacted != config.broker.url;
+        config.broker.url = redacted;
+        let doc = toml::Table::try_from(&config).expect("EngineConfig always serializes");
+        let docs = field_docs();
+        let mut out = String::new();
+        let emit = |section: &str, table: &toml::Table, out: &mut String| {
+            let fields = docs.iter().filter(|f| f.section == section);
+            for field in fields {
+                match table.get(&field.key) {
+                    Some(toml::Value::Table(_)) => continue, // a section, written below
+                    Some(value) => {
+                        out.push_str(&format!("# {}\n{} = {value}", field.summary, field.key));
+                        if section.is_empty() && field.key == "shards" && self.shards == 0 {
+                            out.push_str("  # 0 in the config: one per CPU");
+                        }
+                        if section == "broker" && field.key == "url" && url_redacted {
+                            out.push_str("  # password redacted");
+                        }
+                        out.push('\n');
+                    }
+                    None => out.push_str(&format!(
+                        "# {}\n# {} = \"\"  (unset)\n",
+                        field.summary, field.key
+                    )),
+                }
+            }
+        };
+        emit("", &doc, &mut out);
+        for field in docs.iter().filter(|f| f.section.is_empty()) {
+            if let Some(toml::Value::Table(table)) = doc.get(&field.key) {
+                out.push_str(&format!("\n# {}\n[{}]\n", field.summary, field.key));
+                emit(&field.key, table, &mut out);
+            }
+        }
+        out
     }
 
     /// Sets one key, named as in the TOML file with dots between sections

@@ -552,7 +552,7 @@ pub struct Finding {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct EngineFacts {
-    /// The configured driver (`io-uring` or `epoll`).
+    /// The configured driver (`io_uring` or `epoll`).
     pub driver: &'static str,
     /// Shards the engine would run.
     pub shards: u64,
@@ -927,7 +927,7 @@ fn io_uring_findings(host: &Host, state: IoUring, findings: &mut Vec<Finding>) {
         IoUring::Disabled => (
             Severity::Error,
             "kernel.io_uring_disabled = 2: io_uring is off for every process, so `ringcast serve` \
-             with driver = \"io-uring\" will not start"
+             with driver = \"io_uring\" will not start"
                 .to_owned(),
             vec!["sysctl -w kernel.io_uring_disabled=0".to_owned()],
         ),

@@ -192,10 +192,7 @@ impl Engine {
         config.validate()?;
         // Read the CPU set before any thread is pinned: it is the calling thread's set.
         let cores = core_affinity::get_core_ids().unwrap_or_default();
-        let count = match config.shards {
-            0 => cores.len().max(1),
-            n => n,
-        };
+        let count = config.effective_shards();
         let listeners = listener::bind_all(
             config.listen,
             count,
@@ -319,7 +316,8 @@ impl Engine {
         self.handle.clone()
     }
 
-    /// Waits until every shard has stopped (after [`EngineHandle::stop`]).
+    /// Waits until every shard has stopped (after [`EngineHandle::stop`]). Call it at once
+    /// if you like: until the stop the engine runs, and stays ready, as if nobody waited.
     ///
     /// # Errors
     /// [`Error::ShardPanicked`] if a shard thread panicked.
@@ -336,16 +334,19 @@ impl Engine {
         self.wait()
     }
 
+    /// Joins the shards, then stops the canary. In that order: the shards run until
+    /// [`EngineHandle::stop`], however early `wait` was called, and readiness needs the
+    /// canary for as long as they run (through the drain too).
     fn join(&mut self) -> Result<()> {
-        if let Some((stop, thread)) = self.canary.take() {
-            drop(stop);
-            let _ = thread.join();
-        }
         let mut result = Ok(());
         for (i, thread) in self.threads.drain(..).enumerate() {
             if thread.join().is_err() && result.is_ok() {
                 result = Err(Error::ShardPanicked(i));
             }
+        }
+        if let Some((stop, thread)) = self.canary.take() {
+            drop(stop);
+            let _ = thread.join();
         }
         self.handle.inner.hub.stop();
         result

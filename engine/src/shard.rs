@@ -101,6 +101,8 @@ fn run_thread<H: Handler>(spec: ShardSpec, factory: &(impl Fn(ShardId) -> H + ?S
         warn!(shard = %id, core, "could not pin shard thread; running unpinned");
     }
     let core = pinned.and_then(|(core, ok)| ok.then_some(core));
+    // For the log: the core's number, or "unpinned" (not `Some(3)`).
+    let core_name = core.map_or_else(|| "unpinned".to_owned(), |c| c.to_string());
     let driver = spec.driver;
     let runtime_error = |source: io::Error, hint: &'static str| Error::Runtime {
         shard: id.index(),
@@ -116,7 +118,7 @@ fn run_thread<H: Handler>(spec: ShardSpec, factory: &(impl Fn(ShardId) -> H + ?S
                 .build();
             match built {
                 Ok(mut rt) => {
-                    info!(shard = %id, driver = "io_uring", ?core, "shard starting");
+                    info!(shard = %id, driver = driver.name(), core = %core_name, "shard starting");
                     rt.block_on(run(spec, factory(id)));
                 }
                 Err(e) => {
@@ -128,7 +130,7 @@ fn run_thread<H: Handler>(spec: ShardSpec, factory: &(impl Fn(ShardId) -> H + ?S
         }
         Driver::Epoll => match RuntimeBuilder::<LegacyDriver>::new().enable_timer().build() {
             Ok(mut rt) => {
-                info!(shard = %id, driver = "epoll", ?core, "shard starting");
+                info!(shard = %id, driver = driver.name(), core = %core_name, "shard starting");
                 rt.block_on(run(spec, factory(id)));
             }
             Err(e) => {
@@ -226,7 +228,10 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
         .canary_at
         .set(crate::conn::When::from_instant(std::time::Instant::now()).as_nanos());
     let _ = ready.send(Ok(()));
-    info!(shard = %id, listen = ?addr, "shard listening");
+    match addr {
+        Some(addr) => info!(shard = %id, listen = %addr, "shard listening"),
+        None => info!(shard = %id, "shard listening"),
+    }
 
     // Deliver topic messages until told to stop; a closed inbox (engine dropped) means stop.
     while let Some(msg) = inbox.recv().await {
@@ -514,11 +519,15 @@ impl<H: Handler> Shard<H> {
         }
     }
 
-    /// Answers a plain GET to one of the engine's own endpoints (`[http]`): health,
-    /// readiness, metrics. Returns false, answering nothing, for any other request.
+    /// Answers a plain GET or HEAD to one of the engine's own endpoints (`[http]`): health,
+    /// readiness, metrics. HEAD gets the GET answer's status and headers (its
+    /// `Content-Length` too) without the body, as RFC 9110 §9.3.2 asks: load balancers probe
+    /// with either. Returns false, answering nothing, for any other request.
     fn answer_plain_http(&self, table: &mut ConnTable, key: usize, head: &[u8]) -> bool {
-        let Some(("GET", path)) = ringcast_protocol::request_path(head) else {
-            return false;
+        let (head_only, path) = match ringcast_protocol::request_path(head) {
+            Some(("GET", path)) => (false, path),
+            Some(("HEAD", path)) => (true, path),
+            _ => return false,
         };
         let http = &table.settings.http;
         let response = if path == http.health_path {
@@ -549,6 +558,11 @@ impl<H: Handler> Shard<H> {
         } else {
             return false;
         };
+        let response = if head_only {
+            without_body(response)
+        } else {
+            response
+        };
         self.metrics.http_requests.incr();
         table.respond_and_close(key, response);
         true
@@ -559,7 +573,9 @@ impl<H: Handler> Shard<H> {
     fn upgrade(&self, table: &mut ConnTable, handler: &mut H, key: usize, head: &[u8]) -> bool {
         let req = match UpgradeRequest::parse(head) {
             Ok(req) => req,
-            Err(HandshakeError::NotWebSocket) if self.answer_plain_http(table, key, head) => {
+            Err(HandshakeError::NotWebSocket | HandshakeError::MethodNotAllowed(_))
+                if self.answer_plain_http(table, key, head) =>
+            {
                 return false;
             }
             Err(e) => {
@@ -861,6 +877,14 @@ impl<H: Handler> Shard<H> {
                 w.wake();
             }
         }
+    }
+}
+
+/// A whole HTTP response cut after its head: what a HEAD request gets.
+fn without_body(response: bytes::Bytes) -> bytes::Bytes {
+    match response.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(end) => response.slice(..end + 4),
+        None => response,
     }
 }
 

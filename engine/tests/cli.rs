@@ -22,6 +22,97 @@ fn config_prints_the_effective_settings_with_flags_applied() {
     ringcast::EngineConfig::from_toml(&text).unwrap();
 }
 
+/// The key lines of a `ringcast config` output (live or commented out), each with the comment
+/// line above it.
+fn documented_keys(text: &str) -> Vec<(String, String)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut keys = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let key_line = line.strip_prefix("# ").filter(|l| l.ends_with("(unset)"));
+        let Some((key, _)) = key_line.unwrap_or(line).split_once(" = ") else {
+            continue;
+        };
+        if key.starts_with('#') {
+            continue; // a comment that happens to hold " = "
+        }
+        let comment = i
+            .checked_sub(1)
+            .and_then(|j| lines[j].strip_prefix("# "))
+            .unwrap_or_else(|| panic!("no comment above {line:?}"));
+        keys.push((key.to_owned(), comment.to_owned()));
+    }
+    keys
+}
+
+#[test]
+fn config_prints_every_key_commented_with_shards_resolved_and_loads_back() {
+    let out = ringcast(&["config", "--set", "limits.max_frame_bytes=65536"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    // The count in effect: one per CPU, never 0.
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert!(
+        text.contains(&format!(
+            "\nshards = {cpus}  # 0 in the config: one per CPU\n"
+        )),
+        "{text}"
+    );
+    // Every key of every section, with a comment saying what it is; optional keys without
+    // a value as commented-out lines (TOML has no null).
+    let keys = documented_keys(&text);
+    let all = toml::Table::try_from(ringcast::EngineConfig::default()).unwrap();
+    let expected: usize = all
+        .values()
+        .map(|v| match v {
+            toml::Value::Table(t) => t.len(),
+            _ => 1,
+        })
+        .sum::<usize>()
+        + 3; // auth.*_file: unset, so absent from the serialized form
+    assert_eq!(keys.len(), expected, "{keys:#?}");
+    for (key, comment) in &keys {
+        assert!(comment.len() > 10, "{key}: {comment:?}");
+    }
+    let comment = |name: &str| &keys.iter().find(|(k, _)| k == name).unwrap().1;
+    assert!(
+        comment("max_frame_bytes").contains("Default 16 MiB"),
+        "{keys:#?}"
+    );
+    assert!(comment("hs256_secret_file").contains("HS256"), "{keys:#?}");
+    assert!(
+        text.contains("\n# hs256_secret_file = \"\"  (unset)\n"),
+        "{text}"
+    );
+    assert!(!text.contains("](crate::"), "rustdoc links: {text}");
+
+    // Loaded back, it is the same config (shards resolved), and prints the same again.
+    let loaded = ringcast::EngineConfig::from_toml(&text).unwrap();
+    let mut expected = ringcast::EngineConfig::default().with_shards(cpus);
+    expected.limits.max_frame_bytes = 65536;
+    assert_eq!(loaded, expected);
+    let dir = std::env::temp_dir().join(format!("ringcast-cli-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("printed.toml");
+    std::fs::write(&file, &text).unwrap();
+    let again = ringcast(&["config", "--config", file.to_str().unwrap()]);
+    assert!(again.status.success(), "{again:?}");
+    let again = String::from_utf8(again.stdout).unwrap();
+    assert_eq!(again, text.replace("  # 0 in the config: one per CPU", ""));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn config_never_prints_the_redis_password() {
+    let out = ringcast(&["config", "--broker", "redis://app:hunter2@127.0.0.1:6379/0"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(
+        text.contains("url = \"redis://app:REDACTED@127.0.0.1:6379/0\"  # password redacted"),
+        "{text}"
+    );
+}
+
 #[test]
 fn any_key_is_set_by_environment_or_flag_and_flags_win() {
     let out = Command::new(env!("CARGO_BIN_EXE_ringcast"))
@@ -180,9 +271,12 @@ fn capacity_prints_hosts_per_limit_as_text_and_json() {
     let estimate = json(&out);
     assert_eq!(estimate["hosts"], 4);
     assert_eq!(estimate["binding"], "config");
-    // CPU: 20,000 x 3,840 ns + 2,000,000 x 196 ns = 0.47 cores of 4 per host.
+    // CPU: 1 delivery per connection per second, one send each (3,790 ns, not the batched
+    // 196 ns): 20,000 x 3,840 ns + 2,000,000 x 3,790 ns = 7.66 cores of 4 per host.
     assert_eq!(estimate["limits"][2]["constraint"], "cpu");
-    assert_eq!(estimate["limits"][2]["hosts"], 1);
+    assert_eq!(estimate["limits"][2]["hosts"], 2);
+    assert_eq!(estimate["cpu_nanos_per_delivery"], 3_790.0);
+    assert!(text.contains("196 to 3790 ns per delivery"), "{text}");
 
     let out = ringcast(&[
         "capacity",

@@ -65,7 +65,7 @@ fn tight_host_is_bound_by_open_files_with_fixes_for_each_shortfall() {
     assert_eq!(h["unreadable"], json!([]));
 
     let e = &r["engine"];
-    assert_eq!(e["driver"], "io-uring");
+    assert_eq!(e["driver"], "io_uring");
     assert_eq!(e["shards"], 2);
     assert_eq!(e["shards_from"], "cores");
     assert_eq!(e["max_connections_per_shard"], 65536);
@@ -84,7 +84,8 @@ fn tight_host_is_bound_by_open_files_with_fixes_for_each_shortfall() {
             "fds_per_shard": 6,
             "fds_per_process": 16,
             "cpu_nanos_per_message": 3840,
-            "cpu_nanos_per_delivery": 196,
+            "cpu_nanos_per_delivery_batched": 196,
+            "cpu_nanos_per_delivery_unbatched": 3790,
         })
     );
 

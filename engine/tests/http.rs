@@ -1,5 +1,5 @@
 //! Plain HTTP on the WebSocket port: `/healthz`, `/readyz` and `/metrics` answered by the
-//! engine, every other plain request a clear 426 or 405. `/metrics` is parsed as a
+//! engine (GET or HEAD), every other plain request a clear 426 or 405. `/metrics` is parsed as a
 //! Prometheus scraper would parse it and checked for counters this test caused.
 
 mod util;
@@ -154,4 +154,78 @@ fn readiness_turns_false_while_a_shard_takes_no_canary() {
     assert_eq!(http_get(addr, "GET /readyz HTTP/1.1").0, 200);
     drop(on_shard);
     engine.stop().unwrap();
+}
+
+#[test]
+fn head_answers_as_get_does_without_the_body() {
+    let (engine, _) = start_recorder(config(2));
+    let addr = engine.local_addr();
+    for path in ["/healthz", "/readyz"] {
+        let (status, get_head, get_body) = http_get(addr, &format!("GET {path} HTTP/1.1"));
+        assert_eq!(status, 200, "GET {path}");
+        let (status, head, body) = http_get(addr, &format!("HEAD {path} HTTP/1.1"));
+        assert_eq!(status, 200, "HEAD {path}: {head}");
+        assert_eq!(head, get_head, "HEAD {path}: the GET answer's headers");
+        assert!(
+            head.contains(&format!("Content-Length: {}", get_body.len())),
+            "{head}"
+        );
+        assert_eq!(body, "", "HEAD {path} has no body");
+    }
+    let (status, head, body) = http_get(addr, "HEAD /metrics HTTP/1.1");
+    assert_eq!(status, 200, "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .expect("a Content-Length")
+        .parse()
+        .unwrap();
+    assert!(length > 0);
+    assert_eq!(body, "");
+    // Other paths and methods are still refused, saying what is allowed.
+    let (status, head, _) = http_get(addr, "HEAD /index.html HTTP/1.1");
+    assert_eq!(status, 405, "{head}");
+    let (status, _, _) = http_get(addr, "DELETE /readyz HTTP/1.1");
+    assert_eq!(status, 405);
+    engine.stop().unwrap();
+}
+
+#[test]
+fn readiness_holds_while_another_thread_waits_from_the_start() {
+    let interval = std::time::Duration::from_millis(100);
+    let mut cfg = config(2);
+    cfg.http.canary_interval = interval;
+    let (engine, _) = start_recorder(cfg);
+    let addr = engine.local_addr();
+    let handle = engine.handle();
+    // Waiting at once, as the binary does: the engine must run on, canary and all.
+    let waiter = std::thread::spawn(move || engine.wait());
+    // Well past the 3 intervals after which a shard without canaries counts as stuck.
+    let watch = interval * 3 * 5;
+    let start = std::time::Instant::now();
+    let mut probes = 0;
+    while start.elapsed() < watch {
+        let (status, _, body) = http_get(addr, "GET /readyz HTTP/1.1");
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "ready\n"),
+            "probe {probes} at {:?}",
+            start.elapsed()
+        );
+        assert!(handle.ready());
+        probes += 1;
+        std::thread::sleep(interval / 5);
+    }
+    assert!(probes >= 20, "{probes} probes");
+    handle.stop();
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !waiter.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "wait() did not return"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    waiter.join().unwrap().unwrap();
 }

@@ -112,12 +112,12 @@ sysctl (now in /proc/sys; at boot from /etc/sysctl.d/90-ringcast.conf)
   net.ipv4.tcp_max_syn_backlog     512 -> 65535
   net.core.netdev_max_backlog      1000 -> 16384
   net.ipv4.ip_local_port_range     32768 60999 -> 10240 65535
-  net.ipv4.tcp_rmem                4096 131072 6291456 -> 4096 16384 4194304
+  net.ipv4.tcp_rmem                4096 131072 6291456 (kept: at or above the profile's 4096 16384 4194304)
   net.ipv4.tcp_wmem                4096 16384 4194304 (unchanged)
   net.ipv4.tcp_mem                 21507 28677 43014 -> TCP_MEM
-  net.ipv4.tcp_keepalive_time      7200 -> 300
-  net.ipv4.tcp_keepalive_intvl     75 -> 30
-  net.ipv4.tcp_keepalive_probes    9 -> 5
+  net.ipv4.tcp_keepalive_time      7200 (kept: at or above the profile's 300)
+  net.ipv4.tcp_keepalive_intvl     75 (kept: at or above the profile's 30)
+  net.ipv4.tcp_keepalive_probes    9 (kept: at or above the profile's 5)
   net.netfilter.nf_conntrack_max   65536 -> 4194304
 
 sysctl at boot (/etc/sysctl.d/90-ringcast.conf)
@@ -132,12 +132,12 @@ sysctl at boot (/etc/sysctl.d/90-ringcast.conf)
   +net.ipv4.tcp_max_syn_backlog = 65535
   +net.core.netdev_max_backlog = 16384
   +net.ipv4.ip_local_port_range = 10240 65535
-  +net.ipv4.tcp_rmem = 4096 16384 4194304
+  +net.ipv4.tcp_rmem = 4096 131072 6291456
   +net.ipv4.tcp_wmem = 4096 16384 4194304
   +net.ipv4.tcp_mem = TCP_MEM
-  +net.ipv4.tcp_keepalive_time = 300
-  +net.ipv4.tcp_keepalive_intvl = 30
-  +net.ipv4.tcp_keepalive_probes = 5
+  +net.ipv4.tcp_keepalive_time = 7200
+  +net.ipv4.tcp_keepalive_intvl = 75
+  +net.ipv4.tcp_keepalive_probes = 9
   +net.netfilter.nf_conntrack_max = 4194304
 
 open-files limits for login sessions (/etc/security/limits.d/90-ringcast.conf)
@@ -162,7 +162,11 @@ open-files limits for login sessions (/etc/security/limits.d/90-ringcast.conf)
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
     assert!(
-        text.ends_with("\n14 changes proposed; run again with --apply, as root, to apply them\n"),
+        text.ends_with(
+            "\n4 sysctls kept where the host is above the profile (--allow-lower sets the \
+             profile's values)\n10 changes proposed; run again with --apply, as root, to apply \
+             them\n"
+        ),
         "{text}"
     );
     assert_eq!(host.read("proc/sys/fs/nr_open"), before);
@@ -237,7 +241,12 @@ fn apply_is_refused_without_root_and_as_root_writes_the_profile() {
     let out = apply_sh(&script(), &["--apply"], &host.0);
     assert!(out.status.success(), "{out:?}");
     let text = stdout(&out, &host.0);
-    assert!(text.contains("14 changes applied"), "{text}");
+    assert!(text.contains("10 changes applied"), "{text}");
+    assert_eq!(
+        host.read("proc/sys/net/ipv4/tcp_rmem"),
+        "4096\t131072\t6291456\n",
+        "never lowered"
+    );
     assert_eq!(host.read("proc/sys/fs/nr_open"), "4194304\n");
     assert_eq!(host.read("proc/sys/fs/file-max"), "9223372036854775807\n");
     assert_eq!(
@@ -266,6 +275,81 @@ fn apply_is_refused_without_root_and_as_root_writes_the_profile() {
         text.ends_with("\nnothing to change: the host matches the profile\n"),
         "{text}"
     );
+}
+
+/// The sysctl lines of a dry run: key -> what it prints after the key.
+fn sysctl_lines(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .skip_while(|l| !l.starts_with("sysctl (now"))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .map(|l| {
+            let (key, rest) = l.trim().split_once(' ').unwrap();
+            (key.to_owned(), rest.trim().to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn values_above_the_profile_are_never_lowered_field_by_field_unless_asked() {
+    let host = Scratch::of("tight", "lower");
+    // Above the profile's 4 MiB max; below its 16 KiB default (tcp_wmem); a wide port range.
+    let ipv4 = host.0.join("proc/sys/net/ipv4");
+    fs::write(ipv4.join("tcp_rmem"), "4096\t16384\t33554432\n").unwrap();
+    fs::write(ipv4.join("tcp_wmem"), "4096\t8192\t33554432\n").unwrap();
+    fs::write(ipv4.join("ip_local_port_range"), "1024\t60999\n").unwrap();
+    let out = apply_sh(&script(), &[], &host.0);
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out, &host.0);
+    let lines = sysctl_lines(&text);
+    let line = |key: &str| &lines.iter().find(|(k, _)| k == key).unwrap().1;
+    assert_eq!(
+        line("net.ipv4.tcp_rmem"),
+        "4096 16384 33554432 (kept: at or above the profile's 4096 16384 4194304)"
+    );
+    assert_eq!(
+        line("net.ipv4.tcp_wmem"),
+        "4096 8192 33554432 -> 4096 16384 33554432 (higher fields kept; the profile's 4096 16384 \
+         4194304)"
+    );
+    // A range only widens: the host's lower start stays, the profile's higher end is taken.
+    assert_eq!(
+        line("net.ipv4.ip_local_port_range"),
+        "1024 60999 -> 1024 65535 (higher fields kept; the profile's 10240 65535)"
+    );
+    assert_eq!(
+        line("net.ipv4.tcp_keepalive_time"),
+        "7200 (kept: at or above the profile's 300)"
+    );
+    for kept in [
+        "  +net.ipv4.tcp_rmem = 4096 16384 33554432\n",
+        "  +net.ipv4.tcp_wmem = 4096 16384 33554432\n",
+        "  +net.ipv4.tcp_keepalive_time = 7200\n",
+    ] {
+        assert!(text.contains(kept), "missing {kept:?} in:\n{text}");
+    }
+    assert_eq!(
+        host.read("proc/sys/net/ipv4/tcp_rmem"),
+        "4096\t16384\t33554432\n"
+    );
+
+    // Asked to: the profile's values as written, but capacity limits still only rise.
+    let out = apply_sh(&script(), &["--allow-lower"], &host.0);
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out, &host.0);
+    let lines = sysctl_lines(&text);
+    let line = |key: &str| &lines.iter().find(|(k, _)| k == key).unwrap().1;
+    assert_eq!(
+        line("net.ipv4.tcp_rmem"),
+        "4096 16384 33554432 -> 4096 16384 4194304"
+    );
+    assert_eq!(line("net.ipv4.tcp_keepalive_time"), "7200 -> 300");
+    assert_eq!(
+        line("fs.file-max"),
+        "9223372036854775807 (kept: at or above the profile's 4194304)"
+    );
+    assert!(!text.contains("kept where the host is above"), "{text}");
+    assert!(!host.0.join("etc").exists(), "a dry run wrote files");
 }
 
 #[test]

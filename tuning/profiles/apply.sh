@@ -6,21 +6,31 @@
 # would install, and changes nothing. With --apply (as root only) it writes the values to
 # /proc/sys and installs the files; running it again then proposes nothing (idempotent).
 #
-# usage: apply.sh [--apply] [--root DIR]
-#   --apply     write the changes (refused unless run as root)
-#   --root DIR  read and write /proc/sys, /proc/meminfo, /sys and /etc under DIR instead of /
-#               (a copy of a host, for tests); also RINGCAST_ROOT=DIR
+# It never lowers a value: a sysctl the host has above the profile keeps its value, field by
+# field for those with several (tcp_rmem "4096 16384 33554432" keeps its 32 MiB max against the
+# profile's 4 MiB but gets the profile's min and default where they are higher), and the port
+# range is only ever widened. --allow-lower sets the profile's values as written, but for the
+# capacity limits (fs.file-max, fs.nr_open, backlogs, tcp_mem, nf_conntrack_max), which it
+# only ever raises.
+#
+# usage: apply.sh [--apply] [--allow-lower] [--root DIR]
+#   --apply        write the changes (refused unless run as root)
+#   --allow-lower  set the profile's values even where the host's are higher
+#   --root DIR     read and write /proc/sys, /proc/meminfo, /sys and /etc under DIR instead
+#                  of / (a copy of a host, for tests); also RINGCAST_ROOT=DIR
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=${RINGCAST_ROOT:-/}
 apply=0
+allow_lower=0
 
 usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; }
 
 while [ $# -gt 0 ]; do
     case $1 in
         --apply) apply=1 ;;
+        --allow-lower) allow_lower=1 ;;
         --root) [ $# -ge 2 ] || { echo "apply.sh: --root needs a directory" >&2; exit 2; }
             root=$2; shift ;;
         --root=*) root=${1#--root=} ;;
@@ -37,10 +47,6 @@ if [ "${apply}" = 1 ] && [ "$(id -u)" != 0 ]; then
 fi
 [ -d "${root}" ] || { echo "apply.sh: root ${root} is not a directory" >&2; exit 2; }
 root=${root%/}   # "" for /, so "${root}/proc" is "/proc"
-
-# Keys whose profile value is a floor: a host already above keeps its value.
-floor_keys=" fs.file-max fs.nr_open net.core.somaxconn net.ipv4.tcp_max_syn_backlog \
-net.core.netdev_max_backlog net.ipv4.tcp_mem net.netfilter.nf_conntrack_max "
 
 # a >= b for non-negative integers of any length.
 ge() {
@@ -63,6 +69,35 @@ floor_max() {
         fi
     done
     echo "${out[*]}"
+}
+
+# Capacity limits that are never lowered, not even with --allow-lower: a host above them
+# (fs.file-max is often 2^63 - 1) has room the profile does not take away.
+floor_keys=" fs.file-max fs.nr_open net.core.somaxconn net.ipv4.tcp_max_syn_backlog \
+net.core.netdev_max_backlog net.ipv4.tcp_mem net.netfilter.nf_conntrack_max "
+
+# The value to write for a key: the profile's, except that no field goes below the host's
+# (unless --allow-lower, for keys not in floor_keys), and the port range (low high) only ever
+# widens.
+settle() {
+    local key=$1 cur=$2 want=$3
+    case "${floor_keys}" in
+        *" ${key} "*) ;;
+        *) if [ "${allow_lower}" = 1 ]; then echo "${want}"; return; fi ;;
+    esac
+    if [ "${key}" = net.ipv4.ip_local_port_range ]; then
+        local -a c w
+        read -r -a c <<<"${cur}"
+        read -r -a w <<<"${want}"
+        if [ "${#c[@]}" = 2 ] && [ "${#w[@]}" = 2 ] && [[ "${c[0]}${c[1]}" =~ ^[0-9]+$ ]]; then
+            local low=${w[0]} high=${w[1]}
+            ge "${c[0]}" "${low}" || low=${c[0]}
+            ge "${high}" "${c[1]}" || high=${c[1]}
+            echo "${low} ${high}"
+            return
+        fi
+    fi
+    floor_max "${cur}" "${want}"
 }
 
 # net.ipv4.tcp_mem from MemTotal: 1/8, 1/6 and 1/4 of RAM, in pages.
@@ -99,6 +134,7 @@ cpu_affinity_for_host() {
 work=$(mktemp -d)
 trap 'rm -rf "${work}"' EXIT
 changes=0
+kept_above=0
 
 if [ "${apply}" = 1 ]; then
     echo "ringcast host profile: applying under root ${root:-/}"
@@ -130,9 +166,13 @@ while IFS= read -r line; do
         continue
     fi
     cur=$(tr -s ' \t' ' ' <"${path}" | sed 's/^ //; s/ $//')
-    proposed=${want}
-    case "${floor_keys}" in *" ${key} "*) proposed=$(floor_max "${cur}" "${want}") ;; esac
+    proposed=$(settle "${key}" "${cur}" "${want}")
     echo "${key} = ${proposed}" >>"${sysctl_file}"
+    # Counted where --allow-lower would change it.
+    case "${floor_keys}" in
+        *" ${key} "*) ;;
+        *) [ "${proposed}" = "${want}" ] || kept_above=$((kept_above + 1)) ;;
+    esac
     if [ "${cur}" = "${proposed}" ]; then
         if [ "${proposed}" = "${want}" ]; then
             printf '  %-32s %s (unchanged)\n' "${key}" "${cur}"
@@ -140,7 +180,12 @@ while IFS= read -r line; do
             printf '  %-32s %s (kept: at or above the profile'"'"'s %s)\n' "${key}" "${cur}" "${want}"
         fi
     else
-        printf '  %-32s %s -> %s\n' "${key}" "${cur}" "${proposed}"
+        if [ "${proposed}" = "${want}" ]; then
+            printf '  %-32s %s -> %s\n' "${key}" "${cur}" "${proposed}"
+        else
+            printf '  %-32s %s -> %s (higher fields kept; the profile'"'"'s %s)\n' \
+                "${key}" "${cur}" "${proposed}" "${want}"
+        fi
         to_write+=("${path}=${proposed}")
         changes=$((changes + 1))
     fi
@@ -188,6 +233,9 @@ fi
 install_file "${unit_file}" /etc/systemd/system/ringcast.service "systemd unit"
 
 echo
+if [ "${kept_above}" != 0 ]; then
+    echo "${kept_above} sysctls kept where the host is above the profile (--allow-lower sets the profile's values)"
+fi
 if [ "${changes}" = 0 ]; then
     echo "nothing to change: the host matches the profile"
 elif [ "${apply}" = 1 ]; then

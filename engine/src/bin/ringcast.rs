@@ -26,7 +26,8 @@ struct Cli {
 enum Command {
     /// Run the server until SIGINT or SIGTERM.
     Serve(ServeArgs),
-    /// Print the effective configuration as TOML (defaults, then the file, then flags).
+    /// Print the configuration in effect as a commented TOML file (defaults, then the file,
+    /// then the environment, then flags), shards resolved; it loads back with --config.
     Config(ConfigArgs),
     /// Check this host for a target connection count: the binding limit and how to lift it.
     /// Exit status 0 when the target fits, 1 when it does not (or the host cannot be read).
@@ -46,7 +47,7 @@ struct ConfigArgs {
     /// Number of shards; 0 means one per CPU [default: 0].
     #[arg(long, env = "RINGCAST_SHARDS")]
     shards: Option<usize>,
-    /// IO driver: io-uring, or epoll where io_uring is unavailable [default: io-uring].
+    /// IO driver: io_uring, or epoll where io_uring is unavailable [default: io_uring].
     #[arg(long, env = "RINGCAST_DRIVER", value_parser = parse_driver)]
     driver: Option<Driver>,
     /// Set any key of the config file, dotted, with its value written as in TOML:
@@ -136,7 +137,7 @@ fn parse_driver(s: &str) -> Result<Driver, String> {
     match s {
         "io-uring" | "io_uring" | "iouring" => Ok(Driver::IoUring),
         "epoll" => Ok(Driver::Epoll),
-        other => Err(format!("unknown driver {other:?}; use io-uring or epoll")),
+        other => Err(format!("unknown driver {other:?}; use io_uring or epoll")),
     }
 }
 
@@ -200,7 +201,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
-        Command::Config(args) => args.load().map(|c| print!("{}", c.to_toml())),
+        Command::Config(args) => args.load().and_then(|c| emit(&c.to_toml_documented())),
         Command::Doctor(args) => doctor(args),
         Command::Capacity(args) => capacity(args),
     };
@@ -231,8 +232,9 @@ fn run<H: Handler>(
     factory: impl Fn(ShardId) -> H + Send + Sync + 'static,
 ) -> Result<()> {
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
-    let engine = Engine::start(config, factory)?;
+    let engine = Engine::start(config.clone(), factory)?;
     let handle = engine.handle();
+    let cap = connection_cap(&config.with_shards(handle.shards()));
     info!(
         listen = %handle.local_addr(),
         url = %format!("ws://{}/", handle.local_addr()),
@@ -240,8 +242,22 @@ fn run<H: Handler>(
         shards = handle.shards(),
         driver = handle.driver().name(),
         broker = if handle.broker_stats().is_some() { "redis" } else { "memory" },
+        max_connections = cap.max,
         "ringcast listening"
     );
+    match &cap.lowered_by {
+        Some(why) => warn!(
+            max_connections = cap.max,
+            configured = cap.configured,
+            "connection cap below the configured {} (shards x limits.max_connections_per_shard): \
+             {why}; `ringcast doctor` says how to lift it",
+            cap.configured
+        ),
+        None => info!(
+            max_connections = cap.max,
+            "connection cap: shards x limits.max_connections_per_shard"
+        ),
+    }
     let stopper = std::thread::Builder::new()
         .name("ringcast-signals".into())
         .spawn(move || {
@@ -276,6 +292,43 @@ fn run<H: Handler>(
         "ringcast stopped"
     );
     Ok(())
+}
+
+/// The most connections this process can hold, and why when that is below the config's.
+#[derive(Debug)]
+struct ConnectionCap {
+    /// The smaller of the configured count and what the open-files limit leaves.
+    max: u64,
+    /// shards x `limits.max_connections_per_shard`.
+    configured: u64,
+    /// How the open-files limit was worked out, when it is the lower one.
+    lowered_by: Option<String>,
+}
+
+/// The effective connection cap of `config` (shards resolved) on this host: the config's
+/// count, or fewer when the open-files limit (less the descriptors the process and its
+/// shards hold themselves) allows fewer, as `ringcast doctor` works it out.
+fn connection_cap(config: &EngineConfig) -> ConnectionCap {
+    use ringcast::doctor::{self, Constraint, Host, Target};
+    let configured = config.shards as u64 * config.limits.max_connections_per_shard as u64;
+    let files = Host::read(std::path::Path::new("/")).ok().and_then(|host| {
+        doctor::diagnose(&host, config, Target::inbound(configured))
+            .limits
+            .into_iter()
+            .find(|l| l.constraint == Constraint::FileDescriptors)
+    });
+    match files.and_then(|l| Some((l.max_connections?, l.how))) {
+        Some((max, how)) if max < configured => ConnectionCap {
+            max,
+            configured,
+            lowered_by: Some(how),
+        },
+        _ => ConnectionCap {
+            max: configured,
+            configured,
+            lowered_by: None,
+        },
+    }
 }
 
 fn doctor(args: DoctorArgs) -> Result<()> {
