@@ -681,11 +681,11 @@ impl Worker {
             ReplyTo::Thread(tx) => {
                 let _ = tx.send(result);
             }
-            ReplyTo::Conn { conn, id, encoding } => {
+            ReplyTo::Conn { conn, id, dialect } => {
                 let frame = match result {
-                    Ok(_) => envelope::ack_frame(encoding, id),
+                    Ok(_) => envelope::ack_frame(dialect, id),
                     Err(e) => envelope::error_frame(
-                        encoding,
+                        dialect,
                         id,
                         match e {
                             PublishError::Stopped | PublishError::Unavailable => {
@@ -694,6 +694,7 @@ impl Worker {
                             _ => ErrorCode::Internal,
                         },
                         &e.to_string(),
+                        None,
                     ),
                 };
                 self.fanout.send(
