@@ -10,7 +10,7 @@ use std::{collections::HashMap, sync::Arc, time::SystemTime};
 
 use bytes::Bytes;
 use ringcast_protocol::{
-    envelope::{self, Encoding, ErrorCode, PayloadKind, Request},
+    envelope::{self, Dialect, Encoding, ErrorCode, PayloadKind, Request},
     CloseCode, UpgradeRequest,
 };
 
@@ -24,9 +24,9 @@ use crate::{
 
 /// The pub/sub broker, `ringcast serve`'s default handler.
 ///
-/// At the upgrade it selects `ringcast.v1.bin` if the client offers it, else
-/// `ringcast.v1.json` if offered; a client that offers neither (a bare browser `WebSocket`)
-/// speaks JSON. `?overflow=drop-oldest|drop-newest|conflate|disconnect` in the request target
+/// At the upgrade it selects `ringcast.v2.bin` if the client offers it, else
+/// `ringcast.v1.bin`, else `ringcast.v1.json` if offered; a client that offers none (a bare
+/// browser `WebSocket`) speaks JSON. `?overflow=drop-oldest|drop-newest|conflate|disconnect` in the request target
 /// picks the connection's data-ring policy (anything else: 400).
 ///
 /// With token auth ([`Broker::with_auth`]) an upgrade needs a valid token (401 otherwise,
@@ -86,8 +86,7 @@ impl Handler for Broker {
         if let Some(grants) = self.pending.take() {
             self.grants.insert(ctx.id(), grants);
         }
-        let encoding = encoding_of(ctx);
-        ctx.set_delivery_format(DeliveryFormat::Envelope(encoding));
+        ctx.set_delivery_format(DeliveryFormat::Envelope(dialect_of(ctx).encoding()));
         let policy = query_param(ctx.info().target(), "overflow").and_then(RingOverflow::from_name);
         if let Some(policy) = policy {
             ctx.set_ring_overflow(policy);
@@ -110,25 +109,30 @@ impl Handler for Broker {
                 }
             },
         };
-        let encoding = encoding_of(ctx);
+        let dialect = dialect_of(ctx);
+        let encoding = dialect.encoding();
         let request = match (&msg, encoding) {
             (Message::Text(_), Encoding::Json) | (Message::Binary(_), Encoding::Binary) => {
                 envelope::decode_request(encoding, msg.payload())
             }
-            (Message::Binary(_), Encoding::Json) => Err(envelope::DecodeError {
-                id: None,
-                code: ErrorCode::BadRequest,
-                message: "ringcast.v1.json takes text messages".into(),
-            }),
-            (Message::Text(_), Encoding::Binary) => Err(envelope::DecodeError {
-                id: None,
-                code: ErrorCode::BadRequest,
-                message: "ringcast.v1.bin takes binary messages".into(),
-            }),
+            (Message::Binary(_), Encoding::Json) | (Message::Text(_), Encoding::Binary) => {
+                Err(envelope::DecodeError {
+                    id: None,
+                    code: ErrorCode::BadRequest,
+                    message: format!(
+                        "{} takes {} messages",
+                        dialect.subprotocol(),
+                        match encoding {
+                            Encoding::Json => "text",
+                            Encoding::Binary => "binary",
+                        }
+                    ),
+                })
+            }
         };
         match request {
-            Ok(request) => handle(ctx, encoding, grants, request),
-            Err(e) => refuse(ctx, encoding, e.id, e.code, &e.message),
+            Ok(request) => handle(ctx, dialect, grants, request),
+            Err(e) => refuse(ctx, dialect, e.id, e.code, &e.message),
         }
     }
 }
@@ -146,17 +150,20 @@ impl Broker {
             }
         }
         let offered = |name: &str| req.protocols().any(|p| p == name);
-        if offered(envelope::BINARY_SUBPROTOCOL) {
-            Upgrade::accept_subprotocol(envelope::BINARY_SUBPROTOCOL)
-        } else if offered(envelope::JSON_SUBPROTOCOL) {
-            Upgrade::accept_subprotocol(envelope::JSON_SUBPROTOCOL)
-        } else {
-            Upgrade::accept()
-        }
+        // The newer binary version first: it carries epochs, seqs and retry hints.
+        [
+            envelope::BINARY_V2_SUBPROTOCOL,
+            envelope::BINARY_SUBPROTOCOL,
+            envelope::JSON_SUBPROTOCOL,
+        ]
+        .into_iter()
+        .find(|name| offered(name))
+        .map_or_else(Upgrade::accept, Upgrade::accept_subprotocol)
     }
 }
 
-fn handle(ctx: &mut Ctx<'_>, enc: Encoding, grants: Option<&Grants>, request: Request<'_>) {
+fn handle(ctx: &mut Ctx<'_>, d: Dialect, grants: Option<&Grants>, request: Request<'_>) {
+    let enc = d.encoding();
     match request {
         Request::Subscribe { id, topics } => {
             // All or nothing: a denied topic subscribes none of the request's topics.
@@ -167,15 +174,21 @@ fn handle(ctx: &mut Ctx<'_>, enc: Encoding, grants: Option<&Grants>, request: Re
                     .map(|t| t.topic.to_string())
             }) {
                 let why = format!("{denied}: not allowed to subscribe");
-                return refuse(ctx, enc, id, ErrorCode::Forbidden, &why);
+                return refuse(ctx, d, id, ErrorCode::Forbidden, &why);
             }
             let mut resets = Vec::new();
+            let mut positions = Vec::with_capacity(topics.len());
             for t in &topics {
-                match ctx.subscribe(&t.topic, t.since) {
+                match ctx.subscribe_in(&t.topic, t.since, t.epoch) {
                     Ok(sub) => {
                         if let Some(oldest) = sub.reset {
-                            resets.push(envelope::reset_frame(enc, &t.topic, oldest));
+                            resets.push(envelope::reset_frame(d, &t.topic, oldest, sub.epoch));
                         }
+                        positions.push(envelope::TopicPosition {
+                            topic: t.topic.clone(),
+                            epoch: sub.epoch,
+                            seq: sub.seq,
+                        });
                     }
                     Err(e) => {
                         let code = match e {
@@ -183,11 +196,11 @@ fn handle(ctx: &mut Ctx<'_>, enc: Encoding, grants: Option<&Grants>, request: Re
                             SubscribeError::TooManySubscriptions => ErrorCode::TooManySubscriptions,
                         };
                         // Topics before this one stay subscribed; the error names this one.
-                        return refuse(ctx, enc, id, code, &format!("{}: {e}", t.topic));
+                        return refuse(ctx, d, id, code, &format!("{}: {e}", t.topic));
                     }
                 }
             }
-            control(ctx, envelope::ack_frame(enc, id));
+            control(ctx, envelope::subscribe_ack_frame(d, id, positions));
             for reset in resets {
                 control(ctx, reset);
             }
@@ -200,14 +213,15 @@ fn handle(ctx: &mut Ctx<'_>, enc: Encoding, grants: Option<&Grants>, request: Re
                 }
             }
             match missing {
-                None => control(ctx, envelope::ack_frame(enc, id)),
+                None => control(ctx, envelope::ack_frame(d, id)),
                 Some(topic) => control(
                     ctx,
                     envelope::error_frame(
-                        enc,
+                        d,
                         id,
                         ErrorCode::NotSubscribed,
                         &format!("not subscribed to {topic}"),
+                        None,
                     ),
                 ),
             }
@@ -215,15 +229,18 @@ fn handle(ctx: &mut Ctx<'_>, enc: Encoding, grants: Option<&Grants>, request: Re
         Request::Publish { id, topic, payload } => {
             if grants.is_some_and(|g| !g.may_publish(&topic)) {
                 let why = format!("{topic}: not allowed to publish");
-                return refuse(ctx, enc, id, ErrorCode::Forbidden, &why);
+                return refuse(ctx, d, id, ErrorCode::Forbidden, &why);
             }
             let payload = match payload.kind {
                 // The one copy, out of the read buffer.
                 PayloadKind::Json => Payload::Json(Bytes::copy_from_slice(&payload.bytes)),
                 PayloadKind::Binary => Payload::Binary(Bytes::copy_from_slice(&payload.bytes)),
             };
-            match ctx.publish_request(&topic, payload, id, enc) {
-                Ok(Some(_)) => control(ctx, envelope::ack_frame(enc, id)),
+            match ctx.publish_request(&topic, payload, id, d) {
+                Ok(Some(receipt)) => control(
+                    ctx,
+                    envelope::publish_ack_frame(d, id, receipt.epoch, receipt.seq),
+                ),
                 // The backend (Redis) acks or refuses it when it has ordered it.
                 Ok(None) => {}
                 Err(e) => {
@@ -236,7 +253,7 @@ fn handle(ctx: &mut Ctx<'_>, enc: Encoding, grants: Option<&Grants>, request: Re
                         | PublishError::Stopped
                         | PublishError::Unavailable => ErrorCode::Unavailable,
                     };
-                    refuse(ctx, enc, id, code, &e.to_string());
+                    refuse(ctx, d, id, code, &e.to_string());
                 }
             }
         }
@@ -245,8 +262,8 @@ fn handle(ctx: &mut Ctx<'_>, enc: Encoding, grants: Option<&Grants>, request: Re
 }
 
 /// Answers a request with an error, and closes a connection that keeps sending bad ones.
-fn refuse(ctx: &mut Ctx<'_>, enc: Encoding, id: Option<u64>, code: ErrorCode, message: &str) {
-    control(ctx, envelope::error_frame(enc, id, code, message));
+fn refuse(ctx: &mut Ctx<'_>, d: Dialect, id: Option<u64>, code: ErrorCode, message: &str) {
+    control(ctx, envelope::error_frame(d, id, code, message, None));
     if !ctx.charge_bad_request() {
         ctx.close(CloseCode::POLICY, "too many bad requests");
     }
@@ -258,11 +275,12 @@ fn control(ctx: &mut Ctx<'_>, frame: Bytes) {
     let _ = ctx.send_frame(&Frame(frame));
 }
 
-fn encoding_of(ctx: &Ctx<'_>) -> Encoding {
+/// The connection's dialect, by the subprotocol selected at the upgrade (JSON when none).
+fn dialect_of(ctx: &Ctx<'_>) -> Dialect {
     ctx.info()
         .subprotocol()
-        .and_then(Encoding::from_subprotocol)
-        .unwrap_or(Encoding::Json)
+        .and_then(Dialect::from_subprotocol)
+        .unwrap_or(Dialect::Json)
 }
 
 /// The value of `name` in the query of `target`, undecoded.

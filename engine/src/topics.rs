@@ -15,7 +15,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use ringcast_protocol::{envelope, CloseCode};
+use ringcast_protocol::{
+    envelope::{self, Dialect, Encoding},
+    CloseCode,
+};
 use slab::Slab;
 
 use crate::{
@@ -154,6 +157,7 @@ impl ConnTable {
         key: usize,
         topic: Arc<Topic>,
         since: Option<u64>,
+        epoch: Option<u64>,
     ) -> Result<Attach, SubscribeLimit> {
         if self.is_subscribed(key, &topic.name) {
             self.unsubscribe(key, &topic.name);
@@ -177,7 +181,7 @@ impl ConnTable {
         };
         self.topics.last_token += 1;
         let token = self.topics.last_token;
-        let mut attach = match self.hub.attach(&topic, shard, first, since, token) {
+        let mut attach = match self.hub.attach(&topic, shard, first, since, epoch, token) {
             AttachStart::Ready(attach) => attach,
             AttachStart::Pending => {
                 self.topics.topics[id as usize]
@@ -188,6 +192,7 @@ impl ConnTable {
                     replay: Vec::new(),
                     replayed: 0,
                     reset: None,
+                    epoch: self.hub.known_epoch(&topic),
                 }
             }
         };
@@ -333,7 +338,7 @@ impl ConnTable {
                     self.notify(key, usize::MAX);
                 }
             }
-            BackendMsg::Rebase { topic, next } => {
+            BackendMsg::Rebase { topic, next, epoch } => {
                 let Some(&id) = self.topics.by_name.get(&*topic.name) else {
                     return;
                 };
@@ -349,7 +354,7 @@ impl ConnTable {
                         // Drops counted in the old numbering mean nothing in the new one.
                         ps.drops.retain(|d| d.topic != id);
                     }
-                    self.reset_notice(key, &topic.name, next);
+                    self.reset_notice(key, &topic.name, next, epoch);
                 }
             }
         }
@@ -370,7 +375,7 @@ impl ConnTable {
         }
         let key = key as usize;
         if let Some(oldest) = a.reset {
-            self.reset_notice(key, &a.topic.name, oldest);
+            self.reset_notice(key, &a.topic.name, oldest, a.epoch);
         }
         for msg in &a.replay {
             if let Offer::Disconnect = self.offer(key, id, msg) {
@@ -381,11 +386,25 @@ impl ConnTable {
         self.notify(key, usize::MAX);
     }
 
+    /// The dialect of connection `key`'s notices and replies, if it takes the envelope: its
+    /// delivery encoding, binary version 2 when that is the subprotocol it chose.
+    pub(crate) fn reply_dialect(&self, key: usize) -> Option<Dialect> {
+        let conn = &self.conns[key];
+        match conn.pubsub.as_ref()?.format {
+            DeliveryFormat::Envelope(Encoding::Binary)
+                if conn.info().subprotocol() == Some(envelope::BINARY_V2_SUBPROTOCOL) =>
+            {
+                Some(Dialect::BinaryV2)
+            }
+            DeliveryFormat::Envelope(enc) => Some(enc.into()),
+            DeliveryFormat::Raw => None,
+        }
+    }
+
     /// Queues a `reset` notice for an envelope subscriber.
-    fn reset_notice(&mut self, key: usize, topic: &str, oldest: u64) {
-        let format = self.conns[key].pubsub.as_ref().map(|ps| ps.format);
-        if let Some(DeliveryFormat::Envelope(enc)) = format {
-            self.push_control(key, envelope::reset_frame(enc, topic, oldest));
+    fn reset_notice(&mut self, key: usize, topic: &str, oldest: u64, epoch: u64) {
+        if let Some(d) = self.reply_dialect(key) {
+            self.push_control(key, envelope::reset_frame(d, topic, oldest, epoch));
         }
     }
 
