@@ -96,7 +96,7 @@ use crate::{
     progress::Progress,
     stats::{buckets, latency_histogram, record_buckets, LatencySummary},
     timeline::{self, Timeline},
-    window::{record, Window, WindowStart},
+    window::{record, CpuReport, Window, WindowStart},
     workers::Children,
     wsconn::MioConn,
 };
@@ -328,13 +328,9 @@ pub struct FanoutReport {
     /// Server CPU time per delivery (of those in `deliveries`), in microseconds (needs the
     /// server's pid).
     pub server_cpu_us_per_delivery: Option<f64>,
-    /// Server CPU time over the window, as a fraction of one core.
-    pub server_cpu_util: Option<f64>,
-    /// This load generator's CPU time over the window, all its processes, in cores.
-    pub client_cpu_util: f64,
-    /// CPU time over the window that neither the server nor the load generator used, in cores
-    /// (see [`crate::echo::EchoReport::other_cpu_util`]; needs the server's pid).
-    pub other_cpu_util: Option<f64>,
+    /// Where the CPU time of the window went; the client's is that of all its processes.
+    #[serde(flatten)]
+    pub cpu: CpuReport,
     /// Subscriber connections that failed during the load.
     pub errors: u64,
     /// The first such failure.
@@ -394,19 +390,9 @@ impl FanoutReport {
             " | send lag us p50 {:.1} p99 {:.1} max {:.1}",
             self.send_lag.p50_us, self.send_lag.p99_us, self.send_lag.max_us
         );
-        if let (Some(per), Some(util)) = (self.server_cpu_us_per_delivery, self.server_cpu_util) {
-            line += &format!(
-                " | server cpu {per:.3} us/delivery ({:.0}% of a core)",
-                util * 100.0
-            );
-        }
-        line += &format!(
-            " | client cpu {:.0}% of a core",
-            self.client_cpu_util * 100.0
-        );
-        if let Some(other) = self.other_cpu_util {
-            line += &format!(" | other {:.0}%", other * 100.0);
-        }
+        line += &self
+            .cpu
+            .human(self.server_cpu_us_per_delivery, "delivery", 3);
         if self.unsent > 0 {
             line += &format!(" | {} unsent", self.unsent);
         }
@@ -680,7 +666,10 @@ fn report(
     } else {
         Duration::ZERO
     };
-    let client_cpu = w.client_cpu + worker_cpu;
+    let w = Window {
+        client_cpu: w.client_cpu + worker_cpu,
+        ..*w
+    };
     FanoutReport {
         mode: cfg.mode.to_string(),
         subs: cfg.subs,
@@ -709,14 +698,7 @@ fn report(
         latency: LatencySummary::from_histogram(&latency),
         send_lag: LatencySummary::from_histogram(&outcome.lag),
         server_cpu_us_per_delivery: w.server_cpu_us_per(t.in_window),
-        server_cpu_util: w.server_util(),
-        client_cpu_util: client_cpu.as_secs_f64() / secs,
-        // Clamped at zero for the reason given at `window::Window::other_util`.
-        other_cpu_util: w.server_cpu.map(|server| {
-            ((w.machine_busy.as_secs_f64() - server.as_secs_f64() - client_cpu.as_secs_f64())
-                / secs)
-                .max(0.0)
-        }),
+        cpu: w.cpu_report(),
         errors: t.errors,
         first_error: t.first_error,
         incomplete_subs: t.incomplete,
