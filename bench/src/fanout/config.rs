@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     idle::{AUTO_CONNS_PER_PROCESS, MAX_CONNS_PER_PROCESS},
     net::{SourceAddrs, Target},
+    workers::slices,
 };
 
 use super::{subscriber::SubscriberPart, MIN_JSON_PAYLOAD_BYTES, TS_BYTES};
@@ -184,10 +185,7 @@ pub(super) fn validate(cfg: &FanoutConfig) -> Result<()> {
 
 /// The subscriber parts for `procs` processes.
 pub(super) fn subscriber_parts(cfg: &FanoutConfig, procs: usize) -> Vec<SubscriberPart> {
-    let per = cfg.subs.div_ceil(procs);
-    (0..procs)
-        .map(|w| (w * per).min(cfg.subs)..((w + 1) * per).min(cfg.subs))
-        .filter(|r| !r.is_empty())
+    slices(cfg.subs, procs)
         .map(|range| SubscriberPart {
             url: format!("ws://{}{}", cfg.target.host, cfg.target.path),
             mode: cfg.mode,
@@ -195,8 +193,7 @@ pub(super) fn subscriber_parts(cfg: &FanoutConfig, procs: usize) -> Vec<Subscrib
             count: range.len(),
             topics: cfg.topics,
             rate: cfg.rate,
-            first_source: cfg.sources.first,
-            per_addr: cfg.sources.per_addr,
+            sources: cfg.sources,
             open_timeout: cfg.open_timeout,
             warmup: cfg.warmup,
             duration: cfg.duration,

@@ -123,18 +123,10 @@ impl Fleet {
                 .context("starting the subscriber thread")?;
             return Ok(Self::Local { commands, signals });
         }
-        let exe = std::env::current_exe().context("finding this executable")?;
-        let arg_lists = parts
-            .iter()
-            .map(|p| {
-                Ok(vec![
-                    "fanout-worker".to_owned(),
-                    "--config".to_owned(),
-                    serde_json::to_string(p)?,
-                ])
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self::Workers(Children::spawn(&exe, &arg_lists)?))
+        Ok(Self::Workers(Children::spawn_parts(
+            "fanout-worker",
+            parts,
+        )?))
     }
 
     /// Waits until every part is subscribed; returns how many subscribers are.
@@ -219,16 +211,12 @@ fn all_lines(
     deadline: Instant,
     what: &str,
 ) -> Result<Vec<String>> {
-    let lines = children.collect(prefix, deadline, |_, _| {});
-    let got = lines.iter().flatten().count();
-    if got < children.len() {
-        children.kill_all();
-        bail!(
-            "{got} of {} fanout workers were {what} (see their errors above)",
-            children.len()
-        );
-    }
-    Ok(lines.into_iter().flatten().collect())
+    children.collect_all(
+        prefix,
+        deadline,
+        |_, _| {},
+        &format!("fanout workers were {what} (see their errors above)"),
+    )
 }
 
 #[cfg(test)]

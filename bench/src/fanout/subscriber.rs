@@ -50,24 +50,14 @@ pub struct SubscriberPart {
     /// message a timestamp is.
     pub rate: f64,
     /// Source addresses, shared by all parts.
-    pub first_source: u8,
-    /// Connections per source address.
-    pub per_addr: usize,
+    #[serde(flatten)]
+    pub sources: SourceAddrs,
     /// Deadline for opening and subscribing.
     pub open_timeout: Duration,
     /// See [`FanoutConfig::warmup`](super::FanoutConfig::warmup).
     pub warmup: Duration,
     /// See [`FanoutConfig::duration`](super::FanoutConfig::duration).
     pub duration: Duration,
-}
-
-impl SubscriberPart {
-    fn sources(&self) -> SourceAddrs {
-        SourceAddrs {
-            first: self.first_source,
-            per_addr: self.per_addr,
-        }
-    }
 }
 
 /// What one part measured; merged into a [`super::FanoutReport`].
@@ -115,7 +105,7 @@ pub(super) fn run_part(
         &target,
         part.mode,
         first..first + part.count,
-        part.sources(),
+        part.sources,
         part.open_timeout,
         poll.registry(),
     )?;

@@ -151,9 +151,8 @@ pub struct PartConfig {
     /// Slots in this part.
     pub count: usize,
     /// Source addresses, shared by all parts.
-    pub first_source: u8,
-    /// Connections per source address.
-    pub per_addr: usize,
+    #[serde(flatten)]
+    pub sources: SourceAddrs,
     /// See [`StormConfig::duration`].
     pub duration: Duration,
     /// See [`StormConfig::hold`].
@@ -171,13 +170,6 @@ pub struct PartConfig {
 }
 
 impl PartConfig {
-    pub(super) fn sources(&self) -> SourceAddrs {
-        SourceAddrs {
-            first: self.first_source,
-            per_addr: self.per_addr,
-        }
-    }
-
     /// The longest this part's run (after `go`) can last, closing included.
     pub(super) fn run_limit(&self) -> Duration {
         let core = match self.kind {

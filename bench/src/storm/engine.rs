@@ -7,7 +7,6 @@ use std::{
     fmt,
     io::{self, Read as _, Write as _},
     net::{Ipv4Addr, Shutdown, SocketAddrV4},
-    os::fd::AsRawFd as _,
     time::{Duration, Instant},
 };
 
@@ -21,9 +20,10 @@ use ringcast_protocol::{
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::{
-    net::{SourceAddrs, Target},
+    net::{set_bind_address_no_port, SourceAddrs, Target},
     stats::{buckets, latency_histogram},
     timeline::{self, Timeline},
+    window::record,
 };
 
 use super::{
@@ -193,7 +193,7 @@ impl Engine {
             kind: part.kind,
             target: target.clone(),
             raw: part.raw,
-            sources: part.sources(),
+            sources: part.sources,
             hold: part.hold,
             attempt_timeout: part.attempt_timeout,
             backoff: part.backoff,
@@ -602,30 +602,12 @@ fn drain(stream: &mut TcpStream, scratch: &mut [u8]) -> io::Result<bool> {
     }
 }
 
-fn record(h: &mut Histogram<u64>, d: Duration) {
-    h.saturating_record(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-}
-
 /// Starts a non-blocking connect from `source` (port picked at connect time, as in
 /// [`crate::net::connect_from`]) to `dest`.
 fn connect_nonblocking(source: Ipv4Addr, dest: SocketAddrV4) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_nonblocking(true)?;
-    let one: libc::c_int = 1;
-    // SAFETY: the fd is a live socket owned by `socket`; the option value is a c_int that
-    // outlives the call, and its exact size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            std::ptr::from_ref(&one).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    set_bind_address_no_port(&socket)?;
     socket.bind(&SockAddr::from(SocketAddrV4::new(source, 0)))?;
     match socket.connect(&SockAddr::from(dest)) {
         Ok(()) => {}

@@ -16,9 +16,9 @@
 //! One thread drives all of a process's slots with mio (epoll): non-blocking connects, each
 //! bound to a loopback source address ([`SourceAddrs`](crate::net::SourceAddrs), slot `i`
 //! gets address `i / per_addr`) with `IP_BIND_ADDRESS_NO_PORT`. Above
-//! [`AUTO_CONNS_PER_PROCESS`] connections the slots are split over child processes (see
-//! `workers.rs`; this binary re-executed as `storm-worker`), which start together on the
-//! parent's `go` and send their results back as JSON.
+//! [`AUTO_CONNS_PER_PROCESS`](idle::AUTO_CONNS_PER_PROCESS) connections the slots are split
+//! over child processes (see `workers.rs`; this binary re-executed as `storm-worker`), which
+//! start together on the parent's `go` and send their results back as JSON.
 //!
 //! Bounded: every attempt has a deadline ([`StormConfig::attempt_timeout`]), churn stops
 //! starting attempts after `duration`, the reconnect gives up after `reconnect_timeout`, closing
@@ -48,7 +48,7 @@ use self::{
     parts::run_parts,
     report::{churn_report, mass_report},
 };
-use crate::idle::{AUTO_CONNS_PER_PROCESS, MAX_CONNS_PER_PROCESS};
+use crate::idle;
 
 /// How long a connection gets to finish closing (the server's close and TCP close).
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -68,17 +68,7 @@ pub fn run_storm(cfg: &StormConfig) -> Result<StormReport> {
         cfg.backoff.base <= cfg.backoff.cap,
         "--backoff-base must not exceed --backoff-cap"
     );
-    let procs = if cfg.procs == 0 {
-        cfg.conns.div_ceil(AUTO_CONNS_PER_PROCESS)
-    } else {
-        cfg.procs
-    };
-    ensure!(
-        cfg.conns.div_ceil(procs) <= MAX_CONNS_PER_PROCESS,
-        "{} connections over {procs} process(es) is more than {MAX_CONNS_PER_PROCESS} per \
-         process; raise --procs",
-        cfg.conns
-    );
+    let procs = idle::processes(cfg.conns, cfg.procs)?;
     cfg.sources.for_index(cfg.conns - 1)?;
 
     let mut report = StormReport {

@@ -15,7 +15,7 @@ use crate::{
     idle::{self, WorkerConfig},
     net::Target,
     progress::Progress,
-    workers::Children,
+    workers::{slices, Children},
 };
 
 use super::{
@@ -36,23 +36,19 @@ pub(super) struct Tally {
 
 /// The part configs for `procs` processes.
 fn part_configs(cfg: &StormConfig, kind: PartKind, procs: usize) -> Vec<PartConfig> {
-    let per = cfg.conns.div_ceil(procs);
     let url = format!(
         "{}://{}{}",
         if cfg.raw { "tcp" } else { "ws" },
         cfg.target.host,
         cfg.target.path
     );
-    (0..procs)
-        .map(|w| (w * per).min(cfg.conns)..((w + 1) * per).min(cfg.conns))
-        .filter(|r| !r.is_empty())
+    slices(cfg.conns, procs)
         .map(|range| PartConfig {
             url: url.clone(),
             kind,
             first_index: range.start,
             count: range.len(),
-            first_source: cfg.sources.first,
-            per_addr: cfg.sources.per_addr,
+            sources: cfg.sources,
             duration: cfg.duration,
             hold: cfg.hold,
             reconnect_timeout: cfg.reconnect_timeout,
@@ -96,28 +92,14 @@ pub(super) fn run_parts(
         return Ok(vec![result]);
     }
 
-    let exe = std::env::current_exe().context("finding this executable")?;
-    let arg_lists = parts
-        .iter()
-        .map(|p| {
-            Ok(vec![
-                "storm-worker".to_owned(),
-                "--config".to_owned(),
-                serde_json::to_string(p)?,
-            ])
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut children = Children::spawn(&exe, &arg_lists)?;
+    let mut children = Children::spawn_parts("storm-worker", &parts)?;
     let ready_deadline = Instant::now() + cfg.open_timeout + Duration::from_secs(10);
-    let ready = children.collect("ready", ready_deadline, |_, _| {});
-    let reported = ready.iter().flatten().count();
-    if reported < children.len() {
-        children.kill_all();
-        bail!(
-            "{reported} of {} storm workers were ready by the deadline",
-            children.len()
-        );
-    }
+    children.collect_all(
+        "ready",
+        ready_deadline,
+        |_, _| {},
+        "storm workers were ready by the deadline",
+    )?;
     children.tell_all("go");
     let limit = parts[0].run_limit() + Duration::from_secs(10);
     let mut tallies = vec![Tally::default(); children.len()];
@@ -220,7 +202,7 @@ fn prepare(part: &PartConfig, target: &Target) -> Result<Prepared> {
             target: target.clone(),
             range: part.first_index..part.first_index + part.count,
             raw: part.raw,
-            sources: part.sources(),
+            sources: part.sources,
             open_timeout: part.open_timeout,
             lifetime: Duration::MAX,
         },
