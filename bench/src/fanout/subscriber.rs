@@ -419,13 +419,18 @@ impl Subscribers<'_> {
                 }
                 None => 0,
             };
+            let arrival = Arrival {
+                span: span.as_ref(),
+                at,
+                at_ns,
+            };
             let before = tally.in_window;
             let result = conn.on_ready(
                 event.is_readable() || event.is_read_closed(),
                 event.is_writable(),
                 scratch,
                 registry,
-                &mut |sub, msg| on_delivery(part.mode, sub, tally, span.as_ref(), at, at_ns, msg),
+                &mut |sub, msg| on_delivery(part.mode, sub, tally, &arrival, msg),
             );
             if let Some(span) = span {
                 span.timeline.add(at, tally.in_window - before);
@@ -459,14 +464,22 @@ fn check_done(conn: &mut Conn, tally: &mut Tally, started: bool, expect: u64, to
     }
 }
 
-/// Takes one message that arrived on a subscriber at `at` (`at_ns` in monotonic nanoseconds).
+/// When a readiness event's messages arrived, read once per event.
+#[derive(Debug, Clone, Copy)]
+struct Arrival<'a> {
+    /// The run, once `go` has come.
+    span: Option<&'a Span>,
+    at: Instant,
+    /// `at` in `CLOCK_MONOTONIC` nanoseconds (0 before `go`).
+    at_ns: u64,
+}
+
+/// Takes one message that arrived on a subscriber.
 fn on_delivery(
     mode: FanoutMode,
     sub: &mut SubState,
     tally: &mut Tally,
-    span: Option<&Span>,
-    at: Instant,
-    at_ns: u64,
+    arrival: &Arrival<'_>,
     msg: &[u8],
 ) -> Result<()> {
     let payload = match mode.encoding() {
@@ -477,7 +490,7 @@ fn on_delivery(
                     tally.seq_errors += 1;
                 }
                 sub.next_seq = Some(seq.saturating_add(1));
-                return take_payload(mode, sub, tally, span, at, at_ns, &payload.bytes);
+                return take_payload(mode, sub, tally, arrival, &payload.bytes);
             }
             ServerMessage::Dropped { count, next, .. } => {
                 sub.dropped = sub.dropped.saturating_add(count);
@@ -501,7 +514,7 @@ fn on_delivery(
             ServerMessage::Shutdown { reason } => bail!("the broker is shutting down: {reason}"),
         },
     };
-    take_payload(mode, sub, tally, span, at, at_ns, payload)
+    take_payload(mode, sub, tally, arrival, payload)
 }
 
 /// Counts and times one delivered payload.
@@ -509,11 +522,10 @@ fn take_payload(
     mode: FanoutMode,
     sub: &mut SubState,
     tally: &mut Tally,
-    span: Option<&Span>,
-    at: Instant,
-    at_ns: u64,
+    arrival: &Arrival<'_>,
     payload: &[u8],
 ) -> Result<()> {
+    let Arrival { span, at, at_ns } = *arrival;
     let (Some(span), Some(ts)) = (span, read_ts(mode.is_json(), payload)) else {
         tally.foreign += 1;
         return Ok(());
@@ -611,15 +623,12 @@ mod tests {
         } else {
             FanoutMode::EnvelopeBin
         };
-        on_delivery(
-            mode,
-            sub,
-            tally,
-            Some(span),
-            span.clock.at,
-            span.clock.ns + 1000,
-            &message,
-        )
+        let arrival = Arrival {
+            span: Some(span),
+            at: span.clock.at,
+            at_ns: span.clock.ns + 1000,
+        };
+        on_delivery(mode, sub, tally, &arrival, &message)
     }
 
     #[test]
@@ -669,17 +678,12 @@ mod tests {
             (span.t0_ns + 200, 2, 1),
         ] {
             write_payload(false, ts, 16, &mut data);
-            let at = span.clock.at;
-            take_payload(
-                FanoutMode::Raw,
-                &mut sub,
-                &mut tally,
-                Some(&span),
-                at,
-                span.t0_ns + 300,
-                &data,
-            )
-            .unwrap();
+            let arrival = Arrival {
+                span: Some(&span),
+                at: span.clock.at,
+                at_ns: span.t0_ns + 300,
+            };
+            take_payload(FanoutMode::Raw, &mut sub, &mut tally, &arrival, &data).unwrap();
             assert_eq!(
                 (tally.foreign, tally.received),
                 (foreign, measured),
@@ -689,16 +693,12 @@ mod tests {
         assert_eq!(sub.got, 2);
         assert_eq!(sub.last, Some(150));
         let (mut sub, mut tally) = (SubState::default(), Tally::new());
-        take_payload(
-            FanoutMode::Raw,
-            &mut sub,
-            &mut tally,
-            None,
-            span.clock.at,
-            0,
-            &data,
-        )
-        .unwrap();
+        let before_go = Arrival {
+            span: None,
+            at: span.clock.at,
+            at_ns: 0,
+        };
+        take_payload(FanoutMode::Raw, &mut sub, &mut tally, &before_go, &data).unwrap();
         assert_eq!(tally.foreign, 1, "a message before go");
     }
 
