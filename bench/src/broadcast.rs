@@ -33,7 +33,7 @@ use crate::{
     idle::{self, OpenSet, WorkerConfig, MAX_CONNS_PER_PROCESS},
     net::{SourceAddrs, Target},
     stats::{latency_histogram, LatencySummary},
-    window::{record, WindowStart},
+    window::{record, CpuReport, WindowStart},
     wsconn::MioConn,
 };
 
@@ -116,14 +116,9 @@ pub struct BroadcastReport {
     pub round_latency: LatencySummary,
     /// Server CPU time per delivery, in microseconds (needs the server's pid).
     pub server_cpu_us_per_delivery: Option<f64>,
-    /// Server CPU time over the window, as a fraction of one core.
-    pub server_cpu_util: Option<f64>,
-    /// This load generator's CPU time over the window, as a fraction of one core. Near 1.0 the
-    /// client may be the bottleneck.
-    pub client_cpu_util: f64,
-    /// CPU time over the window that neither the server nor this client used, in cores (see
-    /// [`crate::echo::EchoReport::other_cpu_util`]; needs the server's pid).
-    pub other_cpu_util: Option<f64>,
+    /// Where the CPU time of the window went.
+    #[serde(flatten)]
+    pub cpu: CpuReport,
 }
 
 impl BroadcastReport {
@@ -145,19 +140,9 @@ impl BroadcastReport {
             p99 = l.p99_us,
             max = l.max_us,
         );
-        if let (Some(per), Some(util)) = (self.server_cpu_us_per_delivery, self.server_cpu_util) {
-            line += &format!(
-                " | server cpu {per:.3} us/delivery ({:.0}% of a core)",
-                util * 100.0
-            );
-        }
-        line += &format!(
-            " | client cpu {:.0}% of a core",
-            self.client_cpu_util * 100.0
-        );
-        if let Some(other) = self.other_cpu_util {
-            line += &format!(" | other {:.0}%", other * 100.0);
-        }
+        line += &self
+            .cpu
+            .human(self.server_cpu_us_per_delivery, "delivery", 3);
         line
     }
 }
@@ -289,9 +274,7 @@ impl Lockstep<'_> {
             rounds_per_sec: rounds as f64 / secs,
             round_latency: LatencySummary::from_histogram(&histogram),
             server_cpu_us_per_delivery: window.server_cpu_us_per(deliveries),
-            server_cpu_util: window.server_util(),
-            client_cpu_util: window.client_util(),
-            other_cpu_util: window.other_util(),
+            cpu: window.cpu_report(),
         })
     }
 

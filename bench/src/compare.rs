@@ -220,7 +220,7 @@ pub struct CompareConfig {
     /// The core the load generator is pinned to.
     pub load_core: usize,
     /// A round in which everything else used more than this much CPU (in cores; see
-    /// [`EchoReport::other_cpu_util`]) is noisy and is run again.
+    /// [`crate::CpuReport::other_util`]) is noisy and is run again.
     pub max_other_cpu: f64,
     /// How many times a noisy round is run again before its least noisy try is kept.
     pub retries: usize,
@@ -338,8 +338,8 @@ impl RoundReport {
 
     fn other_cpu(&self) -> Option<f64> {
         match self {
-            Self::Echo(r) => r.other_cpu_util,
-            Self::Broadcast(r) => r.other_cpu_util,
+            Self::Echo(r) => r.cpu.other_util,
+            Self::Broadcast(r) => r.cpu.other_util,
         }
     }
 }

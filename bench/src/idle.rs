@@ -30,7 +30,7 @@ use crate::{
     net::{self, SourceAddrs, Target},
     procfs::{self, KernelMemory, ProcessMemory},
     progress::Progress,
-    workers::Children,
+    workers::{slices, Children},
 };
 
 /// Connections opened (and closed) together: connected and sent their request before the
@@ -178,6 +178,25 @@ impl IdleReport {
     }
 }
 
+/// The processes `conns` connections are spread over: `procs`, or for 0 one per
+/// [`AUTO_CONNS_PER_PROCESS`].
+///
+/// # Errors
+/// That puts more than [`MAX_CONNS_PER_PROCESS`] connections in one process.
+pub(crate) fn processes(conns: usize, procs: usize) -> Result<usize> {
+    let procs = if procs == 0 {
+        conns.div_ceil(AUTO_CONNS_PER_PROCESS)
+    } else {
+        procs
+    };
+    ensure!(
+        conns.div_ceil(procs) <= MAX_CONNS_PER_PROCESS,
+        "{conns} connections over {procs} process(es) is more than {MAX_CONNS_PER_PROCESS} per \
+         process; raise --procs"
+    );
+    Ok(procs)
+}
+
 /// Opens, measures, holds and closes; see the module docs.
 ///
 /// # Errors
@@ -185,17 +204,7 @@ impl IdleReport {
 /// misses its deadline, or no connection at all could be opened.
 pub fn run_idle(cfg: &IdleConfig) -> Result<IdleReport> {
     ensure!(cfg.conns > 0, "--conns must be at least 1");
-    let procs = if cfg.procs == 0 {
-        cfg.conns.div_ceil(AUTO_CONNS_PER_PROCESS)
-    } else {
-        cfg.procs
-    };
-    ensure!(
-        cfg.conns.div_ceil(procs) <= MAX_CONNS_PER_PROCESS,
-        "{} connections over {procs} process(es) is more than {MAX_CONNS_PER_PROCESS} per \
-         process; raise --procs",
-        cfg.conns
-    );
+    let procs = processes(cfg.conns, cfg.procs)?;
     // Fail before opening anything if the sources run out.
     cfg.sources.for_index(cfg.conns - 1)?;
 
@@ -601,16 +610,11 @@ impl Workers {
     /// each to report `ready`.
     fn spawn(cfg: &IdleConfig, procs: usize) -> Result<Self> {
         let exe = std::env::current_exe().context("finding this executable")?;
-        let per = cfg.conns.div_ceil(procs);
         // Long enough for the parent to settle, hold and close; a worker never outlives it.
         let lifetime = cfg.open_timeout + cfg.settle_timeout + cfg.hold + Duration::from_secs(60);
         let url = format!("ws://{}{}", cfg.target.host, cfg.target.path);
         let mut arg_lists = Vec::with_capacity(procs);
-        for w in 0..procs {
-            let range = (w * per).min(cfg.conns)..((w + 1) * per).min(cfg.conns);
-            if range.is_empty() {
-                continue;
-            }
+        for range in slices(cfg.conns, procs) {
             let mut args: Vec<String> = vec!["idle-worker".into(), "--url".into(), url.clone()];
             for (flag, value) in [
                 ("--first-index", range.start.to_string()),
@@ -630,17 +634,14 @@ impl Workers {
         }
         let mut children = Children::spawn(&exe, &arg_lists)?;
         let deadline = Instant::now() + cfg.open_timeout + Duration::from_secs(10);
-        let ready = children.collect("ready ", deadline, |_, _| {});
-        let reported = ready.iter().flatten().count();
-        if reported < children.len() {
-            children.kill_all();
-            bail!(
-                "{reported} of {} idle workers were ready by the deadline",
-                children.len()
-            );
-        }
+        let ready = children.collect_all(
+            "ready ",
+            deadline,
+            |_, _| {},
+            "idle workers were ready by the deadline",
+        )?;
         let (mut opened, mut failed) = (0, 0);
-        for line in ready.iter().flatten() {
+        for line in &ready {
             let mut parts = line.split_ascii_whitespace();
             let mut num = || parts.next().and_then(|n| n.parse::<usize>().ok());
             opened += num().unwrap_or(0);

@@ -65,6 +65,8 @@ mod wsconn;
 
 use std::time::Duration;
 
+pub use window::CpuReport;
+
 /// Parses a number of seconds (`5`, `0.5`) into a `Duration`, for command-line flags.
 ///
 /// # Errors

@@ -13,6 +13,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
+use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// Where the load goes: a loopback address plus the `Host` header and request target of the
@@ -66,9 +67,12 @@ impl Target {
 
 /// Hands out loopback source addresses: connection `i` gets
 /// `127.0.0.(first + i / per_addr)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// Worker parts carry it flattened as `first_source` and `per_addr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceAddrs {
     /// Last octet of the first source address (2 gives 127.0.0.2).
+    #[serde(rename = "first_source")]
     pub first: u8,
     /// Connections per source address, below the ~28,000 ephemeral ports one address has.
     pub per_addr: usize,
@@ -119,7 +123,11 @@ pub fn connect_from(
     Ok(socket.into())
 }
 
-fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
+/// Sets `IP_BIND_ADDRESS_NO_PORT` on `socket`, see [`connect_from`].
+///
+/// # Errors
+/// The kernel refuses the option.
+pub(crate) fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
     let one: libc::c_int = 1;
     // SAFETY: the fd is a live socket owned by `socket`; the option value is a c_int that
     // outlives the call, and its exact size is passed.
@@ -175,6 +183,20 @@ mod tests {
     fn non_loopback_targets_are_refused() {
         assert!(Target::parse("ws://10.0.0.1:80/").is_err());
         assert!(Target::parse("http://127.0.0.1:80/").is_err());
+    }
+
+    #[test]
+    fn source_addresses_travel_to_workers_as_first_source_and_per_addr() {
+        let sources = SourceAddrs {
+            first: 3,
+            per_addr: 10,
+        };
+        let json = serde_json::to_value(sources).unwrap();
+        assert_eq!(json, serde_json::json!({"first_source": 3, "per_addr": 10}));
+        assert_eq!(
+            serde_json::from_value::<SourceAddrs>(json).unwrap(),
+            sources
+        );
     }
 
     #[test]

@@ -3,12 +3,14 @@
 //!
 //! Owns only the readings at the window's two ends ([`procfs`]); what counts as one unit of
 //! work (a round trip, a delivery) and the division by it belong to each load. Shared by the
-//! loads that report CPU per unit of work; [`crate::broadcast`] uses it.
+//! loads that report CPU per unit of work (echo, broadcast, fanout), which report it as a
+//! [`CpuReport`].
 
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
 
 use crate::procfs;
 
@@ -102,6 +104,61 @@ impl Window {
     pub(crate) fn secs(&self) -> f64 {
         self.length.as_secs_f64().max(1e-9)
     }
+
+    /// The utilization figures of the window, for a report.
+    pub(crate) fn cpu_report(&self) -> CpuReport {
+        CpuReport {
+            server_util: self.server_util(),
+            client_util: self.client_util(),
+            other_util: self.other_util(),
+        }
+    }
+}
+
+/// Where the CPU time of a measured window went, in cores (1.0 is one core busy for the whole
+/// window). Every load that measures the server's CPU reports it, flattened into its report:
+/// the JSON keys are `server_cpu_util`, `client_cpu_util` and `other_cpu_util`.
+///
+/// The server's CPU time per unit of work stays beside it in each report, under the name of
+/// its unit (`server_cpu_us_per_msg`, `server_cpu_us_per_delivery`), and is passed to
+/// [`CpuReport::human`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CpuReport {
+    /// The server's CPU time over the window, as a fraction of one core (needs the server's
+    /// pid).
+    #[serde(rename = "server_cpu_util")]
+    pub server_util: Option<f64>,
+    /// This load generator's CPU time over the window (all its processes), as a fraction of
+    /// one core. Near 1.0 for one process, the client may be the bottleneck.
+    #[serde(rename = "client_cpu_util")]
+    pub client_util: f64,
+    /// CPU time over the window that neither the server nor the load generator used, in
+    /// cores: other processes, interrupts and softirqs not charged to either, and hypervisor
+    /// steal. A noisy neighbour shows up here (needs the server's pid). The machine's total is
+    /// sampled by tick while the processes' times are exact, so it is clamped at zero.
+    #[serde(rename = "other_cpu_util")]
+    pub other_util: Option<f64>,
+}
+
+impl CpuReport {
+    /// The report line's CPU part: ` | server cpu 1.25 us/msg (40% of a core) | client cpu
+    /// 60% of a core | other 3%`, the server's part only with its per-unit figure
+    /// (`per_unit`, in microseconds per `unit`, with `decimals` decimals) and the other part
+    /// only when it was measured.
+    pub fn human(&self, per_unit: Option<f64>, unit: &str, decimals: usize) -> String {
+        let mut line = String::new();
+        if let (Some(per), Some(util)) = (per_unit, self.server_util) {
+            line += &format!(
+                " | server cpu {per:.decimals$} us/{unit} ({:.0}% of a core)",
+                util * 100.0
+            );
+        }
+        line += &format!(" | client cpu {:.0}% of a core", self.client_util * 100.0);
+        if let Some(other) = self.other_util {
+            line += &format!(" | other {:.0}%", other * 100.0);
+        }
+        line
+    }
 }
 
 /// Records a latency into a histogram of nanoseconds, clamping what does not fit.
@@ -146,6 +203,24 @@ mod tests {
         assert_eq!(w.server_cpu_us_per(10), None);
         assert_eq!(w.server_util(), None);
         assert_eq!(w.other_util(), None);
+    }
+
+    #[test]
+    fn the_cpu_report_reads_as_one_line_and_keeps_its_json_keys() {
+        let cpu = window(2, Some(1000), 500, 1700).cpu_report();
+        assert_eq!(
+            cpu.human(Some(1.5), "msg", 2),
+            " | server cpu 1.50 us/msg (50% of a core) | client cpu 25% of a core | other 10%"
+        );
+        let no_server = window(1, None, 100, 200).cpu_report();
+        assert_eq!(
+            no_server.human(None, "delivery", 3),
+            " | client cpu 10% of a core"
+        );
+        let json = serde_json::to_value(cpu).unwrap();
+        assert_eq!(json["server_cpu_util"], 0.5);
+        assert_eq!(json["client_cpu_util"], 0.25);
+        assert!(json["other_cpu_util"].is_number());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
+    ops::Range,
     path::Path,
     process::{Child, ChildStdin, Command, Stdio},
     sync::mpsc,
@@ -17,7 +18,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
+use serde::Serialize;
 
 /// Running children and the lines they print.
 #[derive(Debug)]
@@ -75,6 +77,27 @@ impl Children {
         Ok(this)
     }
 
+    /// Starts this executable once per part, as `SUBCOMMAND --config JSON` (the hidden
+    /// worker subcommands of `loadgen`), see [`Children::spawn`].
+    ///
+    /// # Errors
+    /// This executable cannot be found, a part does not serialize, or a child cannot be
+    /// started.
+    pub(crate) fn spawn_parts(subcommand: &str, parts: &[impl Serialize]) -> Result<Self> {
+        let exe = std::env::current_exe().context("finding this executable")?;
+        let arg_lists = parts
+            .iter()
+            .map(|p| {
+                Ok(vec![
+                    subcommand.to_owned(),
+                    "--config".to_owned(),
+                    serde_json::to_string(p)?,
+                ])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::spawn(&exe, &arg_lists)
+    }
+
     /// How many children there are.
     pub(crate) fn len(&self) -> usize {
         self.children.len()
@@ -108,6 +131,27 @@ impl Children {
         found
     }
 
+    /// [`Children::collect`] where every child must answer: the rest of each child's line, or,
+    /// when some did not, kills them all and fails with `GOT of N {what}`.
+    ///
+    /// # Errors
+    /// A child exited or missed the deadline without the line.
+    pub(crate) fn collect_all(
+        &mut self,
+        prefix: &str,
+        deadline: Instant,
+        other: impl FnMut(usize, &str),
+        what: &str,
+    ) -> Result<Vec<String>> {
+        let lines = self.collect(prefix, deadline, other);
+        let got = lines.iter().flatten().count();
+        if got < self.len() {
+            self.kill_all();
+            bail!("{got} of {} {what}", self.len());
+        }
+        Ok(lines.into_iter().flatten().collect())
+    }
+
     /// Writes `line` to every child's stdin (best effort: a child that exited is skipped).
     pub(crate) fn tell_all(&mut self, line: &str) {
         for stdin in self.stdins.iter_mut().flatten() {
@@ -137,6 +181,15 @@ impl Children {
             }
         }
     }
+}
+
+/// `0..total` cut into `parts` slices of equal length (the last may be shorter), leaving out
+/// empty ones.
+pub(crate) fn slices(total: usize, parts: usize) -> impl Iterator<Item = Range<usize>> {
+    let per = total.div_ceil(parts.max(1));
+    (0..parts)
+        .map(move |w| (w * per).min(total)..((w + 1) * per).min(total))
+        .filter(|r| !r.is_empty())
 }
 
 impl Drop for Children {

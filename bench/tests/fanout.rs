@@ -161,7 +161,7 @@ fn subscribers_spread_over_worker_processes_add_up() {
         "{report:?}"
     );
     assert_eq!(report.received, report.expected, "{report:?}");
-    assert!(report.client_cpu_util > 0.0);
+    assert!(report.cpu.client_util > 0.0);
     engine.stop().unwrap();
 }
 

@@ -92,6 +92,45 @@ impl SourceArgs {
     }
 }
 
+/// The measured window, shared by the loads that run for a time and measure after a warmup.
+#[derive(Debug, Args)]
+struct WindowArgs {
+    /// Measured window, in seconds.
+    #[arg(long, default_value = "5", value_parser = parse_secs)]
+    duration: Duration,
+    /// Unmeasured load before the window, in seconds.
+    #[arg(long, default_value = "1", value_parser = parse_secs)]
+    warmup: Duration,
+}
+
+/// The server's process, for the loads that report its CPU time per unit of work.
+#[derive(Debug, Args)]
+struct ServerCpuArgs {
+    /// The server's pid, to report its CPU time per message or delivery.
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+/// How the report is printed, shared by every subcommand that reports.
+#[derive(Debug, Args)]
+struct OutputArgs {
+    /// Print the report as JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+impl OutputArgs {
+    /// Prints a report: JSON for tools, or its human-readable text.
+    fn emit(&self, report: &impl serde::Serialize, human: &str) -> Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(report)?);
+        } else {
+            println!("{}", human.trim_end());
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Args)]
 struct EchoArgs {
     /// Server URL, ws://HOST:PORT/PATH (loopback only).
@@ -103,18 +142,13 @@ struct EchoArgs {
     /// Payload bytes per message.
     #[arg(long, default_value_t = 20)]
     size: usize,
-    /// Measured window, in seconds.
-    #[arg(long, default_value = "5", value_parser = parse_secs)]
-    duration: Duration,
-    /// Unmeasured load before the window, in seconds.
-    #[arg(long, default_value = "1", value_parser = parse_secs)]
-    warmup: Duration,
+    #[command(flatten)]
+    window: WindowArgs,
     /// Send SIZE raw bytes and wait for SIZE bytes back (no WebSocket), for peer-raw-echo.
     #[arg(long)]
     raw: bool,
-    /// The server's pid, to report its CPU time per message.
-    #[arg(long)]
-    server_pid: Option<u32>,
+    #[command(flatten)]
+    server: ServerCpuArgs,
     /// Limit for each connect and for all handshakes together, in seconds.
     #[arg(long, default_value = "10", value_parser = parse_secs)]
     connect_timeout: Duration,
@@ -135,9 +169,8 @@ struct EchoArgs {
     max_errors: Option<u64>,
     #[command(flatten)]
     sources: SourceArgs,
-    /// Print the report as JSON instead of a line of text.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -187,9 +220,8 @@ struct StormArgs {
     plot_dir: Option<PathBuf>,
     #[command(flatten)]
     sources: SourceArgs,
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -218,21 +250,16 @@ struct FanoutArgs {
     /// least 25.
     #[arg(long, default_value_t = 64)]
     size: usize,
-    /// Measured window, in seconds.
-    #[arg(long, default_value = "5", value_parser = parse_secs)]
-    duration: Duration,
-    /// Unmeasured publishing before the window, in seconds.
-    #[arg(long, default_value = "1", value_parser = parse_secs)]
-    warmup: Duration,
+    #[command(flatten)]
+    window: WindowArgs,
     /// Processes for the subscribers (0: one per 15,000; 1: a thread of this one).
     #[arg(long, default_value_t = 0)]
     procs: usize,
     /// Publisher connections, taking messages in turn.
     #[arg(long, default_value_t = 1)]
     publishers: usize,
-    /// The server's pid, to report its CPU time per delivery.
-    #[arg(long)]
-    server_pid: Option<u32>,
+    #[command(flatten)]
+    server: ServerCpuArgs,
     /// Deadline for opening and subscribing every connection, in seconds.
     #[arg(long, default_value = "60", value_parser = parse_secs)]
     open_timeout: Duration,
@@ -244,9 +271,8 @@ struct FanoutArgs {
     plot_dir: Option<PathBuf>,
     #[command(flatten)]
     sources: SourceArgs,
-    /// Print the report as JSON instead of a line of text.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -284,9 +310,8 @@ struct IdleArgs {
     settle_timeout: Duration,
     #[command(flatten)]
     sources: SourceArgs,
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -301,29 +326,23 @@ struct BroadcastArgs {
     /// Payload bytes per message (the first 12 carry the round and sender).
     #[arg(long, default_value_t = 20)]
     size: usize,
-    /// Measured window, in seconds (the last round started in it runs to its end).
-    #[arg(long, default_value = "5", value_parser = parse_secs)]
-    duration: Duration,
-    /// Unmeasured rounds before the window, for this many seconds.
-    #[arg(long, default_value = "1", value_parser = parse_secs)]
-    warmup: Duration,
+    #[command(flatten)]
+    window: WindowArgs,
     /// At most this many rounds in the window.
     #[arg(long)]
     max_rounds: Option<u64>,
     /// Fail when a round has had no delivery for this many seconds.
     #[arg(long, default_value = "10", value_parser = parse_secs)]
     round_timeout: Duration,
-    /// The server's pid, to report its CPU time per delivery.
-    #[arg(long)]
-    server_pid: Option<u32>,
+    #[command(flatten)]
+    server: ServerCpuArgs,
     /// Limit for each connect and for all handshakes together, in seconds.
     #[arg(long, default_value = "10", value_parser = parse_secs)]
     connect_timeout: Duration,
     #[command(flatten)]
     sources: SourceArgs,
-    /// Print the report as JSON instead of a line of text.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -359,12 +378,8 @@ struct CompareArgs {
     /// Payload bytes of that one echo load (default 20; with or without --conns).
     #[arg(long)]
     size: Option<usize>,
-    /// Measured window per round, in seconds.
-    #[arg(long, default_value = "5", value_parser = parse_secs)]
-    duration: Duration,
-    /// Unmeasured load before each window, in seconds.
-    #[arg(long, default_value = "1", value_parser = parse_secs)]
-    warmup: Duration,
+    #[command(flatten)]
+    window: WindowArgs,
     /// Rounds per server (servers alternate within each round).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -395,9 +410,8 @@ struct CompareArgs {
     /// The load generator's event loop: epoll (mio) or uring (monoio).
     #[arg(long, default_value_t = Driver::Epoll)]
     driver: Driver,
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -426,17 +440,17 @@ fn main() -> Result<()> {
             let mut cfg = EchoConfig::new(Target::parse(&a.url)?);
             cfg.conns = a.conns;
             cfg.size_bytes = a.size;
-            cfg.duration = a.duration;
-            cfg.warmup = a.warmup;
+            cfg.duration = a.window.duration;
+            cfg.warmup = a.window.warmup;
             cfg.raw = a.raw;
-            cfg.server_pid = a.server_pid;
+            cfg.server_pid = a.server.server_pid;
             cfg.sources = a.sources.sources();
             cfg.connect_timeout = a.connect_timeout;
             cfg.driver = a.driver;
             cfg.rate = a.rate;
             cfg.progress = progress;
             let report = run_echo(&cfg)?;
-            emit(a.json, &report, report.human())?;
+            a.output.emit(&report, &report.human())?;
             if let Some(dir) = &a.plot_dir {
                 for path in plot::echo(&report, dir)? {
                     eprintln!("wrote {}", path.display());
@@ -469,7 +483,7 @@ fn main() -> Result<()> {
             cfg.sources = a.sources.sources();
             cfg.progress = progress;
             let report = run_storm(&cfg)?;
-            emit(a.json, &report, report.human())?;
+            a.output.emit(&report, &report.human())?;
             if let Some(dir) = &a.plot_dir {
                 for path in plot::storm(&report, dir)? {
                     eprintln!("wrote {}", path.display());
@@ -488,21 +502,21 @@ fn main() -> Result<()> {
             cfg.settle_timeout = a.settle_timeout;
             cfg.progress = progress;
             let report = run_idle(&cfg)?;
-            emit(a.json, &report, report.human())?;
+            a.output.emit(&report, &report.human())?;
         }
         Cmd::Broadcast(a) => {
             let mut cfg = BroadcastConfig::new(Target::parse(&a.url)?);
             cfg.conns = a.conns;
             cfg.size_bytes = a.size;
-            cfg.duration = a.duration;
-            cfg.warmup = a.warmup;
+            cfg.duration = a.window.duration;
+            cfg.warmup = a.window.warmup;
             cfg.max_rounds = a.max_rounds;
             cfg.round_timeout = a.round_timeout;
-            cfg.server_pid = a.server_pid;
+            cfg.server_pid = a.server.server_pid;
             cfg.sources = a.sources.sources();
             cfg.connect_timeout = a.connect_timeout;
             let report = run_broadcast(&cfg)?;
-            emit(a.json, &report, report.human())?;
+            a.output.emit(&report, &report.human())?;
         }
         Cmd::Fanout(a) => {
             let mut cfg = FanoutConfig::new(Target::parse(&a.url)?);
@@ -512,16 +526,16 @@ fn main() -> Result<()> {
             cfg.topics = a.topics;
             cfg.rate = a.rate;
             cfg.size_bytes = a.size;
-            cfg.duration = a.duration;
-            cfg.warmup = a.warmup;
+            cfg.duration = a.window.duration;
+            cfg.warmup = a.window.warmup;
             cfg.procs = a.procs;
             cfg.publishers = a.publishers;
-            cfg.server_pid = a.server_pid;
+            cfg.server_pid = a.server.server_pid;
             cfg.sources = a.sources.sources();
             cfg.open_timeout = a.open_timeout;
             cfg.progress = progress;
             let report = run_fanout(&cfg)?;
-            emit(a.json, &report, report.human())?;
+            a.output.emit(&report, &report.human())?;
             if let Some(dir) = &a.plot_dir {
                 for path in fanout::plot(&report, dir)? {
                     eprintln!("wrote {}", path.display());
@@ -552,8 +566,8 @@ fn main() -> Result<()> {
             };
             cfg.broadcast_loads = a.broadcast_loads;
             cfg.round_timeout = a.round_timeout;
-            cfg.duration = a.duration;
-            cfg.warmup = a.warmup;
+            cfg.duration = a.window.duration;
+            cfg.warmup = a.window.warmup;
             cfg.rounds = a.rounds;
             cfg.idle_conns = a.idle;
             cfg.base_port = a.base_port;
@@ -563,7 +577,7 @@ fn main() -> Result<()> {
             cfg.retries = a.retries;
             cfg.driver = a.driver;
             let report = run_compare(&cfg)?;
-            emit(a.json, &report, report.human())?;
+            a.output.emit(&report, &report.human())?;
         }
         Cmd::IdleWorker(a) => {
             let cfg = WorkerConfig {
@@ -586,16 +600,6 @@ fn main() -> Result<()> {
                 serde_json::from_str(&a.config).context("parsing the fanout worker's config")?;
             fanout_worker(&part)?;
         }
-    }
-    Ok(())
-}
-
-/// Prints a report: JSON for tools, or its human-readable text.
-fn emit(json: bool, report: &impl serde::Serialize, human: String) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
-    } else {
-        println!("{}", human.trim_end());
     }
     Ok(())
 }

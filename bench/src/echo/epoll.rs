@@ -21,12 +21,13 @@ use bytes::{Buf as _, BytesMut};
 use mio::{net::TcpStream, Events, Interest, Poll, Registry, Token};
 use ringcast_protocol::{Codec, Event, OpCode};
 
-use super::{record, EchoConfig, Outcome, WindowStart, CLOSE_GRACE};
+use super::{EchoConfig, Outcome, CLOSE_GRACE};
 use crate::{
     idle::{self, IdleConn, OpenSet, WorkerConfig},
     progress::Progress,
     stats::latency_histogram,
     timeline::{self, Timeline},
+    window::{record, WindowStart},
 };
 
 /// Bytes one `read` may return; the buffer is shared by all connections.
@@ -181,7 +182,7 @@ pub(super) fn run(cfg: &EchoConfig) -> Result<Outcome> {
         } else {
             None
         },
-        throughput: series.map_or_else(Vec::new, |s| s.into_counts(window.window)),
+        throughput: series.map_or_else(Vec::new, |s| s.into_counts(window.length)),
         sent_in_window: None,
         unanswered: 0,
         send_lag: None,

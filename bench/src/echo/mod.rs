@@ -28,11 +28,7 @@ mod epoll;
 pub mod rate;
 mod uring;
 
-use std::{
-    fmt,
-    str::FromStr,
-    time::{Duration, Instant},
-};
+use std::{fmt, str::FromStr, time::Duration};
 
 use anyhow::{bail, ensure, Result};
 use hdrhistogram::Histogram;
@@ -40,9 +36,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     net::{SourceAddrs, Target},
-    procfs,
     stats::LatencySummary,
     timeline,
+    window::{CpuReport, Window},
 };
 
 /// How long connections get to finish their closing handshake after the window ends.
@@ -166,15 +162,9 @@ pub struct EchoReport {
     pub latency: LatencySummary,
     /// Server CPU time per round trip, in microseconds (needs the server's pid).
     pub server_cpu_us_per_msg: Option<f64>,
-    /// Server CPU time over the window, as a fraction of one core.
-    pub server_cpu_util: Option<f64>,
-    /// This load generator's CPU time over the window, as a fraction of one core. Near 1.0 the
-    /// client may be the bottleneck.
-    pub client_cpu_util: f64,
-    /// CPU time over the window that neither the server nor this client used, in cores: other
-    /// processes, interrupts and softirqs not charged to either, and hypervisor steal. A noisy
-    /// neighbour shows up here (needs the server's pid).
-    pub other_cpu_util: Option<f64>,
+    /// Where the CPU time of the window went.
+    #[serde(flatten)]
+    pub cpu: CpuReport,
     /// Connections that failed after the handshake (reset, protocol error, wrong echo).
     pub errors: u64,
     /// The first such error, if any.
@@ -278,19 +268,7 @@ impl EchoReport {
             p999 = l.p999_us,
             max = l.max_us,
         );
-        if let (Some(per), Some(util)) = (self.server_cpu_us_per_msg, self.server_cpu_util) {
-            line += &format!(
-                " | server cpu {per:.2} us/msg ({:.0}% of a core)",
-                util * 100.0
-            );
-        }
-        line += &format!(
-            " | client cpu {:.0}% of a core",
-            self.client_cpu_util * 100.0
-        );
-        if let Some(other) = self.other_cpu_util {
-            line += &format!(" | other {:.0}%", other * 100.0);
-        }
+        line += &self.cpu.human(self.server_cpu_us_per_msg, "msg", 2);
         if let Some(lag) = &self.send_lag {
             line += &format!(
                 " | send lag us p50 {:.1} p99 {:.1} max {:.1}",
@@ -336,8 +314,7 @@ pub fn run_echo(cfg: &EchoConfig) -> Result<EchoReport> {
         ),
     };
     let messages = outcome.histogram.len() - outcome.unanswered;
-    let secs = outcome.window.window.as_secs_f64();
-    let server_cpu = outcome.window.server_cpu;
+    let secs = outcome.window.secs();
     let achieved_rate = outcome.sent_in_window.map(|sent| sent as f64 / secs);
     Ok(EchoReport {
         mode: if cfg.raw { "raw" } else { "ws" }.to_owned(),
@@ -352,18 +329,8 @@ pub fn run_echo(cfg: &EchoConfig) -> Result<EchoReport> {
             messages as f64 / secs
         },
         latency: LatencySummary::from_histogram(&outcome.histogram),
-        server_cpu_us_per_msg: server_cpu
-            .filter(|_| messages > 0)
-            .map(|c| c.as_secs_f64() * 1e6 / messages as f64),
-        server_cpu_util: server_cpu.map(|c| c.as_secs_f64() / secs),
-        client_cpu_util: outcome.window.client_cpu.as_secs_f64() / secs,
-        // Clamped at zero for the reason given at `window::Window::other_util`.
-        other_cpu_util: server_cpu.map(|server| {
-            let w = &outcome.window;
-            ((w.machine_busy.as_secs_f64() - server.as_secs_f64() - w.client_cpu.as_secs_f64())
-                / secs)
-                .max(0.0)
-        }),
+        server_cpu_us_per_msg: outcome.window.server_cpu_us_per(messages),
+        cpu: outcome.window.cpu_report(),
         errors: outcome.errors,
         first_error: outcome.first_error,
         target_rate: cfg.rate,
@@ -400,56 +367,4 @@ struct Outcome {
     unanswered: u64,
     /// Fixed rate: how late each measured message was queued after its due time.
     send_lag: Option<Histogram<u64>>,
-}
-
-/// The measured window: its length and the CPU time spent in it.
-#[derive(Debug, Clone, Copy)]
-struct Window {
-    window: Duration,
-    server_cpu: Option<Duration>,
-    client_cpu: Duration,
-    /// All CPUs' busy time, see [`procfs::machine_busy`].
-    machine_busy: Duration,
-}
-
-/// Readings taken as the window opens.
-#[derive(Debug, Clone, Copy)]
-struct WindowStart {
-    at: Instant,
-    server_cpu: Option<Duration>,
-    client_cpu: Duration,
-    machine_busy: Duration,
-}
-
-impl WindowStart {
-    fn now(server_pid: Option<u32>) -> Result<Self> {
-        Ok(Self {
-            server_cpu: server_pid.map(procfs::process_cpu).transpose()?,
-            client_cpu: procfs::self_cpu(),
-            machine_busy: procfs::machine_busy()?,
-            at: Instant::now(),
-        })
-    }
-
-    fn end(self, server_pid: Option<u32>) -> Result<Window> {
-        let window = self.at.elapsed();
-        let client_cpu = procfs::self_cpu().saturating_sub(self.client_cpu);
-        let machine_busy = procfs::machine_busy()?.saturating_sub(self.machine_busy);
-        let server_cpu = match (server_pid, self.server_cpu) {
-            (Some(pid), Some(before)) => Some(procfs::process_cpu(pid)?.saturating_sub(before)),
-            _ => None,
-        };
-        Ok(Window {
-            window,
-            server_cpu,
-            client_cpu,
-            machine_busy,
-        })
-    }
-}
-
-/// Records a latency into a histogram of nanoseconds.
-fn record(histogram: &mut Histogram<u64>, latency: Duration) {
-    let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
-    histogram.saturating_record(ns);
 }

@@ -38,12 +38,13 @@ use mio::{unix::SourceFd, Events, Interest, Token};
 
 use super::{
     epoll::{self, Conn, Errors, MAX_WAIT},
-    record, EchoConfig, Outcome, WindowStart,
+    EchoConfig, Outcome,
 };
 use crate::{
     progress::Progress,
     stats::latency_histogram,
     timeline::{self, Timeline},
+    window::{record, Window, WindowStart},
 };
 
 /// How long the loop waits, after the window, for the echoes of messages due inside it.
@@ -139,7 +140,7 @@ pub(super) fn run(cfg: &EchoConfig, rate: f64) -> Result<Outcome> {
     let mut lag = latency_histogram();
 
     let mut window: Option<(WindowStart, u64, u64)> = None;
-    let mut closed: Option<(super::Window, u64, u64)> = None;
+    let mut closed: Option<(Window, u64, u64)> = None;
     let mut series = Timeline::new(window_at, timeline::INTERVAL, cfg.duration);
     let mut drain_deadline = None;
     loop {
@@ -317,7 +318,7 @@ pub(super) fn run(cfg: &EchoConfig, rate: f64) -> Result<Outcome> {
         } else {
             None
         },
-        throughput: series.into_counts(window.window),
+        throughput: series.into_counts(window.length),
         sent_in_window: Some(sent_in_window),
         unanswered,
         send_lag: Some(lag),

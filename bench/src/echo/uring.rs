@@ -23,12 +23,13 @@ use ringcast_protocol::{
     ClientHandshake, CloseCode, CloseFrame, Codec, Event, HeadReader, Limits, OpCode,
 };
 
-use super::{record, EchoConfig, Outcome, WindowStart, CLOSE_GRACE};
+use super::{EchoConfig, Outcome, CLOSE_GRACE};
 use crate::{
     net::{self, Target},
     progress::Progress,
     stats::latency_histogram,
     timeline::{self, Timeline},
+    window::{record, WindowStart},
 };
 
 /// The largest upgrade response head accepted, in bytes.
@@ -197,7 +198,7 @@ async fn drive(cfg: EchoConfig) -> Result<Outcome> {
     let throughput = shared
         .series
         .take()
-        .map_or_else(Vec::new, |s| s.into_counts(window.window));
+        .map_or_else(Vec::new, |s| s.into_counts(window.length));
     Ok(Outcome {
         histogram,
         window,
