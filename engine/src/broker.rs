@@ -3,10 +3,17 @@
 //!
 //! Owns the upgrade-time choice of encoding (subprotocol) and overflow policy (`?overflow=`),
 //! turning requests into subscribe/unsubscribe/publish calls, and answering each with an ack
-//! or an error on the control lane. A malformed request gets an error naming its id; a client
-//! that spends its bad-request budget is closed with 1008.
+//! or an error on the control lane. A malformed request gets an error naming its id, and is
+//! charged to the connection's bad-request budget: a client that spends it is closed with
+//! 1008. A refusal that is not the client's fault (rate limit, an engine or broker that
+//! cannot take it now, auth, a missing subscription) is never charged; `rate_limited` and
+//! `unavailable` carry a retry hint.
 
-use std::{collections::HashMap, sync::Arc, time::SystemTime};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use bytes::Bytes;
 use ringcast_protocol::{
@@ -201,15 +208,10 @@ fn handle(ctx: &mut Ctx<'_>, enc: Encoding, grants: Option<&Grants>, request: Re
             }
             match missing {
                 None => control(ctx, envelope::ack_frame(enc, id)),
-                Some(topic) => control(
-                    ctx,
-                    envelope::error_frame(
-                        enc,
-                        id,
-                        ErrorCode::NotSubscribed,
-                        &format!("not subscribed to {topic}"),
-                    ),
-                ),
+                Some(topic) => {
+                    let why = format!("not subscribed to {topic}");
+                    refuse(ctx, enc, id, ErrorCode::NotSubscribed, &why);
+                }
             }
         }
         Request::Publish { id, topic, payload } => {
@@ -236,7 +238,8 @@ fn handle(ctx: &mut Ctx<'_>, enc: Encoding, grants: Option<&Grants>, request: Re
                         | PublishError::Stopped
                         | PublishError::Unavailable => ErrorCode::Unavailable,
                     };
-                    refuse(ctx, enc, id, code, &e.to_string());
+                    let retry = ctx.retry_after(&e);
+                    refuse_with(ctx, enc, id, code, &e.to_string(), retry);
                 }
             }
         }
@@ -244,12 +247,78 @@ fn handle(ctx: &mut Ctx<'_>, enc: Encoding, grants: Option<&Grants>, request: Re
     }
 }
 
-/// Answers a request with an error, and closes a connection that keeps sending bad ones.
+/// Answers a request with an error, and closes a connection that keeps sending malformed
+/// ones.
 fn refuse(ctx: &mut Ctx<'_>, enc: Encoding, id: Option<u64>, code: ErrorCode, message: &str) {
-    control(ctx, envelope::error_frame(enc, id, code, message));
-    if !ctx.charge_bad_request() {
+    refuse_with(ctx, enc, id, code, message, None);
+}
+
+/// [`refuse`] with a retry hint. Only a malformed request ([`is_malformed`]) is charged to
+/// the bad-request budget.
+fn refuse_with(
+    ctx: &mut Ctx<'_>,
+    enc: Encoding,
+    id: Option<u64>,
+    code: ErrorCode,
+    message: &str,
+    retry_after: Option<Duration>,
+) {
+    control(ctx, error_frame(enc, id, code, message, retry_after));
+    if is_malformed(code) && !ctx.charge_bad_request() {
         ctx.close(CloseCode::POLICY, "too many bad requests");
     }
+}
+
+/// Whether a refusal is the client's fault: a request it should not have sent as it did
+/// (these count against `pubsub.max_bad_requests`). `rate_limited`, `unavailable`,
+/// `forbidden`, `not_subscribed`, `too_many_subscriptions` and `internal` refuse a
+/// well-formed request for reasons of the moment, the token or the server.
+fn is_malformed(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::BadRequest
+            | ErrorCode::UnknownType
+            | ErrorCode::BadTopic
+            | ErrorCode::BadPayload
+            | ErrorCode::TooLarge
+    )
+}
+
+/// An error reply, with `retry_after_ms` (rounded up to whole milliseconds, at least 1) when
+/// there is a hint. JSON carries the hint; binary v1 has no field for it.
+// Shim until the protocol crate's error_frame takes the hint (protocol_spec.md): then this
+// is that one call.
+pub(crate) fn error_frame(
+    enc: Encoding,
+    id: Option<u64>,
+    code: ErrorCode,
+    message: &str,
+    retry_after: Option<Duration>,
+) -> Bytes {
+    let frame = envelope::error_frame(enc, id, code, message);
+    let (Some(retry), Encoding::Json) = (retry_after, enc) else {
+        return frame;
+    };
+    // An unmasked text frame holding one JSON object: add the field before its last brace.
+    let head = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    let Some(body) = frame.get(head..frame.len().saturating_sub(1)) else {
+        return frame;
+    };
+    let mut json = Vec::with_capacity(body.len() + 32);
+    json.extend_from_slice(body);
+    json.extend_from_slice(format!(r#","retry_after_ms":{}}}"#, retry_ms(retry)).as_bytes());
+    ringcast_protocol::server_frame(ringcast_protocol::OpCode::Text, &json)
+}
+
+/// A retry hint in whole milliseconds, rounded up, at least 1.
+pub(crate) fn retry_ms(retry: Duration) -> u64 {
+    u64::try_from(retry.as_micros().div_ceil(1000))
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// Queues a reply on the control lane (never dropped: a reply to the connection being handled
