@@ -286,8 +286,8 @@ pub(crate) struct Conn {
     pub(crate) spoke: Stamp,
     /// When the outstanding ping went out, while nothing has been heard since.
     pub(crate) ping_out: Option<Stamp>,
-    /// Until when the connection is not read: its publish budget is empty (see
-    /// [`ConnTable::throttle`]). Cleared by the liveness deadline that ends it.
+    /// Until when the connection is paused: its publish budget is empty (see
+    /// [`ConnTable::throttle`]). Cleared by the deadline that ends it, or a close.
     pub(crate) throttle: Option<Stamp>,
 }
 
@@ -750,11 +750,11 @@ impl ConnTable {
         }
     }
 
-    /// Stops reading connection `key` for `wait` (its publish budget is empty; the
-    /// refusal's retry hint names the same wait): requests already read are still handled,
-    /// no new bytes are. The liveness deadline ends the pause (`Shard::check_liveness`),
-    /// armed here if it is not due sooner. A connection that is closing is not paused: its
-    /// peer's close frame must be read.
+    /// Pauses connection `key` for `wait` (its publish budget is empty; the refusal's retry
+    /// hint names the same wait): the rest of what was read waits, unparsed, in its tail
+    /// (`Shard::process` stops), and its socket is not read (`wants_read`). Its deadline
+    /// ends the pause (`Shard::end_throttle`), armed here unless it is due sooner. A
+    /// connection that is closing is not paused: its peer's close frame must be read.
     pub(crate) fn throttle(&mut self, key: usize, wait: Duration) {
         let conn = &mut self.conns[key];
         let Phase::Open(codec) = &conn.phase else {

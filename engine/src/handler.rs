@@ -462,8 +462,8 @@ impl Ctx<'_> {
         let now = Instant::now();
         let budget = &mut self.table.pubsub(self.key).publish_budget;
         if !budget.take(now) {
-            // Slowed, not cut: what was read already is answered, nothing more is read
-            // until the budget allows the next publish.
+            // Slowed, not cut: nothing more from this connection is parsed or read until
+            // the budget allows the next publish.
             let wait = budget.wait(now);
             self.table.throttle(self.key, wait);
             return Err(PublishError::RateLimited);
