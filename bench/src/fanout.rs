@@ -1400,6 +1400,7 @@ impl Subscribers<'_> {
                     topics: vec![SubscribeTopic {
                         topic: Cow::Owned(topic_name(conn.sub.topic)),
                         since: None,
+                        epoch: None,
                     }],
                 },
             );
@@ -2062,7 +2063,7 @@ mod tests {
             deliver(enc, &mut sub, &mut tally, &span, &message(14)).unwrap();
             assert_eq!(tally.seq_errors, 2, "a gap and a repeat");
             assert_eq!(sub.last, Some(150), "every message was the same one");
-            let error = envelope::error_frame(enc, None, envelope::ErrorCode::BadTopic, "no");
+            let error = envelope::error_frame(enc, None, envelope::ErrorCode::BadTopic, "no", None);
             assert!(deliver(enc, &mut sub, &mut tally, &span, &error).is_err());
         }
     }

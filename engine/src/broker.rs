@@ -17,7 +17,7 @@ use std::{
 
 use bytes::Bytes;
 use ringcast_protocol::{
-    envelope::{self, Encoding, ErrorCode, PayloadKind, Request},
+    envelope::{self, Dialect, Encoding, ErrorCode, PayloadKind, Request},
     CloseCode, UpgradeRequest,
 };
 
@@ -31,9 +31,9 @@ use crate::{
 
 /// The pub/sub broker, `ringcast serve`'s default handler.
 ///
-/// At the upgrade it selects `ringcast.v1.bin` if the client offers it, else
-/// `ringcast.v1.json` if offered; a client that offers neither (a bare browser `WebSocket`)
-/// speaks JSON. `?overflow=drop-oldest|drop-newest|conflate|disconnect` in the request target
+/// At the upgrade it selects `ringcast.v2.bin` if the client offers it, else
+/// `ringcast.v1.bin`, else `ringcast.v1.json` if offered; a client that offers none (a bare
+/// browser `WebSocket`) speaks JSON. `?overflow=drop-oldest|drop-newest|conflate|disconnect` in the request target
 /// picks the connection's data-ring policy (anything else: 400).
 ///
 /// With token auth ([`Broker::with_auth`]) an upgrade needs a valid token (401 otherwise,
@@ -93,8 +93,7 @@ impl Handler for Broker {
         if let Some(grants) = self.pending.take() {
             self.grants.insert(ctx.id(), grants);
         }
-        let encoding = encoding_of(ctx);
-        ctx.set_delivery_format(DeliveryFormat::Envelope(encoding));
+        ctx.set_delivery_format(DeliveryFormat::Envelope(dialect_of(ctx).encoding()));
         let policy = query_param(ctx.info().target(), "overflow").and_then(RingOverflow::from_name);
         if let Some(policy) = policy {
             ctx.set_ring_overflow(policy);
@@ -117,25 +116,30 @@ impl Handler for Broker {
                 }
             },
         };
-        let encoding = encoding_of(ctx);
+        let dialect = dialect_of(ctx);
+        let encoding = dialect.encoding();
         let request = match (&msg, encoding) {
             (Message::Text(_), Encoding::Json) | (Message::Binary(_), Encoding::Binary) => {
                 envelope::decode_request(encoding, msg.payload())
             }
-            (Message::Binary(_), Encoding::Json) => Err(envelope::DecodeError {
-                id: None,
-                code: ErrorCode::BadRequest,
-                message: "ringcast.v1.json takes text messages".into(),
-            }),
-            (Message::Text(_), Encoding::Binary) => Err(envelope::DecodeError {
-                id: None,
-                code: ErrorCode::BadRequest,
-                message: "ringcast.v1.bin takes binary messages".into(),
-            }),
+            (Message::Binary(_), Encoding::Json) | (Message::Text(_), Encoding::Binary) => {
+                Err(envelope::DecodeError {
+                    id: None,
+                    code: ErrorCode::BadRequest,
+                    message: format!(
+                        "{} takes {} messages",
+                        dialect.subprotocol(),
+                        match encoding {
+                            Encoding::Json => "text",
+                            Encoding::Binary => "binary",
+                        }
+                    ),
+                })
+            }
         };
         match request {
-            Ok(request) => handle(ctx, encoding, grants, request),
-            Err(e) => refuse(ctx, encoding, e.id, e.code, &e.message),
+            Ok(request) => handle(ctx, dialect, grants, request),
+            Err(e) => refuse(ctx, dialect, e.id, e.code, &e.message),
         }
     }
 }
@@ -153,17 +157,20 @@ impl Broker {
             }
         }
         let offered = |name: &str| req.protocols().any(|p| p == name);
-        if offered(envelope::BINARY_SUBPROTOCOL) {
-            Upgrade::accept_subprotocol(envelope::BINARY_SUBPROTOCOL)
-        } else if offered(envelope::JSON_SUBPROTOCOL) {
-            Upgrade::accept_subprotocol(envelope::JSON_SUBPROTOCOL)
-        } else {
-            Upgrade::accept()
-        }
+        // The newer binary version first: it carries epochs, seqs and retry hints.
+        [
+            envelope::BINARY_V2_SUBPROTOCOL,
+            envelope::BINARY_SUBPROTOCOL,
+            envelope::JSON_SUBPROTOCOL,
+        ]
+        .into_iter()
+        .find(|name| offered(name))
+        .map_or_else(Upgrade::accept, Upgrade::accept_subprotocol)
     }
 }
 
-fn handle(ctx: &mut Ctx<'_>, enc: Encoding, grants: Option<&Grants>, request: Request<'_>) {
+fn handle(ctx: &mut Ctx<'_>, d: Dialect, grants: Option<&Grants>, request: Request<'_>) {
+    let enc = d.encoding();
     match request {
         Request::Subscribe { id, topics } => {
             // All or nothing: a denied topic subscribes none of the request's topics.
@@ -174,14 +181,21 @@ fn handle(ctx: &mut Ctx<'_>, enc: Encoding, grants: Option<&Grants>, request: Re
                     .map(|t| t.topic.to_string())
             }) {
                 let why = format!("{denied}: not allowed to subscribe");
-                return refuse(ctx, enc, id, ErrorCode::Forbidden, &why);
+                return refuse(ctx, d, id, ErrorCode::Forbidden, &why);
             }
             let mut resets = Vec::new();
             for t in &topics {
                 match ctx.subscribe(&t.topic, t.since) {
                     Ok(sub) => {
                         if let Some(oldest) = sub.reset {
-                            resets.push(envelope::reset_frame(enc, &t.topic, oldest));
+                            resets.push(envelope::encode_server(
+                                d,
+                                &envelope::ServerMessage::Reset {
+                                    topic: t.topic.clone(),
+                                    oldest,
+                                    epoch: None,
+                                },
+                            ));
                         }
                     }
                     Err(e) => {
@@ -190,11 +204,11 @@ fn handle(ctx: &mut Ctx<'_>, enc: Encoding, grants: Option<&Grants>, request: Re
                             SubscribeError::TooManySubscriptions => ErrorCode::TooManySubscriptions,
                         };
                         // Topics before this one stay subscribed; the error names this one.
-                        return refuse(ctx, enc, id, code, &format!("{}: {e}", t.topic));
+                        return refuse(ctx, d, id, code, &format!("{}: {e}", t.topic));
                     }
                 }
             }
-            control(ctx, envelope::ack_frame(enc, id));
+            control(ctx, envelope::ack_frame(d, id));
             for reset in resets {
                 control(ctx, reset);
             }
@@ -207,25 +221,25 @@ fn handle(ctx: &mut Ctx<'_>, enc: Encoding, grants: Option<&Grants>, request: Re
                 }
             }
             match missing {
-                None => control(ctx, envelope::ack_frame(enc, id)),
+                None => control(ctx, envelope::ack_frame(d, id)),
                 Some(topic) => {
                     let why = format!("not subscribed to {topic}");
-                    refuse(ctx, enc, id, ErrorCode::NotSubscribed, &why);
+                    refuse(ctx, d, id, ErrorCode::NotSubscribed, &why);
                 }
             }
         }
         Request::Publish { id, topic, payload } => {
             if grants.is_some_and(|g| !g.may_publish(&topic)) {
                 let why = format!("{topic}: not allowed to publish");
-                return refuse(ctx, enc, id, ErrorCode::Forbidden, &why);
+                return refuse(ctx, d, id, ErrorCode::Forbidden, &why);
             }
             let payload = match payload.kind {
                 // The one copy, out of the read buffer.
                 PayloadKind::Json => Payload::Json(Bytes::copy_from_slice(&payload.bytes)),
                 PayloadKind::Binary => Payload::Binary(Bytes::copy_from_slice(&payload.bytes)),
             };
-            match ctx.publish_request(&topic, payload, id, enc) {
-                Ok(Some(_)) => control(ctx, envelope::ack_frame(enc, id)),
+            match ctx.publish_request(&topic, payload, id, d) {
+                Ok(Some(_)) => control(ctx, envelope::ack_frame(d, id)),
                 // The backend (Redis) acks or refuses it when it has ordered it.
                 Ok(None) => {}
                 Err(e) => {
@@ -239,7 +253,7 @@ fn handle(ctx: &mut Ctx<'_>, enc: Encoding, grants: Option<&Grants>, request: Re
                         | PublishError::Unavailable => ErrorCode::Unavailable,
                     };
                     let retry = ctx.retry_after(&e);
-                    refuse_with(ctx, enc, id, code, &e.to_string(), retry);
+                    refuse_with(ctx, d, id, code, &e.to_string(), retry);
                 }
             }
         }
@@ -249,21 +263,21 @@ fn handle(ctx: &mut Ctx<'_>, enc: Encoding, grants: Option<&Grants>, request: Re
 
 /// Answers a request with an error, and closes a connection that keeps sending malformed
 /// ones.
-fn refuse(ctx: &mut Ctx<'_>, enc: Encoding, id: Option<u64>, code: ErrorCode, message: &str) {
-    refuse_with(ctx, enc, id, code, message, None);
+fn refuse(ctx: &mut Ctx<'_>, d: Dialect, id: Option<u64>, code: ErrorCode, message: &str) {
+    refuse_with(ctx, d, id, code, message, None);
 }
 
 /// [`refuse`] with a retry hint. Only a malformed request ([`is_malformed`]) is charged to
 /// the bad-request budget.
 fn refuse_with(
     ctx: &mut Ctx<'_>,
-    enc: Encoding,
+    d: Dialect,
     id: Option<u64>,
     code: ErrorCode,
     message: &str,
     retry_after: Option<Duration>,
 ) {
-    control(ctx, error_frame(enc, id, code, message, retry_after));
+    control(ctx, error_frame(d, id, code, message, retry_after));
     if is_malformed(code) && !ctx.charge_bad_request() {
         ctx.close(CloseCode::POLICY, "too many bad requests");
     }
@@ -285,33 +299,15 @@ fn is_malformed(code: ErrorCode) -> bool {
 }
 
 /// An error reply, with `retry_after_ms` (rounded up to whole milliseconds, at least 1) when
-/// there is a hint. JSON carries the hint; binary v1 has no field for it.
-// Shim until the protocol crate's error_frame takes the hint (protocol_spec.md): then this
-// is that one call.
+/// there is a hint (binary v1 has no field for it).
 pub(crate) fn error_frame(
-    enc: Encoding,
+    d: impl Into<Dialect>,
     id: Option<u64>,
     code: ErrorCode,
     message: &str,
     retry_after: Option<Duration>,
 ) -> Bytes {
-    let frame = envelope::error_frame(enc, id, code, message);
-    let (Some(retry), Encoding::Json) = (retry_after, enc) else {
-        return frame;
-    };
-    // An unmasked text frame holding one JSON object: add the field before its last brace.
-    let head = match frame.get(1).map(|b| b & 0x7f) {
-        Some(126) => 4,
-        Some(127) => 10,
-        _ => 2,
-    };
-    let Some(body) = frame.get(head..frame.len().saturating_sub(1)) else {
-        return frame;
-    };
-    let mut json = Vec::with_capacity(body.len() + 32);
-    json.extend_from_slice(body);
-    json.extend_from_slice(format!(r#","retry_after_ms":{}}}"#, retry_ms(retry)).as_bytes());
-    ringcast_protocol::server_frame(ringcast_protocol::OpCode::Text, &json)
+    envelope::error_frame(d, id, code, message, retry_after.map(retry_ms))
 }
 
 /// A retry hint in whole milliseconds, rounded up, at least 1.
@@ -327,11 +323,12 @@ fn control(ctx: &mut Ctx<'_>, frame: Bytes) {
     let _ = ctx.send_frame(&Frame(frame));
 }
 
-fn encoding_of(ctx: &Ctx<'_>) -> Encoding {
+/// The connection's dialect, by the subprotocol selected at the upgrade (JSON when none).
+fn dialect_of(ctx: &Ctx<'_>) -> Dialect {
     ctx.info()
         .subprotocol()
-        .and_then(Encoding::from_subprotocol)
-        .unwrap_or(Encoding::Json)
+        .and_then(Dialect::from_subprotocol)
+        .unwrap_or(Dialect::Json)
 }
 
 /// The value of `name` in the query of `target`, undecoded.

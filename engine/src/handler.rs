@@ -427,12 +427,12 @@ impl Ctx<'_> {
         topic: &str,
         payload: Payload,
         id: Option<u64>,
-        encoding: ringcast_protocol::envelope::Encoding,
+        dialect: ringcast_protocol::envelope::Dialect,
     ) -> Result<Option<PublishReceipt>, PublishError> {
         let reply = ReplyTo::Conn {
             conn: self.id(),
             id,
-            encoding,
+            dialect,
         };
         Ok(match self.publish_to(topic, payload, reply)? {
             Publish::Done(receipt) => Some(receipt),

@@ -20,7 +20,7 @@ use std::{
 
 use bytes::Bytes;
 use ringcast_protocol::{
-    envelope::{self, Encoding, PayloadKind},
+    envelope::{self, Dialect, Encoding, PayloadKind},
     server_frame, OpCode, Utf8Bytes,
 };
 
@@ -291,7 +291,7 @@ pub(crate) enum ReplyTo {
     Conn {
         conn: crate::ConnId,
         id: Option<u64>,
-        encoding: Encoding,
+        dialect: Dialect,
     },
     /// A thread blocked in [`Publisher::publish`].
     Thread(crossbeam_channel::Sender<Result<PublishReceipt, PublishError>>),

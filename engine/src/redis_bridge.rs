@@ -717,14 +717,14 @@ impl Worker {
             ReplyTo::Thread(tx) => {
                 let _ = tx.send(result);
             }
-            ReplyTo::Conn { conn, id, encoding } => {
+            ReplyTo::Conn { conn, id, dialect } => {
                 let frame = match result {
-                    Ok(_) => envelope::ack_frame(encoding, id),
+                    Ok(_) => envelope::ack_frame(dialect, id),
                     Err(e) => {
                         let retry = matches!(e, PublishError::Unavailable)
                             .then(|| self.shared.retry_hint(self.config.reconnect_min_delay));
                         crate::broker::error_frame(
-                            encoding,
+                            dialect,
                             id,
                             match e {
                                 PublishError::Stopped | PublishError::Unavailable => {

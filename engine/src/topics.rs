@@ -15,7 +15,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use ringcast_protocol::{envelope, CloseCode};
+use ringcast_protocol::{
+    envelope::{self, Dialect, Encoding},
+    CloseCode,
+};
 use slab::Slab;
 
 use crate::{
@@ -392,11 +395,30 @@ impl ConnTable {
         self.notify(key, usize::MAX);
     }
 
+    /// The dialect of connection `key`'s notices and replies, if it takes the envelope: its
+    /// delivery encoding, binary version 2 when that is the subprotocol it chose.
+    pub(crate) fn reply_dialect(&self, key: usize) -> Option<Dialect> {
+        let conn = &self.conns[key];
+        match conn.pubsub.as_ref()?.format {
+            DeliveryFormat::Envelope(Encoding::Binary)
+                if conn.info().subprotocol() == Some(envelope::BINARY_V2_SUBPROTOCOL) =>
+            {
+                Some(Dialect::BinaryV2)
+            }
+            DeliveryFormat::Envelope(enc) => Some(enc.into()),
+            DeliveryFormat::Raw => None,
+        }
+    }
+
     /// Queues a `reset` notice for an envelope subscriber.
     fn reset_notice(&mut self, key: usize, topic: &str, oldest: u64) {
-        let format = self.conns[key].pubsub.as_ref().map(|ps| ps.format);
-        if let Some(DeliveryFormat::Envelope(enc)) = format {
-            self.push_control(key, envelope::reset_frame(enc, topic, oldest));
+        if let Some(d) = self.reply_dialect(key) {
+            let reset = envelope::ServerMessage::Reset {
+                topic: topic.into(),
+                oldest,
+                epoch: None,
+            };
+            self.push_control(key, envelope::encode_server(d, &reset));
         }
     }
 

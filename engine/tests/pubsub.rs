@@ -99,12 +99,12 @@ fn next(ws: &mut Client, encoding: Encoding) -> Got {
                 seq,
                 data: payload.bytes.to_vec(),
             },
-            ServerMessage::Ack { id } => Got::Ack(id),
+            ServerMessage::Ack { id, .. } => Got::Ack(id),
             ServerMessage::Error { id, code, .. } => Got::Error {
                 id,
                 code: code.to_string(),
             },
-            ServerMessage::Reset { topic, oldest } => Got::Reset {
+            ServerMessage::Reset { topic, oldest, .. } => Got::Reset {
                 topic: topic.to_string(),
                 oldest,
             },
@@ -206,6 +206,7 @@ fn binary_clients_get_the_binary_envelope_and_json_clients_the_same_message() {
         topics: vec![envelope::SubscribeTopic {
             topic: "t".into(),
             since: None,
+            epoch: None,
         }],
     };
     bin.send(TMessage::binary(envelope::encode_request(

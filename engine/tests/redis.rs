@@ -159,7 +159,7 @@ fn next(ws: &mut Client) -> Got {
                 seq,
                 data: String::from_utf8(payload.bytes.to_vec()).unwrap(),
             },
-            ServerMessage::Ack { id } => Got::Ack(id),
+            ServerMessage::Ack { id, .. } => Got::Ack(id),
             ServerMessage::Error { id, code, .. } => Got::Error {
                 id,
                 code: code.to_string(),

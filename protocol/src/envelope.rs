@@ -3,8 +3,9 @@
 //! errors and notices). `PROTOCOL.md` in this crate is the wire reference, byte for byte.
 //!
 //! Owns the two encodings, chosen per connection by WebSocket subprotocol: JSON in text frames
-//! ([`JSON_SUBPROTOCOL`]) and a compact binary layout in binary frames ([`BINARY_SUBPROTOCOL`]);
-//! the topic rules ([`validate_topic`]); and the wire names of errors ([`ErrorCode`]). It does not
+//! ([`JSON_SUBPROTOCOL`]) and a compact binary layout in binary frames ([`BINARY_SUBPROTOCOL`],
+//! and [`BINARY_V2_SUBPROTOCOL`], whose acks, errors and resets carry more fields: see
+//! [`Dialect`]); the topic rules ([`validate_topic`]); and the wire names of errors ([`ErrorCode`]). It does not
 //! own topics, sequence numbers, history or delivery: the engine does, and this module only reads
 //! and writes messages. No IO, no clock.
 //!
@@ -43,6 +44,11 @@ pub const JSON_SUBPROTOCOL: &str = "ringcast.v1.json";
 /// The subprotocol for the binary encoding: one message per binary frame (`PROTOCOL.md`).
 pub const BINARY_SUBPROTOCOL: &str = "ringcast.v1.bin";
 
+/// The subprotocol for version 2 of the binary encoding: version 1 plus the epoch and seq in
+/// acks, the epoch in resets and the retry hint in errors ([`Dialect::BinaryV2`]). Messages and
+/// `dropped` notices are the same bytes in both versions.
+pub const BINARY_V2_SUBPROTOCOL: &str = "ringcast.v2.bin";
+
 /// The longest topic name, in bytes of UTF-8. The binary encoding stores a topic's length in
 /// one byte.
 pub const MAX_TOPIC_BYTES: usize = 255;
@@ -61,13 +67,10 @@ pub enum Encoding {
 
 impl Encoding {
     /// The encoding a subprotocol name selects (exact, case-sensitive match), or `None` for a
-    /// name that is not ours.
+    /// name that is not ours. Both binary versions select [`Encoding::Binary`]; see
+    /// [`Dialect::from_subprotocol`] for the version.
     pub fn from_subprotocol(name: &str) -> Option<Self> {
-        match name {
-            JSON_SUBPROTOCOL => Some(Self::Json),
-            BINARY_SUBPROTOCOL => Some(Self::Binary),
-            _ => None,
-        }
+        Dialect::from_subprotocol(name).map(Dialect::encoding)
     }
 
     /// The subprotocol name to select in the 101 response.
@@ -83,6 +86,65 @@ impl Encoding {
         match self {
             Self::Json => OpCode::Text,
             Self::Binary => OpCode::Binary,
+        }
+    }
+}
+
+/// An encoding and the version of its replies: what a connection's subprotocol fixes.
+///
+/// Topic messages (and `dropped` notices) are the same in every dialect of an encoding, so they
+/// take an [`Encoding`] and one frame serves every subscriber of that encoding. Acks, errors
+/// and resets take a dialect: binary version 1 has no room for the fields added since
+/// (epochs, seqs in acks, retry hints) and leaves them out, byte for byte as before; JSON and
+/// binary version 2 carry them. Every function that takes a dialect also takes an [`Encoding`]
+/// (binary meaning version 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dialect {
+    /// [`JSON_SUBPROTOCOL`]. Fields are added to JSON without a new version: clients ignore
+    /// the fields they do not know.
+    Json,
+    /// [`BINARY_SUBPROTOCOL`]: the binary layout of version 1.
+    BinaryV1,
+    /// [`BINARY_V2_SUBPROTOCOL`]: version 1 plus the new fields of acks, errors and resets.
+    BinaryV2,
+}
+
+impl Dialect {
+    /// The dialect a subprotocol name selects (exact, case-sensitive match), or `None` for a
+    /// name that is not ours.
+    pub fn from_subprotocol(name: &str) -> Option<Self> {
+        match name {
+            JSON_SUBPROTOCOL => Some(Self::Json),
+            BINARY_SUBPROTOCOL => Some(Self::BinaryV1),
+            BINARY_V2_SUBPROTOCOL => Some(Self::BinaryV2),
+            _ => None,
+        }
+    }
+
+    /// The subprotocol name to select in the 101 response.
+    pub const fn subprotocol(self) -> &'static str {
+        match self {
+            Self::Json => JSON_SUBPROTOCOL,
+            Self::BinaryV1 => BINARY_SUBPROTOCOL,
+            Self::BinaryV2 => BINARY_V2_SUBPROTOCOL,
+        }
+    }
+
+    /// The encoding: what topic messages are framed in.
+    pub const fn encoding(self) -> Encoding {
+        match self {
+            Self::Json => Encoding::Json,
+            Self::BinaryV1 | Self::BinaryV2 => Encoding::Binary,
+        }
+    }
+}
+
+impl From<Encoding> for Dialect {
+    /// JSON, or binary version 1.
+    fn from(encoding: Encoding) -> Self {
+        match encoding {
+            Encoding::Json => Self::Json,
+            Encoding::Binary => Self::BinaryV1,
         }
     }
 }
@@ -147,6 +209,39 @@ pub struct SubscribeTopic<'a> {
     /// Resume after this sequence number: replay `since + 1..` from history, then go live.
     /// `None` starts with the next message published.
     pub since: Option<u64>,
+    /// The epoch `since` counts in (from an earlier ack or reset). When it is not the topic's
+    /// current epoch, the numbering has restarted since: the server answers with a `reset` and
+    /// replays from its oldest message. Only meaningful with `since` (the decoders reject it
+    /// without).
+    pub epoch: Option<u64>,
+}
+
+/// Where a topic stands: its epoch and a seq in it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TopicPosition<'a> {
+    /// The topic.
+    pub topic: Cow<'a, str>,
+    /// The topic's epoch: names one numbering of its seqs (never 0).
+    pub epoch: u64,
+    /// The topic's last assigned seq (0 when none yet).
+    pub seq: u64,
+}
+
+/// What an ack reports beside its id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum AckPosition<'a> {
+    /// Nothing: an unsubscribe, or a server (or binary version 1 connection) that does not say.
+    Plain,
+    /// A publish: where the message was ordered.
+    Publish {
+        /// The topic's epoch.
+        epoch: u64,
+        /// The message's seq.
+        seq: u64,
+    },
+    /// A subscribe: each topic's epoch and last assigned seq, in request order. A subscription
+    /// without `since` receives `seq + 1` or later first.
+    Subscribe(Vec<TopicPosition<'a>>),
 }
 
 /// A request from a client, as the server decodes it.
@@ -215,6 +310,8 @@ pub enum ServerMessage<'a> {
     Ack {
         /// The request's id.
         id: Option<u64>,
+        /// The epochs and seqs the ack reports ([`AckPosition::Plain`] for none).
+        position: AckPosition<'a>,
     },
     /// A request failed, or the connection is about to be closed for misbehaving.
     Error {
@@ -225,14 +322,20 @@ pub enum ServerMessage<'a> {
         code: Cow<'a, str>,
         /// A short sentence for humans.
         message: Cow<'a, str>,
+        /// Milliseconds until a retry may succeed (`rate_limited`, `unavailable`), if the
+        /// server knows. Binary version 2 writes `None` (and `Some(0)`) as 0.
+        retry_after_ms: Option<u64>,
     },
-    /// A subscription's `since` was older than the history: messages were lost before `oldest`,
-    /// and replay starts from `oldest`.
+    /// A subscription's `since` was older than the history, or counted in another epoch, or the
+    /// topic's numbering restarted under a live subscription: messages were lost before
+    /// `oldest`, and delivery continues from `oldest`.
     Reset {
         /// The topic.
         topic: Cow<'a, str>,
         /// The oldest sequence number still held; the next message has this seq.
         oldest: u64,
+        /// The topic's current epoch (never 0; binary version 2 writes `None` as 0).
+        epoch: Option<u64>,
     },
     /// The client fell behind and `count` messages of the topic were not delivered to it.
     Dropped {
@@ -342,8 +445,8 @@ pub struct DecodeError {
 
 impl DecodeError {
     /// The error frame that answers the bad request.
-    pub fn to_frame(&self, enc: Encoding) -> Bytes {
-        error_frame(enc, self.id, self.code, &self.message)
+    pub fn to_frame(&self, dialect: impl Into<Dialect>) -> Bytes {
+        error_frame(dialect, self.id, self.code, &self.message, None)
     }
 }
 
@@ -442,7 +545,8 @@ pub fn encode_request(encoding: Encoding, req: &Request<'_>) -> Vec<u8> {
 }
 
 /// Decodes a server message from one message's payload (the frame's data), for clients, tests
-/// and the load generator.
+/// and the load generator. `dialect` is the one the server selected (an [`Encoding`] means
+/// binary version 1).
 ///
 /// Unknown fields are ignored. Topics are only required to be UTF-8: the client trusts the server
 /// on topic rules.
@@ -451,10 +555,14 @@ pub fn encode_request(encoding: Encoding, req: &Request<'_>) -> Vec<u8> {
 /// [`DecodeError`] as for [`decode_request`]: [`ErrorCode::BadRequest`] for a malformed message,
 /// [`ErrorCode::UnknownType`] for an unknown type or op, [`ErrorCode::BadPayload`] for a payload
 /// flagged JSON that is not JSON or bad base64.
-pub fn decode_server(encoding: Encoding, input: &[u8]) -> Result<ServerMessage<'_>, DecodeError> {
-    match encoding {
-        Encoding::Json => json::decode_server(input),
-        Encoding::Binary => binary::decode_server(input),
+pub fn decode_server(
+    dialect: impl Into<Dialect>,
+    input: &[u8],
+) -> Result<ServerMessage<'_>, DecodeError> {
+    match dialect.into() {
+        Dialect::Json => json::decode_server(input),
+        Dialect::BinaryV1 => binary::decode_server(input, binary::Version::V1),
+        Dialect::BinaryV2 => binary::decode_server(input, binary::Version::V2),
     }
 }
 
@@ -463,14 +571,18 @@ pub fn decode_server(encoding: Encoding, input: &[u8]) -> Result<ServerMessage<'
 ///
 /// In the binary encoding a topic (or error code) longer than 255 bytes cannot be represented and
 /// is written as empty; the engine only ever passes topics that passed [`validate_topic`].
-pub fn encode_server(encoding: Encoding, msg: &ServerMessage<'_>) -> Bytes {
+/// Binary version 1 leaves out what it has no room for: an ack's position, an error's retry
+/// hint and a reset's epoch.
+pub fn encode_server(dialect: impl Into<Dialect>, msg: &ServerMessage<'_>) -> Bytes {
+    let dialect = dialect.into();
+    let encoding = dialect.encoding();
     let mut count = Counter(0);
-    msg.write(encoding, &mut count);
+    msg.write(dialect, &mut count);
     // The header goes right-aligned in the space reserved for the longest one, once the body's
     // length is known: one buffer, no copy of the body.
     let mut buf = Vec::with_capacity(SERVER_HEADER_MAX + count.0);
     buf.resize(SERVER_HEADER_MAX, 0);
-    msg.write(encoding, &mut buf);
+    msg.write(dialect, &mut buf);
     let body_len = buf.len() - SERVER_HEADER_MAX;
     let (header, header_len) = FrameHeader::new(encoding.opcode(), body_len as u64).to_array();
     let start = SERVER_HEADER_MAX - header_len;
@@ -495,32 +607,80 @@ pub fn message_frame(enc: Encoding, topic: &str, seq: u64, payload: Payload<'_>)
     )
 }
 
-/// The frame that acknowledges a request: `{"type":"ack","id":…}` (no `id` when `None`).
-pub fn ack_frame(enc: Encoding, id: Option<u64>) -> Bytes {
-    encode_server(enc, &ServerMessage::Ack { id })
-}
-
-/// The frame that reports a failed request:
-/// `{"type":"error","id":…,"code":"…","message":"…"}` (no `id` when `None`).
-pub fn error_frame(enc: Encoding, id: Option<u64>, code: ErrorCode, message: &str) -> Bytes {
+/// The frame that acknowledges a request with nothing more to say (an unsubscribe):
+/// `{"type":"ack","id":…}` (no `id` when `None`).
+pub fn ack_frame(d: impl Into<Dialect>, id: Option<u64>) -> Bytes {
     encode_server(
-        enc,
-        &ServerMessage::Error {
+        d,
+        &ServerMessage::Ack {
             id,
-            code: Cow::Borrowed(code.as_str()),
-            message: Cow::Borrowed(message),
+            position: AckPosition::Plain,
         },
     )
 }
 
-/// The notice that a subscription's `since` is older than the history:
-/// `{"type":"reset","topic":…,"oldest":…}`, where `oldest` is the oldest seq still held.
-pub fn reset_frame(enc: Encoding, topic: &str, oldest: u64) -> Bytes {
+/// The frame that acknowledges a publish: `{"type":"ack","id":…,"epoch":…,"seq":…}`, with the
+/// topic's epoch and the message's seq. Binary version 1 writes a plain ack.
+pub fn publish_ack_frame(d: impl Into<Dialect>, id: Option<u64>, epoch: u64, seq: u64) -> Bytes {
     encode_server(
-        enc,
+        d,
+        &ServerMessage::Ack {
+            id,
+            position: AckPosition::Publish { epoch, seq },
+        },
+    )
+}
+
+/// The frame that acknowledges a subscribe:
+/// `{"type":"ack","id":…,"topics":[{"topic":…,"epoch":…,"seq":…},…]}`, one entry per topic in
+/// request order with its epoch and last assigned seq. Binary version 1 writes a plain ack.
+pub fn subscribe_ack_frame(
+    d: impl Into<Dialect>,
+    id: Option<u64>,
+    topics: Vec<TopicPosition<'_>>,
+) -> Bytes {
+    encode_server(
+        d,
+        &ServerMessage::Ack {
+            id,
+            position: AckPosition::Subscribe(topics),
+        },
+    )
+}
+
+/// The frame that reports a failed request:
+/// `{"type":"error","id":…,"code":"…","message":"…","retry_after_ms":…}` (no `id` when `None`,
+/// no `retry_after_ms` when `None`). Give `retry_after_ms` (milliseconds until a retry may
+/// succeed) with `rate_limited` and `unavailable`. Binary version 1 leaves the hint out.
+pub fn error_frame(
+    d: impl Into<Dialect>,
+    id: Option<u64>,
+    code: ErrorCode,
+    message: &str,
+    retry_after_ms: Option<u64>,
+) -> Bytes {
+    encode_server(
+        d,
+        &ServerMessage::Error {
+            id,
+            code: Cow::Borrowed(code.as_str()),
+            message: Cow::Borrowed(message),
+            retry_after_ms,
+        },
+    )
+}
+
+/// The notice that a subscription's `since` is older than the history or counted in another
+/// epoch, or that a topic's numbering restarted: `{"type":"reset","topic":…,"oldest":…,"epoch":…}`,
+/// where `oldest` is the oldest seq still held (the next one delivered) and `epoch` the topic's
+/// current epoch. Binary version 1 leaves the epoch out.
+pub fn reset_frame(d: impl Into<Dialect>, topic: &str, oldest: u64, epoch: u64) -> Bytes {
+    encode_server(
+        d,
         &ServerMessage::Reset {
             topic: Cow::Borrowed(topic),
             oldest,
+            epoch: Some(epoch),
         },
     )
 }
@@ -601,12 +761,7 @@ fn base64_len(n: usize) -> usize {
     base64::encoded_len(n, true).unwrap_or(usize::MAX)
 }
 
-/// A message that can be written in either encoding.
-trait Body {
-    fn write<S: Sink>(&self, encoding: Encoding, out: &mut S);
-}
-
-impl Body for Request<'_> {
+impl Request<'_> {
     fn write<S: Sink>(&self, encoding: Encoding, out: &mut S) {
         match encoding {
             Encoding::Json => json::write_request(self, out),
@@ -615,11 +770,12 @@ impl Body for Request<'_> {
     }
 }
 
-impl Body for ServerMessage<'_> {
-    fn write<S: Sink>(&self, encoding: Encoding, out: &mut S) {
-        match encoding {
-            Encoding::Json => json::write_server(self, out),
-            Encoding::Binary => binary::write_server(self, out),
+impl ServerMessage<'_> {
+    fn write<S: Sink>(&self, dialect: Dialect, out: &mut S) {
+        match dialect {
+            Dialect::Json => json::write_server(self, out),
+            Dialect::BinaryV1 => binary::write_server(self, out, binary::Version::V1),
+            Dialect::BinaryV2 => binary::write_server(self, out, binary::Version::V2),
         }
     }
 }
@@ -644,7 +800,7 @@ fn shown(s: &str) -> String {
 mod tests {
     use super::*;
 
-    fn written_len(enc: Encoding, msg: &ServerMessage<'_>) -> (usize, usize) {
+    fn written_len(enc: Dialect, msg: &ServerMessage<'_>) -> (usize, usize) {
         let mut count = Counter(0);
         msg.write(enc, &mut count);
         let mut out = Vec::new();
@@ -661,7 +817,7 @@ mod tests {
             "κόσμε/𝄞",
             &"x".repeat(300),
         ];
-        for enc in [Encoding::Json, Encoding::Binary] {
+        for enc in [Dialect::Json, Dialect::BinaryV1, Dialect::BinaryV2] {
             for topic in topics {
                 for n in 0..6 {
                     let bytes = vec![0xA5; n];
@@ -680,6 +836,34 @@ mod tests {
                             id: Some(10),
                             code: "bad_topic".into(),
                             message: topic.into(),
+                            retry_after_ms: Some(250),
+                        },
+                        ServerMessage::Ack {
+                            id: Some(1),
+                            position: AckPosition::Publish {
+                                epoch: u64::MAX,
+                                seq: 7,
+                            },
+                        },
+                        ServerMessage::Ack {
+                            id: None,
+                            position: AckPosition::Subscribe(vec![
+                                TopicPosition {
+                                    topic: topic.into(),
+                                    epoch: 3,
+                                    seq: 0,
+                                },
+                                TopicPosition {
+                                    topic: "b".into(),
+                                    epoch: 1,
+                                    seq: 12_345_678,
+                                },
+                            ]),
+                        },
+                        ServerMessage::Reset {
+                            topic: topic.into(),
+                            oldest: 1,
+                            epoch: Some(99),
                         },
                         ServerMessage::Dropped {
                             topic: topic.into(),

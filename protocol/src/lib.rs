@@ -75,9 +75,10 @@ pub mod utf8;
 pub use close::{CloseCode, CloseFrame, ReconnectHint};
 pub use codec::{CloseState, Codec, Event, Role};
 pub use envelope::{
-    decode_request, decode_server, encode_request, encode_server, validate_topic, DecodeError,
-    Encoding, ErrorCode, Payload, PayloadKind, Request, ServerMessage, SubscribeTopic,
-    BINARY_SUBPROTOCOL, JSON_SUBPROTOCOL, MAX_TOPIC_BYTES,
+    decode_request, decode_server, encode_request, encode_server, validate_topic, AckPosition,
+    DecodeError, Dialect, Encoding, ErrorCode, Payload, PayloadKind, Request, ServerMessage,
+    SubscribeTopic, TopicPosition, BINARY_SUBPROTOCOL, BINARY_V2_SUBPROTOCOL, JSON_SUBPROTOCOL,
+    MAX_TOPIC_BYTES,
 };
 pub use error::{Error, HandshakeError, ProtocolError, Result};
 pub use frame::{encode_frame, server_frame, FrameHeader, OpCode, MAX_HEADER_BYTES};

@@ -10,14 +10,16 @@ use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use ringcast_protocol::envelope::{
     self, ack_frame, decode_request, decode_server, dropped_frame, encode_request, encode_server,
-    error_frame, message_frame, pong_frame, reset_frame, shutdown_frame, validate_topic,
-    DecodeError, Encoding, ErrorCode, Payload, PayloadKind, Request, ServerMessage, SubscribeTopic,
-    BINARY_SUBPROTOCOL, JSON_SUBPROTOCOL, MAX_TOPIC_BYTES,
+    error_frame, message_frame, pong_frame, publish_ack_frame, reset_frame, shutdown_frame,
+    subscribe_ack_frame, validate_topic, AckPosition, DecodeError, Dialect, Encoding, ErrorCode,
+    Payload, PayloadKind, Request, ServerMessage, SubscribeTopic, TopicPosition,
+    BINARY_SUBPROTOCOL, BINARY_V2_SUBPROTOCOL, JSON_SUBPROTOCOL, MAX_TOPIC_BYTES,
 };
 use ringcast_protocol::{Codec, Event, FrameHeader, Limits, OpCode};
 use serde_json::{json, Value};
 
 const ENCODINGS: [Encoding; 2] = [Encoding::Json, Encoding::Binary];
+const DIALECTS: [Dialect; 3] = [Dialect::Json, Dialect::BinaryV1, Dialect::BinaryV2];
 
 fn json_req(input: &str) -> Result<Request<'_>, DecodeError> {
     decode_request(Encoding::Json, input.as_bytes())
@@ -27,6 +29,24 @@ fn sub(topic: &str, since: Option<u64>) -> SubscribeTopic<'_> {
     SubscribeTopic {
         topic: topic.into(),
         since,
+        epoch: None,
+    }
+}
+
+/// A subscribe entry resuming after `since` in `epoch`.
+fn sub_in(topic: &str, since: u64, epoch: u64) -> SubscribeTopic<'_> {
+    SubscribeTopic {
+        topic: topic.into(),
+        since: Some(since),
+        epoch: Some(epoch),
+    }
+}
+
+fn pos(topic: &str, epoch: u64, seq: u64) -> TopicPosition<'_> {
+    TopicPosition {
+        topic: topic.into(),
+        epoch,
+        seq,
     }
 }
 
@@ -83,6 +103,27 @@ fn encodings_map_to_their_subprotocols_and_opcodes() {
     assert_eq!(Encoding::from_subprotocol("ringcast.v1.JSON"), None);
     assert_eq!(Encoding::from_subprotocol("ringcast.v2.json"), None);
     assert_eq!(Encoding::from_subprotocol(""), None);
+    // Both binary versions frame messages the same way.
+    assert_eq!(BINARY_V2_SUBPROTOCOL, "ringcast.v2.bin");
+    assert_eq!(
+        Encoding::from_subprotocol(BINARY_V2_SUBPROTOCOL),
+        Some(Encoding::Binary)
+    );
+}
+
+#[test]
+fn dialects_map_to_their_subprotocols_and_encodings() {
+    for d in DIALECTS {
+        assert_eq!(Dialect::from_subprotocol(d.subprotocol()), Some(d));
+    }
+    assert_eq!(Dialect::Json.encoding(), Encoding::Json);
+    assert_eq!(Dialect::BinaryV1.encoding(), Encoding::Binary);
+    assert_eq!(Dialect::BinaryV2.encoding(), Encoding::Binary);
+    assert_eq!(Dialect::from(Encoding::Json), Dialect::Json);
+    assert_eq!(Dialect::from(Encoding::Binary), Dialect::BinaryV1);
+    assert_eq!(Dialect::BinaryV2.subprotocol(), "ringcast.v2.bin");
+    assert_eq!(Dialect::from_subprotocol("ringcast.v3.bin"), None);
+    assert_eq!(Dialect::from_subprotocol("ringcast.v2.BIN"), None);
 }
 
 // ---- JSON requests ----
@@ -120,6 +161,34 @@ fn json_subscribe_shapes() {
         Ok(Request::Subscribe {
             id: None,
             topics: vec![sub("x", None)],
+        })
+    );
+}
+
+#[test]
+fn json_subscribe_with_epoch_shapes() {
+    assert_eq!(
+        json_req(r#"{"type":"subscribe","id":1,"topic":"x","since":10,"epoch":7}"#),
+        Ok(Request::Subscribe {
+            id: Some(1),
+            topics: vec![sub_in("x", 10, 7)],
+        })
+    );
+    assert_eq!(
+        json_req(
+            r#"{"type":"subscribe","topics":[{"topic":"a","since":1,"epoch":18446744073709551615},"b",{"topic":"c","since":2}]}"#
+        ),
+        Ok(Request::Subscribe {
+            id: None,
+            topics: vec![sub_in("a", 1, u64::MAX), sub("b", None), sub("c", Some(2))],
+        })
+    );
+    // null is absent, as for since.
+    assert_eq!(
+        json_req(r#"{"type":"subscribe","topic":"x","since":3,"epoch":null}"#),
+        Ok(Request::Subscribe {
+            id: None,
+            topics: vec![sub("x", Some(3))],
         })
     );
 }
@@ -357,6 +426,48 @@ fn malformed_json_requests_name_the_problem_and_the_id() {
             r#"with "topics", "since" goes inside each entry"#,
         ),
         (
+            r#"{"id":4,"type":"subscribe","topics":["a"],"epoch":3}"#,
+            BadRequest,
+            Some(4),
+            r#"with "topics", "epoch" goes inside each entry"#,
+        ),
+        (
+            r#"{"id":4,"type":"subscribe","topic":"a","epoch":3}"#,
+            BadRequest,
+            Some(4),
+            r#""epoch" without "since""#,
+        ),
+        (
+            r#"{"id":4,"type":"subscribe","topic":"a","since":null,"epoch":3}"#,
+            BadRequest,
+            Some(4),
+            r#""epoch" without "since""#,
+        ),
+        (
+            r#"{"id":4,"type":"subscribe","topics":["a",{"topic":"b","epoch":3}]}"#,
+            BadRequest,
+            Some(4),
+            r#"topics[1]: "epoch" without "since""#,
+        ),
+        (
+            r#"{"id":4,"type":"subscribe","topic":"a","since":1,"epoch":"3"}"#,
+            BadRequest,
+            Some(4),
+            r#"field "epoch" must be an unsigned integer"#,
+        ),
+        (
+            r#"{"id":4,"type":"subscribe","topics":[{"topic":"a","since":1,"epoch":-3}]}"#,
+            BadRequest,
+            Some(4),
+            r#"topics[0]: field "epoch" must be an unsigned integer"#,
+        ),
+        (
+            r#"{"id":4,"type":"subscribe","topic":"a","since":1,"epoch":1,"epoch":2}"#,
+            BadRequest,
+            Some(4),
+            r#"duplicate field "epoch""#,
+        ),
+        (
             r#"{"id":5,"type":"subscribe","topic":"a","since":"41"}"#,
             BadRequest,
             Some(5),
@@ -530,6 +641,33 @@ fn binary_requests_decode() {
             payload: Payload::json("{\"a\": [1]}"),
         })
     );
+    // Entry flag bit 1: an epoch follows the since.
+    let resume = [
+        &[0x01][..],
+        &bin_id(None),
+        &[0x03],
+        &10u64.to_be_bytes(),
+        &7u64.to_be_bytes(),
+        &[1, b'x'],
+    ]
+    .concat();
+    assert_eq!(
+        decode_request(Encoding::Binary, &resume),
+        Ok(Request::Subscribe {
+            id: None,
+            topics: vec![sub_in("x", 10, 7)],
+        })
+    );
+    assert_eq!(
+        encode_request(
+            Encoding::Binary,
+            &Request::Subscribe {
+                id: None,
+                topics: vec![sub_in("x", 10, 7)],
+            }
+        ),
+        resume
+    );
     let ping = [&[0x04][..], &bin_id(Some(4))].concat();
     assert_eq!(
         decode_request(Encoding::Binary, &ping),
@@ -602,10 +740,22 @@ fn malformed_binary_requests_name_the_problem_and_the_id() {
             "message truncated in the topic",
         ),
         (
-            with_id(0x01, b"\x02\x01a"),
+            with_id(0x01, b"\x04\x01a"),
             BadRequest,
             Some(9),
-            "undefined bits set in the entry flags (0x02)",
+            "undefined bits set in the entry flags (0x04)",
+        ),
+        (
+            with_id(0x01, b"\x02\x00\x00\x00\x00\x00\x00\x00\x07\x01a"),
+            BadRequest,
+            Some(9),
+            "entry has an epoch without a since",
+        ),
+        (
+            with_id(0x01, b"\x03\x00\x00\x00\x00\x00\x00\x00\x07\x00\x01"),
+            BadRequest,
+            Some(9),
+            "message truncated in the epoch",
         ),
         (
             with_id(0x01, b"\x00\x00"),
@@ -743,16 +893,38 @@ fn server_json_output_is_exact() {
         (ack_frame(j, Some(1)), r#"{"type":"ack","id":1}"#),
         (ack_frame(j, None), r#"{"type":"ack"}"#),
         (
-            error_frame(j, Some(1), ErrorCode::BadTopic, "topic is empty"),
+            publish_ack_frame(j, Some(3), 7, 42),
+            r#"{"type":"ack","id":3,"epoch":7,"seq":42}"#,
+        ),
+        (
+            subscribe_ack_frame(j, Some(1), vec![pos("x", 7, 41)]),
+            r#"{"type":"ack","id":1,"topics":[{"topic":"x","epoch":7,"seq":41}]}"#,
+        ),
+        (
+            subscribe_ack_frame(j, None, vec![pos("a\"b", 1, 0), pos("c", u64::MAX, 9)]),
+            r#"{"type":"ack","topics":[{"topic":"a\"b","epoch":1,"seq":0},{"topic":"c","epoch":18446744073709551615,"seq":9}]}"#,
+        ),
+        (
+            error_frame(j, Some(1), ErrorCode::BadTopic, "topic is empty", None),
             r#"{"type":"error","id":1,"code":"bad_topic","message":"topic is empty"}"#,
         ),
         (
-            error_frame(j, None, ErrorCode::BadRequest, r#"missing field "topic""#),
+            error_frame(
+                j,
+                None,
+                ErrorCode::BadRequest,
+                r#"missing field "topic""#,
+                None,
+            ),
             r#"{"type":"error","code":"bad_request","message":"missing field \"topic\""}"#,
         ),
         (
-            reset_frame(j, "prices.BTC", 100),
-            r#"{"type":"reset","topic":"prices.BTC","oldest":100}"#,
+            error_frame(j, Some(3), ErrorCode::RateLimited, "slow down", Some(250)),
+            r#"{"type":"error","id":3,"code":"rate_limited","message":"slow down","retry_after_ms":250}"#,
+        ),
+        (
+            reset_frame(j, "prices.BTC", 100, 7),
+            r#"{"type":"reset","topic":"prices.BTC","oldest":100,"epoch":7}"#,
         ),
         (
             dropped_frame(j, "prices.BTC", 7, 57),
@@ -801,13 +973,22 @@ fn server_json_parses_with_serde_json() {
             j,
             Some(2),
             ErrorCode::RateLimited,
-            "slow \"down\"\u{0}"
+            "slow \"down\"\u{0}",
+            Some(1500),
         )),
-        json!({"type": "error", "id": 2, "code": "rate_limited", "message": "slow \"down\"\u{0}"})
+        json!({"type": "error", "id": 2, "code": "rate_limited", "message": "slow \"down\"\u{0}", "retry_after_ms": 1500})
     );
     assert_eq!(
-        parse(&reset_frame(j, "t", 100)),
-        json!({"type": "reset", "topic": "t", "oldest": 100})
+        parse(&reset_frame(j, "t", 100, 5)),
+        json!({"type": "reset", "topic": "t", "oldest": 100, "epoch": 5})
+    );
+    assert_eq!(
+        parse(&publish_ack_frame(j, Some(1), 5, 6)),
+        json!({"type": "ack", "id": 1, "epoch": 5, "seq": 6})
+    );
+    assert_eq!(
+        parse(&subscribe_ack_frame(j, Some(1), vec![pos("t", 5, 6)])),
+        json!({"type": "ack", "id": 1, "topics": [{"topic": "t", "epoch": 5, "seq": 6}]})
     );
     assert_eq!(
         parse(&dropped_frame(j, "t", 7, 57)),
@@ -822,7 +1003,7 @@ fn server_json_parses_with_serde_json() {
         json!({"type": "pong", "id": 4})
     );
     for code in ErrorCode::ALL {
-        let v = parse(&error_frame(j, None, code, "m"));
+        let v = parse(&error_frame(j, None, code, "m", None));
         assert_eq!(v["code"], code.as_str());
     }
 }
@@ -845,8 +1026,18 @@ fn server_binary_output_is_exact() {
             cat(&[&[0x82, 0x01], &1u64.to_be_bytes()]),
         ),
         (ack_frame(b, None), vec![0x82, 0x00]),
+        // Version 1 has no room for the newer fields: its acks, errors and resets are the
+        // bytes they always were.
         (
-            error_frame(b, Some(3), ErrorCode::BadTopic, "topic is empty"),
+            publish_ack_frame(b, Some(1), 7, 42),
+            cat(&[&[0x82, 0x01], &1u64.to_be_bytes()]),
+        ),
+        (
+            subscribe_ack_frame(b, None, vec![pos("x", 7, 41)]),
+            vec![0x82, 0x00],
+        ),
+        (
+            error_frame(b, Some(3), ErrorCode::BadTopic, "topic is empty", None),
             cat(&[
                 &[0x83, 0x01],
                 &3u64.to_be_bytes(),
@@ -856,7 +1047,11 @@ fn server_binary_output_is_exact() {
             ]),
         ),
         (
-            reset_frame(b, "t", 100),
+            error_frame(b, None, ErrorCode::RateLimited, "slow", Some(250)),
+            cat(&[&[0x83, 0x00], &[12], b"rate_limited", b"slow"]),
+        ),
+        (
+            reset_frame(b, "t", 100, 7),
             cat(&[&[0x84], &100u64.to_be_bytes(), &[1, b't']]),
         ),
         (
@@ -882,20 +1077,182 @@ fn server_binary_output_is_exact() {
 }
 
 #[test]
+fn server_binary_v2_output_is_exact() {
+    let b = Dialect::BinaryV2;
+    let cat = |parts: &[&[u8]]| parts.concat();
+    let cases: Vec<(Bytes, Vec<u8>)> = vec![
+        // Messages and dropped notices are version 1's bytes.
+        (
+            message_frame(Encoding::Binary, "t", 42, Payload::json("[1]")),
+            cat(&[&[0x81, 0x01], &42u64.to_be_bytes(), &[1, b't'], b"[1]"]),
+        ),
+        (ack_frame(b, None), vec![0x82, 0x00, 0x00]),
+        (
+            ack_frame(b, Some(2)),
+            cat(&[&[0x82, 0x01], &2u64.to_be_bytes(), &[0x00]]),
+        ),
+        (
+            publish_ack_frame(b, Some(3), 7, 42),
+            cat(&[
+                &[0x82, 0x01],
+                &3u64.to_be_bytes(),
+                &[0x01],
+                &7u64.to_be_bytes(),
+                &42u64.to_be_bytes(),
+            ]),
+        ),
+        (
+            subscribe_ack_frame(b, None, vec![pos("x", 7, 41), pos("yz", 8, 0)]),
+            cat(&[
+                &[0x82, 0x00, 0x02],
+                &7u64.to_be_bytes(),
+                &41u64.to_be_bytes(),
+                &[1, b'x'],
+                &8u64.to_be_bytes(),
+                &0u64.to_be_bytes(),
+                &[2, b'y', b'z'],
+            ]),
+        ),
+        (
+            error_frame(b, Some(3), ErrorCode::RateLimited, "slow", Some(250)),
+            cat(&[
+                &[0x83, 0x01],
+                &3u64.to_be_bytes(),
+                &250u64.to_be_bytes(),
+                &[12],
+                b"rate_limited",
+                b"slow",
+            ]),
+        ),
+        (
+            error_frame(b, None, ErrorCode::BadTopic, "x", None),
+            cat(&[&[0x83, 0x00], &0u64.to_be_bytes(), &[9], b"bad_topic", b"x"]),
+        ),
+        (
+            reset_frame(b, "t", 100, 7),
+            cat(&[
+                &[0x84],
+                &100u64.to_be_bytes(),
+                &7u64.to_be_bytes(),
+                &[1, b't'],
+            ]),
+        ),
+        (
+            dropped_frame(Encoding::Binary, "t", 7, 57),
+            cat(&[
+                &[0x85],
+                &7u64.to_be_bytes(),
+                &57u64.to_be_bytes(),
+                &[1, b't'],
+            ]),
+        ),
+        (pong_frame(Encoding::Binary, None), vec![0x87, 0x00]),
+    ];
+    for (frame, expected) in &cases {
+        assert_eq!(split_frame(frame, Encoding::Binary), &expected[..]);
+        assert_eq!(
+            &through_client_codec(frame, Encoding::Binary)[..],
+            &expected[..]
+        );
+    }
+}
+
+#[test]
+fn server_messages_decode_with_their_new_fields() {
+    let j = |s: &'static str| decode_server(Dialect::Json, s.as_bytes());
+    assert_eq!(
+        j(r#"{"type":"ack","id":3,"epoch":7,"seq":42}"#),
+        Ok(ServerMessage::Ack {
+            id: Some(3),
+            position: AckPosition::Publish { epoch: 7, seq: 42 },
+        })
+    );
+    assert_eq!(
+        j(r#"{"type":"ack","id":1,"topics":[{"topic":"x","epoch":7,"seq":41,"more":1}]}"#),
+        Ok(ServerMessage::Ack {
+            id: Some(1),
+            position: AckPosition::Subscribe(vec![pos("x", 7, 41)]),
+        })
+    );
+    // An old server's ack, and an unsubscribe's.
+    assert_eq!(
+        j(r#"{"type":"ack","id":2}"#),
+        Ok(ServerMessage::Ack {
+            id: Some(2),
+            position: AckPosition::Plain,
+        })
+    );
+    assert_eq!(
+        j(r#"{"type":"reset","topic":"t","oldest":1}"#),
+        Ok(ServerMessage::Reset {
+            topic: "t".into(),
+            oldest: 1,
+            epoch: None,
+        })
+    );
+    assert_eq!(
+        j(r#"{"type":"error","code":"unavailable","message":"m","retry_after_ms":null}"#),
+        Ok(ServerMessage::Error {
+            id: None,
+            code: "unavailable".into(),
+            message: "m".into(),
+            retry_after_ms: None,
+        })
+    );
+    // Binary version 1 reads the old layouts; version 2 the new ones.
+    let v2_reset = [
+        &[0x84][..],
+        &5u64.to_be_bytes(),
+        &9u64.to_be_bytes(),
+        b"\x01t",
+    ]
+    .concat();
+    assert_eq!(
+        decode_server(Dialect::BinaryV2, &v2_reset),
+        Ok(ServerMessage::Reset {
+            topic: "t".into(),
+            oldest: 5,
+            epoch: Some(9),
+        })
+    );
+    assert!(decode_server(Dialect::BinaryV1, &v2_reset).is_err());
+    assert_eq!(
+        decode_server(Encoding::Binary, b"\x82\x00"),
+        Ok(ServerMessage::Ack {
+            id: None,
+            position: AckPosition::Plain,
+        })
+    );
+    assert_eq!(
+        decode_server(Dialect::BinaryV2, b"\x82\x00\x02"),
+        Ok(ServerMessage::Ack {
+            id: None,
+            position: AckPosition::Subscribe(vec![]),
+        })
+    );
+}
+
+#[test]
 fn every_frame_encoder_gives_a_decodable_frame_of_its_encoding() {
-    for enc in ENCODINGS {
+    for d in DIALECTS {
+        let enc = d.encoding();
         let frames = [
             (message_frame(enc, "t", 1, Payload::json("1")), "message"),
-            (ack_frame(enc, Some(1)), "ack"),
-            (error_frame(enc, None, ErrorCode::Internal, "x"), "error"),
-            (reset_frame(enc, "t", 1), "reset"),
+            (ack_frame(d, Some(1)), "ack"),
+            (publish_ack_frame(d, Some(1), 2, 3), "ack"),
+            (subscribe_ack_frame(d, Some(1), vec![pos("t", 2, 3)]), "ack"),
+            (
+                error_frame(d, None, ErrorCode::Internal, "x", Some(5)),
+                "error",
+            ),
+            (reset_frame(d, "t", 1, 2), "reset"),
             (dropped_frame(enc, "t", 1, 2), "dropped"),
             (shutdown_frame(enc, "x"), "shutdown"),
             (pong_frame(enc, Some(1)), "pong"),
         ];
         for (frame, kind) in &frames {
             let payload = through_client_codec(frame, enc);
-            let msg = decode_server(enc, &payload).expect(kind);
+            let msg = decode_server(d, &payload).expect(kind);
             let name = match msg {
                 ServerMessage::Message { .. } => "message",
                 ServerMessage::Ack { .. } => "ack",
@@ -928,15 +1285,16 @@ fn frames_over_125_and_65535_bytes_use_the_longer_length_forms() {
 
 #[test]
 fn decode_errors_answer_with_an_error_frame() {
-    for enc in ENCODINGS {
+    for d in DIALECTS {
         let e = err(ErrorCode::UnknownType, Some(8), r#"unknown type "x""#);
-        let frame = e.to_frame(enc);
+        let frame = e.to_frame(d);
         assert_eq!(
-            decode_server(enc, split_frame(&frame, enc)),
+            decode_server(d, split_frame(&frame, d.encoding())),
             Ok(ServerMessage::Error {
                 id: Some(8),
                 code: "unknown_type".into(),
                 message: r#"unknown type "x""#.into(),
+                retry_after_ms: None,
             })
         );
     }
@@ -977,6 +1335,86 @@ fn malformed_server_messages_are_errors() {
     assert_eq!(
         j(r#"{"type":"hello"}"#),
         Err((UnknownType, r#"unknown type "hello""#.into()))
+    );
+    assert_eq!(
+        j(r#"{"type":"ack","id":1,"epoch":7}"#),
+        Err((BadRequest, r#"missing field "seq""#.into()))
+    );
+    assert_eq!(
+        j(r#"{"type":"ack","id":1,"seq":7}"#),
+        Err((BadRequest, r#"missing field "epoch""#.into()))
+    );
+    assert_eq!(
+        j(r#"{"type":"ack","seq":"7","epoch":1}"#),
+        Err((
+            BadRequest,
+            r#"field "seq" must be an unsigned integer"#.into()
+        ))
+    );
+    assert_eq!(
+        j(r#"{"type":"ack","topics":{"topic":"x"}}"#),
+        Err((BadRequest, r#"field "topics" must be an array"#.into()))
+    );
+    assert_eq!(
+        j(r#"{"type":"ack","topics":["x"]}"#),
+        Err((BadRequest, "topics[0] must be an object".into()))
+    );
+    assert_eq!(
+        j(r#"{"type":"ack","topics":[{"topic":"x","seq":1}]}"#),
+        Err((BadRequest, r#"topics[0]: missing field "epoch""#.into()))
+    );
+    assert_eq!(
+        j(r#"{"type":"reset","topic":"t","oldest":1,"epoch":-1}"#),
+        Err((
+            BadRequest,
+            r#"field "epoch" must be an unsigned integer"#.into()
+        ))
+    );
+    assert_eq!(
+        j(r#"{"type":"error","code":"x","message":"m","retry_after_ms":1.5}"#),
+        Err((
+            BadRequest,
+            r#"field "retry_after_ms" must be an unsigned integer"#.into()
+        ))
+    );
+    let v2 = |s: &[u8]| {
+        decode_server(Dialect::BinaryV2, s)
+            .map(drop)
+            .map_err(|e| (e.code, e.message))
+    };
+    assert_eq!(
+        v2(b"\x82\x00"),
+        Err((BadRequest, "message truncated in the ack kind".into()))
+    );
+    assert_eq!(
+        v2(b"\x82\x00\x03"),
+        Err((BadRequest, "ack kind is 0x03, not 0, 1 or 2".into()))
+    );
+    assert_eq!(
+        v2(b"\x82\x00\x00\x00"),
+        Err((BadRequest, "1 trailing bytes after the message".into()))
+    );
+    assert_eq!(
+        v2(&[&[0x82, 0x00, 0x01][..], &7u64.to_be_bytes()].concat()),
+        Err((BadRequest, "message truncated in the seq".into()))
+    );
+    assert_eq!(
+        v2(&[
+            &[0x82, 0x00, 0x02][..],
+            &7u64.to_be_bytes(),
+            &1u64.to_be_bytes(),
+            &[2, b'x']
+        ]
+        .concat()),
+        Err((BadRequest, "message truncated in the topic".into()))
+    );
+    assert_eq!(
+        v2(b"\x83\x00\x00\x00"),
+        Err((BadRequest, "message truncated in the retry_after_ms".into()))
+    );
+    assert_eq!(
+        v2(&[&[0x84][..], &1u64.to_be_bytes(), &[1, b't']].concat()),
+        Err((BadRequest, "message truncated in the epoch".into()))
     );
     let b = |s: &[u8]| {
         decode_server(Encoding::Binary, s)
@@ -1043,6 +1481,20 @@ fn request_json_output_is_exact() {
             topics: vec![sub("a", None), sub("b", Some(5))]
         }),
         r#"{"type":"subscribe","topics":["a",{"topic":"b","since":5}]}"#
+    );
+    assert_eq!(
+        j(&Request::Subscribe {
+            id: Some(1),
+            topics: vec![sub_in("x", 10, 7)]
+        }),
+        r#"{"type":"subscribe","id":1,"topic":"x","since":10,"epoch":7}"#
+    );
+    assert_eq!(
+        j(&Request::Subscribe {
+            id: None,
+            topics: vec![sub("a", None), sub_in("b", 5, 2)]
+        }),
+        r#"{"type":"subscribe","topics":["a",{"topic":"b","since":5,"epoch":2}]}"#
     );
     assert_eq!(
         j(&Request::Unsubscribe {
@@ -1140,10 +1592,14 @@ fn payload() -> impl Strategy<Value = Payload<'static>> {
 
 fn request() -> impl Strategy<Value = Request<'static>> {
     let id = any::<Option<u64>>();
-    let entry = (valid_topic(), any::<Option<u64>>()).prop_map(|(t, since)| SubscribeTopic {
-        topic: Cow::Owned(t),
-        since,
-    });
+    // An epoch only ever comes with a since.
+    let entry = (valid_topic(), any::<Option<u64>>(), any::<Option<u64>>()).prop_map(
+        |(t, since, epoch)| SubscribeTopic {
+            topic: Cow::Owned(t),
+            since,
+            epoch: since.and(epoch),
+        },
+    );
     prop_oneof![
         (id.clone(), prop::collection::vec(entry, 1..5))
             .prop_map(|(id, topics)| Request::Subscribe { id, topics }),
@@ -1175,16 +1631,28 @@ fn server_message() -> impl Strategy<Value = ServerMessage<'static>> {
                 payload,
             }
         }),
-        id.clone().prop_map(|id| ServerMessage::Ack { id }),
-        (id.clone(), "[a-z_]{1,30}", any::<String>()).prop_map(|(id, code, message)| {
-            ServerMessage::Error {
-                id,
-                code: Cow::Owned(code),
-                message: Cow::Owned(message),
+        (id.clone(), ack_position()).prop_map(|(id, position)| ServerMessage::Ack { id, position }),
+        (
+            id.clone(),
+            "[a-z_]{1,30}",
+            any::<String>(),
+            prop::option::of(1..=u64::MAX)
+        )
+            .prop_map(|(id, code, message, retry_after_ms)| {
+                ServerMessage::Error {
+                    id,
+                    code: Cow::Owned(code),
+                    message: Cow::Owned(message),
+                    retry_after_ms,
+                }
+            }),
+        (topic.clone(), any::<u64>(), prop::option::of(1..=u64::MAX)).prop_map(
+            |(topic, oldest, epoch)| ServerMessage::Reset {
+                topic,
+                oldest,
+                epoch
             }
-        }),
-        (topic.clone(), any::<u64>())
-            .prop_map(|(topic, oldest)| ServerMessage::Reset { topic, oldest }),
+        ),
         (topic, any::<u64>(), any::<u64>())
             .prop_map(|(topic, count, next)| ServerMessage::Dropped { topic, count, next }),
         any::<String>().prop_map(|r| ServerMessage::Shutdown {
@@ -1194,8 +1662,45 @@ fn server_message() -> impl Strategy<Value = ServerMessage<'static>> {
     ]
 }
 
+fn ack_position() -> impl Strategy<Value = AckPosition<'static>> {
+    let entry =
+        (valid_topic(), 1..=u64::MAX, any::<u64>()).prop_map(|(topic, epoch, seq)| TopicPosition {
+            topic: Cow::Owned(topic),
+            epoch,
+            seq,
+        });
+    prop_oneof![
+        Just(AckPosition::Plain),
+        (1..=u64::MAX, any::<u64>()).prop_map(|(epoch, seq)| AckPosition::Publish { epoch, seq }),
+        prop::collection::vec(entry, 0..4).prop_map(AckPosition::Subscribe),
+    ]
+}
+
 fn encoding() -> impl Strategy<Value = Encoding> {
     prop_oneof![Just(Encoding::Json), Just(Encoding::Binary)]
+}
+
+fn dialect() -> impl Strategy<Value = Dialect> {
+    prop_oneof![
+        Just(Dialect::Json),
+        Just(Dialect::BinaryV1),
+        Just(Dialect::BinaryV2)
+    ]
+}
+
+/// What a client of dialect `d` reads back from `msg`: version 1 has no room for the newer
+/// fields.
+fn as_read_in(d: Dialect, msg: &ServerMessage<'static>) -> ServerMessage<'static> {
+    let mut msg = msg.clone();
+    if d == Dialect::BinaryV1 {
+        match &mut msg {
+            ServerMessage::Ack { position, .. } => *position = AckPosition::Plain,
+            ServerMessage::Error { retry_after_ms, .. } => *retry_after_ms = None,
+            ServerMessage::Reset { epoch, .. } => *epoch = None,
+            _ => {}
+        }
+    }
+    msg
 }
 
 proptest! {
@@ -1208,12 +1713,25 @@ proptest! {
     }
 
     #[test]
-    fn server_messages_round_trip_through_frames(enc in encoding(), msg in server_message()) {
-        let frame = encode_server(enc, &msg);
+    fn server_messages_round_trip_through_frames(d in dialect(), msg in server_message()) {
+        let enc = d.encoding();
+        let frame = encode_server(d, &msg);
         let payload = split_frame(&frame, enc);
-        prop_assert_eq!(decode_server(enc, payload), Ok(msg.clone()));
+        let expected = as_read_in(d, &msg);
+        prop_assert_eq!(decode_server(d, payload), Ok(expected.clone()));
         let delivered = through_client_codec(&frame, enc);
-        prop_assert_eq!(decode_server(enc, &delivered), Ok(msg));
+        prop_assert_eq!(decode_server(d, &delivered), Ok(expected));
+    }
+
+    #[test]
+    fn binary_v1_server_frames_are_the_old_bytes(msg in server_message()) {
+        // Encoding the message with the newer fields stripped gives the same v1 bytes.
+        let v1 = encode_server(Dialect::BinaryV1, &msg);
+        prop_assert_eq!(v1.clone(), encode_server(Encoding::Binary, &as_read_in(Dialect::BinaryV1, &msg)));
+        // Messages and dropped notices are the same in both versions.
+        if matches!(msg, ServerMessage::Message { .. } | ServerMessage::Dropped { .. } | ServerMessage::Shutdown { .. } | ServerMessage::Pong { .. }) {
+            prop_assert_eq!(v1, encode_server(Dialect::BinaryV2, &msg));
+        }
     }
 
     #[test]
@@ -1249,32 +1767,33 @@ proptest! {
     }
 
     #[test]
-    fn decoders_never_panic_on_arbitrary_bytes(enc in encoding(), bytes in prop::collection::vec(any::<u8>(), 0..96)) {
-        let _ = decode_request(enc, &bytes);
-        let _ = decode_server(enc, &bytes);
+    fn decoders_never_panic_on_arbitrary_bytes(d in dialect(), bytes in prop::collection::vec(any::<u8>(), 0..96)) {
+        let _ = decode_request(d.encoding(), &bytes);
+        let _ = decode_server(d, &bytes);
     }
 
     #[test]
     fn decoders_never_panic_on_damaged_messages(
-        enc in encoding(),
+        d in dialect(),
         req in request(),
         msg in server_message(),
         cut in any::<prop::sample::Index>(),
         flip in any::<prop::sample::Index>(),
         byte in any::<u8>(),
     ) {
+        let enc = d.encoding();
         let mut wire = encode_request(enc, &req);
-        let mut server = split_frame(&encode_server(enc, &msg), enc).to_vec();
+        let mut server = split_frame(&encode_server(d, &msg), enc).to_vec();
         for w in [&mut wire, &mut server] {
             if !w.is_empty() {
                 let at = flip.index(w.len());
                 w[at] = byte;
             }
             let _ = decode_request(enc, w);
-            let _ = decode_server(enc, w);
+            let _ = decode_server(d, w);
             let keep = cut.index(w.len() + 1);
             let _ = decode_request(enc, &w[..keep]);
-            let _ = decode_server(enc, &w[..keep]);
+            let _ = decode_server(d, &w[..keep]);
         }
     }
 
@@ -1361,6 +1880,70 @@ fn protocol_md_examples_hold() {
     );
     assert!(doc.contains("`03 00 01 01 74 5b 31 5d`"));
     assert!(doc.contains("`81 01 00 00 00 00 00 00 00 2a 01 74 5b 31 5d`"));
+
+    // The epoch examples: each hex string appears in the doc and is what the encoder writes.
+    let resume = Request::Subscribe {
+        id: None,
+        topics: vec![sub_in("x", 10, 7)],
+    };
+    let bin = Encoding::Binary;
+    let v2 = Dialect::BinaryV2;
+    let payload = |frame: Bytes| split_frame(&frame, bin).to_vec();
+    let examples: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "01 00 03 00 00 00 00 00 00 00 0a 00 00 00 00 00 00 00 07 01 78",
+            encode_request(bin, &resume),
+        ),
+        (
+            "82 01 00 00 00 00 00 00 00 03",
+            payload(publish_ack_frame(bin, Some(3), 7, 42)),
+        ),
+        (
+            "82 01 00 00 00 00 00 00 00 03 01 00 00 00 00 00 00 00 07 00 00 00 00 00 00 00 2a",
+            payload(publish_ack_frame(v2, Some(3), 7, 42)),
+        ),
+        (
+            "82 00",
+            payload(subscribe_ack_frame(bin, None, vec![pos("x", 7, 41)])),
+        ),
+        (
+            "82 00 02 00 00 00 00 00 00 00 07 00 00 00 00 00 00 00 29 01 78",
+            payload(subscribe_ack_frame(v2, None, vec![pos("x", 7, 41)])),
+        ),
+        (
+            "84 00 00 00 00 00 00 00 64 01 74",
+            payload(reset_frame(bin, "t", 100, 7)),
+        ),
+        (
+            "84 00 00 00 00 00 00 00 64 00 00 00 00 00 00 00 07 01 74",
+            payload(reset_frame(v2, "t", 100, 7)),
+        ),
+        (
+            "83 00 0c 72 61 74 65 5f 6c 69 6d 69 74 65 64 73 6c 6f 77",
+            payload(error_frame(
+                bin,
+                None,
+                ErrorCode::RateLimited,
+                "slow",
+                Some(250),
+            )),
+        ),
+        (
+            "83 00 00 00 00 00 00 00 00 fa 0c 72 61 74 65 5f 6c 69 6d 69 74 65 64 73 6c 6f 77",
+            payload(error_frame(
+                v2,
+                None,
+                ErrorCode::RateLimited,
+                "slow",
+                Some(250),
+            )),
+        ),
+    ];
+    for (hex, bytes) in examples {
+        assert!(doc.contains(&format!("`{hex}`")), "{hex} is in PROTOCOL.md");
+        assert_eq!(bytes, unhex(hex), "{hex}");
+    }
+    assert!(doc.contains("| `ringcast.v2.bin`"));
 }
 
 fn unhex(hex: &str) -> Vec<u8> {

@@ -4,15 +4,29 @@
 //! Every message starts with an op byte. Every client op is followed by the id field (a flag
 //! byte, then eight bytes when the flag is 1), so the id of a request can be read even when the
 //! op is unknown or the rest is malformed. Topics and error codes are a length byte and UTF-8.
+//!
+//! Version 2 (`ringcast.v2.bin`) differs from version 1 only in the server's ack, error and
+//! reset, which carry epochs, seqs and retry hints; requests are read the same in both (an
+//! entry's epoch flag is accepted from either).
 
 use std::borrow::Cow;
 
 use serde_json::value::RawValue;
 
 use super::{
-    validate_topic, DecodeError, ErrorCode, Fail, Payload, PayloadKind, Request, ServerMessage,
-    Sink, SubscribeTopic, MAX_TOPIC_BYTES,
+    validate_topic, AckPosition, DecodeError, ErrorCode, Fail, Payload, PayloadKind, Request,
+    ServerMessage, Sink, SubscribeTopic, TopicPosition, MAX_TOPIC_BYTES,
 };
+
+/// Which layout of the server's ack, error and reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Version {
+    /// `ringcast.v1.bin`: the ack is the id field alone, the error has no retry hint, the reset
+    /// no epoch.
+    V1,
+    /// `ringcast.v2.bin`.
+    V2,
+}
 
 const SUBSCRIBE: u8 = 0x01;
 const UNSUBSCRIBE: u8 = 0x02;
@@ -29,8 +43,15 @@ const PONG: u8 = 0x87;
 
 /// Subscribe entry flags: a `since` follows.
 const FLAG_SINCE: u8 = 0x01;
+/// Subscribe entry flags: an `epoch` follows (after the `since`).
+const FLAG_EPOCH: u8 = 0x02;
 /// Publish and message flags: the payload is JSON text.
 const FLAG_JSON: u8 = 0x01;
+
+/// Version 2 ack kinds, after the id field.
+const ACK_PLAIN: u8 = 0;
+const ACK_PUBLISH: u8 = 1;
+const ACK_SUBSCRIBE: u8 = 2;
 
 /// Id field flag values.
 const NO_ID: u8 = 0x00;
@@ -175,15 +196,24 @@ fn request<'a>(op: u8, id: Option<u64>, r: &mut Reader<'a>) -> Result<Request<'a
         SUBSCRIBE => {
             let mut topics = Vec::new();
             while !r.is_empty() {
-                let flags = r.flags(FLAG_SINCE, "the entry flags")?;
+                let flags = r.flags(FLAG_SINCE | FLAG_EPOCH, "the entry flags")?;
+                if flags == FLAG_EPOCH {
+                    return Err(Fail::bad_request("entry has an epoch without a since"));
+                }
                 let since = if flags & FLAG_SINCE != 0 {
                     Some(r.u64("the since")?)
+                } else {
+                    None
+                };
+                let epoch = if flags & FLAG_EPOCH != 0 {
+                    Some(r.u64("the epoch")?)
                 } else {
                     None
                 };
                 topics.push(SubscribeTopic {
                     topic: r.topic()?,
                     since,
+                    epoch,
                 });
             }
             if topics.is_empty() {
@@ -217,7 +247,10 @@ fn request<'a>(op: u8, id: Option<u64>, r: &mut Reader<'a>) -> Result<Request<'a
     })
 }
 
-pub(super) fn decode_server(input: &[u8]) -> Result<ServerMessage<'_>, DecodeError> {
+pub(super) fn decode_server(
+    input: &[u8],
+    version: Version,
+) -> Result<ServerMessage<'_>, DecodeError> {
     let mut r = Reader { rest: input };
     let op = r
         .u8("the op")
@@ -226,10 +259,21 @@ pub(super) fn decode_server(input: &[u8]) -> Result<ServerMessage<'_>, DecodeErr
         ACK | ERROR | PONG => r.id().map_err(|fail| fail.with_id(None))?,
         _ => None,
     };
-    server(op, id, &mut r).map_err(|fail| fail.with_id(id))
+    server(op, id, version, &mut r).map_err(|fail| fail.with_id(id))
 }
 
-fn server<'a>(op: u8, id: Option<u64>, r: &mut Reader<'a>) -> Result<ServerMessage<'a>, Fail> {
+/// A version 2 field where 0 means none.
+fn nonzero(n: u64) -> Option<u64> {
+    (n != 0).then_some(n)
+}
+
+fn server<'a>(
+    op: u8,
+    id: Option<u64>,
+    version: Version,
+    r: &mut Reader<'a>,
+) -> Result<ServerMessage<'a>, Fail> {
+    let v2 = version == Version::V2;
     let msg = match op {
         MESSAGE => {
             let flags = r.flags(FLAG_JSON, "the message flags")?;
@@ -241,17 +285,38 @@ fn server<'a>(op: u8, id: Option<u64>, r: &mut Reader<'a>) -> Result<ServerMessa
                 payload: r.payload(flags)?,
             }
         }
-        ACK => ServerMessage::Ack { id },
-        ERROR => ServerMessage::Error {
+        ACK => ServerMessage::Ack {
             id,
-            code: Cow::Borrowed(r.short_str("the code")?),
-            message: Cow::Borrowed(r.rest_str("the message")?),
+            position: if v2 {
+                ack_position(r)?
+            } else {
+                AckPosition::Plain
+            },
         },
+        ERROR => {
+            let retry_after_ms = if v2 {
+                nonzero(r.u64("the retry_after_ms")?)
+            } else {
+                None
+            };
+            ServerMessage::Error {
+                id,
+                code: Cow::Borrowed(r.short_str("the code")?),
+                message: Cow::Borrowed(r.rest_str("the message")?),
+                retry_after_ms,
+            }
+        }
         RESET => {
             let oldest = r.u64("the oldest")?;
+            let epoch = if v2 {
+                nonzero(r.u64("the epoch")?)
+            } else {
+                None
+            };
             ServerMessage::Reset {
                 topic: Cow::Borrowed(r.short_str("the topic")?),
                 oldest,
+                epoch,
             }
         }
         DROPPED => {
@@ -278,18 +343,55 @@ fn server<'a>(op: u8, id: Option<u64>, r: &mut Reader<'a>) -> Result<ServerMessa
     Ok(msg)
 }
 
+/// A version 2 ack's kind byte and what follows it.
+fn ack_position<'a>(r: &mut Reader<'a>) -> Result<AckPosition<'a>, Fail> {
+    Ok(match r.u8("the ack kind")? {
+        ACK_PLAIN => AckPosition::Plain,
+        ACK_PUBLISH => {
+            let epoch = r.u64("the epoch")?;
+            let seq = r.u64("the seq")?;
+            AckPosition::Publish { epoch, seq }
+        }
+        ACK_SUBSCRIBE => {
+            let mut entries = Vec::new();
+            while !r.is_empty() {
+                let epoch = r.u64("the epoch")?;
+                let seq = r.u64("the seq")?;
+                entries.push(TopicPosition {
+                    topic: Cow::Borrowed(r.short_str("the topic")?),
+                    epoch,
+                    seq,
+                });
+            }
+            AckPosition::Subscribe(entries)
+        }
+        other => {
+            return Err(Fail::bad_request(format!(
+                "ack kind is {other:#04x}, not 0, 1 or 2"
+            )))
+        }
+    })
+}
+
 pub(super) fn write_request<S: Sink>(req: &Request<'_>, out: &mut S) {
     match req {
         Request::Subscribe { id, topics } => {
             out.put_u8(SUBSCRIBE);
             put_id(out, *id);
             for entry in topics {
-                match entry.since {
-                    None => out.put_u8(0),
-                    Some(since) => {
-                        out.put_u8(FLAG_SINCE);
-                        out.put_u64_be(since);
-                    }
+                let mut flags = 0;
+                if entry.since.is_some() {
+                    flags |= FLAG_SINCE;
+                }
+                if entry.epoch.is_some() {
+                    flags |= FLAG_EPOCH;
+                }
+                out.put_u8(flags);
+                if let Some(since) = entry.since {
+                    out.put_u64_be(since);
+                }
+                if let Some(epoch) = entry.epoch {
+                    out.put_u64_be(epoch);
                 }
                 put_short_str(out, &entry.topic);
             }
@@ -315,7 +417,8 @@ pub(super) fn write_request<S: Sink>(req: &Request<'_>, out: &mut S) {
     }
 }
 
-pub(super) fn write_server<S: Sink>(msg: &ServerMessage<'_>, out: &mut S) {
+pub(super) fn write_server<S: Sink>(msg: &ServerMessage<'_>, out: &mut S, version: Version) {
+    let v2 = version == Version::V2;
     match msg {
         ServerMessage::Message {
             topic,
@@ -328,19 +431,52 @@ pub(super) fn write_server<S: Sink>(msg: &ServerMessage<'_>, out: &mut S) {
             put_short_str(out, topic);
             out.put(&payload.bytes);
         }
-        ServerMessage::Ack { id } => {
+        ServerMessage::Ack { id, position } => {
             out.put_u8(ACK);
             put_id(out, *id);
+            if v2 {
+                match position {
+                    AckPosition::Plain => out.put_u8(ACK_PLAIN),
+                    AckPosition::Publish { epoch, seq } => {
+                        out.put_u8(ACK_PUBLISH);
+                        out.put_u64_be(*epoch);
+                        out.put_u64_be(*seq);
+                    }
+                    AckPosition::Subscribe(entries) => {
+                        out.put_u8(ACK_SUBSCRIBE);
+                        for entry in entries {
+                            out.put_u64_be(entry.epoch);
+                            out.put_u64_be(entry.seq);
+                            put_short_str(out, &entry.topic);
+                        }
+                    }
+                }
+            }
         }
-        ServerMessage::Error { id, code, message } => {
+        ServerMessage::Error {
+            id,
+            code,
+            message,
+            retry_after_ms,
+        } => {
             out.put_u8(ERROR);
             put_id(out, *id);
+            if v2 {
+                out.put_u64_be(retry_after_ms.unwrap_or(0));
+            }
             put_short_str(out, code);
             out.put(message.as_bytes());
         }
-        ServerMessage::Reset { topic, oldest } => {
+        ServerMessage::Reset {
+            topic,
+            oldest,
+            epoch,
+        } => {
             out.put_u8(RESET);
             out.put_u64_be(*oldest);
+            if v2 {
+                out.put_u64_be(epoch.unwrap_or(0));
+            }
             put_short_str(out, topic);
         }
         ServerMessage::Dropped { topic, count, next } => {
@@ -406,10 +542,12 @@ mod tests {
                     SubscribeTopic {
                         topic: "a".into(),
                         since: Some(41),
+                        epoch: None,
                     },
                     SubscribeTopic {
                         topic: "bc".into(),
                         since: None,
+                        epoch: None,
                     },
                 ],
             },

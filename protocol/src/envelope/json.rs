@@ -13,8 +13,8 @@ use serde::de::{self, DeserializeSeed, Deserializer as _, IgnoredAny, MapAccess,
 use serde_json::value::RawValue;
 
 use super::{
-    decode_base64, shown, validate_topic, DecodeError, ErrorCode, Fail, Payload, PayloadKind,
-    Request, ServerMessage, Sink, SubscribeTopic,
+    decode_base64, shown, validate_topic, AckPosition, DecodeError, ErrorCode, Fail, Payload,
+    PayloadKind, Request, ServerMessage, Sink, SubscribeTopic, TopicPosition,
 };
 
 /// Every field name any message uses. An index into [`Fields::val`].
@@ -34,10 +34,12 @@ enum F {
     Count,
     Next,
     Reason,
+    Epoch,
+    RetryAfterMs,
 }
 
-const FIELD_COUNT: usize = 14;
-const _: () = assert!(F::Reason as usize + 1 == FIELD_COUNT && FIELD_COUNT <= 16);
+const FIELD_COUNT: usize = 16;
+const _: () = assert!(F::RetryAfterMs as usize + 1 == FIELD_COUNT && FIELD_COUNT <= 16);
 
 impl F {
     fn from_name(name: &str) -> Option<Self> {
@@ -56,6 +58,8 @@ impl F {
             "count" => Self::Count,
             "next" => Self::Next,
             "reason" => Self::Reason,
+            "epoch" => Self::Epoch,
+            "retry_after_ms" => Self::RetryAfterMs,
             _ => return None,
         })
     }
@@ -81,6 +85,8 @@ impl F {
             Self::Count => "count",
             Self::Next => "next",
             Self::Reason => "reason",
+            Self::Epoch => "epoch",
+            Self::RetryAfterMs => "retry_after_ms",
         }
     }
 }
@@ -419,15 +425,15 @@ fn unknown_type(ty: &str) -> Fail {
 
 fn subscribe_topics<'a>(fields: &Fields<'a>) -> Result<Vec<SubscribeTopic<'a>>, Fail> {
     let Some(list) = topic_list(fields)? else {
-        return Ok(vec![SubscribeTopic {
-            topic: fields.topic()?,
-            since: fields.u64(F::Since)?,
-        }]);
+        return subscribe_entry(fields).map(|entry| vec![entry]);
     };
-    if fields.u64(F::Since)?.is_some() {
-        return Err(Fail::bad_request(
-            "with \"topics\", \"since\" goes inside each entry",
-        ));
+    for f in [F::Since, F::Epoch] {
+        if fields.u64(f)?.is_some() {
+            return Err(Fail::bad_request(format!(
+                "with \"topics\", \"{}\" goes inside each entry",
+                f.name()
+            )));
+        }
     }
     list.into_iter()
         .enumerate()
@@ -435,18 +441,31 @@ fn subscribe_topics<'a>(fields: &Fields<'a>) -> Result<Vec<SubscribeTopic<'a>>, 
             if item.get().starts_with('{') {
                 let mut fields = Fields::new();
                 parse_object(item.get().as_bytes(), &mut None, &mut fields)?;
-                Ok(SubscribeTopic {
-                    topic: fields.topic().map_err(|fail| in_entry(i, fail))?,
-                    since: fields.u64(F::Since).map_err(|fail| in_entry(i, fail))?,
-                })
+                subscribe_entry(&fields).map_err(|fail| in_entry(i, fail))
             } else {
                 Ok(SubscribeTopic {
                     topic: list_topic(i, item, "a topic string or an object with \"topic\"")?,
                     since: None,
+                    epoch: None,
                 })
             }
         })
         .collect()
+}
+
+/// A subscribe's `topic`, `since` and `epoch` (top level, or one entry of `topics`).
+fn subscribe_entry<'a>(fields: &Fields<'a>) -> Result<SubscribeTopic<'a>, Fail> {
+    let topic = fields.topic()?;
+    let since = fields.u64(F::Since)?;
+    let epoch = fields.u64(F::Epoch)?;
+    if epoch.is_some() && since.is_none() {
+        return Err(Fail::bad_request("\"epoch\" without \"since\""));
+    }
+    Ok(SubscribeTopic {
+        topic,
+        since,
+        epoch,
+    })
 }
 
 fn unsubscribe_topics<'a>(fields: &Fields<'a>) -> Result<Vec<Cow<'a, str>>, Fail> {
@@ -508,15 +527,20 @@ fn server<'a>(fields: &Fields<'a>, id: Option<u64>) -> Result<ServerMessage<'a>,
             seq: fields.required_u64(F::Seq)?,
             payload: fields.payload()?,
         },
-        "ack" => ServerMessage::Ack { id },
+        "ack" => ServerMessage::Ack {
+            id,
+            position: ack_position(fields)?,
+        },
         "error" => ServerMessage::Error {
             id,
             code: fields.required_str(F::Code)?,
             message: fields.required_str(F::Message)?,
+            retry_after_ms: fields.u64(F::RetryAfterMs)?,
         },
         "reset" => ServerMessage::Reset {
             topic: fields.required_str(F::Topic)?,
             oldest: fields.required_u64(F::Oldest)?,
+            epoch: fields.u64(F::Epoch)?,
         },
         "dropped" => ServerMessage::Dropped {
             topic: fields.required_str(F::Topic)?,
@@ -531,29 +555,58 @@ fn server<'a>(fields: &Fields<'a>, id: Option<u64>) -> Result<ServerMessage<'a>,
     })
 }
 
+/// An ack's `topics` (a subscribe's), or `epoch` and `seq` (a publish's), or neither.
+fn ack_position<'a>(fields: &Fields<'a>) -> Result<AckPosition<'a>, Fail> {
+    if let Some(raw) = fields.raw(F::Topics)? {
+        let list: Vec<&RawValue> = serde_json::from_str(raw.get())
+            .map_err(|_| Fail::bad_request("field \"topics\" must be an array"))?;
+        let entries = list
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let mut fields = Fields::new();
+                parse_object(item.get().as_bytes(), &mut None, &mut fields)
+                    .map_err(|_| Fail::bad_request(format!("topics[{i}] must be an object")))?;
+                let entry = || {
+                    Ok(TopicPosition {
+                        topic: fields.required_str(F::Topic)?,
+                        epoch: fields.required_u64(F::Epoch)?,
+                        seq: fields.required_u64(F::Seq)?,
+                    })
+                };
+                entry().map_err(|fail| in_entry(i, fail))
+            })
+            .collect::<Result<_, Fail>>()?;
+        return Ok(AckPosition::Subscribe(entries));
+    }
+    match (fields.u64(F::Epoch)?, fields.u64(F::Seq)?) {
+        (None, None) => Ok(AckPosition::Plain),
+        (Some(epoch), Some(seq)) => Ok(AckPosition::Publish { epoch, seq }),
+        (Some(_), None) => Err(missing(F::Seq)),
+        (None, Some(_)) => Err(missing(F::Epoch)),
+    }
+}
+
 pub(super) fn write_request<S: Sink>(req: &Request<'_>, out: &mut S) {
     match req {
         Request::Subscribe { id, topics } => {
             open(out, "subscribe", *id);
             if let [one] = topics.as_slice() {
                 field_str(out, "topic", &one.topic);
-                if let Some(since) = one.since {
-                    field_u64(out, "since", since);
-                }
+                field_resume(out, one);
             } else {
                 out.put(b",\"topics\":[");
                 for (i, entry) in topics.iter().enumerate() {
                     if i > 0 {
                         out.put(b",");
                     }
-                    match entry.since {
-                        None => put_str(out, &entry.topic),
-                        Some(since) => {
-                            out.put(b"{\"topic\":");
-                            put_str(out, &entry.topic);
-                            field_u64(out, "since", since);
-                            out.put(b"}");
-                        }
+                    if entry.since.is_none() && entry.epoch.is_none() {
+                        put_str(out, &entry.topic);
+                    } else {
+                        out.put(b"{\"topic\":");
+                        put_str(out, &entry.topic);
+                        field_resume(out, entry);
+                        out.put(b"}");
                     }
                 }
                 out.put(b"]");
@@ -596,16 +649,54 @@ pub(super) fn write_server<S: Sink>(msg: &ServerMessage<'_>, out: &mut S) {
             field_u64(out, "seq", *seq);
             field_payload(out, payload);
         }
-        ServerMessage::Ack { id } => open(out, "ack", *id),
-        ServerMessage::Error { id, code, message } => {
+        ServerMessage::Ack { id, position } => {
+            open(out, "ack", *id);
+            match position {
+                AckPosition::Plain => {}
+                AckPosition::Publish { epoch, seq } => {
+                    field_u64(out, "epoch", *epoch);
+                    field_u64(out, "seq", *seq);
+                }
+                AckPosition::Subscribe(entries) => {
+                    out.put(b",\"topics\":[");
+                    for (i, entry) in entries.iter().enumerate() {
+                        if i > 0 {
+                            out.put(b",");
+                        }
+                        out.put(b"{\"topic\":");
+                        put_str(out, &entry.topic);
+                        field_u64(out, "epoch", entry.epoch);
+                        field_u64(out, "seq", entry.seq);
+                        out.put(b"}");
+                    }
+                    out.put(b"]");
+                }
+            }
+        }
+        ServerMessage::Error {
+            id,
+            code,
+            message,
+            retry_after_ms,
+        } => {
             open(out, "error", *id);
             field_str(out, "code", code);
             field_str(out, "message", message);
+            if let Some(ms) = retry_after_ms {
+                field_u64(out, "retry_after_ms", *ms);
+            }
         }
-        ServerMessage::Reset { topic, oldest } => {
+        ServerMessage::Reset {
+            topic,
+            oldest,
+            epoch,
+        } => {
             open(out, "reset", None);
             field_str(out, "topic", topic);
             field_u64(out, "oldest", *oldest);
+            if let Some(epoch) = epoch {
+                field_u64(out, "epoch", *epoch);
+            }
         }
         ServerMessage::Dropped { topic, count, next } => {
             open(out, "dropped", None);
@@ -647,6 +738,16 @@ fn field_str<S: Sink>(out: &mut S, name: &str, value: &str) {
 fn field_u64<S: Sink>(out: &mut S, name: &str, value: u64) {
     key(out, name);
     put_u64(out, value);
+}
+
+/// A subscribe entry's `,"since":…` and `,"epoch":…`, each when present.
+fn field_resume<S: Sink>(out: &mut S, entry: &SubscribeTopic<'_>) {
+    if let Some(since) = entry.since {
+        field_u64(out, "since", since);
+    }
+    if let Some(epoch) = entry.epoch {
+        field_u64(out, "epoch", epoch);
+    }
 }
 
 fn field_payload<S: Sink>(out: &mut S, payload: &Payload<'_>) {
