@@ -459,3 +459,66 @@ fn a_publisher_keeps_publishing_through_a_redis_outage() {
     assert_eq!(handle.metrics().total().bad_requests, 0);
     engine.stop().unwrap();
 }
+
+/// The hint in the binary encodings: `ringcast.v2.bin` carries it, `ringcast.v1.bin` (whose
+/// error layout is unchanged) cannot.
+#[test]
+fn binary_v2_errors_carry_the_hint_and_v1_errors_are_unchanged() {
+    use ringcast::protocol::envelope::{
+        self, Dialect, Encoding, Payload as WirePayload, Request, ServerMessage,
+    };
+    let mut cfg = util::config(1);
+    cfg.pubsub.publish_rate_per_sec = 1;
+    cfg.pubsub.publish_burst = 1;
+    let engine = broker(cfg);
+    for (subprotocol, dialect) in [
+        (envelope::BINARY_V2_SUBPROTOCOL, Dialect::BinaryV2),
+        (envelope::BINARY_SUBPROTOCOL, Dialect::BinaryV1),
+    ] {
+        let (mut ws, _) = util::connect_with(
+            engine.local_addr(),
+            "/",
+            &[("Sec-WebSocket-Protocol", subprotocol)],
+        )
+        .expect("upgrade");
+        let mut errors = Vec::new();
+        for id in 0..2 {
+            let req = Request::Publish {
+                id: Some(id),
+                topic: "t".into(),
+                payload: WirePayload::json("1"),
+            };
+            ws.send(TMessage::binary(envelope::encode_request(
+                Encoding::Binary,
+                &req,
+            )))
+            .unwrap();
+            let bytes = loop {
+                if let TMessage::Binary(b) = ws.read().expect("a reply") {
+                    break b;
+                }
+            };
+            if let ServerMessage::Error {
+                id,
+                code,
+                retry_after_ms,
+                ..
+            } = envelope::decode_server(dialect, &bytes).expect("a server message")
+            {
+                errors.push((id, code.to_string(), retry_after_ms));
+            }
+        }
+        assert_eq!(errors.len(), 1, "{subprotocol}: {errors:?}");
+        let (id, code, retry) = errors.pop().unwrap();
+        assert_eq!((id, code.as_str()), (Some(1), "rate_limited"));
+        match dialect {
+            // One publish per second: the next is at most 1000 ms away.
+            Dialect::BinaryV2 => assert!(
+                retry.is_some_and(|ms| (1..=1000).contains(&ms)),
+                "{retry:?}"
+            ),
+            _ => assert_eq!(retry, None),
+        }
+    }
+    engine.stop().unwrap();
+}
