@@ -184,19 +184,18 @@ fn handle(ctx: &mut Ctx<'_>, d: Dialect, grants: Option<&Grants>, request: Reque
                 return refuse(ctx, d, id, ErrorCode::Forbidden, &why);
             }
             let mut resets = Vec::new();
+            let mut positions = Vec::with_capacity(topics.len());
             for t in &topics {
-                match ctx.subscribe(&t.topic, t.since) {
+                match ctx.subscribe_in(&t.topic, t.since, t.epoch) {
                     Ok(sub) => {
                         if let Some(oldest) = sub.reset {
-                            resets.push(envelope::encode_server(
-                                d,
-                                &envelope::ServerMessage::Reset {
-                                    topic: t.topic.clone(),
-                                    oldest,
-                                    epoch: None,
-                                },
-                            ));
+                            resets.push(envelope::reset_frame(d, &t.topic, oldest, sub.epoch));
                         }
+                        positions.push(envelope::TopicPosition {
+                            topic: t.topic.clone(),
+                            epoch: sub.epoch,
+                            seq: sub.seq,
+                        });
                     }
                     Err(e) => {
                         let code = match e {
@@ -208,7 +207,7 @@ fn handle(ctx: &mut Ctx<'_>, d: Dialect, grants: Option<&Grants>, request: Reque
                     }
                 }
             }
-            control(ctx, envelope::ack_frame(d, id));
+            control(ctx, envelope::subscribe_ack_frame(d, id, positions));
             for reset in resets {
                 control(ctx, reset);
             }
@@ -239,7 +238,10 @@ fn handle(ctx: &mut Ctx<'_>, d: Dialect, grants: Option<&Grants>, request: Reque
                 PayloadKind::Binary => Payload::Binary(Bytes::copy_from_slice(&payload.bytes)),
             };
             match ctx.publish_request(&topic, payload, id, d) {
-                Ok(Some(_)) => control(ctx, envelope::ack_frame(d, id)),
+                Ok(Some(receipt)) => control(
+                    ctx,
+                    envelope::publish_ack_frame(d, id, receipt.epoch, receipt.seq),
+                ),
                 // The backend (Redis) acks or refuses it when it has ordered it.
                 Ok(None) => {}
                 Err(e) => {

@@ -357,6 +357,22 @@ impl Ctx<'_> {
         topic: &str,
         since: Option<u64>,
     ) -> Result<Subscribed, SubscribeError> {
+        self.subscribe_in(topic, since, None)
+    }
+
+    /// As [`Ctx::subscribe`], with the epoch `since` counts in (from an earlier
+    /// [`Subscribed::epoch`] or publish receipt). When the topic's epoch is another, its
+    /// numbering started over since: the subscriber is reset to the oldest message held
+    /// ([`Subscribed::reset`]) and replayed from there.
+    ///
+    /// # Errors
+    /// As [`Ctx::subscribe`].
+    pub fn subscribe_in(
+        &mut self,
+        topic: &str,
+        since: Option<u64>,
+        epoch: Option<u64>,
+    ) -> Result<Subscribed, SubscribeError> {
         let topic = match self.table.local_topic(topic) {
             Some(t) => t,
             None => self.table.hub.topic(topic).map_err(|e| match e {
@@ -364,19 +380,19 @@ impl Ctx<'_> {
                 _ => SubscribeError::BadTopic("unusable topic"),
             })?,
         };
+        let seen = topic.seen.load(std::sync::atomic::Ordering::Relaxed);
         let attach = self
             .table
-            .subscribe(self.key, topic, since)
+            .subscribe(self.key, topic, since, epoch)
             .map_err(|_| SubscribeError::TooManySubscriptions)?;
+        // A backend that answers later (Redis) has not said yet.
+        let pending = attach.live_from == u64::MAX;
         Ok(Subscribed {
-            // A backend that answers later (Redis) has not said yet.
-            live_from: if attach.live_from == u64::MAX {
-                0
-            } else {
-                attach.live_from
-            },
+            live_from: if pending { 0 } else { attach.live_from },
             replayed: attach.replayed as u64,
             reset: attach.reset,
+            epoch: attach.epoch,
+            seq: if pending { seen } else { attach.live_from - 1 },
         })
     }
 
@@ -416,7 +432,11 @@ impl Ctx<'_> {
     ) -> Result<PublishReceipt, PublishError> {
         match self.publish_to(topic, payload, ReplyTo::Nobody)? {
             Publish::Done(receipt) => Ok(receipt),
-            Publish::Pending { saturated } => Ok(PublishReceipt { seq: 0, saturated }),
+            Publish::Pending { saturated } => Ok(PublishReceipt {
+                seq: 0,
+                saturated,
+                epoch: 0,
+            }),
         }
     }
 
@@ -528,9 +548,17 @@ pub struct Subscribed {
     pub live_from: u64,
     /// Messages replayed from history (queued on the data ring after this returns).
     pub replayed: u64,
-    /// `since` was older than the topic's history, or newer than anything published: the
-    /// client will next see this seq (tell it with a `reset` notice).
+    /// `since` was older than the topic's history, or newer than anything published, or
+    /// counted in another epoch: the client will next see this seq (tell it with a `reset`
+    /// notice carrying [`Subscribed::epoch`]). With the Redis backend the answer comes later,
+    /// and the engine sends the notice itself.
     pub reset: Option<u64>,
+    /// The topic's epoch: the numbering its seqs belong to (PROTOCOL.md, Epochs). With the
+    /// Redis backend, the epoch the bridge last saw (0 before it first reached Redis).
+    pub epoch: u64,
+    /// The topic's last assigned seq (0 if none yet): the subscriber's first live message is
+    /// `seq + 1` or later. With the Redis backend, the last this host has seen of it.
+    pub seq: u64,
 }
 
 /// Why a subscription was not made.

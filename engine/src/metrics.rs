@@ -601,6 +601,11 @@ fn encode_broker(
             "Messages announced as dropped after a hole",
             b.lost,
         ),
+        (
+            "broker_resets",
+            "Topic resets announced because Redis lost its data (a new epoch)",
+            b.resets,
+        ),
     ];
     for (name, help, value) in counters {
         let counter = ConstCounter::new(value);

@@ -12,7 +12,7 @@ use std::{
     collections::{HashMap, VecDeque},
     fmt,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
         Arc, Mutex, OnceLock, RwLock,
     },
     time::{Duration, Instant},
@@ -139,12 +139,17 @@ pub struct PublishReceipt {
     /// A shard with subscribers to the topic has more than `pubsub.max_pending_per_shard`
     /// deliveries waiting: the message is on its way, but a feed should slow down or shed.
     pub saturated: bool,
+    /// The topic's epoch: names the numbering `seq` belongs to (PROTOCOL.md, Epochs). 0 with
+    /// `seq` 0 (a publish the Redis bridge sequences later).
+    pub epoch: u64,
 }
 
 /// Counters of one topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct TopicStats {
+    /// The topic's epoch: changes whenever its numbering starts over (never 0).
+    pub epoch: u64,
     /// The sequence number the next message will get (the first is 1).
     pub next_seq: u64,
     /// The oldest sequence number still in history, if any.
@@ -231,8 +236,35 @@ fn json_string(s: &str) -> Vec<u8> {
 /// One topic: its sequence, history and the shards that want it.
 pub(crate) struct Topic {
     pub(crate) name: Arc<str>,
+    /// The numbering its seqs belong to. In memory: random and nonzero, fixed when the topic
+    /// is made (so a restarted process or a topic made again has another). With Redis: the
+    /// epoch the bridge last saw for it (0 before it saw any).
+    pub(crate) epoch: AtomicU64,
+    /// With Redis: the last seq this host's bridge forwarded or sequenced (in memory the
+    /// state's `next_seq` says it).
+    pub(crate) seen: AtomicU64,
     state: Mutex<TopicState>,
     pub(crate) dropped: AtomicU64,
+}
+
+impl Topic {
+    fn new(name: Arc<str>) -> Self {
+        Self {
+            name,
+            epoch: AtomicU64::new(new_epoch()),
+            seen: AtomicU64::new(0),
+            state: Mutex::new(TopicState {
+                next_seq: 1,
+                ..TopicState::default()
+            }),
+            dropped: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A fresh epoch: random, never 0.
+pub(crate) fn new_epoch() -> u64 {
+    fastrand::u64(1..)
 }
 
 impl fmt::Debug for Topic {
@@ -261,9 +293,11 @@ pub(crate) struct Attach {
     pub(crate) replay: Vec<Arc<Published>>,
     /// How many messages `replay` held.
     pub(crate) replayed: usize,
-    /// `since` was older than the history (or from a different history): the oldest seq the
-    /// client will get.
+    /// `since` was older than the history (or from a different history or epoch): the oldest
+    /// seq the client will get.
     pub(crate) reset: Option<u64>,
+    /// The topic's epoch (0: not known yet, a backend that answers later).
+    pub(crate) epoch: u64,
 }
 
 /// The broker-backend seam: where a topic's sequence numbers and history live, and how a
@@ -322,9 +356,13 @@ pub(crate) enum BackendMsg {
         count: u64,
         last: u64,
     },
-    /// The topic's seq started over (the backend lost its data): subscribers get a `reset`
-    /// notice and take messages from `next` on.
-    Rebase { topic: Arc<Topic>, next: u64 },
+    /// The topic's seq started over in a new `epoch` (the backend lost its data):
+    /// subscribers get a `reset` notice and take messages from `next` on.
+    Rebase {
+        topic: Arc<Topic>,
+        next: u64,
+        epoch: u64,
+    },
 }
 
 /// A pending attach's answer.
@@ -339,6 +377,8 @@ pub(crate) struct Attached {
     pub(crate) replay: Vec<Arc<Published>>,
     /// As [`Attach::reset`].
     pub(crate) reset: Option<u64>,
+    /// The topic's epoch.
+    pub(crate) epoch: u64,
 }
 
 /// What a shard learns when a connection subscribes.
@@ -380,6 +420,8 @@ impl Fanout {
 /// Every topic of the process, the shards' inboxes, and the backend that orders messages.
 pub(crate) struct Hub {
     topics: RwLock<HashMap<Arc<str>, Arc<Topic>>>,
+    /// Set once the engine has stopped: publishes fail with `Stopped`.
+    stopped: AtomicBool,
     fanout: Arc<Fanout>,
     backend: Backend,
     max_pending: usize,
@@ -420,6 +462,7 @@ impl Hub {
     ) -> Self {
         Self {
             topics: RwLock::new(HashMap::new()),
+            stopped: AtomicBool::new(false),
             fanout,
             backend,
             max_pending: config.max_pending_per_shard,
@@ -440,8 +483,10 @@ impl Hub {
         self.bridge().is_none_or(|b| b.is_up())
     }
 
-    /// Stops the backend's own thread, if it has one. Publishes fail with `Stopped` after.
+    /// Stops the backend's own thread, if it has one. Publishes fail with `Stopped` after,
+    /// with every backend.
     pub(crate) fn stop(&self) {
+        self.stopped.store(true, Relaxed);
         if let Some(bridge) = self.bridge() {
             bridge.stop();
         }
@@ -454,14 +499,7 @@ impl Hub {
 
     /// A topic outside the registry (no client can subscribe to it): the readiness canary's.
     pub(crate) fn unregistered_topic(name: &str) -> Arc<Topic> {
-        Arc::new(Topic {
-            name: Arc::from(name),
-            state: Mutex::new(TopicState {
-                next_seq: 1,
-                ..TopicState::default()
-            }),
-            dropped: AtomicU64::new(0),
-        })
+        Arc::new(Topic::new(Arc::from(name)))
     }
 
     /// The topic called `name`, made on first use.
@@ -476,16 +514,9 @@ impl Hub {
         }
         envelope::validate_topic(name).map_err(PublishError::BadTopic)?;
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
-        let topic = topics.entry(Arc::from(name)).or_insert_with_key(|name| {
-            Arc::new(Topic {
-                name: name.clone(),
-                state: Mutex::new(TopicState {
-                    next_seq: 1,
-                    ..TopicState::default()
-                }),
-                dropped: AtomicU64::new(0),
-            })
-        });
+        let topic = topics
+            .entry(Arc::from(name))
+            .or_insert_with_key(|name| Arc::new(Topic::new(name.clone())));
         Ok(topic.clone())
     }
 
@@ -511,6 +542,9 @@ impl Hub {
         payload: Payload,
         reply: ReplyTo,
     ) -> Result<Publish, PublishError> {
+        if self.stopped.load(Relaxed) {
+            return Err(PublishError::Stopped);
+        }
         if payload.len() > self.max_publish_bytes {
             return Err(PublishError::TooLarge);
         }
@@ -598,46 +632,79 @@ impl Hub {
         for &shard in &st.interest {
             self.fanout.hand_off(usize::from(shard), &msg);
         }
-        Ok(PublishReceipt { seq, saturated })
+        Ok(PublishReceipt {
+            seq,
+            saturated,
+            epoch: topic.epoch.load(Relaxed),
+        })
     }
 
     /// Registers a new subscriber on `shard` (the shard's first for this topic when `first`),
     /// and works out what it must be replayed: at once, or later in a `ShardMsg::Attached`
     /// carrying `token`.
+    ///
+    /// `epoch`, with `since`, is the numbering `since` counts in: when it is not the topic's,
+    /// the subscriber is reset to the oldest message held and replayed from there.
     pub(crate) fn attach(
         &self,
         topic: &Arc<Topic>,
         shard: u16,
         first: bool,
         since: Option<u64>,
+        epoch: Option<u64>,
         token: u64,
     ) -> AttachStart {
         match &self.backend {
             Backend::Memory { .. } => {
-                AttachStart::Ready(Self::attach_memory(topic, shard, first, since))
+                AttachStart::Ready(Self::attach_memory(topic, shard, first, since, epoch))
             }
             Backend::Redis(bridge) => {
-                bridge.attach(topic.clone(), shard, first, since, token);
+                bridge.attach(topic.clone(), shard, first, since, epoch, token);
                 AttachStart::Pending
             }
         }
     }
 
-    fn attach_memory(topic: &Topic, shard: u16, first: bool, since: Option<u64>) -> Attach {
+    /// The epoch a Redis-backed topic reports before the bridge has answered its attach.
+    pub(crate) fn known_epoch(&self, topic: &Topic) -> u64 {
+        match self.bridge() {
+            Some(bridge) => bridge.epoch(),
+            None => topic.epoch.load(Relaxed),
+        }
+    }
+
+    fn attach_memory(
+        topic: &Topic,
+        shard: u16,
+        first: bool,
+        since: Option<u64>,
+        epoch: Option<u64>,
+    ) -> Attach {
         let mut st = topic.state.lock().unwrap_or_else(|e| e.into_inner());
         if first && !st.interest.contains(&shard) {
             st.interest.push(shard);
         }
         let live_from = st.next_seq;
+        let current = topic.epoch.load(Relaxed);
         let mut attach = Attach {
             live_from,
             replay: Vec::new(),
             replayed: 0,
             reset: None,
+            epoch: current,
         };
         let Some(since) = since else {
             return attach;
         };
+        if epoch.is_some_and(|e| e != current) {
+            // `since` counts in another numbering: it says nothing about this one. Everything
+            // held is new to the client.
+            let oldest = st.history.front().map_or(live_from, |m| m.seq);
+            attach.reset = Some(oldest);
+            attach.replay = st.history.iter().cloned().collect();
+            attach.replayed = attach.replay.len();
+            return attach;
+        }
         if since >= live_from {
             // The client has seen messages this history never had (another process, a
             // restart): tell it where this history stands.
@@ -707,6 +774,7 @@ impl Hub {
         let topic = self.existing(name)?;
         let st = topic.state.lock().unwrap_or_else(|e| e.into_inner());
         Some(TopicStats {
+            epoch: self.known_epoch(&topic),
             next_seq: st.next_seq,
             oldest_held: st.history.front().map(|m| m.seq),
             history_messages: st.history.len(),
@@ -828,7 +896,7 @@ mod tests {
     fn a_shard_that_falls_behind_saturates_then_refuses_publishes() {
         let (hub, inbox) = hub(4, 16);
         let topic = hub.topic("t").unwrap();
-        hub.attach(&topic, 0, true, None, 0);
+        hub.attach(&topic, 0, true, None, None, 0);
         let mut saturated = Vec::new();
         for _ in 0..8 {
             saturated.push(
@@ -868,17 +936,54 @@ mod tests {
             hub.publish_wait(&topic, Payload::Binary(vec![0; 10].into()))
                 .unwrap();
         }
-        let a = ready(hub.attach(&topic, 0, true, Some(6), 0));
+        let a = ready(hub.attach(&topic, 0, true, Some(6), None, 0));
         assert_eq!(a.live_from, 10);
         assert_eq!(a.reset, None);
         assert_eq!(
             a.replay.iter().map(|m| m.seq).collect::<Vec<_>>(),
             [7, 8, 9]
         );
-        let b = ready(hub.attach(&topic, 0, false, Some(1), 0));
+        let b = ready(hub.attach(&topic, 0, false, Some(1), None, 0));
         assert_eq!(b.reset, Some(5), "history holds 5..=9");
         assert_eq!(b.replayed, 5);
         assert!(hub.topic("bad topic").is_err());
+    }
+
+    #[test]
+    fn since_in_another_epoch_resets_to_the_oldest_held_and_replays_it_all() {
+        let (hub, _inbox) = hub(1 << 20, 5);
+        let topic = hub.topic("t").unwrap();
+        let epoch = topic.epoch.load(Relaxed);
+        assert_ne!(epoch, 0);
+        for _ in 0..9 {
+            let receipt = hub.publish_wait(&topic, Payload::Json("1".into())).unwrap();
+            assert_eq!(receipt.epoch, epoch);
+        }
+        // The same epoch: an ordinary resume.
+        let same = ready(hub.attach(&topic, 0, true, Some(7), Some(epoch), 0));
+        assert_eq!((same.reset, same.replayed, same.epoch), (None, 2, epoch));
+        // Another epoch: seq 7 of some other numbering. Everything held (5..=9) is new.
+        let other = ready(hub.attach(&topic, 0, false, Some(7), Some(epoch ^ 1), 0));
+        assert_eq!(other.reset, Some(5));
+        assert_eq!(
+            other.replay.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            [5, 6, 7, 8, 9]
+        );
+        // A topic made again (another hub, as after a restart) has another epoch.
+        let (again, _inbox) = self::hub(16, 4);
+        assert_ne!(again.topic("t").unwrap().epoch.load(Relaxed), epoch);
+    }
+
+    #[test]
+    fn a_stopped_hub_refuses_publishes() {
+        let (hub, _inbox) = hub(16, 4);
+        let topic = hub.topic("t").unwrap();
+        assert!(hub.publish_wait(&topic, Payload::Json("1".into())).is_ok());
+        hub.stop();
+        assert_eq!(
+            hub.publish_wait(&topic, Payload::Json("1".into())),
+            Err(PublishError::Stopped)
+        );
     }
 
     #[test]

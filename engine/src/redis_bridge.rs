@@ -17,6 +17,16 @@
 //! to the last forwarded seq from history, and tells the shard to take live messages from
 //! the next one. Both travel down the same inbox as the live messages, so the shard's
 //! `live_from` check keeps the no-gap, no-duplicate guarantee of the in-memory backend.
+//!
+//! Epochs. `{prefix}epoch` holds a random nonzero u64 (decimal) naming the current numbering:
+//! after Redis loses its data the key is gone, and the next publish script makes a new one,
+//! atomically with the first seq of the new numbering. Every published message carries the
+//! epoch (`e<epoch>:seq:ms:kind:payload`), and the publish and read scripts return it, so the
+//! bridge notices a new epoch on whichever path sees it first (a publish's answer, a channel
+//! message, a history read, a reconnect), retires the old one (late messages of it are
+//! stale), and resets every local topic to seq 1 of the new epoch: subscribers get a `reset`
+//! before the first message of the new numbering, and the hole-filling path replays that
+//! numbering from history.
 
 use std::{
     collections::HashMap,
@@ -43,7 +53,8 @@ use crate::{
     config::BrokerConfig,
     conn::When,
     pubsub::{
-        BackendMsg, Fanout, Payload, PublishError, PublishReceipt, Published, ReplyTo, Topic,
+        new_epoch, BackendMsg, Fanout, Payload, PublishError, PublishReceipt, Published, ReplyTo,
+        Topic,
     },
 };
 
@@ -63,25 +74,31 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 ";
 
-/// KEYS: counter, history. ARGV: channel, kind, payload, max messages, max age (ms).
-/// Returns the seq. The message text is `seq:ms:kind:payload`.
+/// KEYS: counter, history, epoch. ARGV: channel, kind, payload, max messages, max age (ms),
+/// a fresh epoch (used when the epoch key is gone: Redis lost its data). Returns
+/// {epoch, seq}. The message text is `e<epoch>:seq:ms:kind:payload`.
 const PUBLISH: &str = r"
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('SET', KEYS[3], epoch)
+end
 local seq = redis.call('INCR', KEYS[1])
-local msg = seq .. ':' .. now .. ':' .. ARGV[2] .. ':' .. ARGV[3]
+local msg = 'e' .. epoch .. ':' .. seq .. ':' .. now .. ':' .. ARGV[2] .. ':' .. ARGV[3]
 local max = tonumber(ARGV[4])
 if max > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', max, seq .. '-' .. now, 'm', msg)
   trim(KEYS[2], now - tonumber(ARGV[5]))
 end
 redis.call('PUBLISH', ARGV[1], msg)
-return seq
+return {epoch, seq}
 ";
 
-/// KEYS: counter, history. ARGV: from seq (0: none), to seq (0: the newest), max age (ms).
-/// Returns {counter, oldest seq held (0: none), messages from..to}.
+/// KEYS: counter, history, epoch. ARGV: from seq (0: none), to seq (0: the newest), max age
+/// (ms). Returns {counter, oldest seq held (0: none), epoch ('': none), messages from..to}.
 const READ: &str = r"
 trim(KEYS[2], now - tonumber(ARGV[3]))
-local out = {tonumber(redis.call('GET', KEYS[1]) or '0'), 0}
+local out = {tonumber(redis.call('GET', KEYS[1]) or '0'), 0, redis.call('GET', KEYS[3]) or ''}
 local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
 if first then
   out[2] = tonumber(string.sub(first[1], 1, string.find(first[1], '-', 1, true) - 1))
@@ -108,6 +125,9 @@ struct Shared {
     messages_in: AtomicU64,
     repaired: AtomicU64,
     lost: AtomicU64,
+    resets: AtomicU64,
+    /// The current epoch (0 before the first connection).
+    epoch: AtomicU64,
     lag_ms: AtomicU64,
     /// While Redis is away: when the bridge next tries to connect, as [`When`] nanoseconds;
     /// 0 while it tries or is connected.
@@ -159,6 +179,13 @@ pub struct BrokerStats {
     /// Messages neither received nor still in history when a hole was filled: subscribers
     /// got a `dropped` notice for them.
     pub lost: u64,
+    /// Topic resets because Redis lost its data (a new epoch, seen while connected or on
+    /// reconnect): one per local topic each time. Subscribers got a `reset` notice; acked
+    /// messages of the old epoch they had not received are gone.
+    pub resets: u64,
+    /// The epoch of Redis's numbering, as this host last saw it (0 before it first
+    /// connected).
+    pub epoch: u64,
     /// Publish-to-receive lag of the latest message, in milliseconds, by Redis's clock at
     /// publish and this host's at receipt (clock skew between hosts adds to it).
     pub lag_ms: u64,
@@ -186,6 +213,7 @@ struct AttachReq {
     shard: u16,
     first: bool,
     since: Option<u64>,
+    epoch: Option<u64>,
     token: u64,
 }
 
@@ -225,6 +253,7 @@ impl Bridge {
             topics: HashMap::new(),
             waiting: Vec::new(),
             epoch: None,
+            retired: Vec::new(),
         };
         let thread = thread::Builder::new()
             .name("ringcast-redis".into())
@@ -277,6 +306,7 @@ impl Bridge {
         shard: u16,
         first: bool,
         since: Option<u64>,
+        epoch: Option<u64>,
         token: u64,
     ) {
         let _ = self.send(Cmd::Attach(AttachReq {
@@ -284,8 +314,14 @@ impl Bridge {
             shard,
             first,
             since,
+            epoch,
             token,
         }));
+    }
+
+    /// The epoch of Redis's numbering as the bridge last saw it (0: not connected yet).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.shared.epoch.load(Relaxed)
     }
 
     /// The shard's last subscriber to `topic` left.
@@ -320,6 +356,8 @@ impl Bridge {
             messages_in: s.messages_in.load(Relaxed),
             repaired: s.repaired.load(Relaxed),
             lost: s.lost.load(Relaxed),
+            resets: s.resets.load(Relaxed),
+            epoch: s.epoch.load(Relaxed),
             lag_ms: s.lag_ms.load(Relaxed),
         }
     }
@@ -385,15 +423,51 @@ struct Worker {
     topics: HashMap<Arc<str>, Interest>,
     /// Attaches that came while Redis was away, answered on reconnect.
     waiting: Vec<AttachReq>,
-    /// The random value this Redis holds under `{prefix}epoch`: when it changes, Redis lost
-    /// its data (a restart without persistence) and every counter started over.
-    epoch: Option<String>,
+    /// The epoch this Redis holds under `{prefix}epoch` ([`epoch_of`]): when it changes, Redis
+    /// lost its data (a restart without persistence, a FLUSHALL) and every counter started
+    /// over.
+    epoch: Option<u64>,
+    /// Epochs replaced by a newer one: a message still carrying one is stale.
+    retired: Vec<u64>,
 }
 
 /// What the read script returns.
 struct Read {
     counter: u64,
+    /// The epoch key's value, if it exists.
+    epoch: Option<u64>,
     messages: Vec<(u64, Payload)>,
+}
+
+/// What a message or answer's epoch means to the bridge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// The current epoch (or none said).
+    Current,
+    /// A retired epoch: what carries it predates the current numbering.
+    Stale,
+    /// A new epoch: Redis lost its data; every local topic was reset to it.
+    New,
+}
+
+/// The epoch a value of `{prefix}epoch` names: the decimal u64 it holds, or (a value written
+/// by an older version, or 0) a hash of it. The same on every host.
+fn epoch_of(text: &[u8]) -> u64 {
+    match std::str::from_utf8(text)
+        .ok()
+        .and_then(|t| t.parse::<u64>().ok())
+    {
+        Some(n) if n != 0 => n,
+        _ => {
+            // FNV-1a, 64 bits.
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for &b in text {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+            h.max(1)
+        }
+    }
 }
 
 fn timeout_error() -> RedisError {
@@ -499,8 +573,8 @@ impl Worker {
     /// After connecting: notice lost data, subscribe every local topic again, forward what
     /// was published meanwhile, and answer the attaches that waited.
     async fn resume(&mut self, conn: &mut Conn) -> Result<(), End> {
-        let key = format!("{}epoch", self.config.key_prefix);
-        let fresh = format!("{:016x}", fastrand::u64(..));
+        let key = self.epoch_key();
+        let fresh = new_epoch().to_string();
         self.within(
             redis::cmd("SET")
                 .arg(&key)
@@ -509,11 +583,17 @@ impl Worker {
                 .query_async::<Option<String>>(&mut conn.cmd),
         )
         .await?;
-        let epoch: String = self
+        let epoch: Vec<u8> = self
             .within(redis::cmd("GET").arg(&key).query_async(&mut conn.cmd))
             .await?;
-        let lost_data = self.epoch.as_ref().is_some_and(|e| *e != epoch);
-        self.epoch = Some(epoch);
+        let epoch = epoch_of(&epoch);
+        let lost_data = self.epoch.is_some_and(|e| e != epoch);
+        if let Some(old) = self.epoch.replace(epoch) {
+            if old != epoch {
+                self.retired.push(old);
+            }
+        }
+        self.shared.epoch.store(epoch, Relaxed);
         let names: Vec<Arc<str>> = self.topics.keys().cloned().collect();
         for name in names {
             self.within(conn.sink.subscribe(self.channel(&name)))
@@ -533,12 +613,16 @@ impl Worker {
                 let next = read.messages.first().map_or(read.counter + 1, |m| m.0);
                 tracing::warn!(topic = %name, last, next, "redis lost its data: topic reset");
                 interest.last = next - 1;
+                interest.topic.epoch.store(epoch, Relaxed);
+                interest.topic.seen.store(next - 1, Relaxed);
+                self.shared.resets.fetch_add(1, Relaxed);
                 for &shard in &interest.shards {
                     self.fanout.send(
                         usize::from(shard),
                         ShardMsg::Backend(BackendMsg::Rebase {
                             topic: interest.topic.clone(),
                             next,
+                            epoch,
                         }),
                     );
                 }
@@ -663,14 +747,16 @@ impl Worker {
             };
             pipe.cmd("EVALSHA")
                 .arg(self.publish.get_hash())
-                .arg(2)
+                .arg(3)
                 .arg(self.key(&topic.name, ":seq"))
                 .arg(self.key(&topic.name, ":h"))
+                .arg(self.epoch_key())
                 .arg(self.channel(&topic.name))
                 .arg(kind)
                 .arg(bytes)
                 .arg(&max_len)
-                .arg(&max_age);
+                .arg(&max_age)
+                .arg(new_epoch());
         }
         let n = batch.len();
         let answer = {
@@ -681,13 +767,23 @@ impl Worker {
             Ok(values) => {
                 for ((_, _, reply), value) in batch.into_iter().zip(values) {
                     let result = match value {
-                        Value::Int(seq) => {
-                            self.shared.publishes.fetch_add(1, Relaxed);
-                            Ok(PublishReceipt {
-                                seq: seq as u64,
-                                saturated: false,
-                            })
-                        }
+                        Value::Array(parts) => match parts.as_slice() {
+                            [Value::BulkString(epoch), Value::Int(seq)] => {
+                                let epoch = epoch_of(epoch);
+                                self.observe(epoch);
+                                self.shared.publishes.fetch_add(1, Relaxed);
+                                Ok(PublishReceipt {
+                                    seq: *seq as u64,
+                                    saturated: false,
+                                    epoch,
+                                })
+                            }
+                            other => {
+                                tracing::warn!(answer = ?other, "redis: unexpected publish answer");
+                                self.shared.errors.fetch_add(1, Relaxed);
+                                Err(PublishError::Unavailable)
+                            }
+                        },
                         other => {
                             tracing::warn!(answer = ?other, "redis refused a publish");
                             self.shared.errors.fetch_add(1, Relaxed);
@@ -719,7 +815,9 @@ impl Worker {
             }
             ReplyTo::Conn { conn, id, dialect } => {
                 let frame = match result {
-                    Ok(_) => envelope::ack_frame(dialect, id),
+                    Ok(receipt) => {
+                        envelope::publish_ack_frame(dialect, id, receipt.epoch, receipt.seq)
+                    }
                     Err(e) => {
                         let retry = matches!(e, PublishError::Unavailable)
                             .then(|| self.shared.retry_hint(self.config.reconnect_min_delay));
@@ -796,9 +894,13 @@ impl Worker {
             };
             match read {
                 Ok(read) => {
+                    if let Some(epoch) = read.epoch {
+                        self.observe(epoch);
+                    }
                     let interest = self.topics.get_mut(&name).expect("made above");
                     interest.last = read.counter;
                     interest.subscribed = true;
+                    interest.topic.seen.store(read.counter, Relaxed);
                 }
                 Err(e) => {
                     self.waiting.push(req);
@@ -808,7 +910,11 @@ impl Worker {
         }
         let last = self.topics[&name].last;
         let live_from = last + 1;
-        let (replay, reset) = match req.since {
+        let epoch = self.epoch.unwrap_or(0);
+        // A since in another epoch counts in a numbering that is gone: replay all that is held.
+        let moved = req.since.is_some() && req.epoch.is_some_and(|e| e != epoch);
+        let since = if moved { Some(0) } else { req.since };
+        let (replay, mut reset) = match since {
             None => (Vec::new(), None),
             Some(since) if since > last => (Vec::new(), Some(live_from)),
             Some(since) if since == last => (Vec::new(), None),
@@ -831,6 +937,9 @@ impl Worker {
                 }
             },
         };
+        if moved && reset.is_none() {
+            reset = Some(replay.first().map_or(live_from, |m| m.seq));
+        }
         self.fanout.send(
             usize::from(req.shard),
             ShardMsg::Backend(BackendMsg::Attached(Box::new(crate::pubsub::Attached {
@@ -839,6 +948,7 @@ impl Worker {
                 live_from,
                 replay,
                 reset,
+                epoch,
             }))),
         );
         Ok(())
@@ -852,13 +962,19 @@ impl Worker {
         else {
             return Ok(());
         };
-        let Some(interest) = self.topics.get(name) else {
-            return Ok(()); // unsubscribed while it was on its way
-        };
-        let Some((seq, ms, payload)) = parse(msg.get_payload_bytes()) else {
+        let Some((epoch, seq, ms, payload)) = parse(msg.get_payload_bytes()) else {
             self.shared.errors.fetch_add(1, Relaxed);
             tracing::warn!(topic = name, "unreadable message on a topic channel");
             return Ok(());
+        };
+        if let Some(epoch) = epoch {
+            if self.observe(epoch) == Seen::Stale {
+                // Published before Redis lost its data, and covered by the reset already sent.
+                return Ok(());
+            }
+        }
+        let Some(interest) = self.topics.get(name) else {
+            return Ok(()); // unsubscribed while it was on its way
         };
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -871,6 +987,11 @@ impl Worker {
         let name: Arc<str> = interest.topic.name.clone();
         if seq > last + 1 {
             let read = self.read(&mut conn.cmd, &name, last + 1, seq - 1).await?;
+            if read.epoch.is_some_and(|e| self.observe(e) != Seen::Current) {
+                // The numbering changed again under the read: this message is of the old
+                // one, and the reset that was just sent covers it.
+                return Ok(());
+            }
             self.fill(&name, read.messages, seq - 1);
         }
         self.forward(&name, seq, payload);
@@ -915,9 +1036,47 @@ impl Worker {
         }
     }
 
+    /// Takes note of an epoch seen in a message or an answer. A new one means Redis lost its
+    /// data: every local topic starts over at seq 1 of it, and its subscribers get a `reset`
+    /// (they take messages from 1 on; the hole-filling path replays what history holds).
+    fn observe(&mut self, epoch: u64) -> Seen {
+        if self.epoch == Some(epoch) {
+            return Seen::Current;
+        }
+        if self.retired.contains(&epoch) {
+            return Seen::Stale;
+        }
+        if let Some(old) = self.epoch.replace(epoch) {
+            self.retired.push(old);
+        }
+        self.shared.epoch.store(epoch, Relaxed);
+        tracing::warn!(epoch, "redis lost its data: a new epoch, every topic reset");
+        for interest in self.topics.values_mut() {
+            interest.last = 0;
+            interest.topic.epoch.store(epoch, Relaxed);
+            interest.topic.seen.store(0, Relaxed);
+            self.shared.resets.fetch_add(1, Relaxed);
+            for &shard in &interest.shards {
+                self.fanout.send(
+                    usize::from(shard),
+                    ShardMsg::Backend(BackendMsg::Rebase {
+                        topic: interest.topic.clone(),
+                        next: 1,
+                        epoch,
+                    }),
+                );
+            }
+        }
+        Seen::New
+    }
+
     fn forward(&mut self, name: &Arc<str>, seq: u64, payload: Payload) {
         let interest = self.topics.get_mut(name).expect("a local topic");
         interest.last = seq;
+        interest.topic.seen.store(seq, Relaxed);
+        if let Some(epoch) = self.epoch {
+            interest.topic.epoch.store(epoch, Relaxed);
+        }
         self.shared.messages_in.fetch_add(1, Relaxed);
         let msg = Arc::new(Published::new(interest.topic.clone(), seq, payload));
         for &shard in &interest.shards {
@@ -934,9 +1093,10 @@ impl Worker {
     ) -> Result<Read, RedisError> {
         let mut call = redis::cmd("EVALSHA");
         call.arg(self.read.get_hash())
-            .arg(2)
+            .arg(3)
             .arg(self.key(name, ":seq"))
             .arg(self.key(name, ":h"))
+            .arg(self.epoch_key())
             .arg(from)
             .arg(to)
             .arg(self.config.history_max_age.as_millis().to_string());
@@ -947,16 +1107,24 @@ impl Worker {
         };
         let mut read = Read {
             counter: int(values.first()),
+            epoch: match values.get(2) {
+                Some(Value::BulkString(e)) if !e.is_empty() => Some(epoch_of(e)),
+                _ => None,
+            },
             messages: Vec::new(),
         };
-        for value in values.iter().skip(2) {
+        for value in values.iter().skip(3) {
             if let Value::BulkString(bytes) = value {
-                if let Some((seq, _, payload)) = parse(bytes) {
+                if let Some((_, seq, _, payload)) = parse(bytes) {
                     read.messages.push((seq, payload));
                 }
             }
         }
         Ok(read)
+    }
+
+    fn epoch_key(&self) -> String {
+        format!("{}epoch", self.config.key_prefix)
     }
 
     fn key(&self, topic: &str, suffix: &str) -> String {
@@ -968,8 +1136,16 @@ impl Worker {
     }
 }
 
-/// Splits `seq:ms:kind:payload`.
-fn parse(bytes: &[u8]) -> Option<(u64, u64, Payload)> {
+/// Splits `e<epoch>:seq:ms:kind:payload` (or, from an older version, `seq:ms:kind:payload`,
+/// with no epoch).
+fn parse(bytes: &[u8]) -> Option<(Option<u64>, u64, u64, Payload)> {
+    let (epoch, bytes) = match bytes.strip_prefix(b"e") {
+        Some(rest) => {
+            let at = rest.iter().position(|&b| b == b':')?;
+            (Some(epoch_of(&rest[..at])), &rest[at + 1..])
+        }
+        None => (None, bytes),
+    };
     let mut parts = bytes.splitn(4, |&b| b == b':');
     let seq = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
     let ms = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
@@ -981,7 +1157,7 @@ fn parse(bytes: &[u8]) -> Option<(u64, u64, Payload)> {
         b"b" => Payload::Binary(data),
         _ => return None,
     };
-    Some((seq, ms, payload))
+    Some((epoch, seq, ms, payload))
 }
 
 #[cfg(test)]
@@ -990,15 +1166,29 @@ mod tests {
 
     #[test]
     fn the_wire_form_keeps_colons_in_the_payload() {
-        let (seq, ms, payload) = parse(b"42:1700000000000:j:{\"a\":\"b:c\"}").unwrap();
-        assert_eq!((seq, ms), (42, 1_700_000_000_000));
+        let (epoch, seq, ms, payload) = parse(b"42:1700000000000:j:{\"a\":\"b:c\"}").unwrap();
+        assert_eq!((epoch, seq, ms), (None, 42, 1_700_000_000_000));
         assert_eq!(
             payload,
             Payload::Json(Bytes::from_static(b"{\"a\":\"b:c\"}"))
         );
         assert!(parse(b"42:1:x:data").is_none(), "unknown kind");
         assert!(parse(b"nope").is_none());
-        let (_, _, binary) = parse(b"1:2:b:\x00\xff").unwrap();
+        let (_, _, _, binary) = parse(b"1:2:b:\x00\xff").unwrap();
         assert_eq!(binary, Payload::Binary(Bytes::from_static(b"\x00\xff")));
+        let (epoch, seq, _, payload) = parse(b"e77:3:4:t:x:y").unwrap();
+        assert_eq!((epoch, seq), (Some(77), 3));
+        assert_eq!(payload, Payload::Text("x:y".into()));
+        assert!(parse(b"e77").is_none());
+    }
+
+    #[test]
+    fn epochs_are_the_decimal_value_or_a_stable_nonzero_hash() {
+        assert_eq!(epoch_of(b"12345"), 12345);
+        let old = epoch_of(b"00ab00cd00ef0012");
+        assert_eq!(old, epoch_of(b"00ab00cd00ef0012"), "the same on every host");
+        assert_ne!(old, 0);
+        assert_ne!(epoch_of(b"0"), 0);
+        assert_ne!(epoch_of(b""), 0);
     }
 }

@@ -168,6 +168,7 @@ impl ConnTable {
         key: usize,
         topic: Arc<Topic>,
         since: Option<u64>,
+        epoch: Option<u64>,
     ) -> Result<Attach, SubscribeLimit> {
         if self.is_subscribed(key, &topic.name) {
             self.unsubscribe(key, &topic.name);
@@ -191,7 +192,7 @@ impl ConnTable {
         };
         self.topics.last_token += 1;
         let token = self.topics.last_token;
-        let mut attach = match self.hub.attach(&topic, shard, first, since, token) {
+        let mut attach = match self.hub.attach(&topic, shard, first, since, epoch, token) {
             AttachStart::Ready(attach) => attach,
             AttachStart::Pending => {
                 self.topics.topics[id as usize]
@@ -202,6 +203,7 @@ impl ConnTable {
                     replay: Vec::new(),
                     replayed: 0,
                     reset: None,
+                    epoch: self.hub.known_epoch(&topic),
                 }
             }
         };
@@ -347,7 +349,7 @@ impl ConnTable {
                     self.notify(key, usize::MAX);
                 }
             }
-            BackendMsg::Rebase { topic, next } => {
+            BackendMsg::Rebase { topic, next, epoch } => {
                 let Some(&id) = self.topics.by_name.get(&*topic.name) else {
                     return;
                 };
@@ -363,7 +365,7 @@ impl ConnTable {
                         // Drops counted in the old numbering mean nothing in the new one.
                         ps.drops.retain(|d| d.topic != id);
                     }
-                    self.reset_notice(key, &topic.name, next);
+                    self.reset_notice(key, &topic.name, next, epoch);
                 }
             }
         }
@@ -384,7 +386,7 @@ impl ConnTable {
         }
         let key = key as usize;
         if let Some(oldest) = a.reset {
-            self.reset_notice(key, &a.topic.name, oldest);
+            self.reset_notice(key, &a.topic.name, oldest, a.epoch);
         }
         for msg in &a.replay {
             if let Offer::Disconnect = self.offer(key, id, msg) {
@@ -411,14 +413,9 @@ impl ConnTable {
     }
 
     /// Queues a `reset` notice for an envelope subscriber.
-    fn reset_notice(&mut self, key: usize, topic: &str, oldest: u64) {
+    fn reset_notice(&mut self, key: usize, topic: &str, oldest: u64, epoch: u64) {
         if let Some(d) = self.reply_dialect(key) {
-            let reset = envelope::ServerMessage::Reset {
-                topic: topic.into(),
-                oldest,
-                epoch: None,
-            };
-            self.push_control(key, envelope::encode_server(d, &reset));
+            self.push_control(key, envelope::reset_frame(d, topic, oldest, epoch));
         }
     }
 

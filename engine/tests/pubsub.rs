@@ -19,7 +19,7 @@ use std::{
 use proptest::prelude::*;
 use ringcast::{
     protocol::{
-        envelope::{self, Encoding, ServerMessage},
+        envelope::{self, AckPosition, Dialect, Encoding, ServerMessage},
         CloseCode,
     },
     Broadcast, Broker, Driver, Engine, EngineConfig, Payload, PublishError, Publisher,
@@ -1073,4 +1073,260 @@ fn delivery_latency_is_recorded_per_stage_and_scraped_as_histograms() {
         }
     }
     engine.stop().unwrap();
+}
+
+// ---- Epochs, seqs in acks, and a stopped engine ----
+
+/// A broker client speaking `dialect`, checked to have it selected.
+fn client_in(addr: SocketAddr, dialect: Dialect) -> Client {
+    let (ws, resp) = util::connect_with(
+        addr,
+        "/",
+        &[("Sec-WebSocket-Protocol", dialect.subprotocol())],
+    )
+    .expect("upgrade");
+    assert_eq!(
+        resp.headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.to_str().unwrap()),
+        Some(dialect.subprotocol())
+    );
+    ws
+}
+
+/// The next data message's payload (pings skipped).
+fn next_raw(ws: &mut Client) -> Vec<u8> {
+    loop {
+        match ws.read().expect("read") {
+            TMessage::Text(t) => return t.as_bytes().to_vec(),
+            TMessage::Binary(b) => return b.to_vec(),
+            TMessage::Close(c) => panic!("closed: {c:?}"),
+            _ => continue,
+        }
+    }
+}
+
+/// Sends `req` in `dialect`'s encoding.
+fn send_req(ws: &mut Client, dialect: Dialect, req: &envelope::Request<'_>) {
+    let enc = dialect.encoding();
+    let bytes = envelope::encode_request(enc, req);
+    let msg = match enc {
+        Encoding::Json => TMessage::text(String::from_utf8(bytes).unwrap()),
+        Encoding::Binary => TMessage::binary(bytes),
+    };
+    ws.send(msg).expect("send");
+}
+
+fn subscribe_req(
+    id: u64,
+    topic: &str,
+    since: Option<u64>,
+    epoch: Option<u64>,
+) -> envelope::Request<'_> {
+    envelope::Request::Subscribe {
+        id: Some(id),
+        topics: vec![envelope::SubscribeTopic {
+            topic: topic.into(),
+            since,
+            epoch,
+        }],
+    }
+}
+
+/// Subscribes and returns the (epoch, seq) its ack reports.
+fn subscribe_at(
+    ws: &mut Client,
+    dialect: Dialect,
+    id: u64,
+    topic: &str,
+    since: Option<u64>,
+    epoch: Option<u64>,
+) -> (u64, u64) {
+    send_req(ws, dialect, &subscribe_req(id, topic, since, epoch));
+    let bytes = next_raw(ws);
+    match envelope::decode_server(dialect, &bytes).expect("envelope") {
+        ServerMessage::Ack {
+            id: Some(got),
+            position: AckPosition::Subscribe(entries),
+        } if got == id => {
+            assert_eq!(entries.len(), 1, "{entries:?}");
+            assert_eq!(entries[0].topic, topic);
+            assert_ne!(entries[0].epoch, 0, "0 is never an epoch");
+            (entries[0].epoch, entries[0].seq)
+        }
+        other => panic!("expected the subscribe's ack, got {other:?}"),
+    }
+}
+
+/// The next message's seq and data, in `dialect`.
+fn next_message(ws: &mut Client, dialect: Dialect) -> (u64, Vec<u8>) {
+    let bytes = next_raw(ws);
+    match envelope::decode_server(dialect, &bytes).expect("envelope") {
+        ServerMessage::Message { seq, payload, .. } => (seq, payload.bytes.to_vec()),
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+#[test]
+fn acks_carry_epochs_and_seqs_and_a_restart_is_a_reset_not_a_continuation() {
+    for dialect in [Dialect::Json, Dialect::BinaryV2] {
+        // The first life of the server.
+        let first = broker(config(1));
+        let mut sub = client_in(first.local_addr(), dialect);
+        let (epoch1, seq) = subscribe_at(&mut sub, dialect, 1, "t", None, None);
+        assert_eq!(seq, 0, "nothing published yet");
+        let mut publ = client_in(first.local_addr(), dialect);
+        for i in 1..=3u64 {
+            let req = envelope::Request::Publish {
+                id: Some(10 + i),
+                topic: "t".into(),
+                payload: envelope::Payload::json("1"),
+            };
+            send_req(&mut publ, dialect, &req);
+            let bytes = next_raw(&mut publ);
+            assert_eq!(
+                envelope::decode_server(dialect, &bytes).unwrap(),
+                ServerMessage::Ack {
+                    id: Some(10 + i),
+                    position: AckPosition::Publish {
+                        epoch: epoch1,
+                        seq: i
+                    },
+                },
+                "{dialect:?}"
+            );
+        }
+        for i in 1..=3 {
+            assert_eq!(next_message(&mut sub, dialect).0, i);
+        }
+        // A second subscriber's ack says where the topic stands.
+        let mut late = client_in(first.local_addr(), dialect);
+        assert_eq!(
+            subscribe_at(&mut late, dialect, 2, "t", None, None),
+            (epoch1, 3)
+        );
+        first.stop().unwrap();
+
+        // The restarted server numbers the topic from 1 again, in another epoch.
+        let second = broker(config(1));
+        let publisher = second.handle().publisher();
+        for data in ["\"a\"", "\"b\""] {
+            let receipt = publisher.publish("t", json(data)).unwrap();
+            assert_ne!(receipt.epoch, epoch1);
+        }
+        let mut back = client_in(second.local_addr(), dialect);
+        let (epoch2, seq) = subscribe_at(&mut back, dialect, 3, "t", Some(3), Some(epoch1));
+        assert_ne!(epoch2, epoch1, "a new process, a new numbering");
+        assert_eq!(seq, 2);
+        // seq 3 of the old numbering means nothing now: a reset to the oldest held, with
+        // the new epoch, then everything from there.
+        let bytes = next_raw(&mut back);
+        assert_eq!(
+            envelope::decode_server(dialect, &bytes).unwrap(),
+            ServerMessage::Reset {
+                topic: "t".into(),
+                oldest: 1,
+                epoch: Some(epoch2),
+            }
+        );
+        assert_eq!(next_message(&mut back, dialect), (1, b"\"a\"".to_vec()));
+        assert_eq!(next_message(&mut back, dialect), (2, b"\"b\"".to_vec()));
+        // The same epoch: an ordinary resume, no reset.
+        let mut resumed = client_in(second.local_addr(), dialect);
+        assert_eq!(
+            subscribe_at(&mut resumed, dialect, 4, "t", Some(1), Some(epoch2)),
+            (epoch2, 2)
+        );
+        assert_eq!(next_message(&mut resumed, dialect), (2, b"\"b\"".to_vec()));
+        // Nothing else was queued for it.
+        send_req(
+            &mut resumed,
+            dialect,
+            &envelope::Request::Ping { id: Some(5) },
+        );
+        assert!(matches!(
+            envelope::decode_server(dialect, &next_raw(&mut resumed)).unwrap(),
+            ServerMessage::Pong { id: Some(5) }
+        ));
+        second.stop().unwrap();
+    }
+}
+
+#[test]
+fn a_binary_v1_client_gets_the_old_acks_and_resets_byte_for_byte() {
+    let engine = broker(config(1));
+    let addr = engine.local_addr();
+    // Offering both binary versions selects v2; offering v1 alone keeps v1.
+    let (_, resp) = util::connect_with(
+        addr,
+        "/",
+        &[(
+            "Sec-WebSocket-Protocol",
+            "ringcast.v1.bin, ringcast.v2.bin, ringcast.v1.json",
+        )],
+    )
+    .expect("upgrade");
+    assert_eq!(
+        resp.headers().get("sec-websocket-protocol").unwrap(),
+        "ringcast.v2.bin"
+    );
+    let mut v1 = client_in(addr, Dialect::BinaryV1);
+    let id = |id: u64| [&[0x01][..], &id.to_be_bytes()].concat();
+    send_req(
+        &mut v1,
+        Dialect::BinaryV1,
+        &subscribe_req(1, "t", None, None),
+    );
+    assert_eq!(next_raw(&mut v1), [&[0x82][..], &id(1)].concat());
+    let publish = envelope::Request::Publish {
+        id: Some(2),
+        topic: "t".into(),
+        payload: envelope::Payload::json("7"),
+    };
+    send_req(&mut v1, Dialect::BinaryV1, &publish);
+    let mut acked = false;
+    let mut message = false;
+    // The ack and the message travel on different lanes: take both, in either order.
+    for _ in 0..2 {
+        let bytes = next_raw(&mut v1);
+        if bytes == [&[0x82][..], &id(2)].concat() {
+            acked = true;
+        } else {
+            assert_eq!(
+                bytes,
+                [&[0x81, 0x01][..], &1u64.to_be_bytes(), &[1, b't'], b"7"].concat()
+            );
+            message = true;
+        }
+    }
+    assert!(acked && message);
+    // A since ahead of everything published: the v1 reset, with no epoch in it.
+    let mut other = client_in(addr, Dialect::BinaryV1);
+    send_req(
+        &mut other,
+        Dialect::BinaryV1,
+        &subscribe_req(3, "t", Some(9), None),
+    );
+    assert_eq!(next_raw(&mut other), [&[0x82][..], &id(3)].concat());
+    assert_eq!(
+        next_raw(&mut other),
+        [&[0x84][..], &2u64.to_be_bytes(), &[1, b't']].concat()
+    );
+    engine.stop().unwrap();
+}
+
+#[test]
+fn a_stopped_engine_refuses_publishes() {
+    let engine = broker(config(1));
+    let publisher = engine.handle().publisher();
+    assert_eq!(publisher.publish("t", json("1")).unwrap().seq, 1);
+    engine.stop().unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            publisher.publish("t", json("1")),
+            Err(PublishError::Stopped)
+        );
+    }
+    let topic = publisher.topic("t").unwrap();
+    assert_eq!(topic.publish(json("1")), Err(PublishError::Stopped));
 }

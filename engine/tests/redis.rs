@@ -18,7 +18,7 @@ use std::{
 };
 
 use ringcast::{
-    protocol::envelope::{self, Encoding, ServerMessage},
+    protocol::envelope::{self, AckPosition, Encoding, ServerMessage},
     Broker, Engine, EngineConfig, Payload, PublishError,
 };
 use tungstenite::Message as TMessage;
@@ -142,7 +142,7 @@ enum Got {
     Message { seq: u64, data: String },
     Ack(Option<u64>),
     Error { id: Option<u64>, code: String },
-    Reset { oldest: u64 },
+    Reset { oldest: u64, epoch: Option<u64> },
     Dropped { count: u64, next: u64 },
     Other(String),
 }
@@ -164,7 +164,7 @@ fn next(ws: &mut Client) -> Got {
                 id,
                 code: code.to_string(),
             },
-            ServerMessage::Reset { oldest, .. } => Got::Reset { oldest },
+            ServerMessage::Reset { oldest, epoch, .. } => Got::Reset { oldest, epoch },
             ServerMessage::Dropped { count, next, .. } => Got::Dropped { count, next },
             other => Got::Other(format!("{other:?}")),
         };
@@ -385,7 +385,7 @@ fn check_honest(events: &[Got]) -> Vec<(u32, u64)> {
                 assert_eq!(expected + count, *next, "dropped notice adds up");
                 expected = *next;
             }
-            Got::Reset { oldest } => {
+            Got::Reset { oldest, .. } => {
                 epoch += 1;
                 expected = *oldest;
             }
@@ -567,4 +567,124 @@ fn redis_subscriptions_follow_local_interest_up_and_down() {
         "the Redis subscription to go with the last subscriber",
         || redis_subscribers(redis.port, "ringcast:t") == 0,
     );
+}
+
+/// Subscribes from seq 0 and returns the epoch the ack reports.
+fn subscribe_epoch(ws: &mut Client, topic: &str) -> u64 {
+    ws.send(TMessage::text(format!(
+        r#"{{"type":"subscribe","id":1,"topic":"{topic}","since":0}}"#
+    )))
+    .unwrap();
+    let TMessage::Text(text) = ws.read().unwrap() else {
+        panic!("text expected")
+    };
+    match envelope::decode_server(Encoding::Json, text.as_bytes()).unwrap() {
+        ServerMessage::Ack {
+            id: Some(1),
+            position: AckPosition::Subscribe(entries),
+        } => entries[0].epoch,
+        other => panic!("expected the ack, got {other:?}"),
+    }
+}
+
+#[test]
+fn flushall_mid_stream_is_announced_by_a_reset_with_the_new_epoch() {
+    let Some(redis) = Redis::start() else { return };
+    let a = engine(&redis.url(), 1);
+    let b = engine(&redis.url(), 2);
+    let mut sub = client(b.local_addr());
+    let old_epoch = subscribe_epoch(&mut sub, "t");
+    assert_ne!(old_epoch, 0);
+    assert_eq!(b.handle().broker_stats().unwrap().epoch, old_epoch);
+    // A feed on A publishing all along: every acked (epoch, seq) is recorded.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::<(u64, u64)>::new()));
+    let feed = {
+        let publisher = a.handle().publisher();
+        let (stop, acked) = (stop.clone(), acked.clone());
+        thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Relaxed) {
+                i += 1;
+                let r = publisher.publish("t", Payload::json(i.to_string()).unwrap());
+                let r = r.expect("Redis stays up: every publish is acked");
+                assert_ne!(r.epoch, 0);
+                acked.lock().unwrap().push((r.epoch, r.seq));
+            }
+        })
+    };
+    let count = |old: bool| {
+        acked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(e, _)| (*e == old_epoch) == old)
+            .count()
+    };
+    util::wait_until("publishes before the flush", || count(true) > 300);
+    assert!(redis_cmd(redis.port, &["FLUSHALL"]).starts_with("+OK"));
+    util::wait_until("publishes in the new numbering", || count(false) > 300);
+    stop.store(true, Relaxed);
+    feed.join().unwrap();
+    let end = a
+        .handle()
+        .publisher()
+        .publish("t", Payload::json("\"end\"").unwrap())
+        .unwrap();
+    let new_epoch = end.epoch;
+    assert_ne!(new_epoch, old_epoch, "the flush made a new epoch");
+    let acked = acked.lock().unwrap().clone();
+    // One epoch change: the old numbering, then the new one from 1.
+    let switch = acked.iter().position(|(e, _)| *e != old_epoch).unwrap();
+    assert!(acked[..switch].iter().all(|(e, _)| *e == old_epoch));
+    assert!(acked[switch..].iter().all(|(e, _)| *e == new_epoch));
+    assert_eq!(acked[switch].1, 1, "the new numbering starts at 1");
+
+    let mut events = Vec::new();
+    loop {
+        let got = next(&mut sub);
+        let done = matches!(&got, Got::Message { data, .. } if data == "\"end\"");
+        events.push(got);
+        if done {
+            break;
+        }
+    }
+    // The stream is honest: no gap or repeat without a notice.
+    let seen = check_honest(&events);
+    let resets: Vec<&Got> = events
+        .iter()
+        .filter(|e| matches!(e, Got::Reset { .. }))
+        .collect();
+    assert_eq!(
+        resets,
+        [&Got::Reset {
+            oldest: 1,
+            epoch: Some(new_epoch)
+        }],
+        "one reset, to seq 1 of the new epoch"
+    );
+    // Every acked publish of the new numbering was delivered after the reset.
+    for &(_, seq) in &acked[switch..] {
+        assert!(
+            seen.contains(&(1, seq)),
+            "acked seq {seq} of the new epoch lost"
+        );
+    }
+    assert!(seen.contains(&(1, end.seq)));
+    // Every acked publish of the old numbering was delivered before it, or covered by a
+    // dropped notice (check_honest) or by the reset (after the last delivered one).
+    let last_old = seen
+        .iter()
+        .filter(|(e, _)| *e == 0)
+        .map(|(_, s)| *s)
+        .max()
+        .unwrap_or(0);
+    assert!(
+        last_old >= 300,
+        "the old numbering was delivered up to the flush"
+    );
+    let stats = b.handle().broker_stats().unwrap();
+    assert!(stats.resets >= 1, "{stats:?}");
+    assert_eq!(stats.epoch, new_epoch);
+    assert_eq!(a.handle().broker_stats().unwrap().epoch, new_epoch);
 }
