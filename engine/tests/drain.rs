@@ -108,10 +108,13 @@ fn subscriber(addr: std::net::SocketAddr, path: &str, topic: &str) -> Client {
     .expect("upgrade");
     let sub = format!(r#"{{"type":"subscribe","id":1,"topic":"{topic}"}}"#);
     ws.send(WsMessage::text(sub)).unwrap();
+    let ack: Value = serde_json::from_str(ws.read().unwrap().to_text().unwrap()).unwrap();
     assert_eq!(
-        ws.read().unwrap(),
-        WsMessage::text(r#"{"type":"ack","id":1}"#)
+        (&ack["type"], &ack["id"]),
+        (&"ack".into(), &1.into()),
+        "{ack}"
     );
+    assert_eq!(ack["topics"][0]["topic"], topic, "{ack}");
     ws
 }
 

@@ -688,3 +688,62 @@ fn flushall_mid_stream_is_announced_by_a_reset_with_the_new_epoch() {
     assert_eq!(stats.epoch, new_epoch);
     assert_eq!(a.handle().broker_stats().unwrap().epoch, new_epoch);
 }
+
+#[test]
+fn redis_acks_carry_the_epoch_and_a_since_in_another_epoch_replays_from_the_oldest() {
+    let Some(redis) = Redis::start() else { return };
+    let a = engine(&redis.url(), 1);
+    let b = engine(&redis.url(), 1);
+    let epoch = a.handle().broker_stats().unwrap().epoch;
+    assert_ne!(epoch, 0);
+    // A broker client's publish is acked, from the bridge, with the epoch and its seq.
+    let mut publ = client(a.local_addr());
+    for seq in 1..=3u64 {
+        publ.send(TMessage::text(format!(
+            r#"{{"type":"publish","id":{seq},"topic":"t","data":{seq}}}"#
+        )))
+        .unwrap();
+        let TMessage::Text(text) = publ.read().unwrap() else {
+            panic!("text expected")
+        };
+        assert_eq!(
+            envelope::decode_server(Encoding::Json, text.as_bytes()).unwrap(),
+            ServerMessage::Ack {
+                id: Some(seq),
+                position: AckPosition::Publish { epoch, seq },
+            }
+        );
+    }
+    // On the other host: since 2 in the current epoch resumes at 3.
+    let mut same = client(b.local_addr());
+    same.send(TMessage::text(format!(
+        r#"{{"type":"subscribe","id":1,"topic":"t","since":2,"epoch":{epoch}}}"#
+    )))
+    .unwrap();
+    assert_eq!(next(&mut same), Got::Ack(Some(1)));
+    assert_eq!(
+        next(&mut same),
+        Got::Message {
+            seq: 3,
+            data: "3".into()
+        }
+    );
+    // Since 2 in another epoch: a reset to the oldest held, then everything from there.
+    let mut other = client(b.local_addr());
+    other
+        .send(TMessage::text(format!(
+            r#"{{"type":"subscribe","id":1,"topic":"t","since":2,"epoch":{}}}"#,
+            epoch ^ 1
+        )))
+        .unwrap();
+    assert_eq!(next(&mut other), Got::Ack(Some(1)));
+    assert_eq!(
+        next(&mut other),
+        Got::Reset {
+            oldest: 1,
+            epoch: Some(epoch)
+        }
+    );
+    let seqs: Vec<u64> = read_until(&mut other, "3").iter().map(|m| m.0).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+}
