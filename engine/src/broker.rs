@@ -3,10 +3,17 @@
 //!
 //! Owns the upgrade-time choice of encoding (subprotocol) and overflow policy (`?overflow=`),
 //! turning requests into subscribe/unsubscribe/publish calls, and answering each with an ack
-//! or an error on the control lane. A malformed request gets an error naming its id; a client
-//! that spends its bad-request budget is closed with 1008.
+//! or an error on the control lane. A malformed request gets an error naming its id, and is
+//! charged to the connection's bad-request budget: a client that spends it is closed with
+//! 1008. A refusal that is not the client's fault (rate limit, an engine or broker that
+//! cannot take it now, auth, a missing subscription) is never charged; `rate_limited` and
+//! `unavailable` carry a retry hint.
 
-use std::{collections::HashMap, sync::Arc, time::SystemTime};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use bytes::Bytes;
 use ringcast_protocol::{
@@ -214,16 +221,10 @@ fn handle(ctx: &mut Ctx<'_>, d: Dialect, grants: Option<&Grants>, request: Reque
             }
             match missing {
                 None => control(ctx, envelope::ack_frame(d, id)),
-                Some(topic) => control(
-                    ctx,
-                    envelope::error_frame(
-                        d,
-                        id,
-                        ErrorCode::NotSubscribed,
-                        &format!("not subscribed to {topic}"),
-                        None,
-                    ),
-                ),
+                Some(topic) => {
+                    let why = format!("not subscribed to {topic}");
+                    refuse(ctx, d, id, ErrorCode::NotSubscribed, &why);
+                }
             }
         }
         Request::Publish { id, topic, payload } => {
@@ -253,7 +254,8 @@ fn handle(ctx: &mut Ctx<'_>, d: Dialect, grants: Option<&Grants>, request: Reque
                         | PublishError::Stopped
                         | PublishError::Unavailable => ErrorCode::Unavailable,
                     };
-                    refuse(ctx, d, id, code, &e.to_string());
+                    let retry = ctx.retry_after(&e);
+                    refuse_with(ctx, d, id, code, &e.to_string(), retry);
                 }
             }
         }
@@ -261,12 +263,60 @@ fn handle(ctx: &mut Ctx<'_>, d: Dialect, grants: Option<&Grants>, request: Reque
     }
 }
 
-/// Answers a request with an error, and closes a connection that keeps sending bad ones.
+/// Answers a request with an error, and closes a connection that keeps sending malformed
+/// ones.
 fn refuse(ctx: &mut Ctx<'_>, d: Dialect, id: Option<u64>, code: ErrorCode, message: &str) {
-    control(ctx, envelope::error_frame(d, id, code, message, None));
-    if !ctx.charge_bad_request() {
+    refuse_with(ctx, d, id, code, message, None);
+}
+
+/// [`refuse`] with a retry hint. Only a malformed request ([`is_malformed`]) is charged to
+/// the bad-request budget.
+fn refuse_with(
+    ctx: &mut Ctx<'_>,
+    d: Dialect,
+    id: Option<u64>,
+    code: ErrorCode,
+    message: &str,
+    retry_after: Option<Duration>,
+) {
+    control(ctx, error_frame(d, id, code, message, retry_after));
+    if is_malformed(code) && !ctx.charge_bad_request() {
         ctx.close(CloseCode::POLICY, "too many bad requests");
     }
+}
+
+/// Whether a refusal is the client's fault: a request it should not have sent as it did
+/// (these count against `pubsub.max_bad_requests`). `rate_limited`, `unavailable`,
+/// `forbidden`, `not_subscribed`, `too_many_subscriptions` and `internal` refuse a
+/// well-formed request for reasons of the moment, the token or the server.
+fn is_malformed(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::BadRequest
+            | ErrorCode::UnknownType
+            | ErrorCode::BadTopic
+            | ErrorCode::BadPayload
+            | ErrorCode::TooLarge
+    )
+}
+
+/// An error reply, with `retry_after_ms` (rounded up to whole milliseconds, at least 1) when
+/// there is a hint (binary v1 has no field for it).
+pub(crate) fn error_frame(
+    d: impl Into<Dialect>,
+    id: Option<u64>,
+    code: ErrorCode,
+    message: &str,
+    retry_after: Option<Duration>,
+) -> Bytes {
+    envelope::error_frame(d, id, code, message, retry_after.map(retry_ms))
+}
+
+/// A retry hint in whole milliseconds, rounded up, at least 1.
+pub(crate) fn retry_ms(retry: Duration) -> u64 {
+    u64::try_from(retry.as_micros().div_ceil(1000))
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// Queues a reply on the control lane (never dropped: a reply to the connection being handled

@@ -506,12 +506,17 @@ pub struct PubSubConfig {
     /// Topics one connection may subscribe to. Default 256. Over it: an error reply.
     pub max_subscriptions_per_connection: usize,
     /// Publishes per second one connection may make, sustained. Default 1000. Over budget:
-    /// an error reply (`rate_limited`); the publish is not made.
+    /// an error reply (`rate_limited`, with `retry_after_ms` until the next one is allowed);
+    /// the publish is not made, and the connection is not read until then (slowed, not
+    /// closed).
     pub publish_rate_per_sec: u32,
     /// Publishes one connection may make in a burst above the rate. Default 1000.
     pub publish_burst: u32,
-    /// Malformed or refused requests a connection may send in a burst before it is closed
-    /// with 1008. Default 20; the budget refills at one per second.
+    /// Malformed requests (`bad_request`, `unknown_type`, `bad_topic`, `bad_payload`,
+    /// `too_large`) a connection may send in a burst before it is closed with 1008. Default
+    /// 20; the budget refills at one per second. Refusals of well-formed requests
+    /// (`rate_limited`, `unavailable`, `forbidden`, `not_subscribed`,
+    /// `too_many_subscriptions`) never count.
     pub max_bad_requests: u32,
     /// Deliveries waiting in one shard's inbox above which publishing reports the engine
     /// saturated, and at twice which a publish is refused. Default 65536.

@@ -286,6 +286,9 @@ pub(crate) struct Conn {
     pub(crate) spoke: Stamp,
     /// When the outstanding ping went out, while nothing has been heard since.
     pub(crate) ping_out: Option<Stamp>,
+    /// Until when the connection is paused: its publish budget is empty (see
+    /// [`ConnTable::throttle`]). Cleared by the deadline that ends it, or a close.
+    pub(crate) throttle: Option<Stamp>,
 }
 
 impl Conn {
@@ -304,6 +307,7 @@ impl Conn {
             heard: Stamp::START,
             spoke: Stamp::START,
             ping_out: None,
+            throttle: None,
         }
     }
 
@@ -746,6 +750,32 @@ impl ConnTable {
         }
     }
 
+    /// Pauses connection `key` for `wait` (its publish budget is empty; the refusal's retry
+    /// hint names the same wait): the rest of what was read waits, unparsed, in its tail
+    /// (`Shard::process` stops), and its socket is not read (`wants_read`). Its deadline
+    /// ends the pause (`Shard::end_throttle`), armed here unless it is due sooner. A
+    /// connection that is closing is not paused: its peer's close frame must be read.
+    pub(crate) fn throttle(&mut self, key: usize, wait: Duration) {
+        let conn = &mut self.conns[key];
+        let Phase::Open(codec) = &conn.phase else {
+            return;
+        };
+        if codec.close_state() != ringcast_protocol::CloseState::Open {
+            return;
+        }
+        // Millisecond stamps: round up, so the pause never ends before the bucket refills.
+        let wait = Duration::from_millis(wait.as_micros().div_ceil(1000).max(1) as u64);
+        let now = Instant::now();
+        if conn.throttle.is_none() {
+            self.metrics.throttled.incr();
+        }
+        conn.throttle = Some(Stamp::from_instant(now + wait));
+        let when = When::from_instant(now + wait);
+        if conn.deadline.is_none_or(|d| d > when) {
+            self.set_deadline(key, wait);
+        }
+    }
+
     /// Tells the connection's driver there is work for it: bytes to write, a phase change.
     /// `running` is the connection whose code is running now (epoll driver: its own task
     /// notices without a wake).
@@ -881,6 +911,8 @@ impl ConnTable {
             return;
         };
         if codec.close(Some(CloseFrame::new(code, reason))) {
+            // A paused connection is read again: its peer's close frame must come in.
+            conn.throttle = None;
             conn.note_close(code, reason, by);
             conn.drain_transmits();
             self.set_deadline(key, close_timeout);

@@ -4,7 +4,10 @@
 //! send status, close information, and pre-encoded shared frames. Everything here runs on the
 //! shard's own thread; a handler need not be `Send`.
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use ringcast_protocol::{server_frame, CloseCode, OpCode, UpgradeRequest, Utf8Bytes};
@@ -476,12 +479,13 @@ impl Ctx<'_> {
         payload: Payload,
         reply: ReplyTo,
     ) -> Result<Publish, PublishError> {
-        if !self
-            .table
-            .pubsub(self.key)
-            .publish_budget
-            .take(std::time::Instant::now())
-        {
+        let now = Instant::now();
+        let budget = &mut self.table.pubsub(self.key).publish_budget;
+        if !budget.take(now) {
+            // Slowed, not cut: nothing more from this connection is parsed or read until
+            // the budget allows the next publish.
+            let wait = budget.wait(now);
+            self.table.throttle(self.key, wait);
             return Err(PublishError::RateLimited);
         }
         let topic = match self.table.local_topic(topic) {
@@ -506,9 +510,27 @@ impl Ctx<'_> {
             .map_or(0, |ps| ps.dropped)
     }
 
-    /// Charges one malformed or refused request to this connection's budget
-    /// (`pubsub.max_bad_requests`, refilled at one per second). Returns false once the budget
-    /// is spent: the caller should close the connection with 1008.
+    /// How long this connection should wait before retrying what failed with `err`, the
+    /// hint a refusal carries: after [`PublishError::RateLimited`], the time until its
+    /// publish budget allows the next publish (the time its reads stay paused); after
+    /// [`PublishError::Saturated`] and [`PublishError::Unavailable`], as
+    /// [`Publisher::retry_after`]. `None` after errors a retry does not cure.
+    pub fn retry_after(&mut self, err: &PublishError) -> Option<Duration> {
+        match err {
+            PublishError::RateLimited => {
+                let budget = &self.table.pubsub(self.key).publish_budget;
+                Some(budget.wait(Instant::now()).max(Duration::from_millis(1)))
+            }
+            other => self.table.hub.retry_hint(*other),
+        }
+    }
+
+    /// Charges one malformed request to this connection's budget (`pubsub.max_bad_requests`,
+    /// refilled at one per second). Returns false once the budget is spent: the caller
+    /// should close the connection with 1008. Charge only requests that are the client's
+    /// fault (the broker charges `bad_request`, `unknown_type`, `bad_topic`, `bad_payload`
+    /// and `too_large`), never refusals of a well-formed request (rate limit, an engine or
+    /// broker that cannot take it now, auth, a missing subscription).
     pub fn charge_bad_request(&mut self) -> bool {
         self.table.metrics.bad_requests.incr();
         self.table

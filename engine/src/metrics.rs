@@ -326,8 +326,12 @@ shard_metrics! {
     subscriber_lag_max_us,
     /// Publishes refused to this shard's connections (rate limit, saturation, bad topic).
     publishes_refused,
-    /// Requests the broker refused as malformed.
+    /// Requests the broker refused as malformed (charged to the connection's bad-request
+    /// budget, `pubsub.max_bad_requests`).
     bad_requests,
+    /// Times a connection's reads were paused because its publish budget was empty (it is
+    /// read again when the budget refills).
+    throttled,
     /// Drain: topic messages moved from must-deliver connections' data rings onto the socket
     /// ahead of their close frame.
     drain_flushed,

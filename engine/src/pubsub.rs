@@ -15,7 +15,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
         Arc, Mutex, OnceLock, RwLock,
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -90,6 +90,10 @@ impl DeliveryFormat {
     }
 }
 
+/// The retry hint given with [`PublishError::Saturated`]: about the time a shard takes to
+/// work through a batch of its inbox.
+pub(crate) const SATURATED_RETRY: Duration = Duration::from_millis(100);
+
 /// Why a publish was not made. Nothing was sequenced or delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -107,7 +111,9 @@ pub enum PublishError {
     /// slow down and retry.
     #[error("engine saturated: a shard's inbox is full")]
     Saturated,
-    /// This connection spent its publish budget (`pubsub.publish_rate_per_sec`).
+    /// This connection spent its publish budget (`pubsub.publish_rate_per_sec`). The
+    /// connection is not read until the budget allows the next publish;
+    /// [`Ctx::retry_after`](crate::Ctx::retry_after) says when that is.
     #[error("publish rate limit exceeded")]
     RateLimited,
     /// The engine has stopped.
@@ -742,6 +748,21 @@ impl Hub {
         self.fanout.pending[shard].fetch_sub(n, Relaxed);
     }
 
+    /// How long a publisher refused with `err` should wait before trying again, for the
+    /// refusals the engine decides: [`SATURATED_RETRY`] for a saturated engine, the Redis
+    /// bridge's time to its next connection attempt while it is away. `None` for the others
+    /// (a retry cannot help, or the engine stopped).
+    pub(crate) fn retry_hint(&self, err: PublishError) -> Option<Duration> {
+        match err {
+            PublishError::Saturated => Some(SATURATED_RETRY),
+            PublishError::Unavailable => Some(
+                self.bridge()
+                    .map_or(SATURATED_RETRY, crate::redis_bridge::Bridge::retry_hint),
+            ),
+            _ => None,
+        }
+    }
+
     fn saturated(&self) -> bool {
         self.fanout
             .pending
@@ -807,6 +828,14 @@ impl Publisher {
             topic: self.hub.topic(topic)?,
             hub: self.hub.clone(),
         })
+    }
+
+    /// How long to wait before publishing again after `err`: 100 ms after
+    /// [`PublishError::Saturated`]; after [`PublishError::Unavailable`], the Redis bridge's
+    /// time until it next tries to connect (or `broker.reconnect_min_delay` while it is
+    /// trying). `None` after the other errors, which a retry does not cure.
+    pub fn retry_after(&self, err: &PublishError) -> Option<Duration> {
+        self.hub.retry_hint(*err)
     }
 
     /// Whether any shard has more than `pubsub.max_pending_per_shard` deliveries waiting.

@@ -35,7 +35,7 @@ use std::{
         Arc, Mutex,
     },
     thread,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
@@ -51,6 +51,7 @@ use tokio::sync::Notify;
 use crate::{
     bus::ShardMsg,
     config::BrokerConfig,
+    conn::When,
     pubsub::{
         new_epoch, BackendMsg, Fanout, Payload, PublishError, PublishReceipt, Published, ReplyTo,
         Topic,
@@ -128,6 +129,30 @@ struct Shared {
     /// The current epoch (0 before the first connection).
     epoch: AtomicU64,
     lag_ms: AtomicU64,
+    /// While Redis is away: when the bridge next tries to connect, as [`When`] nanoseconds;
+    /// 0 while it tries or is connected.
+    retry_at: AtomicU64,
+}
+
+impl Shared {
+    /// The retry hint for a publish refused as unavailable: the time until the bridge next
+    /// tries to connect, else (connected, or that time has passed) `fallback`; at least 1 ms.
+    fn retry_hint(&self, fallback: Duration) -> Duration {
+        let at = self.retry_at.load(Relaxed);
+        let now = When::from_instant(Instant::now()).as_nanos();
+        let wait = if at > now {
+            Duration::from_nanos(at - now)
+        } else {
+            fallback
+        };
+        wait.max(Duration::from_millis(1))
+    }
+
+    /// Notes when the bridge next tries to connect.
+    fn retry_in(&self, wait: Duration) {
+        let at = When::from_instant(Instant::now() + wait).as_nanos();
+        self.retry_at.store(at, Relaxed);
+    }
 }
 
 /// The Redis bridge's state and counters, from
@@ -200,6 +225,7 @@ pub(crate) struct Bridge {
     shared: Arc<Shared>,
     thread: Mutex<Option<thread::JoinHandle<()>>>,
     reply_wait: Duration,
+    reconnect_min_delay: Duration,
 }
 
 impl Bridge {
@@ -241,6 +267,7 @@ impl Bridge {
             // The bridge answers every publish within a command timeout of taking it; the
             // margin covers the batch ahead of it.
             reply_wait: config.command_timeout * 3,
+            reconnect_min_delay: config.reconnect_min_delay,
         })
     }
 
@@ -305,6 +332,12 @@ impl Bridge {
     /// Connected, with every local topic subscribed.
     pub(crate) fn is_up(&self) -> bool {
         self.shared.up.load(Relaxed)
+    }
+
+    /// How long a publisher refused as unavailable should wait: until the bridge next tries
+    /// to connect, or `broker.reconnect_min_delay` while it is trying (at least 1 ms).
+    pub(crate) fn retry_hint(&self) -> Duration {
+        self.shared.retry_hint(self.reconnect_min_delay)
     }
 
     /// How long a thread waits for a publish's outcome.
@@ -471,6 +504,8 @@ impl Worker {
                 self.shared.reconnects.fetch_add(1, Relaxed);
             }
             first = false;
+            // Trying now: refused publishes are told `reconnect_min_delay`.
+            self.shared.retry_at.store(0, Relaxed);
             let end = match self.within(self.connect()).await {
                 Ok(mut conn) => match self.resume(&mut conn).await {
                     Ok(()) => {
@@ -498,6 +533,7 @@ impl Worker {
             // Full jitter: a fleet that lost Redis together does not come back together.
             let pause = delay.mul_f64(fastrand::f64());
             delay = (delay * 2).min(self.config.reconnect_max_delay);
+            self.shared.retry_in(pause);
             if self.idle(pause).await {
                 return;
             }
@@ -782,18 +818,22 @@ impl Worker {
                     Ok(receipt) => {
                         envelope::publish_ack_frame(dialect, id, receipt.epoch, receipt.seq)
                     }
-                    Err(e) => envelope::error_frame(
-                        dialect,
-                        id,
-                        match e {
-                            PublishError::Stopped | PublishError::Unavailable => {
-                                ErrorCode::Unavailable
-                            }
-                            _ => ErrorCode::Internal,
-                        },
-                        &e.to_string(),
-                        None,
-                    ),
+                    Err(e) => {
+                        let retry = matches!(e, PublishError::Unavailable)
+                            .then(|| self.shared.retry_hint(self.config.reconnect_min_delay));
+                        crate::broker::error_frame(
+                            dialect,
+                            id,
+                            match e {
+                                PublishError::Stopped | PublishError::Unavailable => {
+                                    ErrorCode::Unavailable
+                                }
+                                _ => ErrorCode::Internal,
+                            },
+                            &e.to_string(),
+                            retry,
+                        )
+                    }
                 };
                 self.fanout.send(
                     conn.shard().index(),

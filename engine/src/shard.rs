@@ -487,6 +487,9 @@ impl<H: Handler> Shard<H> {
                         }
                     }
                 }
+                // Slowed: what is left waits in the tail until the budget refills
+                // (`Shard::end_throttle`).
+                Phase::Open(_) if conn.throttle.is_some() => break,
                 Phase::Open(codec) => {
                     let result = codec.poll_event(input);
                     conn.drain_transmits();
@@ -724,11 +727,41 @@ impl<H: Handler> Shard<H> {
                 Flow::Continue
             }
             Phase::Open(ref codec) if codec.close_state() == CloseState::Open => {
-                self.check_liveness(table, key)
+                self.end_throttle(table, key);
+                match &table.conns[key].phase {
+                    Phase::Open(codec) if codec.close_state() == CloseState::Open => {
+                        self.check_liveness(table, key)
+                    }
+                    // What the tail held closed it, or failed the protocol.
+                    _ => Flow::Continue,
+                }
             }
             // Our close frame went unanswered, or the final bytes or FIN did not get through.
             Phase::Open(_) | Phase::Flushing | Phase::Draining | Phase::Closed => Flow::Done,
         }
+    }
+
+    /// Ends a connection's pause once its publish budget has refilled (see
+    /// `ConnTable::throttle`): the requests read but not handled when it began, kept in the
+    /// tail, are handled now, until the budget runs out again. The driver reads again once
+    /// the connection is not paused (`wants_read`).
+    fn end_throttle(&self, table: &mut ConnTable, key: usize) {
+        let now = Stamp::now();
+        let conn = &mut table.conns[key];
+        let Some(until) = conn.throttle else {
+            return;
+        };
+        if !now.until(until).is_zero() {
+            return;
+        }
+        conn.throttle = None;
+        if conn.tail.is_empty() {
+            return;
+        }
+        let mut input = conn.tail.take();
+        table.now = now;
+        self.process(table, key, &mut input);
+        table.conns[key].tail.put(input);
     }
 
     /// The liveness deadline of an open connection: closes it if its pong is overdue or it
@@ -747,6 +780,9 @@ impl<H: Handler> Shard<H> {
         let conn = &mut table.conns[key];
         let mut next: Option<Duration> = None;
         let mut sooner = |d: Duration| next = Some(next.map_or(d, |n| n.min(d)));
+        if let Some(until) = conn.throttle {
+            sooner(now.until(until).max(Duration::from_millis(1)));
+        }
         if let Some(ping_at) = conn.ping_out {
             if conn.heard.at_or_after(ping_at) {
                 conn.ping_out = None; // the pong, or any frame, came back
@@ -932,8 +968,11 @@ fn admit(
 pub(crate) fn wants_read(conn: &Conn, settings: &Settings) -> bool {
     match conn.phase {
         Phase::Handshake(_) | Phase::Draining => true,
-        // Backpressure: a peer that does not read its replies is not read either.
-        Phase::Open(_) => conn.out.len_bytes() < settings.max_outbound_bytes / 2,
+        // Backpressure: a peer that does not read its replies is not read either, nor one
+        // whose publish budget is empty (until it refills, see `ConnTable::throttle`).
+        Phase::Open(_) => {
+            conn.throttle.is_none() && conn.out.len_bytes() < settings.max_outbound_bytes / 2
+        }
         Phase::Flushing | Phase::Closed => false,
     }
 }

@@ -11,7 +11,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{atomic::Ordering::Relaxed, Arc},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -126,6 +126,17 @@ impl TokenBucket {
         } else {
             false
         }
+    }
+
+    /// How long from `now` until the bucket holds a whole token again (zero if it does).
+    /// After a refused [`TokenBucket::take`], the wait that take's caller should be told.
+    pub(crate) fn wait(&self, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        let tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if tokens >= 1.0 || self.rate <= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((1.0 - tokens) / self.rate)
     }
 }
 

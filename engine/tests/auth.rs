@@ -307,3 +307,31 @@ fn connections_per_user_are_capped_over_all_shards() {
     assert!(total.rejected(ringcast::RejectReason::UserCap) >= 4);
     engine.stop().unwrap();
 }
+
+#[test]
+fn forbidden_requests_are_not_charged_as_bad_requests() {
+    let engine = start(auth_config());
+    let (mut ws, _) = connect_with(
+        engine.local_addr(),
+        "/",
+        &[("Authorization", &bearer(&token("ann")))],
+    )
+    .unwrap();
+    // Well over pubsub.max_bad_requests (20): a denied topic is not a malformed request.
+    for id in 0..30 {
+        let body = if id % 2 == 0 {
+            json!({"type": "publish", "id": id, "topic": "chat.bob", "data": 1})
+        } else {
+            json!({"type": "subscribe", "id": id, "topic": "secret.plans"})
+        };
+        let denied = request(&mut ws, body);
+        assert_eq!(
+            (denied["code"].as_str(), denied["id"].as_i64()),
+            (Some("forbidden"), Some(id))
+        );
+    }
+    let pong = request(&mut ws, json!({"type": "ping", "id": 99}));
+    assert_eq!(pong["type"], "pong");
+    assert_eq!(engine.handle().metrics().total().bad_requests, 0);
+    engine.stop().unwrap();
+}

@@ -813,13 +813,13 @@ fn malformed_requests_get_errors_naming_their_id_then_a_1008() {
 }
 
 #[test]
-fn publish_budget_refuses_with_rate_limited() {
+fn publish_budget_refuses_with_rate_limited_then_pauses_the_publisher() {
     let mut cfg = config(1);
     cfg.pubsub.publish_rate_per_sec = 1;
     cfg.pubsub.publish_burst = 3;
-    cfg.pubsub.max_bad_requests = 100;
     let engine = broker(cfg);
     let mut ws = client(engine.local_addr(), "/", Encoding::Json);
+    let start = Instant::now();
     let mut codes = Vec::new();
     for id in 0..5 {
         send_json(
@@ -829,12 +829,24 @@ fn publish_budget_refuses_with_rate_limited() {
         codes.push(next(&mut ws, Encoding::Json));
     }
     assert_eq!(
-        &codes[..3],
-        &[Got::Ack(Some(0)), Got::Ack(Some(1)), Got::Ack(Some(2))]
+        codes,
+        [
+            Got::Ack(Some(0)),
+            Got::Ack(Some(1)),
+            Got::Ack(Some(2)),
+            Got::Error {
+                id: Some(3),
+                code: "rate_limited".into()
+            },
+            // Not read until the budget held a publish again (1 per second).
+            Got::Ack(Some(4)),
+        ]
     );
-    assert!(codes[3..]
-        .iter()
-        .all(|g| matches!(g, Got::Error { code, .. } if code == "rate_limited")));
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "the fifth publish was taken after {:?}, before the budget refilled",
+        start.elapsed()
+    );
     engine.stop().unwrap();
 }
 
