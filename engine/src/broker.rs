@@ -24,9 +24,12 @@ use ringcast_protocol::{
 use crate::{
     auth::{Auth, Grants},
     config::RingOverflow,
-    conn::ConnId,
-    handler::{Ctx, Frame, Handler, Message, SubscribeError, Upgrade, UpgradeCtx},
-    pubsub::{DeliveryFormat, Payload, PublishError},
+    handler::{Ctx, Handler},
+    types::{
+        ids::ConnId,
+        message::{Frame, Message, SubscribeError, Upgrade, UpgradeCtx},
+        publish::{DeliveryFormat, Payload, PublishError},
+    },
 };
 
 /// The pub/sub broker, `ringcast serve`'s default handler.

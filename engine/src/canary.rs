@@ -16,9 +16,9 @@ use std::{
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::{
-    conn::When,
     metrics::ShardMetrics,
-    pubsub::{Fanout, Payload, Published, Topic},
+    pubsub::{Fanout, Published, Topic},
+    types::{clock::When, publish::Payload},
 };
 
 /// How many intervals a shard may go without a canary before it counts as not delivering.

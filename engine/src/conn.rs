@@ -8,11 +8,9 @@
 use std::{
     cmp::Reverse,
     collections::BinaryHeap,
-    fmt,
     net::{IpAddr, SocketAddr},
-    num::{NonZeroU32, NonZeroU64},
     os::fd::OwnedFd,
-    sync::{Arc, OnceLock},
+    sync::Arc,
     task::Waker,
     time::{Duration, Instant},
 };
@@ -25,54 +23,22 @@ use ringcast_protocol::{
 use slab::Slab;
 use tracing::warn;
 
+use crate::types::{
+    clock::{Stamp, When},
+    ids::{ConnId, ShardId},
+};
 use crate::{
     admission::{Gate, RejectReason},
     config::{EngineConfig, HttpConfig, OverflowPolicy, PubSubConfig},
-    handler::{CloseInfo, CloseInitiator, Enqueue, Frame, Message},
     metrics::ShardMetrics,
     outbound::Outbound,
-    pubsub::{DeliveryFormat, Hub},
+    pubsub::Hub,
     topics::{ConnPubSub, LocalTopics, TokenBucket},
+    types::{
+        message::{CloseInfo, CloseInitiator, Enqueue, Frame, Message},
+        publish::DeliveryFormat,
+    },
 };
-
-/// Identifies a shard: its index, from 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ShardId(pub(crate) u16);
-
-impl ShardId {
-    /// The shard's index, from 0 to `shards - 1`.
-    pub fn index(self) -> usize {
-        usize::from(self.0)
-    }
-}
-
-impl fmt::Display for ShardId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
-
-/// Identifies a connection for its whole life: shard, slot, and a generation that makes an id
-/// kept after the connection closed miss, rather than reach the next connection in its slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ConnId {
-    shard: ShardId,
-    slot: u32,
-    gen: u32,
-}
-
-impl ConnId {
-    /// The shard that owns the connection.
-    pub fn shard(self) -> ShardId {
-        self.shard
-    }
-}
-
-impl fmt::Display for ConnId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}.{}", self.shard.0, self.slot, self.gen)
-    }
-}
 
 /// What the upgrade told us about a connection: a view into the connection's state.
 #[derive(Debug, Clone, Copy)]
@@ -360,73 +326,6 @@ impl Conn {
                 initiator: by,
             }));
         }
-    }
-}
-
-/// A point in time in 8 bytes: nanoseconds since the first one this process made (plus one,
-/// so `Option<When>` needs no extra space). Deadlines are kept per connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) struct When(NonZeroU64);
-
-static EPOCH: OnceLock<Instant> = OnceLock::new();
-
-impl When {
-    pub(crate) fn from_instant(at: Instant) -> Self {
-        let epoch = *EPOCH.get_or_init(Instant::now);
-        let nanos = at.saturating_duration_since(epoch).as_nanos();
-        let nanos = u64::try_from(nanos).unwrap_or(u64::MAX - 1);
-        Self(NonZeroU64::MIN.saturating_add(nanos))
-    }
-
-    pub(crate) fn instant(self) -> Instant {
-        let epoch = *EPOCH.get_or_init(Instant::now);
-        epoch + Duration::from_nanos(self.0.get() - 1)
-    }
-
-    /// As a plain number, for an atomic (never 0).
-    pub(crate) fn as_nanos(self) -> u64 {
-        self.0.get()
-    }
-
-    /// Back from [`When::as_nanos`]; 0 reads as the epoch.
-    pub(crate) fn from_nanos(nanos: u64) -> Self {
-        Self(NonZeroU64::new(nanos).unwrap_or(NonZeroU64::MIN))
-    }
-}
-
-/// A coarse point in time in 4 bytes: milliseconds since the process's epoch, wrapping every
-/// 49 days (never zero, so `Option<Stamp>` is 4 bytes too). Only differences are read, so
-/// the intervals compared stay under 24 days (the config caps liveness timeouts at 1 day).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Stamp(NonZeroU32);
-
-impl Stamp {
-    /// A placeholder until the first real stamp.
-    pub(crate) const START: Stamp = Stamp(NonZeroU32::MIN);
-
-    pub(crate) fn now() -> Self {
-        Self::from_instant(Instant::now())
-    }
-
-    pub(crate) fn from_instant(at: Instant) -> Self {
-        let epoch = *EPOCH.get_or_init(Instant::now);
-        // Truncation is the wrap; the one zero value in each wrap reads as 1 ms later.
-        let millis = at.saturating_duration_since(epoch).as_millis() as u32;
-        Self(NonZeroU32::new(millis).unwrap_or(NonZeroU32::MIN))
-    }
-
-    /// Time from `self` to `later` (zero if `later` is earlier).
-    pub(crate) fn until(self, later: Stamp) -> Duration {
-        let diff = later.0.get().wrapping_sub(self.0.get());
-        if diff > u32::MAX / 2 {
-            return Duration::ZERO; // `later` is before `self`
-        }
-        Duration::from_millis(u64::from(diff))
-    }
-
-    /// Whether `self` is at or after `other`.
-    pub(crate) fn at_or_after(self, other: Stamp) -> bool {
-        self.0.get().wrapping_sub(other.0.get()) <= u32::MAX / 2
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! The Autobahn testee and the benchmark target (`ringcast serve --echo`).
 
-use crate::handler::{Ctx, Handler, Message};
+use crate::{Ctx, Handler, Message};
 
 /// Sends every message back to the connection it came from. Messages that do not fit the
 /// outbound limit follow the configured overflow policy.

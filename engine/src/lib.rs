@@ -112,6 +112,7 @@ mod ring;
 mod ring_driver;
 mod shard;
 mod topics;
+mod types;
 
 use std::{net::SocketAddr, sync::Arc, thread};
 
@@ -122,21 +123,23 @@ pub use config::{
     AdmissionConfig, AuthConfig, BrokerConfig, Driver, EngineConfig, HttpConfig, IoConfig,
     LimitsConfig, OverflowPolicy, PubSubConfig, RingOverflow, TimeoutsConfig,
 };
-pub use conn::{ConnId, ConnInfo, ShardId};
+pub use conn::ConnInfo;
 pub use echo::Echo;
 pub use error::{ConfigError, Error, Result};
-pub use handler::{
-    CloseInfo, CloseInitiator, Ctx, Enqueue, Frame, Handler, Message, SubscribeError, Subscribed,
-    Upgrade, UpgradeCtx,
-};
+pub use handler::{Ctx, Handler};
 pub use metrics::{LatencySnapshot, MemoryGauges, Metrics, MetricsSnapshot, LATENCY_BUCKETS};
-pub use pubsub::{
-    DeliveryFormat, Payload, PublishError, PublishReceipt, Publisher, TopicPublisher, TopicStats,
-};
-pub use redis_bridge::BrokerStats;
+pub use pubsub::{Publisher, TopicPublisher};
 /// The protocol crate, re-exported for its types ([`protocol::CloseCode`],
 /// [`protocol::UpgradeRequest`], ...).
 pub use ringcast_protocol as protocol;
+pub use types::{
+    ids::{ConnId, ShardId},
+    message::{
+        CloseInfo, CloseInitiator, Enqueue, Frame, Message, SubscribeError, Subscribed, Upgrade,
+        UpgradeCtx,
+    },
+    publish::{BrokerStats, DeliveryFormat, Payload, PublishError, PublishReceipt, TopicStats},
+};
 
 use crate::{
     bus::{Mailbox, ShardMsg},

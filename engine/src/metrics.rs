@@ -13,10 +13,9 @@ use std::sync::Arc;
 
 use crate::{
     admission::{Gate, RejectReason},
-    handler::CloseInitiator,
     memory,
     pubsub::Hub,
-    redis_bridge::BrokerStats,
+    types::{message::CloseInitiator, publish::BrokerStats},
 };
 
 /// Latency buckets: bucket `i` counts durations in (2^(i-1), 2^i] microseconds (bucket 0: up

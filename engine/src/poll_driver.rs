@@ -24,11 +24,15 @@ use ringcast_protocol::CloseCode;
 use tracing::{debug, warn};
 
 use crate::{
-    conn::{Conn, Phase, PollSocket, Settings, Socket, Stamp, When},
-    handler::{CloseInitiator, Handler},
+    conn::{Conn, Phase, PollSocket, Settings, Socket},
+    handler::Handler,
     metrics::ShardMetrics,
     outbound::MAX_IOV,
     shard::{on_eof, wants_read, Flow, Shard},
+    types::{
+        clock::{Stamp, When},
+        message::CloseInitiator,
+    },
 };
 
 /// Yields a task behind every task already queued. monoio runs a task that wakes itself again

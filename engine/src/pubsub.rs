@@ -20,147 +20,18 @@ use std::{
 
 use bytes::Bytes;
 use ringcast_protocol::{
-    envelope::{self, Dialect, Encoding, PayloadKind},
-    server_frame, OpCode, Utf8Bytes,
+    envelope::{self, Dialect, PayloadKind},
+    server_frame, OpCode,
 };
 
+use crate::types::publish::{
+    DeliveryFormat, Payload, PublishError, PublishReceipt, TopicStats, SATURATED_RETRY,
+};
 use crate::{
     bus::{Mailbox, ShardMsg},
     config::PubSubConfig,
-    conn::When,
+    types::clock::When,
 };
-
-/// What a published message carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Payload {
-    /// The text of one JSON value. JSON subscribers get it as `data`, as is.
-    Json(Bytes),
-    /// Text that is not (necessarily) JSON. Envelope subscribers get it as a JSON string;
-    /// raw subscribers as a text frame.
-    Text(Utf8Bytes),
-    /// Opaque bytes. JSON subscribers get them base64-encoded (`data_b64`).
-    Binary(Bytes),
-}
-
-impl Payload {
-    /// A JSON payload, checked to be one JSON value.
-    ///
-    /// # Errors
-    /// [`PublishError::BadPayload`] if `json` is not valid JSON.
-    pub fn json(json: impl Into<Bytes>) -> Result<Self, PublishError> {
-        let json = json.into();
-        serde_json::from_slice::<serde::de::IgnoredAny>(&json)
-            .map_err(|_| PublishError::BadPayload)?;
-        Ok(Payload::Json(json))
-    }
-
-    /// The payload's size in bytes.
-    pub fn len(&self) -> usize {
-        match self {
-            Payload::Json(b) | Payload::Binary(b) => b.len(),
-            Payload::Text(t) => t.as_bytes().len(),
-        }
-    }
-
-    /// Whether the payload is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// How a connection receives topic messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum DeliveryFormat {
-    /// The payload alone, as a text or binary frame: no topic, no seq, no notices. For
-    /// handlers that speak their own protocol (the broadcast benchmark server).
-    Raw,
-    /// The broker's envelope in the given encoding (PROTOCOL.md).
-    Envelope(Encoding),
-}
-
-impl DeliveryFormat {
-    fn index(self) -> usize {
-        match self {
-            DeliveryFormat::Raw => 0,
-            DeliveryFormat::Envelope(Encoding::Json) => 1,
-            DeliveryFormat::Envelope(Encoding::Binary) => 2,
-        }
-    }
-}
-
-/// The retry hint given with [`PublishError::Saturated`]: about the time a shard takes to
-/// work through a batch of its inbox.
-pub(crate) const SATURATED_RETRY: Duration = Duration::from_millis(100);
-
-/// Why a publish was not made. Nothing was sequenced or delivered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum PublishError {
-    /// The topic name breaks the topic rules (PROTOCOL.md).
-    #[error("invalid topic name: {0}")]
-    BadTopic(&'static str),
-    /// The payload is larger than `pubsub.max_publish_bytes`.
-    #[error("payload larger than pubsub.max_publish_bytes")]
-    TooLarge,
-    /// A JSON payload that is not valid JSON.
-    #[error("payload is not valid JSON")]
-    BadPayload,
-    /// A shard with subscribers has twice `pubsub.max_pending_per_shard` deliveries waiting:
-    /// slow down and retry.
-    #[error("engine saturated: a shard's inbox is full")]
-    Saturated,
-    /// This connection spent its publish budget (`pubsub.publish_rate_per_sec`). The
-    /// connection is not read until the budget allows the next publish;
-    /// [`Ctx::retry_after`](crate::Ctx::retry_after) says when that is.
-    #[error("publish rate limit exceeded")]
-    RateLimited,
-    /// The engine has stopped.
-    #[error("engine stopped")]
-    Stopped,
-    /// The broker backend (Redis) cannot order the message now: it is unreachable, or did not
-    /// answer within `broker.command_timeout`. When Redis went away after the publish was
-    /// sent, the message may still have been sequenced; otherwise nothing was published.
-    #[error("broker unavailable: the message could not be ordered")]
-    Unavailable,
-}
-
-/// A publish that was made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PublishReceipt {
-    /// The sequence number the message got in its topic. 0 from [`Ctx::publish`] with the
-    /// Redis backend: the message was handed to the Redis bridge, which assigns the seq
-    /// later; a failure there is counted in the broker metrics (`publish_errors`).
-    ///
-    /// [`Ctx::publish`]: crate::Ctx::publish
-    pub seq: u64,
-    /// A shard with subscribers to the topic has more than `pubsub.max_pending_per_shard`
-    /// deliveries waiting: the message is on its way, but a feed should slow down or shed.
-    pub saturated: bool,
-    /// The topic's epoch: names the numbering `seq` belongs to (PROTOCOL.md, Epochs). 0 with
-    /// `seq` 0 (a publish the Redis bridge sequences later).
-    pub epoch: u64,
-}
-
-/// Counters of one topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct TopicStats {
-    /// The topic's epoch: changes whenever its numbering starts over (never 0).
-    pub epoch: u64,
-    /// The sequence number the next message will get (the first is 1).
-    pub next_seq: u64,
-    /// The oldest sequence number still in history, if any.
-    pub oldest_held: Option<u64>,
-    /// Messages in history.
-    pub history_messages: usize,
-    /// Shards with at least one subscriber.
-    pub interested_shards: usize,
-    /// Deliveries of this topic dropped by connections' overflow policies, all shards.
-    pub dropped: u64,
-}
 
 /// A published message, shared by every shard that delivers it.
 pub(crate) struct Published {
@@ -529,7 +400,7 @@ impl Hub {
     }
 
     /// The Redis bridge's state and counters, when that is the backend.
-    pub(crate) fn broker_stats(&self) -> Option<crate::redis_bridge::BrokerStats> {
+    pub(crate) fn broker_stats(&self) -> Option<crate::types::publish::BrokerStats> {
         self.bridge().map(|b| b.stats())
     }
 
@@ -874,6 +745,7 @@ impl TopicPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ringcast_protocol::envelope::Encoding;
 
     fn hub(max_pending: usize, history: usize) -> (Hub, crate::bus::Inbox) {
         let (mailbox, inbox) = crate::bus::channel();

@@ -27,11 +27,15 @@ use ringcast_protocol::CloseCode;
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    conn::{reservation, ConnTable, Phase, Socket, Stamp, When},
-    handler::{CloseInitiator, Handler},
+    conn::{reservation, ConnTable, Phase, Socket},
+    handler::Handler,
     outbound::MAX_IOV,
     ring::{Completion, Op, SocketRing},
     shard::{on_eof, wants_read, Flow, Shard},
+    types::{
+        clock::{Stamp, When},
+        message::CloseInitiator,
+    },
 };
 
 /// Longest pause between accept attempts while descriptors are exhausted.

@@ -33,14 +33,19 @@ use crate::{
     admission::{Gate, RejectReason},
     bus::{Inbox, ShardMsg},
     config::Driver,
-    conn::{Conn, ConnTable, Phase, Settings, ShardId, Socket, Stamp, Upgraded},
+    conn::{Conn, ConnTable, Phase, Settings, Socket, Upgraded},
     error::Error,
-    handler::{CloseInfo, CloseInitiator, Ctx, Handler, Message, Upgrade, UpgradeCtx},
+    handler::{Ctx, Handler},
     listener::accept_loop,
     metrics::{Metrics, ShardMetrics},
     poll_driver,
     pubsub::{Hub, Topic},
     ring, ring_driver,
+    types::{
+        clock::Stamp,
+        ids::ShardId,
+        message::{CloseInfo, CloseInitiator, Message, Upgrade, UpgradeCtx},
+    },
 };
 
 /// Topic messages a shard delivers before it lets its other tasks run.
@@ -226,7 +231,7 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
     shard
         .metrics
         .canary_at
-        .set(crate::conn::When::from_instant(std::time::Instant::now()).as_nanos());
+        .set(crate::types::clock::When::from_instant(std::time::Instant::now()).as_nanos());
     let _ = ready.send(Ok(()));
     match addr {
         Some(addr) => info!(shard = %id, listen = %addr, "shard listening"),
@@ -313,13 +318,14 @@ impl<H: Handler> Shard<H> {
             let mut n = 0;
             {
                 let mut table = self.table.borrow_mut();
-                let now_ns = crate::conn::When::from_instant(std::time::Instant::now()).as_nanos();
+                let now_ns =
+                    crate::types::clock::When::from_instant(std::time::Instant::now()).as_nanos();
                 while let Some(msg) = next.take() {
                     match msg {
                         ShardMsg::Deliver(msg) if Arc::ptr_eq(&msg.topic, &self.canary) => {
                             self.metrics.canary_at.set(now_ns);
                             table.hub.taken(self.id.index(), 1);
-                            table.sample_rings(crate::conn::When::from_nanos(now_ns));
+                            table.sample_rings(crate::types::clock::When::from_nanos(now_ns));
                         }
                         ShardMsg::Deliver(msg) => {
                             let at = msg.at.as_nanos();

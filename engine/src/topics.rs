@@ -23,10 +23,10 @@ use slab::Slab;
 
 use crate::{
     config::{PubSubConfig, RingOverflow},
-    conn::{ConnTable, Phase, When},
-    handler::CloseInitiator,
+    conn::{ConnTable, Phase},
     metrics::ShardMetrics,
-    pubsub::{Attach, AttachStart, Attached, BackendMsg, DeliveryFormat, Published, Topic},
+    pubsub::{Attach, AttachStart, Attached, BackendMsg, Published, Topic},
+    types::{clock::When, message::CloseInitiator, publish::DeliveryFormat},
 };
 
 /// `Sub::live_from` of a subscriber whose attach the backend has not answered yet: it takes
