@@ -21,6 +21,7 @@ use ringcast_protocol::{
     CloseCode, UpgradeRequest,
 };
 
+use crate::pubsub::notices::error_frame;
 use crate::{
     auth::{Auth, Grants},
     config::RingOverflow,
@@ -301,25 +302,6 @@ fn is_malformed(code: ErrorCode) -> bool {
             | ErrorCode::BadPayload
             | ErrorCode::TooLarge
     )
-}
-
-/// An error reply, with `retry_after_ms` (rounded up to whole milliseconds, at least 1) when
-/// there is a hint (binary v1 has no field for it).
-pub(crate) fn error_frame(
-    d: impl Into<Dialect>,
-    id: Option<u64>,
-    code: ErrorCode,
-    message: &str,
-    retry_after: Option<Duration>,
-) -> Bytes {
-    envelope::error_frame(d, id, code, message, retry_after.map(retry_ms))
-}
-
-/// A retry hint in whole milliseconds, rounded up, at least 1.
-pub(crate) fn retry_ms(retry: Duration) -> u64 {
-    u64::try_from(retry.as_micros().div_ceil(1000))
-        .unwrap_or(u64::MAX)
-        .max(1)
 }
 
 /// Queues a reply on the control lane (never dropped: a reply to the connection being handled

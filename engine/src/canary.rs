@@ -17,7 +17,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::{
     metrics::ShardMetrics,
-    pubsub::{Fanout, Published, Topic},
+    pubsub::{
+        bus::Fanout,
+        topic::{Published, Topic},
+    },
     types::{clock::When, publish::Payload},
 };
 

@@ -15,8 +15,11 @@ use crate::types::message::{
 };
 use crate::{
     config::RingOverflow,
-    conn::{ConnInfo, ConnTable},
-    pubsub::{Publish, Publisher, ReplyTo},
+    conn::table::{ConnInfo, ConnTable},
+    pubsub::{
+        hub::Publisher,
+        topic::{Publish, ReplyTo},
+    },
     types::{
         ids::{ConnId, ShardId},
         publish::{DeliveryFormat, Payload, PublishError, PublishReceipt},

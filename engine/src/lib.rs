@@ -92,7 +92,6 @@ pub struct ReadmeDoctests;
 mod admission;
 mod auth;
 mod broker;
-mod bus;
 mod canary;
 pub mod capacity;
 mod config;
@@ -104,14 +103,11 @@ mod handler;
 mod listener;
 mod memory;
 mod metrics;
-mod outbound;
 mod poll_driver;
 mod pubsub;
-mod redis_bridge;
 mod ring;
 mod ring_driver;
 mod shard;
-mod topics;
 mod types;
 
 use std::{net::SocketAddr, sync::Arc, thread};
@@ -123,12 +119,12 @@ pub use config::{
     AdmissionConfig, AuthConfig, BrokerConfig, Driver, EngineConfig, HttpConfig, IoConfig,
     LimitsConfig, OverflowPolicy, PubSubConfig, RingOverflow, TimeoutsConfig,
 };
-pub use conn::ConnInfo;
+pub use conn::table::ConnInfo;
 pub use echo::Echo;
 pub use error::{ConfigError, Error, Result};
 pub use handler::{Ctx, Handler};
 pub use metrics::{LatencySnapshot, MemoryGauges, Metrics, MetricsSnapshot, LATENCY_BUCKETS};
-pub use pubsub::{Publisher, TopicPublisher};
+pub use pubsub::hub::{Publisher, TopicPublisher};
 /// The protocol crate, re-exported for its types ([`protocol::CloseCode`],
 /// [`protocol::UpgradeRequest`], ...).
 pub use ringcast_protocol as protocol;
@@ -142,10 +138,12 @@ pub use types::{
 };
 
 use crate::{
-    bus::{Mailbox, ShardMsg},
-    conn::Settings,
+    conn::table::Settings,
     metrics::ShardMetrics,
-    pubsub::Hub,
+    pubsub::{
+        bus::{Mailbox, ShardMsg},
+        hub::Hub,
+    },
     shard::ShardSpec,
 };
 
@@ -208,7 +206,8 @@ impl Engine {
         })?;
         let factory = Arc::new(factory);
         // Every inbox exists before any shard starts: the hub sends to all of them.
-        let (all_mailboxes, inboxes): (Vec<_>, Vec<_>) = (0..count).map(|_| bus::channel()).unzip();
+        let (all_mailboxes, inboxes): (Vec<_>, Vec<_>) =
+            (0..count).map(|_| crate::pubsub::bus::channel()).unzip();
         let hub = Arc::new(hub(&config, all_mailboxes.clone())?);
         let gate = Arc::new(admission::Gate::new(&config.admission));
         let canary_topic = Hub::unregistered_topic("$ringcast.canary");
@@ -362,7 +361,7 @@ fn hub(config: &EngineConfig, mailboxes: Vec<Mailbox>) -> Result<Hub> {
         return Ok(Hub::new(&config.pubsub, mailboxes));
     }
     let fanout = Hub::fanout(mailboxes);
-    let bridge = redis_bridge::Bridge::start(
+    let bridge = crate::pubsub::redis::Bridge::start(
         &config.broker,
         config.pubsub.history_max_messages,
         fanout.clone(),
@@ -377,7 +376,7 @@ fn hub(config: &EngineConfig, mailboxes: Vec<Mailbox>) -> Result<Hub> {
     Ok(Hub::with_backend(
         &config.pubsub,
         fanout,
-        pubsub::Backend::Redis(bridge),
+        crate::pubsub::hub::Backend::Redis(bridge),
     ))
 }
 
@@ -432,8 +431,12 @@ impl EngineHandle {
 
     /// Current counters of every shard, and of the Redis bridge when that is the broker.
     pub fn metrics(&self) -> Metrics {
-        Metrics::gather(&self.inner.metrics, &self.inner.hub, &self.inner.gate)
-            .with_broker(self.inner.hub.broker_stats())
+        Metrics::gather(
+            &self.inner.metrics,
+            |i| self.inner.hub.inbox_depth(i),
+            &self.inner.gate,
+        )
+        .with_broker(self.inner.hub.broker_stats())
     }
 
     /// Whether the engine is ready for traffic, as `/readyz` answers it: not stopping, the

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use crate::{
     admission::{Gate, RejectReason},
     memory,
-    pubsub::Hub,
     types::{message::CloseInitiator, publish::BrokerStats},
 };
 
@@ -629,13 +628,17 @@ pub struct Metrics {
 
 impl Metrics {
     /// Every shard's counters, each inbox's depth, and memory read now.
-    pub(crate) fn gather(shards: &[Arc<ShardMetrics>], hub: &Hub, gate: &Gate) -> Self {
+    /// `inbox_depth(i)` is shard `i`'s inbox depth (the hub's count, read by the caller so
+    /// that this module stays below pub/sub).
+    pub(crate) fn gather(
+        shards: &[Arc<ShardMetrics>],
+        inbox_depth: impl Fn(usize) -> usize,
+        gate: &Gate,
+    ) -> Self {
         let shards: Vec<MetricsSnapshot> = shards.iter().map(|m| m.snapshot()).collect();
         let connections = shards.iter().map(|s| s.connections_active).sum();
         Self {
-            inbox_depth: (0..shards.len())
-                .map(|i| hub.inbox_depth(i) as u64)
-                .collect(),
+            inbox_depth: (0..shards.len()).map(|i| inbox_depth(i) as u64).collect(),
             shards,
             memory: MemoryGauges {
                 resident_bytes: memory::resident_bytes().unwrap_or(0),

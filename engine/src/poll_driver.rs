@@ -24,10 +24,12 @@ use ringcast_protocol::CloseCode;
 use tracing::{debug, warn};
 
 use crate::{
-    conn::{Conn, Phase, PollSocket, Settings, Socket},
+    conn::{
+        outbound::MAX_IOV,
+        table::{Conn, Phase, PollSocket, Settings, Socket},
+    },
     handler::Handler,
     metrics::ShardMetrics,
-    outbound::MAX_IOV,
     shard::{on_eof, wants_read, Flow, Shard},
     types::{
         clock::{Stamp, When},

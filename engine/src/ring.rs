@@ -22,7 +22,7 @@ use bytes::BytesMut;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use slab::Slab;
 
-use crate::outbound::{Batch, MAX_IOV};
+use crate::conn::outbound::{Batch, MAX_IOV};
 
 /// The buffer group id of the provided-buffer pool.
 const BUF_GROUP: u16 = 0;

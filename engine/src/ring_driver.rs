@@ -27,9 +27,11 @@ use ringcast_protocol::CloseCode;
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    conn::{reservation, ConnTable, Phase, Socket},
+    conn::{
+        outbound::MAX_IOV,
+        table::{reservation, ConnTable, Phase, Socket},
+    },
     handler::Handler,
-    outbound::MAX_IOV,
     ring::{Completion, Op, SocketRing},
     shard::{on_eof, wants_read, Flow, Shard},
     types::{

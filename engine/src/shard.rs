@@ -31,15 +31,18 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     admission::{Gate, RejectReason},
-    bus::{Inbox, ShardMsg},
     config::Driver,
-    conn::{Conn, ConnTable, Phase, Settings, Socket, Upgraded},
+    conn::table::{Conn, ConnTable, Phase, Settings, Socket, Upgraded},
     error::Error,
     handler::{Ctx, Handler},
     listener::accept_loop,
     metrics::{Metrics, ShardMetrics},
     poll_driver,
-    pubsub::{Hub, Topic},
+    pubsub::{
+        bus::{Inbox, ShardMsg},
+        hub::Hub,
+        topic::Topic,
+    },
     ring, ring_driver,
     types::{
         clock::Stamp,
@@ -555,9 +558,10 @@ impl<H: Handler> Shard<H> {
                 http_response(200, &[], "ready")
             }
         } else if path == http.metrics_path {
-            let text = Metrics::gather(&self.all_metrics, &table.hub, &table.gate)
-                .with_broker(table.hub.broker_stats())
-                .to_openmetrics();
+            let text =
+                Metrics::gather(&self.all_metrics, |i| table.hub.inbox_depth(i), &table.gate)
+                    .with_broker(table.hub.broker_stats())
+                    .to_openmetrics();
             // Not `http_response`: that one is text/plain and adds a final newline.
             bytes::Bytes::from(format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; \
@@ -947,7 +951,10 @@ fn admit(
     connections: impl FnOnce() -> u64,
 ) -> Result<(), (RejectReason, bytes::Bytes)> {
     if table.draining {
-        return Err((RejectReason::Draining, crate::conn::draining_response()));
+        return Err((
+            RejectReason::Draining,
+            crate::conn::table::draining_response(),
+        ));
     }
     // 503 with a Retry-After spread at random, so refused clients come back spread out.
     let try_later = |table: &ConnTable, reason, body| {

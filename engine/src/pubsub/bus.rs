@@ -9,7 +9,8 @@ use std::{future::poll_fn, sync::Arc, task::Poll};
 use atomic_waker::AtomicWaker;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
-use crate::pubsub::{BackendMsg, Published};
+use crate::pubsub::topic::{BackendMsg, Published};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 /// A command for one shard.
 #[derive(Debug)]
@@ -78,5 +79,31 @@ impl Inbox {
             }
         })
         .await
+    }
+}
+
+/// The shards' inboxes, shared by the hub and a backend's own thread.
+#[derive(Debug)]
+pub(crate) struct Fanout {
+    pub(crate) mailboxes: Vec<Mailbox>,
+    /// Deliveries sent to each shard's inbox and not yet taken out.
+    pub(crate) pending: Box<[AtomicUsize]>,
+}
+
+impl Fanout {
+    /// Sends one sequenced message to a shard's inbox, counted as pending there.
+    pub(crate) fn hand_off(&self, shard: usize, msg: &Arc<Published>) {
+        self.pending[shard].fetch_add(1, Relaxed);
+        if self.mailboxes[shard]
+            .send(ShardMsg::Deliver(msg.clone()))
+            .is_err()
+        {
+            self.pending[shard].fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// Sends a message that is not a delivery (a reply, an attach) to a shard.
+    pub(crate) fn send(&self, shard: usize, msg: ShardMsg) {
+        let _ = self.mailboxes[shard].send(msg);
     }
 }

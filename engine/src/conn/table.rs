@@ -30,10 +30,12 @@ use crate::types::{
 use crate::{
     admission::{Gate, RejectReason},
     config::{EngineConfig, HttpConfig, OverflowPolicy, PubSubConfig},
+    conn::outbound::Outbound,
     metrics::ShardMetrics,
-    outbound::Outbound,
-    pubsub::Hub,
-    topics::{ConnPubSub, LocalTopics, TokenBucket},
+    pubsub::{
+        data_ring::{ConnPubSub, LocalTopics, TokenBucket},
+        hub::Hub,
+    },
     types::{
         message::{CloseInfo, CloseInitiator, Enqueue, Frame, Message},
         publish::DeliveryFormat,

@@ -50,9 +50,11 @@ use tokio::sync::Notify;
 
 use crate::types::publish::BrokerStats;
 use crate::{
-    bus::ShardMsg,
     config::BrokerConfig,
-    pubsub::{new_epoch, BackendMsg, Fanout, Published, ReplyTo, Topic},
+    pubsub::{
+        bus::{Fanout, ShardMsg},
+        topic::{new_epoch, BackendMsg, Published, ReplyTo, Topic},
+    },
     types::{
         clock::When,
         publish::{Payload, PublishError, PublishReceipt},
@@ -786,7 +788,7 @@ impl Worker {
                     Err(e) => {
                         let retry = matches!(e, PublishError::Unavailable)
                             .then(|| self.shared.retry_hint(self.config.reconnect_min_delay));
-                        crate::broker::error_frame(
+                        crate::pubsub::notices::error_frame(
                             dialect,
                             id,
                             match e {
@@ -907,14 +909,16 @@ impl Worker {
         }
         self.fanout.send(
             usize::from(req.shard),
-            ShardMsg::Backend(BackendMsg::Attached(Box::new(crate::pubsub::Attached {
-                topic: req.topic,
-                token: req.token,
-                live_from,
-                replay,
-                reset,
-                epoch,
-            }))),
+            ShardMsg::Backend(BackendMsg::Attached(Box::new(
+                crate::pubsub::topic::Attached {
+                    topic: req.topic,
+                    token: req.token,
+                    live_from,
+                    replay,
+                    reset,
+                    epoch,
+                },
+            ))),
         );
         Ok(())
     }

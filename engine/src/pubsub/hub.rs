@@ -9,167 +9,23 @@
 //! connections is the shard's business (`topics.rs`).
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     fmt,
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
-        Arc, Mutex, OnceLock, RwLock,
+        atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
+        Arc, RwLock,
     },
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use ringcast_protocol::{
-    envelope::{self, Dialect, PayloadKind},
-    server_frame, OpCode,
+use ringcast_protocol::envelope::{self};
+
+use crate::pubsub::{
+    bus::Fanout,
+    topic::{Attach, AttachStart, Publish, Published, ReplyTo, Topic},
 };
-
-use crate::types::publish::{
-    DeliveryFormat, Payload, PublishError, PublishReceipt, TopicStats, SATURATED_RETRY,
-};
-use crate::{
-    bus::{Mailbox, ShardMsg},
-    config::PubSubConfig,
-    types::clock::When,
-};
-
-/// A published message, shared by every shard that delivers it.
-pub(crate) struct Published {
-    pub(crate) topic: Arc<Topic>,
-    pub(crate) seq: u64,
-    payload: Payload,
-    /// When it was sequenced (for the delivery latency histograms), read once here so that
-    /// each delivery copies 8 bytes instead of converting an `Instant`.
-    pub(crate) at: When,
-    /// The frame for each delivery format, made by the first shard that needs it.
-    frames: [OnceLock<Bytes>; 3],
-}
-
-impl fmt::Debug for Published {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Published")
-            .field("topic", &self.topic.name)
-            .field("seq", &self.seq)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Published {
-    /// A message sequenced elsewhere (by a backend outside this process).
-    pub(crate) fn new(topic: Arc<Topic>, seq: u64, payload: Payload) -> Self {
-        Self {
-            topic,
-            seq,
-            payload,
-            at: When::from_instant(Instant::now()),
-            frames: Default::default(),
-        }
-    }
-
-    /// The complete WebSocket frame of this message for `format`, encoded once.
-    pub(crate) fn frame(&self, format: DeliveryFormat) -> &Bytes {
-        self.frames[format.index()].get_or_init(|| self.encode(format))
-    }
-
-    fn encode(&self, format: DeliveryFormat) -> Bytes {
-        match format {
-            DeliveryFormat::Raw => match &self.payload {
-                Payload::Json(b) => server_frame(OpCode::Text, b),
-                Payload::Text(t) => server_frame(OpCode::Text, t.as_bytes()),
-                Payload::Binary(b) => server_frame(OpCode::Binary, b),
-            },
-            DeliveryFormat::Envelope(enc) => {
-                let quoted;
-                let (kind, bytes): (PayloadKind, &[u8]) = match &self.payload {
-                    Payload::Json(b) => (PayloadKind::Json, b),
-                    Payload::Text(t) => {
-                        quoted = json_string(t.as_str());
-                        (PayloadKind::Json, &quoted)
-                    }
-                    Payload::Binary(b) => (PayloadKind::Binary, b),
-                };
-                envelope::message_frame(
-                    enc,
-                    &self.topic.name,
-                    self.seq,
-                    envelope::Payload::new(kind, bytes),
-                )
-            }
-        }
-    }
-}
-
-fn json_string(s: &str) -> Vec<u8> {
-    // Serializing a str cannot fail.
-    serde_json::to_vec(s).unwrap_or_default()
-}
-
-/// One topic: its sequence, history and the shards that want it.
-pub(crate) struct Topic {
-    pub(crate) name: Arc<str>,
-    /// The numbering its seqs belong to. In memory: random and nonzero, fixed when the topic
-    /// is made (so a restarted process or a topic made again has another). With Redis: the
-    /// epoch the bridge last saw for it (0 before it saw any).
-    pub(crate) epoch: AtomicU64,
-    /// With Redis: the last seq this host's bridge forwarded or sequenced (in memory the
-    /// state's `next_seq` says it).
-    pub(crate) seen: AtomicU64,
-    state: Mutex<TopicState>,
-    pub(crate) dropped: AtomicU64,
-}
-
-impl Topic {
-    fn new(name: Arc<str>) -> Self {
-        Self {
-            name,
-            epoch: AtomicU64::new(new_epoch()),
-            seen: AtomicU64::new(0),
-            state: Mutex::new(TopicState {
-                next_seq: 1,
-                ..TopicState::default()
-            }),
-            dropped: AtomicU64::new(0),
-        }
-    }
-}
-
-/// A fresh epoch: random, never 0.
-pub(crate) fn new_epoch() -> u64 {
-    fastrand::u64(1..)
-}
-
-impl fmt::Debug for Topic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Topic").field("name", &self.name).finish()
-    }
-}
-
-#[derive(Default)]
-struct TopicState {
-    /// The seq the next message gets; the first is 1.
-    next_seq: u64,
-    history: VecDeque<Arc<Published>>,
-    history_bytes: usize,
-    /// Shards with at least one local subscriber.
-    interest: Vec<u16>,
-}
-
-/// What a shard learns when a connection subscribes.
-#[derive(Debug)]
-pub(crate) struct Attach {
-    /// Messages from this seq on reach the shard through its inbox; older ones in the inbox
-    /// are not for the new subscriber.
-    pub(crate) live_from: u64,
-    /// History to replay to the new subscriber (seq `since + 1` up to `live_from - 1`).
-    pub(crate) replay: Vec<Arc<Published>>,
-    /// How many messages `replay` held.
-    pub(crate) replayed: usize,
-    /// `since` was older than the history (or from a different history or epoch): the oldest
-    /// seq the client will get.
-    pub(crate) reset: Option<u64>,
-    /// The topic's epoch (0: not known yet, a backend that answers later).
-    pub(crate) epoch: u64,
-}
+use crate::types::publish::{Payload, PublishError, PublishReceipt, TopicStats, SATURATED_RETRY};
+use crate::{config::PubSubConfig, pubsub::bus::Mailbox, types::clock::When};
 
 /// The broker-backend seam: where a topic's sequence numbers and history live, and how a
 /// published message reaches the shards. Every backend offers the same three operations
@@ -184,108 +40,7 @@ pub(crate) enum Backend {
     },
     /// In Redis, shared by every host that uses it, through the bridge thread
     /// (`redis_bridge.rs`). Publishes and attaches complete later, by messages to the shards.
-    Redis(crate::redis_bridge::Bridge),
-}
-
-/// Where the outcome of a publish goes when the backend sequences it later.
-#[derive(Debug)]
-pub(crate) enum ReplyTo {
-    /// Nobody waits (a handler's `Ctx::publish`); a failure is only counted.
-    Nobody,
-    /// A broker client's publish request: its ack or error goes on the control lane.
-    Conn {
-        conn: crate::ConnId,
-        id: Option<u64>,
-        dialect: Dialect,
-    },
-    /// A thread blocked in [`Publisher::publish`].
-    Thread(crossbeam_channel::Sender<Result<PublishReceipt, PublishError>>),
-}
-
-/// What became of a publish handed to the backend.
-#[derive(Debug)]
-pub(crate) enum Publish {
-    /// Sequenced and handed to the shards.
-    Done(PublishReceipt),
-    /// Handed to the backend; its outcome goes where the `ReplyTo` said. `saturated` as in
-    /// [`PublishReceipt`].
-    Pending { saturated: bool },
-}
-
-/// What a backend with its own thread tells a shard, in the shard's inbox beside the
-/// deliveries (so in order with them).
-#[derive(Debug)]
-pub(crate) enum BackendMsg {
-    /// The answer to an attach that was `Pending`.
-    Attached(Box<Attached>),
-    /// An ack or error for a broker client's publish, for its control lane.
-    Reply { conn: crate::ConnId, frame: Bytes },
-    /// `count` messages of `topic` up to seq `last` will never come: subscribers that
-    /// expected them get a `dropped` notice.
-    Gap {
-        topic: Arc<Topic>,
-        count: u64,
-        last: u64,
-    },
-    /// The topic's seq started over in a new `epoch` (the backend lost its data):
-    /// subscribers get a `reset` notice and take messages from `next` on.
-    Rebase {
-        topic: Arc<Topic>,
-        next: u64,
-        epoch: u64,
-    },
-}
-
-/// A pending attach's answer.
-#[derive(Debug)]
-pub(crate) struct Attached {
-    pub(crate) topic: Arc<Topic>,
-    /// The token the shard gave with the attach.
-    pub(crate) token: u64,
-    /// Live messages from this seq on follow in the inbox.
-    pub(crate) live_from: u64,
-    /// History after the subscriber's `since`, up to `live_from - 1`.
-    pub(crate) replay: Vec<Arc<Published>>,
-    /// As [`Attach::reset`].
-    pub(crate) reset: Option<u64>,
-    /// The topic's epoch.
-    pub(crate) epoch: u64,
-}
-
-/// What a shard learns when a connection subscribes.
-#[derive(Debug)]
-pub(crate) enum AttachStart {
-    /// At once (in-memory backend).
-    Ready(Attach),
-    /// Later, as `ShardMsg::Attached` with this token; until then the subscriber gets no
-    /// topic messages.
-    Pending,
-}
-
-/// The shards' inboxes, shared by the hub and a backend's own thread.
-#[derive(Debug)]
-pub(crate) struct Fanout {
-    pub(crate) mailboxes: Vec<Mailbox>,
-    /// Deliveries sent to each shard's inbox and not yet taken out.
-    pending: Box<[AtomicUsize]>,
-}
-
-impl Fanout {
-    /// Sends one sequenced message to a shard's inbox, counted as pending there.
-    pub(crate) fn hand_off(&self, shard: usize, msg: &Arc<Published>) {
-        self.pending[shard].fetch_add(1, Relaxed);
-        if self.mailboxes[shard]
-            .send(ShardMsg::Deliver(msg.clone()))
-            .is_err()
-        {
-            self.pending[shard].fetch_sub(1, Relaxed);
-        }
-    }
-
-    /// Sends a message that is not a delivery (a reply, an attach) to a shard.
-    pub(crate) fn send(&self, shard: usize, msg: ShardMsg) {
-        let _ = self.mailboxes[shard].send(msg);
-    }
+    Redis(crate::pubsub::redis::Bridge),
 }
 
 /// Every topic of the process, the shards' inboxes, and the backend that orders messages.
@@ -342,7 +97,7 @@ impl Hub {
     }
 
     /// The Redis bridge, when that is the backend.
-    pub(crate) fn bridge(&self) -> Option<&crate::redis_bridge::Bridge> {
+    pub(crate) fn bridge(&self) -> Option<&crate::pubsub::redis::Bridge> {
         match &self.backend {
             Backend::Redis(bridge) => Some(bridge),
             Backend::Memory { .. } => None,
@@ -628,7 +383,7 @@ impl Hub {
             PublishError::Saturated => Some(SATURATED_RETRY),
             PublishError::Unavailable => Some(
                 self.bridge()
-                    .map_or(SATURATED_RETRY, crate::redis_bridge::Bridge::retry_hint),
+                    .map_or(SATURATED_RETRY, crate::pubsub::redis::Bridge::retry_hint),
             ),
             _ => None,
         }
@@ -745,10 +500,11 @@ impl TopicPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{pubsub::bus::ShardMsg, types::publish::DeliveryFormat};
     use ringcast_protocol::envelope::Encoding;
 
-    fn hub(max_pending: usize, history: usize) -> (Hub, crate::bus::Inbox) {
-        let (mailbox, inbox) = crate::bus::channel();
+    fn hub(max_pending: usize, history: usize) -> (Hub, crate::pubsub::bus::Inbox) {
+        let (mailbox, inbox) = crate::pubsub::bus::channel();
         let config = PubSubConfig {
             max_pending_per_shard: max_pending,
             history_max_messages: history,

@@ -1,0 +1,11 @@
+//! Topics across shards: sequencing, history, the hand-off of each published message to the
+//! shards with subscribers, the per-connection data ring, the envelope frames the engine
+//! builds, and the Redis backend. Knows nothing of connections' sockets or the table that
+//! holds them (that is `conn/`).
+
+pub(crate) mod bus;
+pub(crate) mod data_ring;
+pub(crate) mod hub;
+pub(crate) mod notices;
+pub(crate) mod redis;
+pub(crate) mod topic;

@@ -1,0 +1,234 @@
+//! A topic and its messages: [`Published`] (a message framed at most once per delivery format
+//! and shared by every subscriber on every shard), [`Topic`] (sequence, history, interested
+//! shards) and what a backend tells a shard about them.
+
+use std::{
+    collections::VecDeque,
+    fmt,
+    sync::{atomic::AtomicU64, Arc, Mutex, OnceLock},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use ringcast_protocol::{
+    envelope::{self, Dialect, PayloadKind},
+    server_frame, OpCode,
+};
+
+use crate::types::{
+    clock::When,
+    publish::{DeliveryFormat, Payload, PublishError, PublishReceipt},
+};
+
+/// A published message, shared by every shard that delivers it.
+pub(crate) struct Published {
+    pub(crate) topic: Arc<Topic>,
+    pub(crate) seq: u64,
+    pub(crate) payload: Payload,
+    /// When it was sequenced (for the delivery latency histograms), read once here so that
+    /// each delivery copies 8 bytes instead of converting an `Instant`.
+    pub(crate) at: When,
+    /// The frame for each delivery format, made by the first shard that needs it.
+    pub(crate) frames: [OnceLock<Bytes>; 3],
+}
+
+impl fmt::Debug for Published {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Published")
+            .field("topic", &self.topic.name)
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Published {
+    /// A message sequenced elsewhere (by a backend outside this process).
+    pub(crate) fn new(topic: Arc<Topic>, seq: u64, payload: Payload) -> Self {
+        Self {
+            topic,
+            seq,
+            payload,
+            at: When::from_instant(Instant::now()),
+            frames: Default::default(),
+        }
+    }
+
+    /// The complete WebSocket frame of this message for `format`, encoded once.
+    pub(crate) fn frame(&self, format: DeliveryFormat) -> &Bytes {
+        self.frames[format.index()].get_or_init(|| self.encode(format))
+    }
+
+    fn encode(&self, format: DeliveryFormat) -> Bytes {
+        match format {
+            DeliveryFormat::Raw => match &self.payload {
+                Payload::Json(b) => server_frame(OpCode::Text, b),
+                Payload::Text(t) => server_frame(OpCode::Text, t.as_bytes()),
+                Payload::Binary(b) => server_frame(OpCode::Binary, b),
+            },
+            DeliveryFormat::Envelope(enc) => {
+                let quoted;
+                let (kind, bytes): (PayloadKind, &[u8]) = match &self.payload {
+                    Payload::Json(b) => (PayloadKind::Json, b),
+                    Payload::Text(t) => {
+                        quoted = json_string(t.as_str());
+                        (PayloadKind::Json, &quoted)
+                    }
+                    Payload::Binary(b) => (PayloadKind::Binary, b),
+                };
+                envelope::message_frame(
+                    enc,
+                    &self.topic.name,
+                    self.seq,
+                    envelope::Payload::new(kind, bytes),
+                )
+            }
+        }
+    }
+}
+
+fn json_string(s: &str) -> Vec<u8> {
+    // Serializing a str cannot fail.
+    serde_json::to_vec(s).unwrap_or_default()
+}
+
+/// One topic: its sequence, history and the shards that want it.
+pub(crate) struct Topic {
+    pub(crate) name: Arc<str>,
+    /// The numbering its seqs belong to. In memory: random and nonzero, fixed when the topic
+    /// is made (so a restarted process or a topic made again has another). With Redis: the
+    /// epoch the bridge last saw for it (0 before it saw any).
+    pub(crate) epoch: AtomicU64,
+    /// With Redis: the last seq this host's bridge forwarded or sequenced (in memory the
+    /// state's `next_seq` says it).
+    pub(crate) seen: AtomicU64,
+    pub(crate) state: Mutex<TopicState>,
+    pub(crate) dropped: AtomicU64,
+}
+
+impl Topic {
+    pub(crate) fn new(name: Arc<str>) -> Self {
+        Self {
+            name,
+            epoch: AtomicU64::new(new_epoch()),
+            seen: AtomicU64::new(0),
+            state: Mutex::new(TopicState {
+                next_seq: 1,
+                ..TopicState::default()
+            }),
+            dropped: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A fresh epoch: random, never 0.
+pub(crate) fn new_epoch() -> u64 {
+    fastrand::u64(1..)
+}
+
+impl fmt::Debug for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Topic").field("name", &self.name).finish()
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct TopicState {
+    /// The seq the next message gets; the first is 1.
+    pub(crate) next_seq: u64,
+    pub(crate) history: VecDeque<Arc<Published>>,
+    pub(crate) history_bytes: usize,
+    /// Shards with at least one local subscriber.
+    pub(crate) interest: Vec<u16>,
+}
+
+/// What a shard learns when a connection subscribes.
+#[derive(Debug)]
+pub(crate) struct Attach {
+    /// Messages from this seq on reach the shard through its inbox; older ones in the inbox
+    /// are not for the new subscriber.
+    pub(crate) live_from: u64,
+    /// History to replay to the new subscriber (seq `since + 1` up to `live_from - 1`).
+    pub(crate) replay: Vec<Arc<Published>>,
+    /// How many messages `replay` held.
+    pub(crate) replayed: usize,
+    /// `since` was older than the history (or from a different history or epoch): the oldest
+    /// seq the client will get.
+    pub(crate) reset: Option<u64>,
+    /// The topic's epoch (0: not known yet, a backend that answers later).
+    pub(crate) epoch: u64,
+}
+
+/// Where the outcome of a publish goes when the backend sequences it later.
+#[derive(Debug)]
+pub(crate) enum ReplyTo {
+    /// Nobody waits (a handler's `Ctx::publish`); a failure is only counted.
+    Nobody,
+    /// A broker client's publish request: its ack or error goes on the control lane.
+    Conn {
+        conn: crate::ConnId,
+        id: Option<u64>,
+        dialect: Dialect,
+    },
+    /// A thread blocked in [`Publisher::publish`].
+    Thread(crossbeam_channel::Sender<Result<PublishReceipt, PublishError>>),
+}
+
+/// What became of a publish handed to the backend.
+#[derive(Debug)]
+pub(crate) enum Publish {
+    /// Sequenced and handed to the shards.
+    Done(PublishReceipt),
+    /// Handed to the backend; its outcome goes where the `ReplyTo` said. `saturated` as in
+    /// [`PublishReceipt`].
+    Pending { saturated: bool },
+}
+
+/// What a backend with its own thread tells a shard, in the shard's inbox beside the
+/// deliveries (so in order with them).
+#[derive(Debug)]
+pub(crate) enum BackendMsg {
+    /// The answer to an attach that was `Pending`.
+    Attached(Box<Attached>),
+    /// An ack or error for a broker client's publish, for its control lane.
+    Reply { conn: crate::ConnId, frame: Bytes },
+    /// `count` messages of `topic` up to seq `last` will never come: subscribers that
+    /// expected them get a `dropped` notice.
+    Gap {
+        topic: Arc<Topic>,
+        count: u64,
+        last: u64,
+    },
+    /// The topic's seq started over in a new `epoch` (the backend lost its data):
+    /// subscribers get a `reset` notice and take messages from `next` on.
+    Rebase {
+        topic: Arc<Topic>,
+        next: u64,
+        epoch: u64,
+    },
+}
+
+/// A pending attach's answer.
+#[derive(Debug)]
+pub(crate) struct Attached {
+    pub(crate) topic: Arc<Topic>,
+    /// The token the shard gave with the attach.
+    pub(crate) token: u64,
+    /// Live messages from this seq on follow in the inbox.
+    pub(crate) live_from: u64,
+    /// History after the subscriber's `since`, up to `live_from - 1`.
+    pub(crate) replay: Vec<Arc<Published>>,
+    /// As [`Attach::reset`].
+    pub(crate) reset: Option<u64>,
+    /// The topic's epoch.
+    pub(crate) epoch: u64,
+}
+
+/// What a shard learns when a connection subscribes.
+#[derive(Debug)]
+pub(crate) enum AttachStart {
+    /// At once (in-memory backend).
+    Ready(Attach),
+    /// Later, as `ShardMsg::Attached` with this token; until then the subscriber gets no
+    /// topic messages.
+    Pending,
+}
