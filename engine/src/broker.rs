@@ -23,9 +23,9 @@ use ringcast_protocol::{
 
 use crate::pubsub::notices::error_frame;
 use crate::{
-    auth::{Auth, Grants},
+    api::handler::{Ctx, Handler},
     config::RingOverflow,
-    handler::{Ctx, Handler},
+    ops::auth::{Auth, Grants},
     types::{
         ids::ConnId,
         message::{Frame, Message, SubscribeError, Upgrade, UpgradeCtx},

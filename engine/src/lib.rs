@@ -89,31 +89,24 @@
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
-mod admission;
-mod auth;
+mod api;
 mod broker;
-mod canary;
 pub mod capacity;
 mod config;
 mod conn;
 pub mod doctor;
+mod driver;
 mod echo;
 mod error;
-mod handler;
-mod listener;
-mod memory;
-mod metrics;
-mod poll_driver;
+mod ops;
 mod pubsub;
-mod ring;
-mod ring_driver;
+mod runtime;
 mod shard;
 mod types;
 
 use std::{net::SocketAddr, sync::Arc, thread};
 
-pub use admission::RejectReason;
-pub use auth::{Auth, AuthError, Grants};
+pub use api::handler::{Ctx, Handler};
 pub use broker::{Broadcast, Broker};
 pub use config::{
     AdmissionConfig, AuthConfig, BrokerConfig, Driver, EngineConfig, HttpConfig, IoConfig,
@@ -122,8 +115,11 @@ pub use config::{
 pub use conn::table::ConnInfo;
 pub use echo::Echo;
 pub use error::{ConfigError, Error, Result};
-pub use handler::{Ctx, Handler};
-pub use metrics::{LatencySnapshot, MemoryGauges, Metrics, MetricsSnapshot, LATENCY_BUCKETS};
+pub use ops::{
+    admission::RejectReason,
+    auth::{Auth, AuthError, Grants},
+    metrics::{LatencySnapshot, MemoryGauges, Metrics, MetricsSnapshot, LATENCY_BUCKETS},
+};
 pub use pubsub::hub::{Publisher, TopicPublisher};
 /// The protocol crate, re-exported for its types ([`protocol::CloseCode`],
 /// [`protocol::UpgradeRequest`], ...).
@@ -139,12 +135,12 @@ pub use types::{
 
 use crate::{
     conn::table::Settings,
-    metrics::ShardMetrics,
+    ops::metrics::ShardMetrics,
     pubsub::{
         bus::{Mailbox, ShardMsg},
         hub::Hub,
     },
-    shard::ShardSpec,
+    runtime::ShardSpec,
 };
 
 /// A running engine: its shard threads and a handle to control them.
@@ -169,7 +165,7 @@ struct HandleInner {
     mailboxes: Vec<Mailbox>,
     metrics: Vec<Arc<ShardMetrics>>,
     hub: Arc<Hub>,
-    gate: Arc<admission::Gate>,
+    gate: Arc<crate::ops::admission::Gate>,
     local_addr: SocketAddr,
     driver: Driver,
     canary_interval: std::time::Duration,
@@ -194,7 +190,7 @@ impl Engine {
         // Read the CPU set before any thread is pinned: it is the calling thread's set.
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let count = config.effective_shards();
-        let listeners = listener::bind_all(
+        let listeners = crate::driver::listener::bind_all(
             config.listen,
             count,
             config.io.listen_backlog,
@@ -209,7 +205,7 @@ impl Engine {
         let (all_mailboxes, inboxes): (Vec<_>, Vec<_>) =
             (0..count).map(|_| crate::pubsub::bus::channel()).unzip();
         let hub = Arc::new(hub(&config, all_mailboxes.clone())?);
-        let gate = Arc::new(admission::Gate::new(&config.admission));
+        let gate = Arc::new(crate::ops::admission::Gate::new(&config.admission));
         let canary_topic = Hub::unregistered_topic("$ringcast.canary");
         let mut mailboxes = Vec::with_capacity(count);
         let mut metrics = Vec::with_capacity(count);
@@ -244,7 +240,7 @@ impl Engine {
                 canary_interval: config.http.canary_interval,
                 ready,
             };
-            match shard::spawn(spec, factory.clone()) {
+            match crate::runtime::spawn(spec, factory.clone()) {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
                     failure = Some(Error::Spawn(e));
@@ -288,7 +284,7 @@ impl Engine {
         }
         if failure.is_none() && !config.http.canary_interval.is_zero() {
             let (stop, stopped) = crossbeam_channel::bounded(1);
-            match canary::spawn(
+            match crate::pubsub::canary::spawn(
                 engine.handle.inner.hub.fanout_handle(),
                 canary_topic,
                 config.http.canary_interval,
@@ -448,7 +444,8 @@ impl EngineHandle {
             .stopped
             .load(std::sync::atomic::Ordering::Relaxed)
             && self.broker_ready()
-            && canary::stale(&self.inner.metrics, self.inner.canary_interval).is_empty()
+            && crate::pubsub::canary::stale(&self.inner.metrics, self.inner.canary_interval)
+                .is_empty()
     }
 
     /// Whether the broker backend can order publishes now: always true in memory; with

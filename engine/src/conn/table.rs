@@ -28,10 +28,12 @@ use crate::types::{
     ids::{ConnId, ShardId},
 };
 use crate::{
-    admission::{Gate, RejectReason},
     config::{EngineConfig, HttpConfig, OverflowPolicy, PubSubConfig},
     conn::outbound::Outbound,
-    metrics::ShardMetrics,
+    ops::{
+        admission::{Gate, RejectReason},
+        metrics::ShardMetrics,
+    },
     pubsub::{
         data_ring::{ConnPubSub, LocalTopics, TokenBucket},
         hub::Hub,

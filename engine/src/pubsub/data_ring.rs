@@ -15,7 +15,7 @@ use slab::Slab;
 use crate::pubsub::topic::Topic;
 use crate::{
     config::{PubSubConfig, RingOverflow},
-    metrics::ShardMetrics,
+    ops::metrics::ShardMetrics,
     types::{clock::When, publish::DeliveryFormat},
 };
 use bytes::Bytes;

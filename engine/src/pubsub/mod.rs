@@ -4,6 +4,7 @@
 //! holds them (that is `conn/`).
 
 pub(crate) mod bus;
+pub(crate) mod canary;
 pub(crate) mod data_ring;
 pub(crate) mod hub;
 pub(crate) mod notices;

@@ -24,13 +24,13 @@ use ringcast_protocol::CloseCode;
 use tracing::{debug, warn};
 
 use crate::{
+    api::handler::Handler,
     conn::{
         outbound::MAX_IOV,
         table::{Conn, Phase, PollSocket, Settings, Socket},
     },
-    handler::Handler,
-    metrics::ShardMetrics,
-    shard::{on_eof, wants_read, Flow, Shard},
+    ops::metrics::ShardMetrics,
+    shard::process::{on_eof, wants_read, Flow, Shard},
     types::{
         clock::{Stamp, When},
         message::CloseInitiator,

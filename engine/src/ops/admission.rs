@@ -18,7 +18,7 @@ use std::{
 
 use wildmatch::WildMatch;
 
-use crate::{config::AdmissionConfig, memory};
+use crate::{config::AdmissionConfig, ops::memory};
 
 /// How often the memory budget is checked against a fresh reading.
 const MEMORY_SAMPLE: Duration = Duration::from_millis(100);

@@ -16,7 +16,7 @@ use std::{
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::{
-    metrics::ShardMetrics,
+    ops::metrics::ShardMetrics,
     pubsub::{
         bus::Fanout,
         topic::{Published, Topic},

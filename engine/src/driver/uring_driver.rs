@@ -27,13 +27,13 @@ use ringcast_protocol::CloseCode;
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    api::handler::Handler,
     conn::{
         outbound::MAX_IOV,
         table::{reservation, ConnTable, Phase, Socket},
     },
-    handler::Handler,
-    ring::{Completion, Op, SocketRing},
-    shard::{on_eof, wants_read, Flow, Shard},
+    driver::uring::{Completion, Op, SocketRing},
+    shard::process::{on_eof, wants_read, Flow, Shard},
     types::{
         clock::{Stamp, When},
         message::CloseInitiator,

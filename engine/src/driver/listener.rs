@@ -18,7 +18,7 @@ use monoio::{io::CancelHandle, net::TcpListener};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, info, warn};
 
-use crate::{config::Driver, error::Error, handler::Handler, shard::Shard};
+use crate::{api::handler::Handler, config::Driver, error::Error, shard::process::Shard};
 
 /// Binds `count` listeners on `addr`, sharing one port through `SO_REUSEPORT`.
 ///
@@ -97,7 +97,7 @@ pub(crate) async fn accept_loop<H: Handler>(
                     info!(shard = %shard.id, failures, "accepting again after running out of file descriptors");
                     backoff = Duration::from_millis(1);
                 }
-                crate::poll_driver::open_connection(&shard, stream);
+                crate::driver::poll_driver::open_connection(&shard, stream);
             }
             Err(_) if shard.table.borrow().stopping => return,
             Err(e) if is_fd_exhaustion(&e) => {

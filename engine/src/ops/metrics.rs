@@ -12,8 +12,10 @@ use ringcast_protocol::CloseCode;
 use std::sync::Arc;
 
 use crate::{
-    admission::{Gate, RejectReason},
-    memory,
+    ops::{
+        admission::{Gate, RejectReason},
+        memory,
+    },
     types::{message::CloseInitiator, publish::BrokerStats},
 };
 

@@ -1,0 +1,4 @@
+//! The embedder's API inside a shard: the [`Handler`](crate::Handler) hooks and the
+//! [`Ctx`](crate::Ctx) they act through, a view over the connection table and the hub.
+
+pub(crate) mod handler;
