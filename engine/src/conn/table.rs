@@ -1,9 +1,9 @@
-//! Connections: ids, the slab entry, and the shard's table of them.
+//! Connections: the slab entry and the shard's table of them.
 //!
 //! Owns everything one connection holds between events (protocol state, outbound queue, the
 //! unfinished tail of its input, its deadline, its upgrade facts) and the table operations a
 //! handler can reach through `Ctx`: send, close, look up by id. It performs no reads or writes
-//! itself; `shard.rs` drives the socket.
+//! itself; a driver (`driver/`) moves the bytes and `shard/process.rs` decides what they mean.
 
 use std::{
     cmp::Reverse,

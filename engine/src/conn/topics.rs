@@ -1,12 +1,11 @@
-//! A shard's side of pub/sub: which of its connections subscribe to what, and each
-//! connection's bounded data ring with its overflow policy.
+//! A shard's side of pub/sub, the part that needs the connection table: subscribe and
+//! unsubscribe, delivery of one published message to every local subscriber, a backend's
+//! answers (`handle_backend`), and the move of data-ring messages onto the socket's queue.
 //!
-//! Owns the shard-local topic table (topic to subscribers, with back-pointers so a connection
-//! leaves in O(its subscriptions)), the per-connection [`ConnPubSub`] (delivery format,
-//! policy, subscriptions, the data ring, drop notices, budgets), delivery of one published
-//! message to every local subscriber, and the move of ring messages onto the socket's queue.
-//! The data ring is the only place topic data may be dropped: acks, errors and notices go
-//! straight onto the connection's outbound queue (the lossless control lane).
+//! The per-connection state itself ([`ConnPubSub`], the data ring, drop notices, budgets) is
+//! `pubsub/data_ring.rs`. The data ring is the only place topic data may be dropped: acks,
+//! errors and notices go straight onto the connection's outbound queue (the lossless control
+//! lane).
 
 use std::{
     collections::VecDeque,

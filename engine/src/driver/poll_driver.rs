@@ -3,7 +3,7 @@
 //! Owns, for `driver = "epoll"`: spawning a task per accepted connection, reading into the
 //! shard's shared buffer (only an unfinished frame's bytes are copied to the connection),
 //! vectored writes, yielding a busy connection fairly, and the connection's deadline timer.
-//! What the bytes mean is `shard.rs`'s business.
+//! What the bytes mean is `shard/process.rs`'s business.
 
 use std::{
     future::{poll_fn, Future},

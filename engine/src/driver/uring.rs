@@ -4,7 +4,7 @@
 //! arrive, the provided-buffer pool that multishot receives fill, the table of sends in
 //! flight (whose memory the kernel reads until they complete), and the encoding of operations
 //! in `user_data`. It knows nothing of WebSocket or connections beyond a slot and a generation:
-//! `ring_driver.rs` decides what to submit and what completions mean.
+//! `uring_driver.rs` decides what to submit and what completions mean.
 //!
 //! Every `unsafe` here is about memory the kernel reads or writes after a call returns: the
 //! buffer ring, the provided buffers, and the send headers and iovecs. Each stays alive and

@@ -9,7 +9,7 @@
 //! Each loop turn: take every completion, return buffers, fire deadlines, serve connections
 //! marked dirty, submit everything in one system call, then sleep until the kernel signals the
 //! ring's eventfd, a deadline passes, or another task hands the driver work. What the bytes
-//! mean is `shard.rs`'s business.
+//! mean is `shard/process.rs`'s business.
 
 use std::{
     future::{poll_fn, Future},

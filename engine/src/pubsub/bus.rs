@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 /// A command for one shard.
 #[derive(Debug)]
 pub(crate) enum ShardMsg {
-    /// Stop accepting, close every connection with 1001, and exit within the shutdown timeout.
+    /// Stop accepting, close every connection with 1012 (spread over `timeouts.drain_window`),
+    /// and exit within the shutdown timeout.
     Stop,
     /// A topic message for the shard's local subscribers.
     Deliver(Arc<Published>),

@@ -6,7 +6,7 @@
 //! subscriber on every shard. A topic's sequence number is assigned, its history appended and
 //! its message handed to each interested shard's inbox under the topic's lock, so every shard
 //! receives a topic's messages in sequence order however many threads publish. Delivery to
-//! connections is the shard's business (`topics.rs`).
+//! connections is the shard's business (`conn/topics.rs`).
 
 use std::{
     collections::HashMap,
@@ -39,7 +39,7 @@ pub(crate) enum Backend {
         history_max_bytes: usize,
     },
     /// In Redis, shared by every host that uses it, through the bridge thread
-    /// (`redis_bridge.rs`). Publishes and attaches complete later, by messages to the shards.
+    /// (`pubsub/redis.rs`). Publishes and attaches complete later, by messages to the shards.
     Redis(crate::pubsub::redis::Bridge),
 }
 
@@ -266,8 +266,8 @@ impl Hub {
     }
 
     /// Registers a new subscriber on `shard` (the shard's first for this topic when `first`),
-    /// and works out what it must be replayed: at once, or later in a `ShardMsg::Attached`
-    /// carrying `token`.
+    /// and works out what it must be replayed: at once, or later in a
+    /// `ShardMsg::Backend(BackendMsg::Attached)` carrying `token`.
     ///
     /// `epoch`, with `since`, is the numbering `since` counts in: when it is not the topic's,
     /// the subscriber is reset to the oldest message held and replayed from there.

@@ -228,7 +228,7 @@ pub(crate) struct Attached {
 pub(crate) enum AttachStart {
     /// At once (in-memory backend).
     Ready(Attach),
-    /// Later, as `ShardMsg::Attached` with this token; until then the subscriber gets no
-    /// topic messages.
+    /// Later, as `ShardMsg::Backend(BackendMsg::Attached)` with the attach's token; until
+    /// then the subscriber gets no topic messages.
     Pending,
 }

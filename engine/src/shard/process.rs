@@ -1,11 +1,11 @@
 //! A shard: one pinned thread, one monoio runtime, one slab of connections.
 //!
-//! Owns starting the thread (pin, build the runtime with the configured driver and nothing
-//! else, report readiness), the shard's main task (start the driver, wait for a stop, close
-//! gracefully), and what happens to a connection whatever drives its socket: the upgrade, the
-//! codec, handler calls, deadlines, and the end of a connection. The socket IO itself lives in
-//! `ring_driver.rs` (io_uring) and `poll_driver.rs` (epoll). Shards share nothing mutable;
-//! commands arrive through `bus.rs`.
+//! Owns what happens to a connection whatever drives its socket: the upgrade, the HTTP
+//! endpoints, the codec, handler calls, deadlines, and the end of a connection; and the
+//! shard's inbox work (deliveries, the drain). Starting the thread and the driver is
+//! `runtime.rs`; the socket IO itself lives in `driver/uring_driver.rs` (io_uring) and
+//! `driver/poll_driver.rs` (epoll). Shards share nothing mutable; commands arrive through
+//! `pubsub/bus.rs`.
 
 use std::{
     cell::{Cell, RefCell},
@@ -623,7 +623,7 @@ impl<H: Handler> Shard<H> {
 
     /// Ends a connection: `on_close` if it was opened, then the slot and the socket. The epoll
     /// driver frees both at once; the io_uring driver first waits for operations in flight
-    /// (the connection sits in `Phase::Closed` meanwhile, see `ring_driver.rs`).
+    /// (the connection sits in `Phase::Closed` meanwhile, see `driver/uring_driver.rs`).
     pub(crate) fn finish(&self, key: usize) {
         let mut table_ref = self.table.borrow_mut();
         let table = &mut *table_ref;
