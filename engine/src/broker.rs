@@ -21,7 +21,7 @@ use ringcast_protocol::{
     CloseCode, UpgradeRequest,
 };
 
-use crate::pubsub::notices::error_frame;
+use crate::pubsub::notices::{error_frame, publish_error_code};
 use crate::{
     api::handler::{Ctx, Handler},
     config::RingOverflow,
@@ -29,7 +29,7 @@ use crate::{
     types::{
         ids::ConnId,
         message::{Frame, Message, SubscribeError, Upgrade, UpgradeCtx},
-        publish::{DeliveryFormat, Payload, PublishError},
+        publish::{DeliveryFormat, Payload},
     },
 };
 
@@ -249,15 +249,7 @@ fn handle(ctx: &mut Ctx<'_>, d: Dialect, grants: Option<&Grants>, request: Reque
                 // The backend (Redis) acks or refuses it when it has ordered it.
                 Ok(None) => {}
                 Err(e) => {
-                    let code = match e {
-                        PublishError::BadTopic(_) => ErrorCode::BadTopic,
-                        PublishError::TooLarge => ErrorCode::TooLarge,
-                        PublishError::BadPayload => ErrorCode::BadPayload,
-                        PublishError::RateLimited => ErrorCode::RateLimited,
-                        PublishError::Saturated
-                        | PublishError::Stopped
-                        | PublishError::Unavailable => ErrorCode::Unavailable,
-                    };
+                    let code = publish_error_code(e);
                     let retry = ctx.retry_after(&e);
                     refuse_with(ctx, d, id, code, &e.to_string(), retry);
                 }

@@ -6,6 +6,22 @@ use std::time::Duration;
 use bytes::Bytes;
 use ringcast_protocol::envelope::{self, Dialect, ErrorCode};
 
+use crate::types::publish::PublishError;
+
+/// The error code a refused publish gets on the wire (PROTOCOL.md, Errors): one mapping for
+/// the broker's immediate refusals and the Redis bridge's later ones.
+pub(crate) fn publish_error_code(e: PublishError) -> ErrorCode {
+    match e {
+        PublishError::BadTopic(_) => ErrorCode::BadTopic,
+        PublishError::TooLarge => ErrorCode::TooLarge,
+        PublishError::BadPayload => ErrorCode::BadPayload,
+        PublishError::RateLimited => ErrorCode::RateLimited,
+        PublishError::Saturated | PublishError::Stopped | PublishError::Unavailable => {
+            ErrorCode::Unavailable
+        }
+    }
+}
+
 /// An error reply, with `retry_after_ms` (rounded up to whole milliseconds, at least 1) when
 /// there is a hint (binary v1 has no field for it).
 pub(crate) fn error_frame(

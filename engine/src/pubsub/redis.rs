@@ -43,7 +43,7 @@ use crossbeam_channel::{Receiver, Sender};
 use futures_util::StreamExt;
 use redis::{aio::MultiplexedConnection, AsyncConnectionConfig, RedisError, Value};
 use ringcast_protocol::{
-    envelope::{self, ErrorCode},
+    envelope::{self},
     Utf8Bytes,
 };
 use tokio::sync::Notify;
@@ -791,12 +791,7 @@ impl Worker {
                         crate::pubsub::notices::error_frame(
                             dialect,
                             id,
-                            match e {
-                                PublishError::Stopped | PublishError::Unavailable => {
-                                    ErrorCode::Unavailable
-                                }
-                                _ => ErrorCode::Internal,
-                            },
+                            crate::pubsub::notices::publish_error_code(e),
                             &e.to_string(),
                             retry,
                         )
