@@ -11,7 +11,7 @@ use std::{
     net::IpAddr,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
-        Mutex,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -253,10 +253,79 @@ impl Gate {
         }
     }
 
+    /// Gives back what a connection held in the caps: its counted address and its user.
+    pub(crate) fn release(&self, ip: Option<IpAddr>, user: Option<&str>) {
+        if let Some(ip) = ip {
+            self.release_ip(ip);
+        }
+        if let Some(user) = user {
+            self.release_user(user);
+        }
+    }
+
     /// A `Retry-After` for a shaped upgrade: whole seconds, uniform in 1..=retry_after_max,
     /// so clients told to wait come back spread out instead of in the next wave.
     pub(crate) fn retry_after(&self) -> Duration {
         Duration::from_secs(fastrand::u64(1..=self.retry_after_max))
+    }
+}
+
+/// What an upgrade in progress holds in the caps (its address under the per-address cap, its
+/// user under the per-user cap). Dropping it gives both back, so a refusal after counting
+/// cannot leak a count; an accepted upgrade calls [`Held::keep`] and the connection gives
+/// them back when it ends ([`Gate::release`]).
+#[derive(Debug)]
+pub(crate) struct Held {
+    gate: Arc<Gate>,
+    ip: Option<IpAddr>,
+    user: Option<String>,
+}
+
+impl Held {
+    /// Nothing held yet.
+    pub(crate) fn new(gate: Arc<Gate>) -> Self {
+        Self {
+            gate,
+            ip: None,
+            user: None,
+        }
+    }
+
+    /// Counts a connection from `ip` when addresses are capped; false (counting nothing) when
+    /// it holds the cap.
+    pub(crate) fn acquire_ip(&mut self, ip: IpAddr) -> bool {
+        if !self.gate.counts_ips() {
+            return true;
+        }
+        if !self.gate.acquire_ip(ip) {
+            return false;
+        }
+        self.ip = Some(ip);
+        true
+    }
+
+    /// Counts a connection of `user`; false (counting nothing) when the user holds the cap.
+    pub(crate) fn acquire_user(&mut self, user: &str) -> bool {
+        if !self.gate.acquire_user(user) {
+            return false;
+        }
+        if self.gate.per_user > 0 {
+            self.user = Some(user.to_owned());
+        }
+        true
+    }
+
+    /// The upgrade is accepted: the connection holds the counts from now on. Returns the
+    /// address counted, which the connection keeps so that its end can give it back.
+    pub(crate) fn keep(mut self) -> Option<IpAddr> {
+        self.user = None;
+        self.ip.take()
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.gate.release(self.ip, self.user.as_deref());
     }
 }
 

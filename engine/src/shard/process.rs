@@ -26,7 +26,7 @@ use crate::{
     api::handler::{Ctx, Handler},
     conn::table::{Conn, ConnTable, Phase, Settings, Socket, Upgraded},
     ops::{
-        admission::RejectReason,
+        admission::{Held, RejectReason},
         metrics::{Metrics, ShardMetrics},
     },
     pubsub::{
@@ -369,23 +369,14 @@ impl<H: Handler> Shard<H> {
             table.reject(key, reason, response);
             return false;
         }
-        // Counted from here: every refusal below gives the count back.
-        let counted_ip = if table.gate.counts_ips() {
-            if !table.gate.acquire_ip(peer.ip()) {
-                debug!(%peer, "upgrade refused: connections per address at the cap");
-                let response = http_response(429, &[], "too many connections from this address");
-                table.reject(key, RejectReason::IpCap, response);
-                return false;
-            }
-            Some(peer.ip())
-        } else {
-            None
-        };
-        let give_back_ip = |table: &ConnTable| {
-            if let Some(ip) = counted_ip {
-                table.gate.release_ip(ip);
-            }
-        };
+        // Counted from here: `held` gives the counts back on every refusal below.
+        let mut held = Held::new(table.gate.clone());
+        if !held.acquire_ip(peer.ip()) {
+            debug!(%peer, "upgrade refused: connections per address at the cap");
+            let response = http_response(429, &[], "too many connections from this address");
+            table.reject(key, RejectReason::IpCap, response);
+            return false;
+        }
         let ctx = UpgradeCtx {
             peer,
             shard: self.id,
@@ -397,7 +388,6 @@ impl<H: Handler> Shard<H> {
                 body,
                 headers,
             } => {
-                give_back_ip(table);
                 let status = if (400..=599).contains(&status) {
                     status
                 } else {
@@ -419,21 +409,20 @@ impl<H: Handler> Shard<H> {
         let response = match req.accept(subprotocol.as_deref()) {
             Ok(r) => r,
             Err(e) => {
-                give_back_ip(table);
                 error!(error = %e, "handler selected a subprotocol the client did not offer");
                 table.reject(key, RejectReason::Handler, error_response(&e));
                 return false;
             }
         };
         if let Some(user) = user.as_deref() {
-            if !table.gate.acquire_user(user) {
-                give_back_ip(table);
+            if !held.acquire_user(user) {
                 debug!(%peer, user, "upgrade refused: connections per user at the cap");
                 let response = http_response(429, &[], "too many connections for this user");
                 table.reject(key, RejectReason::UserCap, response);
                 return false;
             }
         }
+        let counted_ip = held.keep();
         let facts = Upgraded {
             subprotocol: subprotocol.as_deref(),
             // Kept always: ConnInfo::user reads it, and the close gives its count back.
@@ -645,12 +634,7 @@ impl<H: Handler> Shard<H> {
             );
             self.metrics.closed(info.code, info.initiator);
             let (user, ip) = conn.admitted();
-            if let Some(ip) = ip {
-                table.gate.release_ip(ip);
-            }
-            if let Some(user) = user {
-                table.gate.release_user(user);
-            }
+            table.gate.release(ip, user);
             self.handler.borrow_mut().on_close(
                 &mut Ctx {
                     table,
