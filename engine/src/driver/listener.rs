@@ -5,7 +5,6 @@
 //! descriptor exhaustion, a pause while the shard is full, and stopping on shutdown.
 
 use std::{
-    cell::Cell,
     future::poll_fn,
     io,
     net::{SocketAddr, TcpListener as StdListener},
@@ -18,7 +17,10 @@ use monoio::{io::CancelHandle, net::TcpListener};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, info, warn};
 
-use crate::{api::handler::Handler, config::Driver, error::Error, shard::process::Shard};
+use crate::{
+    api::handler::Handler, config::Driver, error::Error, ops::metrics::ShardMetrics,
+    shard::process::Shard, types::ids::ShardId,
+};
 
 /// Binds `count` listeners on `addr`, sharing one port through `SO_REUSEPORT`.
 ///
@@ -68,62 +70,99 @@ fn new_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
 }
 
 /// Whether an accept error means the process or system is out of file descriptors.
-fn is_fd_exhaustion(e: &io::Error) -> bool {
+pub(crate) fn is_fd_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// Longest pause between accept attempts while descriptors are exhausted.
 const MAX_BACKOFF: Duration = Duration::from_millis(200);
 
+/// The pause after any other accept error.
+const ERROR_PAUSE: Duration = Duration::from_millis(1);
+
+/// How a shard's accepting backs off, for both drivers. With no descriptors left, accept
+/// fails at once while the connection stays in the backlog: retrying immediately would spin a
+/// core. It backs off (1 ms doubling to 200 ms), counts each failure, and logs once when the
+/// condition starts and once when it ends. Other errors (the peer gave up in the backlog)
+/// are counted and pause 1 ms, so a persistent one cannot spin either.
+#[derive(Debug)]
+pub(crate) struct AcceptBackoff {
+    delay: Duration,
+    /// Accept failures since descriptors ran out, while they are out.
+    exhausted: Option<u64>,
+}
+
+impl AcceptBackoff {
+    pub(crate) fn new() -> Self {
+        Self {
+            delay: Duration::from_millis(1),
+            exhausted: None,
+        }
+    }
+
+    /// An accept succeeded: ends an exhaustion (logging it) and resets the delay.
+    pub(crate) fn accepted(&mut self, shard: ShardId) {
+        if let Some(failures) = self.exhausted.take() {
+            info!(shard = %shard, failures, "accepting again after running out of file descriptors");
+            self.delay = Duration::from_millis(1);
+        }
+    }
+
+    /// An accept failed with `e`: counts it and returns how long to pause before the next.
+    pub(crate) fn failed(
+        &mut self,
+        shard: ShardId,
+        metrics: &ShardMetrics,
+        e: &io::Error,
+    ) -> Duration {
+        if !is_fd_exhaustion(e) {
+            // ECONNABORTED and friends: the peer gave up in the backlog. Not ours to fix.
+            metrics.accept_errors.incr();
+            debug!(shard = %shard, error = %e, "accept failed");
+            return ERROR_PAUSE;
+        }
+        metrics.accept_fd_exhausted.incr();
+        match self.exhausted {
+            None => {
+                warn!(
+                    shard = %shard,
+                    error = %e,
+                    "out of file descriptors: accept paused with back-off; raise the \
+                     open-files limit (ulimit -n / LimitNOFILE) or lower \
+                     limits.max_connections_per_shard"
+                );
+                self.exhausted = Some(1);
+            }
+            Some(n) => self.exhausted = Some(n + 1),
+        }
+        let pause = self.delay;
+        self.delay = (self.delay * 2).min(MAX_BACKOFF);
+        pause
+    }
+}
+
 /// Accepts connections until the shard stops.
 ///
-/// With no descriptors left, accept fails at once while the connection stays in the backlog:
-/// retrying immediately would spin a core. The loop backs off (1 ms doubling to 200 ms),
-/// counts each failure, and logs once when the condition starts and once when it ends.
+/// Failed accepts back off ([`AcceptBackoff`]).
 pub(crate) async fn accept_loop<H: Handler>(
     shard: Rc<Shard<H>>,
     listener: TcpListener,
     cancel: CancelHandle,
 ) {
-    let mut backoff = Duration::from_millis(1);
-    let exhausted_since: Cell<Option<u64>> = Cell::new(None);
+    let mut backoff = AcceptBackoff::new();
     loop {
         if !wait_for_room(&shard).await {
             return;
         }
         match listener.cancelable_accept(cancel.clone()).await {
             Ok((stream, _peer)) => {
-                if let Some(failures) = exhausted_since.take() {
-                    info!(shard = %shard.id, failures, "accepting again after running out of file descriptors");
-                    backoff = Duration::from_millis(1);
-                }
+                backoff.accepted(shard.id);
                 crate::driver::poll_driver::open_connection(&shard, stream);
             }
             Err(_) if shard.table.borrow().stopping => return,
-            Err(e) if is_fd_exhaustion(&e) => {
-                shard.metrics.accept_fd_exhausted.incr();
-                match exhausted_since.get() {
-                    None => {
-                        warn!(
-                            shard = %shard.id,
-                            error = %e,
-                            "out of file descriptors: accept paused with back-off; raise the \
-                             open-files limit (ulimit -n / LimitNOFILE) or lower \
-                             limits.max_connections_per_shard"
-                        );
-                        exhausted_since.set(Some(1));
-                    }
-                    Some(n) => exhausted_since.set(Some(n + 1)),
-                }
-                monoio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
             Err(e) => {
-                // ECONNABORTED and friends: the peer gave up in the backlog. Not ours to fix,
-                // but a persistent error must not spin, so pause a little.
-                shard.metrics.accept_errors.incr();
-                debug!(shard = %shard.id, error = %e, "accept failed");
-                monoio::time::sleep(Duration::from_millis(1)).await;
+                let pause = backoff.failed(shard.id, &shard.metrics, &e);
+                monoio::time::sleep(pause).await;
             }
         }
     }
@@ -149,4 +188,35 @@ async fn wait_for_room<H: Handler>(shard: &Shard<H>) -> bool {
         Poll::Pending
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_of_descriptors_backs_off_doubling_to_the_cap_and_resets_on_accept() {
+        let metrics = ShardMetrics::default();
+        let shard = ShardId(0);
+        let emfile = io::Error::from_raw_os_error(libc::EMFILE);
+        let mut backoff = AcceptBackoff::new();
+        let pauses: Vec<u64> = (0..10)
+            .map(|_| backoff.failed(shard, &metrics, &emfile).as_millis() as u64)
+            .collect();
+        assert_eq!(pauses, [1, 2, 4, 8, 16, 32, 64, 128, 200, 200]);
+        assert_eq!(metrics.accept_fd_exhausted.get(), 10);
+        backoff.accepted(shard);
+        assert_eq!(
+            backoff.failed(shard, &metrics, &emfile),
+            Duration::from_millis(1)
+        );
+        // Any other error pauses 1 ms and leaves the exhaustion delay alone.
+        let aborted = io::Error::from_raw_os_error(libc::ECONNABORTED);
+        assert_eq!(backoff.failed(shard, &metrics, &aborted), ERROR_PAUSE);
+        assert_eq!(metrics.accept_errors.get(), 1);
+        assert_eq!(
+            backoff.failed(shard, &metrics, &emfile),
+            Duration::from_millis(2)
+        );
+    }
 }

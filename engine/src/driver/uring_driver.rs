@@ -18,13 +18,13 @@ use std::{
     pin::Pin,
     rc::Rc,
     task::Poll,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use bytes::BytesMut;
 use monoio::time::Sleep;
 use ringcast_protocol::CloseCode;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error};
 
 use crate::{
     api::handler::Handler,
@@ -32,16 +32,16 @@ use crate::{
         outbound::MAX_IOV,
         table::{reservation, ConnTable, Phase, Socket},
     },
-    driver::uring::{Completion, Op, SocketRing},
+    driver::{
+        listener::{is_fd_exhaustion, AcceptBackoff},
+        uring::{Completion, Op, SocketRing},
+    },
     shard::process::{on_eof, wants_read, Flow, Shard},
     types::{
         clock::{Stamp, When},
         message::CloseInitiator,
     },
 };
-
-/// Longest pause between accept attempts while descriptors are exhausted.
-const MAX_BACKOFF: Duration = Duration::from_millis(200);
 
 type EventfdRead = Pin<Box<dyn Future<Output = (std::io::Result<usize>, Vec<u8>)>>>;
 
@@ -55,8 +55,7 @@ pub(crate) async fn run<H: Handler>(shard: Rc<Shard<H>>, ring: SocketRing, liste
         accept_cancelling: false,
         paused_counted: false,
         retry_at: None,
-        backoff: Duration::from_millis(1),
-        exhausted: None,
+        backoff: AcceptBackoff::new(),
         starved: Vec::new(),
         eventfd_read: None,
         eventfd_buf: Some(vec![0u8; 8]),
@@ -75,9 +74,7 @@ struct Driver<'a, H> {
     paused_counted: bool,
     /// Accepting resumes at this time (after running out of descriptors).
     retry_at: Option<Instant>,
-    backoff: Duration,
-    /// Accept failures since descriptors ran out, while they are out.
-    exhausted: Option<u64>,
+    backoff: AcceptBackoff,
     /// Connections whose receive stopped because every buffer was in use.
     starved: Vec<usize>,
     eventfd_read: Option<EventfdRead>,
@@ -221,10 +218,7 @@ impl<H: Handler> Driver<'_, H> {
                     debug!(error = %e, "TCP_NODELAY not set");
                 }
             }
-            if let Some(failures) = self.exhausted.take() {
-                info!(shard = %shard.id, failures, "accepting again after running out of file descriptors");
-                self.backoff = Duration::from_millis(1);
-            }
+            self.backoff.accepted(shard.id);
             let (key, _) = table.insert(Socket::Ring(fd));
             shard.metrics.connections_accepted.incr();
             shard.metrics.connections_active.incr();
@@ -233,35 +227,17 @@ impl<H: Handler> Driver<'_, H> {
         }
         match -c.result {
             libc::ECANCELED => {}
-            errno @ (libc::EMFILE | libc::ENFILE) => {
-                shard.metrics.accept_fd_exhausted.incr();
-                match self.exhausted {
-                    None => {
-                        warn!(
-                            shard = %shard.id,
-                            error = %std::io::Error::from_raw_os_error(errno),
-                            "out of file descriptors: accept paused with back-off; raise the \
-                             open-files limit (ulimit -n / LimitNOFILE) or lower \
-                             limits.max_connections_per_shard"
-                        );
-                        self.exhausted = Some(1);
-                    }
-                    Some(n) => self.exhausted = Some(n + 1),
-                }
-                self.retry_at = Some(Instant::now() + self.backoff);
-                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-                if c.more {
-                    // Stop the multishot accept while backing off; it is re-armed at retry_at.
-                    self.cancel_accept();
-                }
-            }
             errno => {
-                // ECONNABORTED and friends: the peer gave up in the backlog. A persistent
-                // error must not spin, so pause a little before accepting again.
-                shard.metrics.accept_errors.incr();
-                debug!(shard = %shard.id, error = %std::io::Error::from_raw_os_error(errno), "accept failed");
-                if !c.more {
-                    self.retry_at = Some(Instant::now() + Duration::from_millis(1));
+                let e = std::io::Error::from_raw_os_error(errno);
+                let pause = self.backoff.failed(shard.id, &shard.metrics, &e);
+                if is_fd_exhaustion(&e) {
+                    self.retry_at = Some(Instant::now() + pause);
+                    if c.more {
+                        // Stop the multishot accept while backing off; re-armed at retry_at.
+                        self.cancel_accept();
+                    }
+                } else if !c.more {
+                    self.retry_at = Some(Instant::now() + pause);
                 }
             }
         }
