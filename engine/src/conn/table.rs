@@ -236,6 +236,9 @@ impl RingState {
 pub(crate) struct Conn {
     pub(crate) gen: u32,
     pub(crate) socket: Socket,
+    /// Read anywhere; assigned only by the session transitions below (`Conn::open`,
+    /// `ConnTable::flush_and_close`, `ConnTable::half_closed`, `Conn::end_sends`,
+    /// `Conn::finished`), so the state machine is in one place.
     pub(crate) phase: Phase,
     pub(crate) out: Outbound,
     /// Received bytes of a frame (or head) that is not complete yet.
@@ -259,6 +262,28 @@ pub(crate) struct Conn {
     /// Until when the connection is paused: its publish budget is empty (see
     /// [`ConnTable::throttle`]). Cleared by the deadline that ends it, or a close.
     pub(crate) throttle: Option<Stamp>,
+}
+
+/// The session state machine: the only code that assigns [`Phase`]. Handshake → Open (the
+/// upgrade) → Flushing (the last bytes are queued) → Draining (our side is shut down) →
+/// Closed (`on_close` ran); a refused upgrade goes Handshake → Flushing.
+impl Conn {
+    /// The upgrade completed: frames flow.
+    pub(crate) fn open(&mut self, codec: Codec) {
+        self.phase = Phase::Open(codec);
+    }
+
+    /// The connection is ending and `on_close` is about to run: from here sends return
+    /// `Enqueue::Closed`.
+    pub(crate) fn end_sends(&mut self) {
+        self.phase = Phase::Draining;
+    }
+
+    /// `on_close` ran: the connection is finished (the io_uring driver still waits here for
+    /// operations in flight).
+    pub(crate) fn finished(&mut self) {
+        self.phase = Phase::Closed;
+    }
 }
 
 impl Conn {
@@ -855,9 +880,21 @@ impl ConnTable {
     /// Queues an HTTP response to a connection still in its handshake, then flushes and
     /// closes it within `close_timeout`.
     pub(crate) fn respond_and_close(&mut self, key: usize, response: Bytes) {
-        let conn = &mut self.conns[key];
-        conn.out.push_encoded(response);
-        conn.phase = Phase::Flushing;
+        self.conns[key].out.push_encoded(response);
+        self.flush_and_close(key);
+    }
+
+    /// Everything the connection owes is queued (an HTTP error, the final close frame): flush
+    /// it, then shut down our side, within `close_timeout`.
+    pub(crate) fn flush_and_close(&mut self, key: usize) {
+        self.conns[key].phase = Phase::Flushing;
+        self.set_deadline(key, self.settings.close_timeout);
+    }
+
+    /// The driver sent our FIN after flushing: read and discard until the peer closes or
+    /// `close_timeout` passes (the half-close).
+    pub(crate) fn half_closed(&mut self, key: usize) {
+        self.conns[key].phase = Phase::Draining;
         self.set_deadline(key, self.settings.close_timeout);
     }
 

@@ -151,9 +151,7 @@ impl<H: Handler> Shard<H> {
                 Poll::Ready(Ok(())) if matches!(conn.phase, Phase::Flushing) => {
                     // Everything we owed is out: send FIN, then wait for the peer's.
                     let _ = Pin::new(&mut poll_socket(conn).io).poll_shutdown(cx);
-                    conn.phase = Phase::Draining;
-                    let close_timeout = table.settings.close_timeout;
-                    table.set_deadline(key, close_timeout);
+                    table.half_closed(key);
                     continue;
                 }
                 Poll::Ready(Ok(())) | Poll::Pending => {}

@@ -488,9 +488,7 @@ impl<H: Handler> Driver<'_, H> {
                 // Everything we owed is out: send FIN, then wait for the peer's.
                 self.ring.shutdown_write(fd, key, gen);
                 conn.ring.set_shutdown_pending(true);
-                conn.phase = Phase::Draining;
-                let close_timeout = table.settings.close_timeout;
-                table.set_deadline(key, close_timeout);
+                table.half_closed(key);
             }
             let conn = &mut table.conns[key];
             let want = wants_read(conn, &table.settings);

@@ -284,12 +284,9 @@ impl<H: Handler> Shard<H> {
                 }
             }
         }
-        let close_timeout = table.settings.close_timeout;
-        let conn = &mut table.conns[key];
-        if let Phase::Open(codec) = &conn.phase {
+        if let Phase::Open(codec) = &table.conns[key].phase {
             if matches!(codec.close_state(), CloseState::Closed | CloseState::Failed) {
-                conn.phase = Phase::Flushing;
-                table.set_deadline(key, close_timeout);
+                table.flush_and_close(key);
                 input.clear();
             }
         }
@@ -434,7 +431,7 @@ impl<H: Handler> Shard<H> {
         let conn = &mut table.conns[key];
         conn.out.push_encoded(response);
         conn.set_upgraded(&req, head, facts);
-        conn.phase = Phase::Open(Codec::server(limits));
+        conn.open(Codec::server(limits));
         conn.deadline = None;
         conn.spoke = table.now;
         if let Some(first) = first_liveness_check(&table.settings) {
@@ -623,7 +620,7 @@ impl<H: Handler> Shard<H> {
             return;
         }
         if conn.opened() {
-            conn.phase = Phase::Draining; // sends from on_close now return Closed
+            conn.end_sends(); // sends from on_close now return Closed
             let info = conn.close.take().map_or_else(
                 || CloseInfo {
                     code: CloseCode::ABNORMAL,
@@ -646,7 +643,7 @@ impl<H: Handler> Shard<H> {
         }
         table.unsubscribe_all(key);
         let conn = &mut table.conns[key];
-        conn.phase = Phase::Closed;
+        conn.finished();
         conn.deadline = None;
         match conn.socket {
             Socket::Ring(_) => table.notify(key, usize::MAX),
