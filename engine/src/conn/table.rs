@@ -124,7 +124,7 @@ pub(crate) enum Phase {
     /// down our side.
     Flushing,
     /// Our side is shut down: read and discard until the peer closes or the deadline passes.
-    Draining,
+    HalfClosed,
     /// Finished (`on_close` ran); the io_uring driver waits here for operations still in
     /// flight on the socket before it closes the descriptor and frees the slot.
     Closed,
@@ -150,7 +150,7 @@ pub(crate) struct PollSocket {
 
 /// The state of a connection's operations on the socket ring (io_uring driver), in 8 bytes.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct RingState {
+pub(crate) struct UringOps {
     /// The slot of the send in flight in the driver's send table, or `NO_SEND`.
     send: u32,
     flags: u8,
@@ -163,7 +163,7 @@ const SEND_CANCELLING: u8 = 1 << 2;
 const DIRTY: u8 = 1 << 3;
 const SHUTDOWN_PENDING: u8 = 1 << 4;
 
-impl Default for RingState {
+impl Default for UringOps {
     fn default() -> Self {
         Self {
             send: NO_SEND,
@@ -189,7 +189,7 @@ macro_rules! flag {
     };
 }
 
-impl RingState {
+impl UringOps {
     flag!(
         recv_armed,
         set_recv_armed,
@@ -252,7 +252,7 @@ pub(crate) struct Conn {
     pub(crate) close: Option<Box<CloseInfo>>,
     /// Subscriptions, the data ring and budgets, once the connection uses pub/sub.
     pub(crate) pubsub: Option<Box<ConnPubSub>>,
-    pub(crate) ring: RingState,
+    pub(crate) uring: UringOps,
     /// When the last bytes arrived from the peer (any frame: liveness).
     pub(crate) heard: Stamp,
     /// When the peer last sent a message (text or binary: idleness).
@@ -265,7 +265,7 @@ pub(crate) struct Conn {
 }
 
 /// The session state machine: the only code that assigns [`Phase`]. Handshake → Open (the
-/// upgrade) → Flushing (the last bytes are queued) → Draining (our side is shut down) →
+/// upgrade) → Flushing (the last bytes are queued) → HalfClosed (our side is shut down) →
 /// Closed (`on_close` ran); a refused upgrade goes Handshake → Flushing.
 impl Conn {
     /// The upgrade completed: frames flow.
@@ -276,7 +276,7 @@ impl Conn {
     /// The connection is ending and `on_close` is about to run: from here sends return
     /// `Enqueue::Closed`.
     pub(crate) fn end_sends(&mut self) {
-        self.phase = Phase::Draining;
+        self.phase = Phase::HalfClosed;
     }
 
     /// `on_close` ran: the connection is finished (the io_uring driver still waits here for
@@ -298,7 +298,7 @@ impl Conn {
             upgrade: UpgradeFacts::default(),
             close: None,
             pubsub: None,
-            ring: RingState::default(),
+            uring: UringOps::default(),
             heard: Stamp::START,
             spoke: Stamp::START,
             ping_out: None,
@@ -338,7 +338,7 @@ impl Conn {
 
     /// Moves the codec's owed frames (pongs, close frames) onto the outbound queue. They are
     /// control frames: never subject to the outbound limit.
-    pub(crate) fn drain_transmits(&mut self) {
+    pub(crate) fn queue_transmits(&mut self) {
         if let Phase::Open(codec) = &mut self.phase {
             while let Some(frame) = codec.poll_transmit() {
                 self.out.push_encoded(frame);
@@ -711,8 +711,8 @@ impl ConnTable {
         let conn = &mut self.conns[key];
         match &mut conn.socket {
             Socket::Ring(_) => {
-                if !conn.ring.dirty() {
-                    conn.ring.set_dirty(true);
+                if !conn.uring.dirty() {
+                    conn.uring.set_dirty(true);
                     self.dirty.push(key);
                 }
                 if !self.driver_running {
@@ -842,7 +842,7 @@ impl ConnTable {
             // A paused connection is read again: its peer's close frame must come in.
             conn.throttle = None;
             conn.note_close(code, reason, by);
-            conn.drain_transmits();
+            conn.queue_transmits();
             self.set_deadline(key, close_timeout);
             self.notify(key, running);
         }
@@ -862,7 +862,7 @@ impl ConnTable {
                     self.reject(key, RejectReason::Draining, draining_response());
                     self.notify(key, usize::MAX);
                 }
-                Phase::Flushing | Phase::Draining => self.notify(key, usize::MAX),
+                Phase::Flushing | Phase::HalfClosed => self.notify(key, usize::MAX),
                 Phase::Open(_) | Phase::Closed => {}
             }
         }
@@ -894,7 +894,7 @@ impl ConnTable {
     /// The driver sent our FIN after flushing: read and discard until the peer closes or
     /// `close_timeout` passes (the half-close).
     pub(crate) fn half_closed(&mut self, key: usize) {
-        self.conns[key].phase = Phase::Draining;
+        self.conns[key].phase = Phase::HalfClosed;
         self.set_deadline(key, self.settings.close_timeout);
     }
 

@@ -129,14 +129,14 @@ impl ConnTable {
         };
         let (_, index) = ps.subs.swap_remove(pos);
         let mut freed = 0;
-        ps.ring.retain(|item| {
+        ps.data_ring.retain(|item| {
             let keep = item.topic != id;
             if !keep {
                 freed += item.frame.len();
             }
             keep
         });
-        ps.ring_bytes -= freed;
+        ps.data_ring_bytes -= freed;
         ps.drops.retain(|d| d.topic != id);
         self.remove_sub(id, index);
         true
@@ -148,8 +148,8 @@ impl ConnTable {
             return;
         };
         let subs = std::mem::take(&mut ps.subs);
-        ps.ring.clear();
-        ps.ring_bytes = 0;
+        ps.data_ring.clear();
+        ps.data_ring_bytes = 0;
         ps.drops.clear();
         for (id, index) in subs {
             self.remove_sub(id, index);
@@ -330,7 +330,8 @@ impl ConnTable {
         let frame = msg.frame(ps.format).clone();
         let len = frame.len();
         let fits = |ps: &ConnPubSub| {
-            ps.ring.is_empty() || (ps.ring.len() < max_messages && ps.ring_bytes + len <= max_bytes)
+            ps.data_ring.is_empty()
+                || (ps.data_ring.len() < max_messages && ps.data_ring_bytes + len <= max_bytes)
         };
         if !fits(ps) {
             let mut dropped = 0u64;
@@ -344,10 +345,10 @@ impl ConnTable {
                     return Offer::Queued;
                 }
                 RingOverflow::Conflate => {
-                    if let Some(pos) = ps.ring.iter().rposition(|it| it.topic == topic) {
-                        let old = &mut ps.ring[pos];
+                    if let Some(pos) = ps.data_ring.iter().rposition(|it| it.topic == topic) {
+                        let old = &mut ps.data_ring[pos];
                         let old_seq = old.seq;
-                        ps.ring_bytes = ps.ring_bytes - old.frame.len() + len;
+                        ps.data_ring_bytes = ps.data_ring_bytes - old.frame.len() + len;
                         *old = Item {
                             frame,
                             seq: msg.seq,
@@ -365,10 +366,10 @@ impl ConnTable {
             }
             // Drop the oldest until the new one fits.
             while !fits(ps) {
-                let Some(old) = ps.ring.pop_front() else {
+                let Some(old) = ps.data_ring.pop_front() else {
                     break;
                 };
-                ps.ring_bytes -= old.frame.len();
+                ps.data_ring_bytes -= old.frame.len();
                 let local = &topics.topics[old.topic as usize];
                 local.topic.dropped.fetch_add(1, Relaxed);
                 ps.note_drop(old.topic, &local.topic.name, old.seq);
@@ -377,8 +378,8 @@ impl ConnTable {
             metrics.ring_dropped.add(dropped);
             metrics.ring_dropped_oldest.add(dropped);
         }
-        ps.ring_bytes += len;
-        ps.ring.push_back(Item {
+        ps.data_ring_bytes += len;
+        ps.data_ring.push_back(Item {
             frame,
             seq: msg.seq,
             topic,
@@ -397,9 +398,9 @@ impl ConnTable {
             let Some(ps) = conn.pubsub.as_ref() else {
                 continue;
             };
-            messages += ps.ring.len() as u64;
-            bytes += ps.ring_bytes as u64;
-            if let Some(first) = ps.ring.front() {
+            messages += ps.data_ring.len() as u64;
+            bytes += ps.data_ring_bytes as u64;
+            if let Some(first) = ps.data_ring.front() {
                 let at = first.at.as_nanos();
                 oldest = Some(oldest.map_or(at, |o| o.min(at)));
             }
@@ -414,8 +415,8 @@ impl ConnTable {
     fn slow_consumer(&mut self, key: usize) {
         self.metrics.slow_consumer_closes.incr();
         if let Some(ps) = self.conns[key].pubsub.as_mut() {
-            ps.ring.clear();
-            ps.ring_bytes = 0;
+            ps.data_ring.clear();
+            ps.data_ring_bytes = 0;
         }
         tracing::debug!(conn = %self.id_of(key), "slow consumer: data ring full");
         self.close(
@@ -442,7 +443,7 @@ impl ConnTable {
         let Some(ps) = self.conns[key].pubsub.as_ref() else {
             return (0, 0);
         };
-        let (waiting, must) = (ps.ring.len(), ps.overflow == RingOverflow::Disconnect);
+        let (waiting, must) = (ps.data_ring.len(), ps.overflow == RingOverflow::Disconnect);
         if waiting == 0 {
             return (0, 0);
         }
@@ -454,15 +455,15 @@ impl ConnTable {
         let Some(ps) = self.conns[key].pubsub.as_mut() else {
             return (0, 0);
         };
-        let dropped = ps.ring.len();
+        let dropped = ps.data_ring.len();
         // Every drop is announced, as on overflow: the notices go out after what was moved
         // (the ring is empty now, so the refill below only writes them).
-        while let Some(item) = ps.ring.pop_front() {
+        while let Some(item) = ps.data_ring.pop_front() {
             let local = &self.topics.topics[item.topic as usize];
             local.topic.dropped.fetch_add(1, Relaxed);
             ps.note_drop(item.topic, &local.topic.name, item.seq);
         }
-        ps.ring_bytes = 0;
+        ps.data_ring_bytes = 0;
         self.refill_within(key, window);
         ((waiting - dropped) as u64, dropped as u64)
     }
@@ -476,7 +477,7 @@ impl ConnTable {
         if !matches!(&conn.phase, Phase::Open(codec) if codec.can_send()) {
             return false;
         }
-        if ps.ring.is_empty() && ps.drops.is_empty() {
+        if ps.data_ring.is_empty() && ps.drops.is_empty() {
             return false;
         }
         let encoding = match ps.format {
@@ -486,17 +487,17 @@ impl ConnTable {
         // The lag: how old the first (oldest) message moved is. Once per batch, not per
         // message: per message it cost 10-15% of the per-delivery CPU in the broadcast bench.
         if conn.out.len_bytes() < window {
-            if let Some(oldest) = ps.ring.front() {
+            if let Some(oldest) = ps.data_ring.front() {
                 let now = When::from_instant(Instant::now()).as_nanos();
                 let age = now.saturating_sub(oldest.at.as_nanos());
                 self.metrics.queued_latency.record_nanos(age);
             }
         }
         while conn.out.len_bytes() < window {
-            let Some(item) = ps.ring.pop_front() else {
+            let Some(item) = ps.data_ring.pop_front() else {
                 break;
             };
-            ps.ring_bytes -= item.frame.len();
+            ps.data_ring_bytes -= item.frame.len();
             // Every gap of this topic before this message, announced as one: nothing of the
             // topic was delivered between them, or their notices would have gone already.
             if let Some((name, count, _)) = ps.take_gaps(item.topic, item.seq) {
@@ -511,7 +512,7 @@ impl ConnTable {
             }
             self.metrics.messages_out.incr();
         }
-        if ps.ring.is_empty() {
+        if ps.data_ring.is_empty() {
             // The gaps after the last message of each topic: one notice per topic.
             while let Some(topic) = ps.drops.first().map(|d| d.topic) {
                 let (name, count, last) =
@@ -521,10 +522,10 @@ impl ConnTable {
                         .push_encoded(envelope::dropped_frame(enc, &name, count, last + 1));
                 }
             }
-            if ps.ring.capacity() > 64 {
-                ps.ring = VecDeque::new();
+            if ps.data_ring.capacity() > 64 {
+                ps.data_ring = VecDeque::new();
             }
         }
-        !ps.ring.is_empty()
+        !ps.data_ring.is_empty()
     }
 }

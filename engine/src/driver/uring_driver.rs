@@ -268,8 +268,8 @@ impl<H: Handler> Driver<'_, H> {
         }
         if !c.more {
             let conn = &mut table.conns[key];
-            conn.ring.set_recv_armed(false);
-            conn.ring.set_recv_cancelling(false);
+            conn.uring.set_recv_armed(false);
+            conn.uring.set_recv_cancelling(false);
             table.notify(key, usize::MAX);
         }
         match c.result {
@@ -308,7 +308,7 @@ impl<H: Handler> Driver<'_, H> {
     fn feed(&mut self, table: &mut ConnTable, key: usize, bid: u16, buf: BytesMut) {
         let conn = &mut table.conns[key];
         if !matches!(conn.phase, Phase::Handshake(_) | Phase::Open(_)) {
-            // Flushing, draining or closed: what the peer sends now is discarded.
+            // Flushing, half-closed or closed: what the peer sends now is discarded.
             self.ring.pool.give_back(bid, buf);
             return;
         }
@@ -376,8 +376,8 @@ impl<H: Handler> Driver<'_, H> {
             return;
         }
         let conn = &mut table.conns[key];
-        conn.ring.set_send_slot(None);
-        conn.ring.set_send_cancelling(false);
+        conn.uring.set_send_slot(None);
+        conn.uring.set_send_cancelling(false);
         let closed = matches!(conn.phase, Phase::Closed);
         table.notify(key, usize::MAX);
         if result <= 0 && result != -libc::ECANCELED && !closed {
@@ -405,7 +405,7 @@ impl<H: Handler> Driver<'_, H> {
         if result < 0 && result != -libc::ENOTCONN {
             debug!(conn = %table.id_of(key), error = %std::io::Error::from_raw_os_error(-result), "shutdown failed");
         }
-        table.conns[key].ring.set_shutdown_pending(false);
+        table.conns[key].uring.set_shutdown_pending(false);
         table.notify(key, usize::MAX);
     }
 
@@ -455,58 +455,58 @@ impl<H: Handler> Driver<'_, H> {
             }
             let _ = table.refill(key); // what stays waits for this send's completion
             let conn = &mut table.conns[key];
-            conn.ring.set_dirty(false);
+            conn.uring.set_dirty(false);
             let gen = conn.gen;
             let fd = raw_fd(&conn.socket);
             if let Phase::Closed = conn.phase {
-                if conn.ring.recv_armed() && !conn.ring.recv_cancelling() {
+                if conn.uring.recv_armed() && !conn.uring.recv_cancelling() {
                     self.ring.cancel_recv(key, gen);
-                    conn.ring.set_recv_cancelling(true);
+                    conn.uring.set_recv_cancelling(true);
                 }
-                if let Some(slot) = conn.ring.send_slot() {
-                    if !conn.ring.send_cancelling() {
+                if let Some(slot) = conn.uring.send_slot() {
+                    if !conn.uring.send_cancelling() {
                         self.ring.cancel_send(slot);
-                        conn.ring.set_send_cancelling(true);
+                        conn.uring.set_send_cancelling(true);
                     }
                 }
-                if !conn.ring.recv_armed()
-                    && conn.ring.send_slot().is_none()
-                    && !conn.ring.shutdown_pending()
+                if !conn.uring.recv_armed()
+                    && conn.uring.send_slot().is_none()
+                    && !conn.uring.shutdown_pending()
                 {
                     release.push(key);
                 }
                 continue;
             }
-            if conn.ring.send_slot().is_none() && !conn.out.is_empty() {
+            if conn.uring.send_slot().is_none() && !conn.out.is_empty() {
                 let out = &mut conn.out;
                 let slot = self
                     .ring
                     .send(fd, key, gen, |batch| out.take_batch(batch, MAX_IOV));
-                conn.ring.set_send_slot(Some(slot));
+                conn.uring.set_send_slot(Some(slot));
             }
             if matches!(conn.phase, Phase::Flushing) && conn.out.len_bytes() == 0 {
                 // Everything we owed is out: send FIN, then wait for the peer's.
                 self.ring.shutdown_write(fd, key, gen);
-                conn.ring.set_shutdown_pending(true);
+                conn.uring.set_shutdown_pending(true);
                 table.half_closed(key);
             }
             let conn = &mut table.conns[key];
             let want = wants_read(conn, &table.settings);
-            if want && !conn.ring.recv_armed() {
+            if want && !conn.uring.recv_armed() {
                 if self.ring.pool.available() > 0 {
                     self.ring.recv(fd, key, gen);
-                    conn.ring.set_recv_armed(true);
+                    conn.uring.set_recv_armed(true);
                 } else {
                     self.starved.push(key);
                 }
             } else if !want
-                && conn.ring.recv_armed()
-                && !conn.ring.recv_cancelling()
+                && conn.uring.recv_armed()
+                && !conn.uring.recv_cancelling()
                 && matches!(conn.phase, Phase::Open(_))
             {
                 // Backpressure: stop reading a peer that does not read its replies.
                 self.ring.cancel_recv(key, gen);
-                conn.ring.set_recv_cancelling(true);
+                conn.uring.set_recv_cancelling(true);
             }
         }
         // Reuse the dirty list's memory next turn, unless a burst made it large.

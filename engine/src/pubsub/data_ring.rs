@@ -56,8 +56,8 @@ pub(crate) struct ConnPubSub {
     pub(crate) overflow: RingOverflow,
     /// (local topic, index of this connection in that topic's subscribers).
     pub(crate) subs: Vec<(u32, u32)>,
-    pub(crate) ring: VecDeque<Item>,
-    pub(crate) ring_bytes: usize,
+    pub(crate) data_ring: VecDeque<Item>,
+    pub(crate) data_ring_bytes: usize,
     pub(crate) drops: Vec<DropNote>,
     /// The publish time of the oldest message moved onto the socket queue since the last
     /// one was written, and the queued bytes up to its end: when they are written, the
@@ -131,7 +131,7 @@ impl TokenBucket {
     }
 }
 
-/// What became of a delivery offered to a connection's ring.
+/// What became of a delivery offered to a connection's data ring.
 pub(crate) enum Offer {
     Queued,
     Disconnect,
@@ -149,8 +149,8 @@ impl ConnPubSub {
             format: DeliveryFormat::Raw,
             overflow: s.ring_overflow,
             subs: Vec::new(),
-            ring: VecDeque::new(),
-            ring_bytes: 0,
+            data_ring: VecDeque::new(),
+            data_ring_bytes: 0,
             drops: Vec::new(),
             write_mark: None,
             dropped: 0,

@@ -265,7 +265,7 @@ impl<H: Handler> Shard<H> {
                 Phase::Open(_) if conn.throttle.is_some() => break,
                 Phase::Open(codec) => {
                     let result = codec.poll_event(input);
-                    conn.drain_transmits();
+                    conn.queue_transmits();
                     match result {
                         Ok(Some(event)) => self.dispatch(table, &mut *handler, key, event),
                         Ok(None) => break,
@@ -278,7 +278,7 @@ impl<H: Handler> Shard<H> {
                         }
                     }
                 }
-                Phase::Flushing | Phase::Draining | Phase::Closed => {
+                Phase::Flushing | Phase::HalfClosed | Phase::Closed => {
                     input.clear();
                     return;
                 }
@@ -497,7 +497,7 @@ impl<H: Handler> Shard<H> {
                 }
             }
             // Our close frame went unanswered, or the final bytes or FIN did not get through.
-            Phase::Open(_) | Phase::Flushing | Phase::Draining | Phase::Closed => Flow::Done,
+            Phase::Open(_) | Phase::Flushing | Phase::HalfClosed | Phase::Closed => Flow::Done,
         }
     }
 
@@ -725,7 +725,7 @@ fn admit(
 /// Whether the connection's socket should be read now.
 pub(crate) fn wants_read(conn: &Conn, settings: &Settings) -> bool {
     match conn.phase {
-        Phase::Handshake(_) | Phase::Draining => true,
+        Phase::Handshake(_) | Phase::HalfClosed => true,
         // Backpressure: a peer that does not read its replies is not read either, nor one
         // whose publish budget is empty (until it refills, see `ConnTable::throttle`).
         Phase::Open(_) => {
