@@ -12,7 +12,7 @@
 //! reproduced with
 //!
 //! ```sh
-//! cargo build --release -p ringcast --bin ringcast
+//! cargo build --release -p ringcast-cli
 //! cargo build --release -p ringcast-bench --bins
 //! target/release/loadgen compare --rounds 3 --duration 4 --idle 10000
 //! ```
@@ -25,7 +25,8 @@
 //! # Example
 //!
 //! ```
-//! use ringcast::{capacity::{Constraint, Inputs}, EngineConfig};
+//! use ringcast::EngineConfig;
+//! use ringcast_tuning::capacity::{Constraint, Inputs};
 //!
 //! // 500,000 users with one connection each, on hosts of 8 shards and 32 GiB.
 //! let inputs = Inputs::new(500_000, 8, 32 << 30)
@@ -41,10 +42,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::{
-    config::{Driver, EngineConfig},
-    error::ConfigError,
-};
+use ringcast::{ConfigError, Driver, EngineConfig};
 
 /// Server RSS per idle upgraded connection, in bytes, with `[io] keep_request_head = true`.
 ///
@@ -195,7 +193,9 @@ impl Costs {
                     + 2 * u64::from(io.uring_entries) * RING_BYTES_PER_ENTRY,
                 FDS_PER_SHARD_IO_URING,
             ),
-            Driver::Epoll => (io.read_buffer_bytes as u64, FDS_PER_SHARD_EPOLL),
+            // `Driver` is non-exhaustive: epoll, and any driver added later until it is
+            // measured, costs one read buffer per shard.
+            _ => (io.read_buffer_bytes as u64, FDS_PER_SHARD_EPOLL),
         };
         Costs {
             user_bytes_per_connection: if io.keep_request_head {
