@@ -121,6 +121,7 @@ pub use broker::{Broadcast, Broker};
 pub use config::{
     AdmissionConfig, AuthConfig, BrokerConfig, Driver, EngineConfig, HttpConfig, IoConfig,
     LimitsConfig, OverflowPolicy, PubSubConfig, RingOverflow, TimeoutsConfig,
+    KERNEL_BYTES_PER_CONNECTION,
 };
 pub use conn::{ConnId, ConnInfo, ShardId};
 pub use error::{ConfigError, Error, Result};

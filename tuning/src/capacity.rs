@@ -4,7 +4,8 @@
 //! the planning inputs ([`Inputs`]) and the answer ([`Estimate`]): hosts needed by open files,
 //! by memory, by CPU and by the config's connection cap, with the binding one named. It reads
 //! nothing from the machine it runs on and opens nothing; every figure comes from the inputs,
-//! the [`EngineConfig`] and the constants below.
+//! the [`EngineConfig`], the constants below and the engine's kernel cost per connection
+//! ([`ringcast::KERNEL_BYTES_PER_CONNECTION`]).
 //!
 //! # Where the figures come from
 //!
@@ -58,15 +59,6 @@ pub const IDLE_USER_BYTES_PER_CONNECTION: u64 = 415;
 /// `bench/RESULTS.md`, "Idle, 10,000 connections": 270 B (`loadgen idle --conns 10000
 /// --hold 0` against `ringcast serve --echo --shards 1`).
 pub const IDLE_USER_BYTES_PER_CONNECTION_NO_HEAD: u64 = 270;
-
-/// Kernel memory per idle connection held by the server, in bytes.
-///
-/// `bench/RESULTS.md`, "Idle, 10,000 connections", ringcast row: 9,394 B per connection pair
-/// (kernel slab objects in use, system-wide). On loopback that counts both ends (two TCP
-/// sockets with their inodes, dentries and files); a server holds one end, so this is half.
-/// An idle socket has no data queued: a busy one adds its socket buffers (bounded by
-/// `net.ipv4.tcp_rmem`/`tcp_wmem` per socket and `tcp_mem` in all).
-pub const IDLE_KERNEL_BYTES_PER_CONNECTION: u64 = 4_697;
 
 /// Server CPU per message, in nanoseconds.
 ///
@@ -161,7 +153,8 @@ pub struct Costs {
     /// Server RSS per idle connection, in bytes ([`IDLE_USER_BYTES_PER_CONNECTION`], or
     /// [`IDLE_USER_BYTES_PER_CONNECTION_NO_HEAD`] when the request head is not kept).
     pub user_bytes_per_connection: u64,
-    /// Kernel memory per idle connection, in bytes ([`IDLE_KERNEL_BYTES_PER_CONNECTION`]).
+    /// Kernel memory per idle connection, in bytes: the engine's figure,
+    /// [`ringcast::KERNEL_BYTES_PER_CONNECTION`].
     pub kernel_bytes_per_connection: u64,
     /// Memory each shard holds whatever its connections, in bytes. io_uring driver: the
     /// receive pool (`io.ring_buffers` x `io.ring_buffer_bytes`, touched at start), its buffer
@@ -203,7 +196,7 @@ impl Costs {
             } else {
                 IDLE_USER_BYTES_PER_CONNECTION_NO_HEAD
             },
-            kernel_bytes_per_connection: IDLE_KERNEL_BYTES_PER_CONNECTION,
+            kernel_bytes_per_connection: ringcast::KERNEL_BYTES_PER_CONNECTION,
             fixed_bytes_per_shard,
             fds_per_shard,
             fds_per_process: FDS_PER_PROCESS,
