@@ -90,11 +90,24 @@ pub struct AdmissionConfig {
     /// busy connections with queued data cost more than idle ones.
     pub memory_budget_bytes: u64,
     /// The kernel's memory per connection, counted against `memory_budget_bytes` and shown
-    /// in `/metrics`: socket structures and idle buffers. Default 3900 bytes (about 3.8 KiB
-    /// measured per idle loopback socket on Linux 6.x). Measure your host's with
-    /// `loadgen idle` (bench/RESULTS.md).
+    /// in `/metrics`: socket structures and idle buffers. Default
+    /// [`KERNEL_BYTES_PER_CONNECTION`] (4697 bytes, measured per idle loopback socket on
+    /// Linux 6.18). Measure your host's with `loadgen idle` (bench/RESULTS.md).
     pub kernel_bytes_per_connection: u64,
 }
+
+/// Kernel memory per idle connection held by the server, in bytes: the default of
+/// [`AdmissionConfig::kernel_bytes_per_connection`], and the kernel's share per connection in
+/// `ringcast capacity` and `ringcast doctor`.
+///
+/// Measured in `bench/RESULTS.md`, "Idle, 10,000 connections" (run of 2026-11-23, Linux 6.18,
+/// 2-core VM), ringcast row: 9,394 B of kernel slab objects in use per connection pair,
+/// system-wide (`loadgen idle --conns 10000 --hold 0` against `ringcast serve --echo --shards
+/// 1`). On loopback that counts both ends (two TCP sockets with their inodes, dentries and
+/// files); a server holds one end, so this is half. An idle socket has no data queued: a busy
+/// one adds its socket buffers (bounded by `net.ipv4.tcp_rmem`/`tcp_wmem` per socket and
+/// `tcp_mem` in all).
+pub const KERNEL_BYTES_PER_CONNECTION: u64 = 4_697;
 
 impl Default for AdmissionConfig {
     fn default() -> Self {
@@ -107,7 +120,7 @@ impl Default for AdmissionConfig {
             upgrade_burst: 0,
             retry_after_max: Duration::from_secs(10),
             memory_budget_bytes: 0,
-            kernel_bytes_per_connection: 3900,
+            kernel_bytes_per_connection: KERNEL_BYTES_PER_CONNECTION,
         }
     }
 }

@@ -79,8 +79,11 @@
 //!
 //! ## Features
 //!
-//! None yet. The `ringcast` binary uses mimalloc as its global allocator; embedders choose
-//! their own.
+//! None yet. This crate is the library only: the `ringcast` command (`ringcast serve`, with
+//! mimalloc as its global allocator, clap, signal handling and log output) is the
+//! `ringcast-cli` crate, and the host checks and capacity planning behind `ringcast doctor`
+//! and `ringcast capacity` are the `ringcast-tuning` crate. Embedders choose their own
+//! allocator and logging.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -91,12 +94,9 @@ pub struct ReadmeDoctests;
 
 mod api;
 mod broker;
-pub mod capacity;
 mod config;
 mod conn;
-pub mod doctor;
 mod driver;
-mod echo;
 mod error;
 mod ops;
 mod pubsub;
@@ -111,9 +111,9 @@ pub use broker::{Broadcast, Broker};
 pub use config::{
     AdmissionConfig, AuthConfig, BrokerConfig, Driver, EngineConfig, HttpConfig, IoConfig,
     LimitsConfig, OverflowPolicy, PubSubConfig, RingOverflow, TimeoutsConfig,
+    KERNEL_BYTES_PER_CONNECTION,
 };
 pub use conn::table::ConnInfo;
-pub use echo::Echo;
 pub use error::{ConfigError, Error, Result};
 pub use ops::{
     admission::RejectReason,

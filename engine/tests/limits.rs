@@ -51,7 +51,7 @@ fn a_full_shard_pauses_accepting_until_a_connection_closes() {
 fn config_errors_are_reported_by_start_naming_the_key() {
     let mut config = config(1);
     config.limits.max_connections_per_shard = 0;
-    let err = ringcast::Engine::start(config, |_| ringcast::Echo).unwrap_err();
+    let err = ringcast::Engine::start(config, |_| util::Echo).unwrap_err();
     assert!(
         err.to_string().contains("limits.max_connections_per_shard"),
         "{err}"
@@ -62,7 +62,7 @@ fn config_errors_are_reported_by_start_naming_the_key() {
 fn a_port_held_by_another_listener_is_reported_not_shared() {
     let (engine, _recorder) = start_recorder(config(1));
     let taken = config(1).with_listen(engine.local_addr());
-    let err = ringcast::Engine::start(taken, |_| ringcast::Echo).unwrap_err();
+    let err = ringcast::Engine::start(taken, |_| util::Echo).unwrap_err();
     assert!(err.to_string().contains("cannot listen"), "{err}");
     engine.stop().unwrap();
 }

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ringcast::{Echo, Engine, RejectReason};
+use ringcast::{Engine, RejectReason};
 use tungstenite::Message as WsMessage;
 use util::*;
 

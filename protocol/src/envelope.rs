@@ -53,6 +53,11 @@ pub const BINARY_V2_SUBPROTOCOL: &str = "ringcast.v2.bin";
 /// one byte.
 pub const MAX_TOPIC_BYTES: usize = 255;
 
+/// The largest epoch a server hands out: 2^53 - 1, the largest integer a JavaScript number
+/// (an IEEE 754 double) holds exactly, so a browser can pass an epoch back in `since`
+/// unchanged. Epochs are 1..=MAX_EPOCH; decoders accept any u64.
+pub const MAX_EPOCH: u64 = (1 << 53) - 1;
+
 /// The longest header of an unmasked (server) frame: 2 fixed bytes and 8 length bytes.
 const SERVER_HEADER_MAX: usize = MAX_HEADER_BYTES - 4;
 

@@ -414,11 +414,11 @@ impl Hub {
 /// client. Cheap to clone; `Send + Sync`.
 ///
 /// ```
-/// use ringcast::{Engine, EngineConfig, Echo, Payload};
+/// use ringcast::{Broker, Engine, EngineConfig, Payload};
 ///
 /// let engine = Engine::start(
 ///     EngineConfig::default().with_listen("127.0.0.1:0".parse().unwrap()).with_shards(1),
-///     |_| Echo,
+///     |_| Broker::new(),
 /// )?;
 /// let publisher = engine.handle().publisher();
 /// let feed = std::thread::spawn(move || {

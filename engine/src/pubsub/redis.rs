@@ -424,7 +424,7 @@ fn epoch_of(text: &[u8]) -> u64 {
         .ok()
         .and_then(|t| t.parse::<u64>().ok())
     {
-        Some(n) if n != 0 => n,
+        Some(n) if (1..=envelope::MAX_EPOCH).contains(&n) => n,
         _ => {
             // FNV-1a, 64 bits.
             let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -432,7 +432,7 @@ fn epoch_of(text: &[u8]) -> u64 {
                 h ^= u64::from(b);
                 h = h.wrapping_mul(0x0100_0000_01b3);
             }
-            h.max(1)
+            (h & envelope::MAX_EPOCH).max(1)
         }
     }
 }
@@ -1154,5 +1154,20 @@ mod tests {
         assert_ne!(old, 0);
         assert_ne!(epoch_of(b"0"), 0);
         assert_ne!(epoch_of(b""), 0);
+    }
+
+    #[test]
+    fn epochs_stay_exact_as_javascript_numbers() {
+        let max = envelope::MAX_EPOCH;
+        assert_eq!(epoch_of(max.to_string().as_bytes()), max);
+        for text in [
+            u64::MAX.to_string(),
+            (max + 1).to_string(),
+            "old-epoch".into(),
+        ] {
+            let e = epoch_of(text.as_bytes());
+            assert!((1..=max).contains(&e), "{text} -> {e}");
+        }
+        assert!((0..10_000).all(|_| (1..=max).contains(&super::new_epoch())));
     }
 }

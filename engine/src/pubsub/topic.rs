@@ -120,9 +120,9 @@ impl Topic {
     }
 }
 
-/// A fresh epoch: random, never 0.
+/// A fresh epoch: random in `1..=MAX_EPOCH` (never 0, and exact as a JavaScript number).
 pub(crate) fn new_epoch() -> u64 {
-    fastrand::u64(1..)
+    fastrand::u64(1..=envelope::MAX_EPOCH)
 }
 
 impl fmt::Debug for Topic {

@@ -185,6 +185,16 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Sends every message back to its sender, unchanged (what `ringcast serve --echo` runs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Echo;
+
+impl Handler for Echo {
+    fn on_message(&mut self, ctx: &mut Ctx<'_>, msg: Message) {
+        let _ = ctx.send(msg);
+    }
+}
+
 /// What the recording handler saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Seen {

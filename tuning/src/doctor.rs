@@ -54,10 +54,9 @@ use std::{
 
 use serde::{Serialize, Serializer};
 
-use crate::{
-    capacity::{bytes, group, Costs},
-    config::{Driver, EngineConfig},
-};
+use ringcast::{Driver, EngineConfig};
+
+use crate::capacity::{bytes, group, Costs};
 
 /// The oldest kernel the io_uring driver runs on: multishot receive into provided buffers.
 pub const MIN_KERNEL_IO_URING: KernelVersion = KernelVersion { major: 6, minor: 0 };

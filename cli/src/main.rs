@@ -1,15 +1,21 @@
-//! The `ringcast` command: runs the engine as any embedder would, through the public API.
+//! The `ringcast` command: runs the engine as any embedder would, through the public API
+//! (`ringcast serve`), prints its config (`ringcast config`), and checks hosts and plans
+//! capacity with `ringcast-tuning` (`ringcast doctor`, `ringcast capacity`).
+
+mod echo;
 
 use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
-use ringcast::{Auth, Broadcast, Broker, Driver, Echo, Engine, EngineConfig, Handler, ShardId};
+use ringcast::{Auth, Broadcast, Broker, Driver, Engine, EngineConfig, Handler, ShardId};
 use signal_hook::{
     consts::{SIGINT, SIGTERM},
     iterator::Signals,
 };
 use tracing::{info, warn};
+
+use crate::echo::Echo;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -309,7 +315,7 @@ struct ConnectionCap {
 /// count, or fewer when the open-files limit (less the descriptors the process and its
 /// shards hold themselves) allows fewer, as `ringcast doctor` works it out.
 fn connection_cap(config: &EngineConfig) -> ConnectionCap {
-    use ringcast::doctor::{self, Constraint, Host, Target};
+    use ringcast_tuning::doctor::{self, Constraint, Host, Target};
     let configured = config.shards as u64 * config.limits.max_connections_per_shard as u64;
     let files = Host::read(std::path::Path::new("/")).ok().and_then(|host| {
         doctor::diagnose(&host, config, Target::inbound(configured))
@@ -332,7 +338,7 @@ fn connection_cap(config: &EngineConfig) -> ConnectionCap {
 }
 
 fn doctor(args: DoctorArgs) -> Result<()> {
-    use ringcast::doctor::{self, Host, Target};
+    use ringcast_tuning::doctor::{self, Host, Target};
     let config = args.config.load()?;
     let host = Host::read(&args.root)
         .with_context(|| format!("reading the host under {}", args.root.display()))?;
@@ -366,7 +372,7 @@ fn capacity(args: CapacityArgs) -> Result<()> {
         None => EngineConfig::default(),
     };
     config.validate()?;
-    let mut inputs = ringcast::capacity::Inputs::new(
+    let mut inputs = ringcast_tuning::capacity::Inputs::new(
         args.users,
         args.shards_per_host,
         (args.ram_gib * (1u64 << 30) as f64) as u64,

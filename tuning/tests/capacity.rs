@@ -5,16 +5,14 @@
 //! each connection receives 50 or fewer per second (one send each), falling to 196 ns at 50,049
 //! (batched sends).
 
-use ringcast::{
-    capacity::{Constraint, Inputs, Unit},
-    ConfigError, EngineConfig,
-};
+use ringcast::{ConfigError, EngineConfig};
+use ringcast_tuning::capacity::{Constraint, Inputs, Unit};
 use serde_json::json;
 
 const GIB: u64 = 1 << 30;
 const FIXED_BYTES_PER_SHARD: u64 = 4_415_488;
 
-fn hosts(estimate: &ringcast::capacity::Estimate) -> Vec<(Constraint, u64)> {
+fn hosts(estimate: &ringcast_tuning::capacity::Estimate) -> Vec<(Constraint, u64)> {
     estimate
         .limits
         .iter()

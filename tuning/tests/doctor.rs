@@ -4,10 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use ringcast::{
-    doctor::{self, Host, IoUring, KernelVersion, Target},
-    Driver, EngineConfig,
-};
+use ringcast::{Driver, EngineConfig};
+use ringcast_tuning::doctor::{self, Host, IoUring, KernelVersion, Target};
 use serde_json::{json, Value};
 
 fn fixture(name: &str) -> PathBuf {

@@ -2,12 +2,12 @@
 //!
 //! The Autobahn testee and the benchmark target (`ringcast serve --echo`).
 
-use crate::{Ctx, Handler, Message};
+use ringcast::{Ctx, Handler, Message};
 
 /// Sends every message back to the connection it came from. Messages that do not fit the
 /// outbound limit follow the configured overflow policy.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Echo;
+pub(crate) struct Echo;
 
 impl Handler for Echo {
     fn on_message(&mut self, ctx: &mut Ctx<'_>, msg: Message) {

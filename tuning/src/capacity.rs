@@ -4,7 +4,8 @@
 //! the planning inputs ([`Inputs`]) and the answer ([`Estimate`]): hosts needed by open files,
 //! by memory, by CPU and by the config's connection cap, with the binding one named. It reads
 //! nothing from the machine it runs on and opens nothing; every figure comes from the inputs,
-//! the [`EngineConfig`] and the constants below.
+//! the [`EngineConfig`], the constants below and the engine's kernel cost per connection
+//! ([`ringcast::KERNEL_BYTES_PER_CONNECTION`]).
 //!
 //! # Where the figures come from
 //!
@@ -12,7 +13,7 @@
 //! reproduced with
 //!
 //! ```sh
-//! cargo build --release -p ringcast --bin ringcast
+//! cargo build --release -p ringcast-cli
 //! cargo build --release -p ringcast-bench --bins
 //! target/release/loadgen compare --rounds 3 --duration 4 --idle 10000
 //! ```
@@ -25,7 +26,8 @@
 //! # Example
 //!
 //! ```
-//! use ringcast::{capacity::{Constraint, Inputs}, EngineConfig};
+//! use ringcast::EngineConfig;
+//! use ringcast_tuning::capacity::{Constraint, Inputs};
 //!
 //! // 500,000 users with one connection each, on hosts of 8 shards and 32 GiB.
 //! let inputs = Inputs::new(500_000, 8, 32 << 30)
@@ -41,10 +43,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::{
-    config::{Driver, EngineConfig},
-    error::ConfigError,
-};
+use ringcast::{ConfigError, Driver, EngineConfig};
 
 /// Server RSS per idle upgraded connection, in bytes, with `[io] keep_request_head = true`.
 ///
@@ -60,15 +59,6 @@ pub const IDLE_USER_BYTES_PER_CONNECTION: u64 = 415;
 /// `bench/RESULTS.md`, "Idle, 10,000 connections": 270 B (`loadgen idle --conns 10000
 /// --hold 0` against `ringcast serve --echo --shards 1`).
 pub const IDLE_USER_BYTES_PER_CONNECTION_NO_HEAD: u64 = 270;
-
-/// Kernel memory per idle connection held by the server, in bytes.
-///
-/// `bench/RESULTS.md`, "Idle, 10,000 connections", ringcast row: 9,394 B per connection pair
-/// (kernel slab objects in use, system-wide). On loopback that counts both ends (two TCP
-/// sockets with their inodes, dentries and files); a server holds one end, so this is half.
-/// An idle socket has no data queued: a busy one adds its socket buffers (bounded by
-/// `net.ipv4.tcp_rmem`/`tcp_wmem` per socket and `tcp_mem` in all).
-pub const IDLE_KERNEL_BYTES_PER_CONNECTION: u64 = 4_697;
 
 /// Server CPU per message, in nanoseconds.
 ///
@@ -163,7 +153,8 @@ pub struct Costs {
     /// Server RSS per idle connection, in bytes ([`IDLE_USER_BYTES_PER_CONNECTION`], or
     /// [`IDLE_USER_BYTES_PER_CONNECTION_NO_HEAD`] when the request head is not kept).
     pub user_bytes_per_connection: u64,
-    /// Kernel memory per idle connection, in bytes ([`IDLE_KERNEL_BYTES_PER_CONNECTION`]).
+    /// Kernel memory per idle connection, in bytes: the engine's figure,
+    /// [`ringcast::KERNEL_BYTES_PER_CONNECTION`].
     pub kernel_bytes_per_connection: u64,
     /// Memory each shard holds whatever its connections, in bytes. io_uring driver: the
     /// receive pool (`io.ring_buffers` x `io.ring_buffer_bytes`, touched at start), its buffer
@@ -195,7 +186,9 @@ impl Costs {
                     + 2 * u64::from(io.uring_entries) * RING_BYTES_PER_ENTRY,
                 FDS_PER_SHARD_IO_URING,
             ),
-            Driver::Epoll => (io.read_buffer_bytes as u64, FDS_PER_SHARD_EPOLL),
+            // `Driver` is non-exhaustive: epoll, and any driver added later until it is
+            // measured, costs one read buffer per shard.
+            _ => (io.read_buffer_bytes as u64, FDS_PER_SHARD_EPOLL),
         };
         Costs {
             user_bytes_per_connection: if io.keep_request_head {
@@ -203,7 +196,7 @@ impl Costs {
             } else {
                 IDLE_USER_BYTES_PER_CONNECTION_NO_HEAD
             },
-            kernel_bytes_per_connection: IDLE_KERNEL_BYTES_PER_CONNECTION,
+            kernel_bytes_per_connection: ringcast::KERNEL_BYTES_PER_CONNECTION,
             fixed_bytes_per_shard,
             fds_per_shard,
             fds_per_process: FDS_PER_PROCESS,

@@ -175,8 +175,12 @@ fn serve_refuses_an_address_in_use() {
     assert!(err.contains("cannot listen"), "{err}");
 }
 
+/// A fixture host of the doctor's tests (`tuning/tests/fixtures`, shared with them).
 fn fixture(name: &str) -> String {
-    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+    format!(
+        "{}/../tuning/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
 }
 
 fn json(out: &std::process::Output) -> serde_json::Value {
