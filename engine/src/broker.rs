@@ -21,16 +21,10 @@ use ringcast_protocol::{
     CloseCode, UpgradeRequest,
 };
 
-use crate::pubsub::notices::{error_frame, publish_error_code};
+// Only the crate's public API, as an embedder writing its own broker would (ARCHITECTURE.md).
 use crate::{
-    api::handler::{Ctx, Handler},
-    config::RingOverflow,
-    ops::auth::{Auth, Grants},
-    types::{
-        ids::ConnId,
-        message::{Frame, Message, SubscribeError, Upgrade, UpgradeCtx},
-        publish::{DeliveryFormat, Payload},
-    },
+    error_frame, Auth, ConnId, Ctx, DeliveryFormat, Frame, Grants, Handler, Message, Payload,
+    RingOverflow, SubscribeError, Upgrade, UpgradeCtx,
 };
 
 /// The pub/sub broker, `ringcast serve`'s default handler.
@@ -249,7 +243,7 @@ fn handle(ctx: &mut Ctx<'_>, d: Dialect, grants: Option<&Grants>, request: Reque
                 // The backend (Redis) acks or refuses it when it has ordered it.
                 Ok(None) => {}
                 Err(e) => {
-                    let code = publish_error_code(e);
+                    let code = e.error_code();
                     let retry = ctx.retry_after(&e);
                     refuse_with(ctx, d, id, code, &e.to_string(), retry);
                 }

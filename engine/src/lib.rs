@@ -120,7 +120,10 @@ pub use ops::{
     auth::{Auth, AuthError, Grants},
     metrics::{LatencySnapshot, MemoryGauges, Metrics, MetricsSnapshot, LATENCY_BUCKETS},
 };
-pub use pubsub::hub::{Publisher, TopicPublisher};
+pub use pubsub::{
+    hub::{Publisher, TopicPublisher},
+    notices::error_frame,
+};
 /// The protocol crate, re-exported for its types ([`protocol::CloseCode`],
 /// [`protocol::UpgradeRequest`], ...).
 pub use ringcast_protocol as protocol;

@@ -252,9 +252,13 @@ impl Ctx<'_> {
         }
     }
 
-    /// A broker client's publish request: `Ok(Some(_))` when it is done (ack it now),
-    /// `Ok(None)` when the backend sends the ack or error to the connection itself later.
-    pub(crate) fn publish_request(
+    /// A publish request from a client speaking the broker protocol, id `id` in `dialect`:
+    /// `Ok(Some(_))` when it is done (ack it now), `Ok(None)` when the backend (Redis)
+    /// orders it later and then sends the ack or error to this connection itself.
+    ///
+    /// # Errors
+    /// As [`Ctx::publish`].
+    pub fn publish_request(
         &mut self,
         topic: &str,
         payload: Payload,

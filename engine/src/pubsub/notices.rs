@@ -1,30 +1,16 @@
 //! Envelope frames the engine builds itself (PROTOCOL.md): error replies with their retry
-//! hint.
+//! hint. The error code of a refused publish is [`PublishError::error_code`](crate::PublishError::error_code).
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use ringcast_protocol::envelope::{self, Dialect, ErrorCode};
 
-use crate::types::publish::PublishError;
-
-/// The error code a refused publish gets on the wire (PROTOCOL.md, Errors): one mapping for
-/// the broker's immediate refusals and the Redis bridge's later ones.
-pub(crate) fn publish_error_code(e: PublishError) -> ErrorCode {
-    match e {
-        PublishError::BadTopic(_) => ErrorCode::BadTopic,
-        PublishError::TooLarge => ErrorCode::TooLarge,
-        PublishError::BadPayload => ErrorCode::BadPayload,
-        PublishError::RateLimited => ErrorCode::RateLimited,
-        PublishError::Saturated | PublishError::Stopped | PublishError::Unavailable => {
-            ErrorCode::Unavailable
-        }
-    }
-}
-
-/// An error reply, with `retry_after_ms` (rounded up to whole milliseconds, at least 1) when
-/// there is a hint (binary v1 has no field for it).
-pub(crate) fn error_frame(
+/// An envelope error reply (PROTOCOL.md, Errors) as the engine builds it: with
+/// `retry_after_ms` (the hint rounded up to whole milliseconds, at least 1) when there is a
+/// hint; binary v1 has no field for it. For a handler speaking the broker protocol, as
+/// [`Broker`](crate::Broker) does.
+pub fn error_frame(
     d: impl Into<Dialect>,
     id: Option<u64>,
     code: ErrorCode,

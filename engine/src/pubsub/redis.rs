@@ -791,7 +791,7 @@ impl Worker {
                         crate::pubsub::notices::error_frame(
                             dialect,
                             id,
-                            crate::pubsub::notices::publish_error_code(e),
+                            e.error_code(),
                             &e.to_string(),
                             retry,
                         )

@@ -4,7 +4,10 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use ringcast_protocol::{envelope::Encoding, Utf8Bytes};
+use ringcast_protocol::{
+    envelope::{Encoding, ErrorCode},
+    Utf8Bytes,
+};
 
 /// What a published message carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +103,22 @@ pub enum PublishError {
     /// sent, the message may still have been sequenced; otherwise nothing was published.
     #[error("broker unavailable: the message could not be ordered")]
     Unavailable,
+}
+
+impl PublishError {
+    /// The error code this refusal gets on the wire (PROTOCOL.md, Errors): one mapping for
+    /// the broker's immediate refusals and the Redis bridge's later ones.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            PublishError::BadTopic(_) => ErrorCode::BadTopic,
+            PublishError::TooLarge => ErrorCode::TooLarge,
+            PublishError::BadPayload => ErrorCode::BadPayload,
+            PublishError::RateLimited => ErrorCode::RateLimited,
+            PublishError::Saturated | PublishError::Stopped | PublishError::Unavailable => {
+                ErrorCode::Unavailable
+            }
+        }
+    }
 }
 
 /// A publish that was made.
