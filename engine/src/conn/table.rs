@@ -923,11 +923,7 @@ impl ConnTable {
         let (flushed, dropped) = self.flush_for_close(key);
         let conn = &mut self.conns[key];
         if let Some(DeliveryFormat::Envelope(enc)) = conn.pubsub.as_ref().map(|ps| ps.format) {
-            conn.out
-                .push_encoded(ringcast_protocol::envelope::shutdown_frame(
-                    enc,
-                    "service restart",
-                ));
+            conn.out.push_encoded(crate::pubsub::notices::shutdown(enc));
         }
         self.close(
             key,

@@ -20,6 +20,7 @@ use ringcast_protocol::{
 };
 
 use crate::pubsub::data_ring::{ConnPubSub, Item, LocalTopic, Offer, Sub, SubscribeLimit, PENDING};
+use crate::pubsub::notices;
 use crate::{
     config::RingOverflow,
     conn::table::{ConnTable, Phase},
@@ -296,7 +297,7 @@ impl ConnTable {
     /// Queues a `reset` notice for an envelope subscriber.
     fn reset_notice(&mut self, key: usize, topic: &str, oldest: u64, epoch: u64) {
         if let Some(d) = self.reply_dialect(key) {
-            self.push_control(key, envelope::reset_frame(d, topic, oldest, epoch));
+            self.push_control(key, notices::reset(d, topic, oldest, epoch));
         }
     }
 
@@ -503,7 +504,7 @@ impl ConnTable {
             if let Some((name, count, _)) = ps.take_gaps(item.topic, item.seq) {
                 if let Some(enc) = encoding {
                     conn.out
-                        .push_encoded(envelope::dropped_frame(enc, &name, count, item.seq));
+                        .push_encoded(notices::dropped(enc, &name, count, item.seq));
                 }
             }
             conn.out.push_encoded(item.frame);
@@ -519,7 +520,7 @@ impl ConnTable {
                     ps.take_gaps(topic, u64::MAX).expect("the topic has a gap");
                 if let Some(enc) = encoding {
                     conn.out
-                        .push_encoded(envelope::dropped_frame(enc, &name, count, last + 1));
+                        .push_encoded(notices::dropped(enc, &name, count, last + 1));
                 }
             }
             if ps.data_ring.capacity() > 64 {

@@ -781,22 +781,9 @@ impl Worker {
                 let _ = tx.send(result);
             }
             ReplyTo::Conn { conn, id, dialect } => {
-                let frame = match result {
-                    Ok(receipt) => {
-                        envelope::publish_ack_frame(dialect, id, receipt.epoch, receipt.seq)
-                    }
-                    Err(e) => {
-                        let retry = matches!(e, PublishError::Unavailable)
-                            .then(|| self.shared.retry_hint(self.config.reconnect_min_delay));
-                        crate::pubsub::notices::error_frame(
-                            dialect,
-                            id,
-                            e.error_code(),
-                            &e.to_string(),
-                            retry,
-                        )
-                    }
-                };
+                let retry = matches!(result, Err(PublishError::Unavailable))
+                    .then(|| self.shared.retry_hint(self.config.reconnect_min_delay));
+                let frame = crate::pubsub::notices::publish_reply(dialect, id, result, retry);
                 self.fanout.send(
                     conn.shard().index(),
                     ShardMsg::Backend(BackendMsg::Reply { conn, frame }),

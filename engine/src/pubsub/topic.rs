@@ -10,11 +10,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use ringcast_protocol::{
-    envelope::{self, Dialect, PayloadKind},
-    server_frame, OpCode,
-};
+use ringcast_protocol::envelope::{self, Dialect};
 
+use crate::pubsub::notices;
 use crate::types::{
     clock::When,
     publish::{DeliveryFormat, Payload, PublishError, PublishReceipt},
@@ -59,36 +57,8 @@ impl Published {
     }
 
     fn encode(&self, format: DeliveryFormat) -> Bytes {
-        match format {
-            DeliveryFormat::Raw => match &self.payload {
-                Payload::Json(b) => server_frame(OpCode::Text, b),
-                Payload::Text(t) => server_frame(OpCode::Text, t.as_bytes()),
-                Payload::Binary(b) => server_frame(OpCode::Binary, b),
-            },
-            DeliveryFormat::Envelope(enc) => {
-                let quoted;
-                let (kind, bytes): (PayloadKind, &[u8]) = match &self.payload {
-                    Payload::Json(b) => (PayloadKind::Json, b),
-                    Payload::Text(t) => {
-                        quoted = json_string(t.as_str());
-                        (PayloadKind::Json, &quoted)
-                    }
-                    Payload::Binary(b) => (PayloadKind::Binary, b),
-                };
-                envelope::message_frame(
-                    enc,
-                    &self.topic.name,
-                    self.seq,
-                    envelope::Payload::new(kind, bytes),
-                )
-            }
-        }
+        notices::message(format, &self.topic.name, self.seq, &self.payload)
     }
-}
-
-fn json_string(s: &str) -> Vec<u8> {
-    // Serializing a str cannot fail.
-    serde_json::to_vec(s).unwrap_or_default()
 }
 
 /// One topic: its sequence, history and the shards that want it.
