@@ -19,6 +19,10 @@ pub(crate) enum ShardMsg {
     /// A topic message for the shard's local subscribers.
     Deliver(Arc<Published>),
     /// An answer or notice from a backend with its own thread (Redis).
+    #[cfg_attr(
+        not(feature = "redis"),
+        allow(dead_code, reason = "only Redis sends these")
+    )]
     Backend(BackendMsg),
 }
 

@@ -2,8 +2,9 @@
 //!
 //! Owns the counters and their snapshot. Each counter has exactly one writer, the shard that
 //! owns it, so an increment is a plain load and store (no locked instruction); other threads
-//! only read. [`Metrics::to_openmetrics`] writes a snapshot in the OpenMetrics text format,
-//! which the engine serves at `/metrics` (see `HttpConfig`).
+//! only read. With the `metrics` feature, `Metrics::to_openmetrics` writes a snapshot in the
+//! OpenMetrics text format, which the engine serves at `/metrics` (see `HttpConfig`); that
+//! encoding is the only part of this module the feature gates.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -16,7 +17,6 @@ use crate::{
     handler::CloseInitiator,
     memory,
     pubsub::Hub,
-    redis_bridge::BrokerStats,
 };
 
 /// Latency buckets: bucket `i` counts durations in (2^(i-1), 2^i] microseconds (bucket 0: up
@@ -116,6 +116,7 @@ fn initiator_index(by: CloseInitiator) -> usize {
     INITIATORS.iter().position(|&i| i == by).unwrap_or(1)
 }
 
+#[cfg(feature = "metrics")]
 fn initiator_name(by: CloseInitiator) -> &'static str {
     match by {
         CloseInitiator::Peer => "peer",
@@ -343,6 +344,7 @@ shard_metrics! {
 }
 
 /// The counters that are levels, not running totals.
+#[cfg(feature = "metrics")]
 const GAUGES: &[&str] = &[
     "connections_active",
     "ring_waiting_messages",
@@ -352,12 +354,15 @@ const GAUGES: &[&str] = &[
 
 /// A snapshot handed to the encoder as a collector: one family per counter, one series per
 /// shard.
+#[cfg(feature = "metrics")]
 #[derive(Debug)]
 struct Snapshot(Metrics);
 
 /// No exemplar labels.
+#[cfg(feature = "metrics")]
 type NoLabels = [(&'static str, &'static str); 0];
 
+#[cfg(feature = "metrics")]
 impl prometheus_client::collector::Collector for Snapshot {
     fn encode(
         &self,
@@ -541,6 +546,7 @@ impl MemoryGauges {
 }
 
 /// The Redis bridge's series: `broker_up` and `broker_lag_ms` are gauges, the rest counters.
+#[cfg(feature = "metrics")]
 fn encode_broker(
     encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
     b: &BrokerStats,
@@ -614,6 +620,43 @@ fn encode_broker(
     Ok(())
 }
 
+/// The Redis bridge's state and counters, from
+/// [`EngineHandle::broker_stats`](crate::EngineHandle::broker_stats). Only the Redis backend
+/// (the `redis` feature) has them: without that feature they are never given.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerStats {
+    /// Connected to Redis, with every local topic subscribed: publishes can be ordered.
+    pub up: bool,
+    /// Connection attempts after the first (each lost connection, each failed retry).
+    pub reconnects: u64,
+    /// Redis failures: refused connections, command errors and timeouts, lost connections.
+    pub errors: u64,
+    /// Publishes Redis sequenced for this host.
+    pub publishes: u64,
+    /// Publishes refused or failed: Redis away, an error or a timeout (each got
+    /// `unavailable`).
+    pub publish_errors: u64,
+    /// Topic messages received from Redis and forwarded to shards.
+    pub messages_in: u64,
+    /// Messages fetched from history to fill a hole in a topic's stream (after a lost
+    /// connection).
+    pub repaired: u64,
+    /// Messages neither received nor still in history when a hole was filled: subscribers
+    /// got a `dropped` notice for them.
+    pub lost: u64,
+    /// Topic resets because Redis lost its data (a new epoch, seen while connected or on
+    /// reconnect): one per local topic each time. Subscribers got a `reset` notice; acked
+    /// messages of the old epoch they had not received are gone.
+    pub resets: u64,
+    /// The epoch of Redis's numbering, as this host last saw it (0 before it first
+    /// connected).
+    pub epoch: u64,
+    /// Publish-to-receive lag of the latest message, in milliseconds, by Redis's clock at
+    /// publish and this host's at receipt (clock skew between hosts adds to it).
+    pub lag_ms: u64,
+}
+
 /// Metrics of every shard, as taken by [`EngineHandle::metrics`](crate::EngineHandle::metrics).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -655,6 +698,9 @@ impl Metrics {
 
     /// The snapshot in the OpenMetrics text format, every counter prefixed `ringcast_` with a
     /// `shard` label (counters get the `_total` suffix; `connections_active` is a gauge).
+    /// Needs the `metrics` feature.
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
     pub fn to_openmetrics(&self) -> String {
         let mut registry = prometheus_client::registry::Registry::with_prefix("ringcast");
         registry.register_collector(Box::new(Snapshot(self.clone())));

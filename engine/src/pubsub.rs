@@ -318,6 +318,10 @@ pub(crate) enum Backend {
 
 /// Where the outcome of a publish goes when the backend sequences it later.
 #[derive(Debug)]
+#[cfg_attr(
+    not(feature = "redis"),
+    allow(dead_code, reason = "only Redis reads it")
+)]
 pub(crate) enum ReplyTo {
     /// Nobody waits (a handler's `Ctx::publish`); a failure is only counted.
     Nobody,
@@ -344,6 +348,10 @@ pub(crate) enum Publish {
 /// What a backend with its own thread tells a shard, in the shard's inbox beside the
 /// deliveries (so in order with them).
 #[derive(Debug)]
+#[cfg_attr(
+    not(feature = "redis"),
+    allow(dead_code, reason = "only Redis sends these")
+)]
 pub(crate) enum BackendMsg {
     /// The answer to an attach that was `Pending`.
     Attached(Box<Attached>),
@@ -412,6 +420,10 @@ impl Fanout {
     }
 
     /// Sends a message that is not a delivery (a reply, an attach) to a shard.
+    #[cfg_attr(
+        not(feature = "redis"),
+        allow(dead_code, reason = "only Redis sends these")
+    )]
     pub(crate) fn send(&self, shard: usize, msg: ShardMsg) {
         let _ = self.mailboxes[shard].send(msg);
     }
@@ -529,7 +541,7 @@ impl Hub {
     }
 
     /// The Redis bridge's state and counters, when that is the backend.
-    pub(crate) fn broker_stats(&self) -> Option<crate::redis_bridge::BrokerStats> {
+    pub(crate) fn broker_stats(&self) -> Option<crate::metrics::BrokerStats> {
         self.bridge().map(|b| b.stats())
     }
 

@@ -52,6 +52,7 @@ use crate::{
     bus::ShardMsg,
     config::BrokerConfig,
     conn::When,
+    metrics::BrokerStats,
     pubsub::{
         new_epoch, BackendMsg, Fanout, Payload, PublishError, PublishReceipt, Published, ReplyTo,
         Topic,
@@ -153,42 +154,6 @@ impl Shared {
         let at = When::from_instant(Instant::now() + wait).as_nanos();
         self.retry_at.store(at, Relaxed);
     }
-}
-
-/// The Redis bridge's state and counters, from
-/// [`EngineHandle::broker_stats`](crate::EngineHandle::broker_stats).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct BrokerStats {
-    /// Connected to Redis, with every local topic subscribed: publishes can be ordered.
-    pub up: bool,
-    /// Connection attempts after the first (each lost connection, each failed retry).
-    pub reconnects: u64,
-    /// Redis failures: refused connections, command errors and timeouts, lost connections.
-    pub errors: u64,
-    /// Publishes Redis sequenced for this host.
-    pub publishes: u64,
-    /// Publishes refused or failed: Redis away, an error or a timeout (each got
-    /// `unavailable`).
-    pub publish_errors: u64,
-    /// Topic messages received from Redis and forwarded to shards.
-    pub messages_in: u64,
-    /// Messages fetched from history to fill a hole in a topic's stream (after a lost
-    /// connection).
-    pub repaired: u64,
-    /// Messages neither received nor still in history when a hole was filled: subscribers
-    /// got a `dropped` notice for them.
-    pub lost: u64,
-    /// Topic resets because Redis lost its data (a new epoch, seen while connected or on
-    /// reconnect): one per local topic each time. Subscribers got a `reset` notice; acked
-    /// messages of the old epoch they had not received are gone.
-    pub resets: u64,
-    /// The epoch of Redis's numbering, as this host last saw it (0 before it first
-    /// connected).
-    pub epoch: u64,
-    /// Publish-to-receive lag of the latest message, in milliseconds, by Redis's clock at
-    /// publish and this host's at receipt (clock skew between hosts adds to it).
-    pub lag_ms: u64,
 }
 
 /// What a shard or thread asks of the bridge.
