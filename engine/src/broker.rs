@@ -34,8 +34,8 @@ use crate::{
 /// browser `WebSocket`) speaks JSON. `?overflow=drop-oldest|drop-newest|conflate|disconnect` in the request target
 /// picks the connection's data-ring policy (anything else: 400).
 ///
-/// With token auth ([`Broker::with_auth`]) an upgrade needs a valid token (401 otherwise,
-/// with a `WWW-Authenticate` challenge); the token's `sub` names the user and its
+/// With token auth (`Broker::with_auth`, the `jwt` feature) an upgrade needs a valid token
+/// (401 otherwise, with a `WWW-Authenticate` challenge); the token's `sub` names the user and its
 /// `subscribe` and `publish` patterns bound what the connection may do: a request for any
 /// other topic gets a `forbidden` error, not a disconnect. Once the token expires, the next
 /// request closes the connection with 1008 "token expired".
@@ -54,7 +54,9 @@ impl Broker {
     }
 
     /// A broker that requires a token checked by `auth` (`None`: no auth, as
-    /// [`Auth::from_config`] returns when `auth.required` is false).
+    /// [`Auth::from_config`] returns when `auth.required` is false). Needs the `jwt` feature.
+    #[cfg(feature = "jwt")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
     pub fn with_auth(auth: Option<Arc<Auth>>) -> Self {
         Self {
             auth,

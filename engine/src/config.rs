@@ -42,7 +42,7 @@ pub struct EngineConfig {
     /// Who may upgrade, and how fast: origins, per-address and per-user caps, upgrade rate.
     pub admission: AdmissionConfig,
     /// Token auth for the built-in [`Broker`](crate::Broker) (and any handler that uses
-    /// [`Auth`](crate::Auth)).
+    /// `Auth`); the `jwt` feature.
     pub auth: AuthConfig,
     /// Where topics are ordered: in this process (the default) or in Redis, shared by hosts.
     pub broker: BrokerConfig,
@@ -135,7 +135,8 @@ impl Default for AdmissionConfig {
 /// `{key_prefix}T:seq` (the counter), `{key_prefix}T:h` (a stream holding the history) and
 /// the channel `{key_prefix}T`. History in Redis is bounded by
 /// `pubsub.history_max_messages` and by `history_max_age`; `pubsub.history_max_bytes`
-/// applies to the in-memory backend only.
+/// applies to the in-memory backend only. Redis needs the crate's `redis` feature (on by
+/// default): without it a `redis://` URL fails [`EngineConfig::validate`], naming the feature.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
@@ -186,7 +187,9 @@ impl Default for BrokerConfig {
 /// place that has one: `Authorization: Bearer`, a subprotocol entry, a cookie, or (when
 /// enabled) a query parameter. Claims: `sub` (the user id), `exp` (required), and the topic
 /// patterns `subscribe` and `publish` (arrays; `*` matches any run of characters). A
-/// missing, malformed, badly signed or expired token gets 401.
+/// missing, malformed, badly signed or expired token gets 401. Needs the crate's `jwt`
+/// feature (on by default): without it `required = true` fails [`EngineConfig::validate`],
+/// naming the feature.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
@@ -258,7 +261,8 @@ pub struct HttpConfig {
     /// for 3 `canary_interval`s. Default `/readyz`.
     pub ready_path: String,
     /// Every counter of every shard in the OpenMetrics text format (Prometheus scrapes it).
-    /// Default `/metrics`.
+    /// Default `/metrics`. Without the crate's `metrics` feature: 404 with a plain-text body
+    /// naming the feature.
     pub metrics_path: String,
     /// A canary goes through the fan-out path to every shard this often; readiness turns
     /// false (503 naming the shard) when a shard has taken none for 3 intervals, so a shard
@@ -941,6 +945,12 @@ impl EngineConfig {
             "needs at least one of hs256_secret_file, rs256_public_key_file, \
              es256_public_key_file",
         )?;
+        check(
+            !auth.required || cfg!(feature = "jwt"),
+            "auth.required",
+            "needs token auth, which this build of the ringcast crate leaves out (its `jwt` \
+             feature)",
+        )?;
         check(auth.leeway <= DAY, "auth.leeway", "must be at most 1 day")?;
         check(
             io.read_buffer_bytes >= 1024,
@@ -993,6 +1003,12 @@ impl EngineConfig {
             b.url.is_empty() || b.url.starts_with("redis://") || b.url.starts_with("redis+unix://"),
             "broker.url",
             "must be empty (in-memory) or a redis:// URL",
+        )?;
+        check(
+            b.url.is_empty() || cfg!(feature = "redis"),
+            "broker.url",
+            "names Redis, which this build of the ringcast crate leaves out (its `redis` \
+             feature)",
         )?;
         for (value, key) in [
             (b.history_max_age, "broker.history_max_age"),
@@ -1077,7 +1093,7 @@ mod tests {
             .to_string()
             .contains("auth.required"));
         config.auth.hs256_secret_file = Some("/etc/ringcast/secret".into());
-        config.validate().unwrap();
+        assert_eq!(config.validate().is_ok(), cfg!(feature = "jwt"));
         let mut config = EngineConfig::default();
         config.admission.retry_after_max = Duration::from_millis(500);
         assert!(config
@@ -1145,5 +1161,33 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("close_timeout"));
+    }
+
+    /// A config asking for a part this build leaves out fails validation naming the feature
+    /// (both builds run this: with the feature the same config is valid).
+    #[test]
+    fn a_part_left_out_of_the_build_is_a_config_error_naming_its_feature() {
+        let redis = EngineConfig::default().with_broker_url("redis://127.0.0.1:6379");
+        let mut jwt = EngineConfig::default();
+        jwt.auth.required = true;
+        jwt.auth.hs256_secret_file = Some("/etc/ringcast/secret".into());
+        for (config, built_in, key, feature) in [
+            (
+                redis,
+                cfg!(feature = "redis"),
+                "broker.url",
+                "`redis` feature",
+            ),
+            (jwt, cfg!(feature = "jwt"), "auth.required", "`jwt` feature"),
+        ] {
+            match config.validate() {
+                Ok(()) => assert!(built_in, "{key} accepted without the {feature}"),
+                Err(e) => {
+                    assert!(!built_in, "{e}");
+                    let text = e.to_string();
+                    assert!(text.starts_with(key) && text.contains(feature), "{text}");
+                }
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Plain HTTP on the WebSocket port: `/healthz`, `/readyz` and `/metrics` answered by the
 //! engine (GET or HEAD), every other plain request a clear 426 or 405. `/metrics` is parsed as a
-//! Prometheus scraper would parse it and checked for counters this test caused.
+//! Prometheus scraper would parse it and checked for counters this test caused; without the
+//! `metrics` feature it answers 404 naming the feature.
 
 mod util;
 
@@ -29,13 +30,15 @@ fn other_plain_requests_get_426_or_405_and_paths_are_configurable() {
     assert!(head.contains("Upgrade: websocket"), "{head}");
     assert_eq!(http_get(addr, "GET /healthz HTTP/1.1").0, 426, "turned off");
     assert_eq!(http_get(addr, "GET /metrics HTTP/1.1").0, 426, "moved");
-    assert_eq!(http_get(addr, "GET /internal/metrics HTTP/1.1").0, 200);
+    let metrics = if cfg!(feature = "metrics") { 200 } else { 404 };
+    assert_eq!(http_get(addr, "GET /internal/metrics HTTP/1.1").0, metrics);
     let (status, head, _) = http_get(addr, "POST /internal/metrics HTTP/1.1");
     assert_eq!(status, 405);
     assert!(head.contains("Allow: GET"), "{head}");
     engine.stop().unwrap();
 }
 
+#[cfg(feature = "metrics")]
 #[test]
 fn metrics_parse_and_count_what_happened() {
     let (engine, _) = start_recorder(config(2));
@@ -77,6 +80,26 @@ fn metrics_parse_and_count_what_happened() {
         .get("ringcast_pong_timeouts")
         .expect("help text");
     assert!(help.contains("pong_timeout"), "{help}");
+    engine.stop().unwrap();
+}
+
+/// Without the OpenMetrics encoding `/metrics` is still the engine's path, answered 404 with
+/// the reason (GET and HEAD), not a WebSocket-only 426 that would hide why.
+#[cfg(not(feature = "metrics"))]
+#[test]
+fn metrics_without_the_feature_answer_404_naming_it() {
+    let (engine, _) = start_recorder(config(1));
+    let addr = engine.local_addr();
+    let (status, head, body) = http_get(addr, "GET /metrics HTTP/1.1");
+    assert_eq!(status, 404, "{head}");
+    assert!(head.contains("text/plain"), "{head}");
+    assert!(body.contains("`metrics` feature"), "{body}");
+    let (status, _, body) = http_get(addr, "HEAD /metrics HTTP/1.1");
+    assert_eq!((status, body.as_str()), (404, ""));
+    // The counters are kept all the same: the scrape itself was counted.
+    wait_until("both requests counted", || {
+        engine.handle().metrics().total().http_requests == 2
+    });
     engine.stop().unwrap();
 }
 
@@ -172,17 +195,19 @@ fn head_answers_as_get_does_without_the_body() {
         );
         assert_eq!(body, "", "HEAD {path} has no body");
     }
-    let (status, head, body) = http_get(addr, "HEAD /metrics HTTP/1.1");
-    assert_eq!(status, 200, "{head}");
-    assert!(head.contains("application/openmetrics-text"), "{head}");
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("Content-Length: "))
-        .expect("a Content-Length")
-        .parse()
-        .unwrap();
-    assert!(length > 0);
-    assert_eq!(body, "");
+    if cfg!(feature = "metrics") {
+        let (status, head, body) = http_get(addr, "HEAD /metrics HTTP/1.1");
+        assert_eq!(status, 200, "{head}");
+        assert!(head.contains("application/openmetrics-text"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .expect("a Content-Length")
+            .parse()
+            .unwrap();
+        assert!(length > 0);
+        assert_eq!(body, "");
+    }
     // Other paths and methods are still refused, saying what is allowed.
     let (status, head, _) = http_get(addr, "HEAD /index.html HTTP/1.1");
     assert_eq!(status, 405, "{head}");

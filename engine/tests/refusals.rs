@@ -8,17 +8,16 @@
 mod util;
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
     thread,
     time::{Duration, Instant},
 };
 
-use ringcast::{Broker, Driver, Engine, EngineConfig, Payload, PublishError};
+use ringcast::{Broker, Driver, Engine, EngineConfig};
 use serde_json::Value;
 use tungstenite::{protocol::frame::coding::CloseCode as TCloseCode, Message as TMessage};
-use util::{Client, DEADLINE};
+use util::Client;
 
 fn broker(config: EngineConfig) -> Engine {
     Engine::start(config, |_| Broker::new()).expect("start")
@@ -319,145 +318,160 @@ fn a_flooding_client_is_not_read_while_its_budget_is_empty_epoll() {
     a_flooding_client_is_not_read_while_its_budget_is_empty(Driver::Epoll);
 }
 
-/// A redis-server child process on a loopback port, killed when dropped.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    /// Starts redis-server on a free port, or `None` when it is not installed.
-    fn start() -> Option<Self> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_err()
-        {
-            eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
-            return None;
-        }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Some(Self {
-            child: Self::spawn(port),
-            port,
-        })
-    }
-
-    fn spawn(port: u16) -> Child {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(std::env::temp_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        let start = Instant::now();
-        while !redis_ping(port) {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "redis-server did not answer PING"
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
-        child
-    }
-
-    fn kill(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn redis_ping(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
+/// The Redis backend keeps the retry hints through an outage (needs the `redis` feature).
+#[cfg(feature = "redis")]
+mod redis_outage {
+    use std::{
+        io::{BufRead, BufReader},
+        net::TcpListener,
+        process::{Child, Command, Stdio},
     };
-    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-    if s.write_all(b"PING\r\n").is_err() {
-        return false;
+
+    use ringcast::{Payload, PublishError};
+    use util::DEADLINE;
+
+    use super::*;
+
+    /// A redis-server child process on a loopback port, killed when dropped.
+    struct Redis {
+        child: Child,
+        port: u16,
     }
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("+PONG")
-}
 
-#[test]
-fn a_publisher_keeps_publishing_through_a_redis_outage() {
-    let Some(mut redis) = Redis::start() else {
-        return;
-    };
-    let url = format!("redis://127.0.0.1:{}", redis.port);
-    let mut cfg = util::config(1).with_broker_url(&url);
-    cfg.broker.reconnect_min_delay = Duration::from_millis(20);
-    cfg.broker.reconnect_max_delay = Duration::from_millis(300);
-    cfg.broker.command_timeout = Duration::from_secs(1);
-    cfg.broker.health_interval = Duration::from_millis(100);
-    let engine = broker(cfg);
-    let handle = engine.handle();
-    util::wait_until("the redis bridge to connect", || handle.broker_ready());
-    let mut ws = client(engine.local_addr());
-    ws.send(publish_json(0)).unwrap();
-    assert_eq!(reply(&mut ws)["type"], "ack");
+    impl Redis {
+        /// Starts redis-server on a free port, or `None` when it is not installed.
+        fn start() -> Option<Self> {
+            if Command::new("redis-server")
+                .arg("--version")
+                .stdout(Stdio::null())
+                .status()
+                .is_err()
+            {
+                eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+                return None;
+            }
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            Some(Self {
+                child: Self::spawn(port),
+                port,
+            })
+        }
 
-    redis.kill();
-    util::wait_until("the bridge to notice", || !handle.broker_ready());
-    // More refusals than the bad-request budget (20), one request at a time.
-    let mut unavailable = 0;
-    let mut id = 1;
-    while unavailable < 40 {
-        ws.send(publish_json(id)).unwrap();
-        let r = reply(&mut ws);
-        assert_eq!(r["id"], id);
-        if r["type"] == "error" {
+        fn spawn(port: u16) -> Child {
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(std::env::temp_dir())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn redis-server");
+            let start = Instant::now();
+            while !redis_ping(port) {
+                assert!(
+                    start.elapsed() < DEADLINE,
+                    "redis-server did not answer PING"
+                );
+                thread::sleep(Duration::from_millis(10));
+            }
+            child
+        }
+
+        fn kill(&mut self) {
+            self.child.kill().unwrap();
+            self.child.wait().unwrap();
+        }
+    }
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn redis_ping(port: u16) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        if s.write_all(b"PING\r\n").is_err() {
+            return false;
+        }
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("+PONG")
+    }
+
+    #[test]
+    fn a_publisher_keeps_publishing_through_a_redis_outage() {
+        let Some(mut redis) = Redis::start() else {
+            return;
+        };
+        let url = format!("redis://127.0.0.1:{}", redis.port);
+        let mut cfg = util::config(1).with_broker_url(&url);
+        cfg.broker.reconnect_min_delay = Duration::from_millis(20);
+        cfg.broker.reconnect_max_delay = Duration::from_millis(300);
+        cfg.broker.command_timeout = Duration::from_secs(1);
+        cfg.broker.health_interval = Duration::from_millis(100);
+        let engine = broker(cfg);
+        let handle = engine.handle();
+        util::wait_until("the redis bridge to connect", || handle.broker_ready());
+        let mut ws = client(engine.local_addr());
+        ws.send(publish_json(0)).unwrap();
+        assert_eq!(reply(&mut ws)["type"], "ack");
+
+        redis.kill();
+        util::wait_until("the bridge to notice", || !handle.broker_ready());
+        // More refusals than the bad-request budget (20), one request at a time.
+        let mut unavailable = 0;
+        let mut id = 1;
+        while unavailable < 40 {
+            ws.send(publish_json(id)).unwrap();
+            let r = reply(&mut ws);
+            assert_eq!(r["id"], id);
+            if r["type"] == "error" {
+                assert_eq!(r["code"], "unavailable", "{r}");
+                // At most the longest reconnect pause (300 ms).
+                hint(&r, 300);
+                unavailable += 1;
+            }
+            id += 1;
+            assert!(id < 10_000, "Redis is away, yet publishes keep being acked");
+        }
+        // Threads outside the shards get the same hint.
+        let publisher = handle.publisher();
+        let err = publisher
+            .publish("t", Payload::json("1").unwrap())
+            .unwrap_err();
+        assert_eq!(err, PublishError::Unavailable);
+        let wait = publisher.retry_after(&err).expect("a hint");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(300),
+            "{wait:?}"
+        );
+
+        // Redis comes back on the same port: the same connection publishes again.
+        redis.child = Redis::spawn(redis.port);
+        util::wait_until("the bridge to reconnect", || handle.broker_ready());
+        let acked = loop {
+            ws.send(publish_json(id)).unwrap();
+            let r = reply(&mut ws);
+            if r["type"] == "ack" {
+                break r;
+            }
             assert_eq!(r["code"], "unavailable", "{r}");
-            // At most the longest reconnect pause (300 ms).
-            hint(&r, 300);
-            unavailable += 1;
-        }
-        id += 1;
-        assert!(id < 10_000, "Redis is away, yet publishes keep being acked");
+            id += 1;
+            assert!(id < 20_000, "never acked again");
+        };
+        assert_eq!(acked["id"], id);
+        assert_eq!(handle.metrics().total().bad_requests, 0);
+        engine.stop().unwrap();
     }
-    // Threads outside the shards get the same hint.
-    let publisher = handle.publisher();
-    let err = publisher
-        .publish("t", Payload::json("1").unwrap())
-        .unwrap_err();
-    assert_eq!(err, PublishError::Unavailable);
-    let wait = publisher.retry_after(&err).expect("a hint");
-    assert!(
-        wait > Duration::ZERO && wait <= Duration::from_millis(300),
-        "{wait:?}"
-    );
-
-    // Redis comes back on the same port: the same connection publishes again.
-    redis.child = Redis::spawn(redis.port);
-    util::wait_until("the bridge to reconnect", || handle.broker_ready());
-    let acked = loop {
-        ws.send(publish_json(id)).unwrap();
-        let r = reply(&mut ws);
-        if r["type"] == "ack" {
-            break r;
-        }
-        assert_eq!(r["code"], "unavailable", "{r}");
-        id += 1;
-        assert!(id < 20_000, "never acked again");
-    };
-    assert_eq!(acked["id"], id);
-    assert_eq!(handle.metrics().total().bad_requests, 0);
-    engine.stop().unwrap();
 }
 
 /// The hint in the binary encodings: `ringcast.v2.bin` carries it, `ringcast.v1.bin` (whose

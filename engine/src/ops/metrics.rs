@@ -2,8 +2,9 @@
 //!
 //! Owns the counters and their snapshot. Each counter has exactly one writer, the shard that
 //! owns it, so an increment is a plain load and store (no locked instruction); other threads
-//! only read. [`Metrics::to_openmetrics`] writes a snapshot in the OpenMetrics text format,
-//! which the engine serves at `/metrics` (see `HttpConfig`).
+//! only read. With the `metrics` feature, `Metrics::to_openmetrics` writes a snapshot in the
+//! OpenMetrics text format, which the engine serves at `/metrics` (see `HttpConfig`); that
+//! encoding is the only part of this module the feature gates.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -116,6 +117,7 @@ fn initiator_index(by: CloseInitiator) -> usize {
     INITIATORS.iter().position(|&i| i == by).unwrap_or(1)
 }
 
+#[cfg(feature = "metrics")]
 fn initiator_name(by: CloseInitiator) -> &'static str {
     match by {
         CloseInitiator::Peer => "peer",
@@ -343,6 +345,7 @@ shard_metrics! {
 }
 
 /// The counters that are levels, not running totals.
+#[cfg(feature = "metrics")]
 const GAUGES: &[&str] = &[
     "connections_active",
     "ring_waiting_messages",
@@ -352,12 +355,15 @@ const GAUGES: &[&str] = &[
 
 /// A snapshot handed to the encoder as a collector: one family per counter, one series per
 /// shard.
+#[cfg(feature = "metrics")]
 #[derive(Debug)]
 struct Snapshot(Metrics);
 
 /// No exemplar labels.
+#[cfg(feature = "metrics")]
 type NoLabels = [(&'static str, &'static str); 0];
 
+#[cfg(feature = "metrics")]
 impl prometheus_client::collector::Collector for Snapshot {
     fn encode(
         &self,
@@ -541,6 +547,7 @@ impl MemoryGauges {
 }
 
 /// The Redis bridge's series: `broker_up` and `broker_lag_ms` are gauges, the rest counters.
+#[cfg(feature = "metrics")]
 fn encode_broker(
     encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
     b: &BrokerStats,
@@ -659,6 +666,9 @@ impl Metrics {
 
     /// The snapshot in the OpenMetrics text format, every counter prefixed `ringcast_` with a
     /// `shard` label (counters get the `_total` suffix; `connections_active` is a gauge).
+    /// Needs the `metrics` feature.
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
     pub fn to_openmetrics(&self) -> String {
         let mut registry = prometheus_client::registry::Registry::with_prefix("ringcast");
         registry.register_collector(Box::new(Snapshot(self.clone())));

@@ -3,6 +3,10 @@
 //! layer may count and check; reads nothing of them.
 
 pub(crate) mod admission;
+#[cfg(feature = "jwt")]
+pub(crate) mod auth;
+#[cfg(not(feature = "jwt"))]
+#[path = "auth_off.rs"]
 pub(crate) mod auth;
 pub(crate) mod memory;
 pub(crate) mod metrics;

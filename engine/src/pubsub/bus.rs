@@ -21,6 +21,10 @@ pub(crate) enum ShardMsg {
     /// A topic message for the shard's local subscribers.
     Deliver(Arc<Published>),
     /// An answer or notice from a backend with its own thread (Redis).
+    #[cfg_attr(
+        not(feature = "redis"),
+        allow(dead_code, reason = "only Redis sends these")
+    )]
     Backend(BackendMsg),
 }
 
@@ -104,6 +108,10 @@ impl Fanout {
     }
 
     /// Sends a message that is not a delivery (a reply, an attach) to a shard.
+    #[cfg_attr(
+        not(feature = "redis"),
+        allow(dead_code, reason = "only Redis sends these")
+    )]
     pub(crate) fn send(&self, shard: usize, msg: ShardMsg) {
         let _ = self.mailboxes[shard].send(msg);
     }

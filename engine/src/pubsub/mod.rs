@@ -8,5 +8,9 @@ pub(crate) mod canary;
 pub(crate) mod data_ring;
 pub(crate) mod hub;
 pub(crate) mod notices;
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
+#[cfg(not(feature = "redis"))]
+#[path = "redis_off.rs"]
 pub(crate) mod redis;
 pub(crate) mod topic;

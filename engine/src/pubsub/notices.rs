@@ -60,6 +60,10 @@ pub(crate) fn shutdown(enc: Encoding) -> Bytes {
 
 /// The answer to a publish request the backend ordered later: its ack, or its error with
 /// `retry` as the hint.
+#[cfg_attr(
+    not(feature = "redis"),
+    allow(dead_code, reason = "only the Redis bridge answers publishes later")
+)]
 pub(crate) fn publish_reply(
     d: Dialect,
     id: Option<u64>,

@@ -130,6 +130,10 @@ pub(crate) struct Attach {
 
 /// Where the outcome of a publish goes when the backend sequences it later.
 #[derive(Debug)]
+#[cfg_attr(
+    not(feature = "redis"),
+    allow(dead_code, reason = "only Redis reads it")
+)]
 pub(crate) enum ReplyTo {
     /// Nobody waits (a handler's `Ctx::publish`); a failure is only counted.
     Nobody,
@@ -156,6 +160,10 @@ pub(crate) enum Publish {
 /// What a backend with its own thread tells a shard, in the shard's inbox beside the
 /// deliveries (so in order with them).
 #[derive(Debug)]
+#[cfg_attr(
+    not(feature = "redis"),
+    allow(dead_code, reason = "only Redis sends these")
+)]
 pub(crate) enum BackendMsg {
     /// The answer to an attach that was `Pending`.
     Attached(Box<Attached>),

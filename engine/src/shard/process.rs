@@ -319,16 +319,10 @@ impl<H: Handler> Shard<H> {
                 http_response(200, &[], "ready")
             }
         } else if path == http.metrics_path {
-            let text =
+            metrics_response(|| {
                 Metrics::gather(&self.all_metrics, |i| table.hub.inbox_depth(i), &table.gate)
                     .with_broker(table.hub.broker_stats())
-                    .to_openmetrics();
-            // Not `http_response`: that one is text/plain and adds a final newline.
-            bytes::Bytes::from(format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; \
-                 charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-                text.len()
-            ))
+            })
         } else {
             return false;
         };
@@ -669,6 +663,30 @@ impl<H: Handler> Shard<H> {
             }
         }
     }
+}
+
+/// The answer to `/metrics`: the snapshot `gather` takes, in the OpenMetrics text format.
+#[cfg(feature = "metrics")]
+fn metrics_response(gather: impl FnOnce() -> Metrics) -> bytes::Bytes {
+    let text = gather().to_openmetrics();
+    // Not `http_response`: that one is text/plain and adds a final newline.
+    bytes::Bytes::from(format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; \
+         charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    ))
+}
+
+/// The answer to `/metrics` without the `metrics` feature: 404 and why, so a scraper's
+/// operator sees the cause instead of a WebSocket-only 426. The counters are still kept
+/// (`EngineHandle::metrics`); only their text encoding is not built in.
+#[cfg(not(feature = "metrics"))]
+fn metrics_response(_gather: impl FnOnce() -> Metrics) -> bytes::Bytes {
+    http_response(
+        404,
+        &[],
+        "no metrics endpoint: this build of the ringcast crate leaves out its `metrics` feature",
+    )
 }
 
 /// A whole HTTP response cut after its head: what a HEAD request gets.

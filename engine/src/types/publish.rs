@@ -158,7 +158,8 @@ pub struct TopicStats {
 }
 
 /// The Redis bridge's state and counters, from
-/// [`EngineHandle::broker_stats`](crate::EngineHandle::broker_stats).
+/// [`EngineHandle::broker_stats`](crate::EngineHandle::broker_stats). Only the Redis backend
+/// (the `redis` feature) has them: without that feature they are never given.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BrokerStats {
