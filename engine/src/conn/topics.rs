@@ -243,6 +243,11 @@ impl ConnTable {
                     }
                 }
                 for key in keys {
+                    // What the data ring holds of the old numbering was handed over before the
+                    // new one began: it goes out first. The reset travels on the control lane,
+                    // which would otherwise overtake it (a reset, then old seqs, then 1..).
+                    // Rare (Redis lost its data), and the ring is bounded.
+                    self.refill_within(key, usize::MAX);
                     if let Some(ps) = self.conns[key].pubsub.as_mut() {
                         // Drops counted in the old numbering mean nothing in the new one.
                         ps.drops.retain(|d| d.topic != id);
