@@ -45,6 +45,8 @@ use serde::Serialize;
 
 use ringcast::{ConfigError, Driver, EngineConfig};
 
+pub use crate::constraint::Constraint;
+
 /// Server RSS per idle upgraded connection, in bytes, with `[io] keep_request_head = true`.
 ///
 /// `bench/RESULTS.md`, "Idle, 10,000 connections" (run of 2026-11-23, when keeping the head
@@ -489,33 +491,6 @@ impl Inputs {
     }
 }
 
-/// What bounds the number of hosts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-#[non_exhaustive]
-pub enum Constraint {
-    /// The open-files limit of each host's process.
-    FileDescriptors,
-    /// Each host's RAM.
-    Memory,
-    /// Each host's cores, for message and delivery work.
-    Cpu,
-    /// `limits.max_connections_per_shard` x shards: a setting, not a resource.
-    Config,
-}
-
-impl Constraint {
-    /// The name used in text and JSON (`file-descriptors`, `memory`, `cpu`, `config`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Constraint::FileDescriptors => "file-descriptors",
-            Constraint::Memory => "memory",
-            Constraint::Cpu => "cpu",
-            Constraint::Config => "config",
-        }
-    }
-}
-
 /// The unit of [`HostsNeeded::per_host`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -531,7 +506,8 @@ pub enum Unit {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct HostsNeeded {
-    /// The limit.
+    /// The limit: file descriptors, memory, CPU or config; never [`Constraint::Conntrack`] or
+    /// [`Constraint::Ports`], which only a host read by the [`doctor`](crate::doctor) has.
     pub constraint: Constraint,
     /// What one host offers under this limit, in [`HostsNeeded::unit`]s.
     pub per_host: f64,
