@@ -223,7 +223,7 @@ pub fn diagnose(host: &Host, config: &EngineConfig, target: Target) -> Report {
         keep_request_head: config.io.keep_request_head,
         costs,
         fixed_fds: costs.fixed_fds(shards),
-        fixed_bytes: shards * costs.fixed_bytes_per_shard,
+        fixed_bytes: costs.fixed_bytes(shards),
     };
     let want = target.connections;
     let mut limits = vec![
@@ -374,7 +374,7 @@ fn memory_limit(host: &Host, engine: &EngineFacts, want: u64) -> LimitCheck {
     let per_conn = engine.costs.bytes_per_connection();
     let max = host
         .mem_available_bytes
-        .map(|avail| avail.saturating_sub(engine.fixed_bytes) / per_conn);
+        .map(|avail| engine.costs.connections_in(avail, engine.shards));
     let how = match host.mem_available_bytes {
         Some(avail) => format!(
             "(MemAvailable {} - {} shards x {} fixed) / ({} B user + {} B kernel per idle connection)",
