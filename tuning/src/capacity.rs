@@ -45,6 +45,8 @@ use serde::Serialize;
 
 use ringcast::{ConfigError, Driver, EngineConfig};
 
+pub use crate::constraint::Constraint;
+
 /// Server RSS per idle upgraded connection, in bytes, with `[io] keep_request_head = true`.
 ///
 /// `bench/RESULTS.md`, "Idle, 10,000 connections" (run of 2026-11-23, when keeping the head
@@ -215,6 +217,21 @@ impl Costs {
     pub fn fixed_fds(&self, shards: u64) -> u64 {
         self.fds_per_process + shards * self.fds_per_shard
     }
+
+    /// Memory `shards` shards hold besides their connections, in bytes.
+    pub fn fixed_bytes(&self, shards: u64) -> u64 {
+        shards * self.fixed_bytes_per_shard
+    }
+
+    /// Idle connections that fit in `bytes` of memory once `shards` shards have taken their
+    /// fixed share: the memory limit of both the doctor (`MemAvailable`) and the plan (each
+    /// host's usable RAM).
+    pub fn connections_in(&self, bytes: u64, shards: u64) -> u64 {
+        bytes
+            .saturating_sub(self.fixed_bytes(shards))
+            .checked_div(self.bytes_per_connection())
+            .unwrap_or(0)
+    }
 }
 
 /// What a plan needs: load and host shape. Build with [`Inputs::new`] and the `with_*`
@@ -336,10 +353,7 @@ impl Inputs {
 
         let fd_per_host = self.nofile_per_host.saturating_sub(costs.fixed_fds(shards));
         let usable = (self.ram_per_host_bytes as f64 * (1.0 - self.memory_headroom)) as u64;
-        let memory_per_host = usable
-            .saturating_sub(shards * costs.fixed_bytes_per_shard)
-            .checked_div(costs.bytes_per_connection())
-            .unwrap_or(0);
+        let memory_per_host = costs.connections_in(usable, shards);
         let config_per_host = shards.saturating_mul(config.limits.max_connections_per_shard as u64);
         let cores_per_host = shards as f64 * self.cpu_utilisation;
         // Deliveries each connection receives per second decide how well sends batch.
@@ -489,33 +503,6 @@ impl Inputs {
     }
 }
 
-/// What bounds the number of hosts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-#[non_exhaustive]
-pub enum Constraint {
-    /// The open-files limit of each host's process.
-    FileDescriptors,
-    /// Each host's RAM.
-    Memory,
-    /// Each host's cores, for message and delivery work.
-    Cpu,
-    /// `limits.max_connections_per_shard` x shards: a setting, not a resource.
-    Config,
-}
-
-impl Constraint {
-    /// The name used in text and JSON (`file-descriptors`, `memory`, `cpu`, `config`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Constraint::FileDescriptors => "file-descriptors",
-            Constraint::Memory => "memory",
-            Constraint::Cpu => "cpu",
-            Constraint::Config => "config",
-        }
-    }
-}
-
 /// The unit of [`HostsNeeded::per_host`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -531,7 +518,8 @@ pub enum Unit {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct HostsNeeded {
-    /// The limit.
+    /// The limit: file descriptors, memory, CPU or config; never [`Constraint::Conntrack`] or
+    /// [`Constraint::Ports`], which only a host read by the [`doctor`](crate::doctor) has.
     pub constraint: Constraint,
     /// What one host offers under this limit, in [`HostsNeeded::unit`]s.
     pub per_host: f64,
@@ -757,6 +745,19 @@ mod tests {
             costs.user_bytes_per_connection,
             IDLE_USER_BYTES_PER_CONNECTION_NO_HEAD
         );
+    }
+
+    #[test]
+    fn connections_in_memory_come_after_the_shards_fixed_share() {
+        let costs = Costs::for_config(&EngineConfig::default());
+        let per = costs.bytes_per_connection();
+        let fixed = costs.fixed_bytes(4);
+        assert_eq!(fixed, 4 * costs.fixed_bytes_per_shard);
+        assert_eq!(costs.connections_in(fixed + 10 * per + per - 1, 4), 10);
+        assert_eq!(costs.connections_in(fixed + 10 * per, 4), 10);
+        // Less than the shards' own share holds nothing, and does not wrap.
+        assert_eq!(costs.connections_in(fixed - 1, 4), 0);
+        assert_eq!(costs.connections_in(0, 4), 0);
     }
 
     #[test]

@@ -19,4 +19,5 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod capacity;
+mod constraint;
 pub mod doctor;
