@@ -105,7 +105,7 @@ pub enum HandshakeError {
         /// The configured limit.
         max: usize,
     },
-    /// The head had more header lines than [`MAX_HEADERS`](crate::handshake::MAX_HEADERS).
+    /// The head had more header lines than [`MAX_HEADERS`](crate::MAX_HEADERS).
     #[error("too many header lines")]
     TooManyHeaders,
     /// The request method was not GET (RFC 6455 §4.1).

@@ -50,10 +50,11 @@
 //!
 //! [`envelope`] is what a ringcast broker and its clients say inside those messages: subscribe,
 //! unsubscribe, publish and ping requests; messages with a per-topic `seq`, acks, errors and
-//! notices back. Two encodings, picked by subprotocol ([`Encoding::from_subprotocol`]): JSON in
-//! text frames and a compact binary layout in binary frames. [`decode_request`] reads a
-//! request; [`envelope::message_frame`] and its siblings write a whole server frame, ready to
-//! share like [`server_frame`]'s. `PROTOCOL.md` in this crate is the wire reference.
+//! notices back. Two encodings, picked by subprotocol
+//! ([`envelope::Encoding::from_subprotocol`]): JSON in text frames and a compact binary layout
+//! in binary frames. [`envelope::decode_request`] reads a request; [`envelope::message_frame`]
+//! and its siblings write a whole server frame, ready to share like [`server_frame`]'s.
+//! `PROTOCOL.md` in this crate is the wire reference.
 //!
 //! ## Features
 //!
@@ -62,29 +63,28 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-pub mod close;
-pub mod codec;
+// One public path per item. The codec core (frames, close codes, the state machine, the
+// handshake, limits, UTF-8, errors) is used item by item, so it lives at the root and its
+// modules are private. `envelope` and `mask` are families read through their module name
+// (`envelope::message_frame`, `envelope::Request`, `mask::apply_mask_reference`), so they keep
+// the module path and have no root re-export.
+mod close;
+mod codec;
 pub mod envelope;
-pub mod error;
-pub mod frame;
-pub mod handshake;
-pub mod limits;
+mod error;
+mod frame;
+mod handshake;
+mod limits;
 pub mod mask;
-pub mod utf8;
+mod utf8;
 
-pub use close::{CloseCode, CloseFrame, ReconnectHint};
+pub use close::{CloseCode, CloseFrame, ReconnectHint, MAX_REASON_BYTES};
 pub use codec::{CloseState, Codec, Event, Role};
-pub use envelope::{
-    decode_request, decode_server, encode_request, encode_server, validate_topic, AckPosition,
-    DecodeError, Dialect, Encoding, ErrorCode, Payload, PayloadKind, Request, ServerMessage,
-    SubscribeTopic, TopicPosition, BINARY_SUBPROTOCOL, BINARY_V2_SUBPROTOCOL, JSON_SUBPROTOCOL,
-    MAX_TOPIC_BYTES,
-};
 pub use error::{Error, HandshakeError, ProtocolError, Result};
 pub use frame::{encode_frame, server_frame, FrameHeader, OpCode, MAX_HEADER_BYTES};
 pub use handshake::{
-    accept_key, error_response, http_response, request_path, ClientHandshake, HeadReader,
-    UpgradeRequest,
+    accept_key, error_response, http_response, reason_phrase, request_path, ClientHandshake,
+    HeadReader, UpgradeRequest, MAX_HEADERS,
 };
 pub use limits::Limits;
-pub use utf8::{Utf8Bytes, Utf8Validator};
+pub use utf8::{InvalidUtf8, Utf8Bytes, Utf8Validator};

@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use ringcast_protocol::envelope::{
-    self, ack_frame, decode_request, decode_server, dropped_frame, encode_request, encode_server,
+    ack_frame, decode_request, decode_server, dropped_frame, encode_request, encode_server,
     error_frame, message_frame, pong_frame, publish_ack_frame, reset_frame, shutdown_frame,
     subscribe_ack_frame, validate_topic, AckPosition, DecodeError, Dialect, Encoding, ErrorCode,
     Payload, PayloadKind, Request, ServerMessage, SubscribeTopic, TopicPosition,
@@ -1812,15 +1812,6 @@ proptest! {
             ), "{:?} from {:?}", shorter, req),
         }
     }
-}
-
-#[test]
-fn envelope_module_reexports_match_the_crate_root() {
-    // The main items are reachable from the crate root too.
-    let _: fn(Encoding, &[u8]) -> Result<Request<'_>, DecodeError> =
-        ringcast_protocol::decode_request;
-    let _: fn(&str) -> Result<(), &'static str> = ringcast_protocol::validate_topic;
-    let _ = envelope::JSON_SUBPROTOCOL;
 }
 
 /// Every JSON example in PROTOCOL.md decodes; the server ones are exactly what the encoder writes.

@@ -17,7 +17,7 @@ use std::{
 
 use bytes::BytesMut;
 use ringcast_protocol::{
-    error::HandshakeError, error_response, http_response, CloseCode, CloseState, Codec, Event,
+    error_response, http_response, CloseCode, CloseState, Codec, Event, HandshakeError,
     UpgradeRequest,
 };
 use tracing::{debug, error, info};
@@ -576,7 +576,7 @@ impl<H: Handler> Shard<H> {
                 ringcast_protocol::encode_frame(
                     &mut frame,
                     true,
-                    ringcast_protocol::frame::OpCode::Ping,
+                    ringcast_protocol::OpCode::Ping,
                     &[],
                     None,
                 );

@@ -169,7 +169,7 @@ pub fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
     ringcast::protocol::encode_frame(
         &mut buf,
         fin,
-        ringcast::protocol::frame::OpCode::from_u8(opcode).unwrap(),
+        ringcast::protocol::OpCode::from_u8(opcode).unwrap(),
         payload,
         Some([0x37, 0xfa, 0x21, 0x3d]),
     );
