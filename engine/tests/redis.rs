@@ -1,20 +1,20 @@
 //! The Redis broker backend against a real redis-server that each test starts on a free
 //! loopback port: two engines sharing topics through it, resume on the other host, and
 //! Redis killed and restarted mid-stream. Skipped (with a line on stderr) only where
-//! redis-server is not installed; `.ci/run` installs it.
+//! redis-server is not installed and `CI` is not set; `.ci/run` installs it, and under CI a
+//! missing redis-server fails the tests.
 
 mod util;
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    io::{Read, Write},
+    net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering::Relaxed},
         Arc, Mutex,
     },
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use ringcast::{
@@ -22,93 +22,7 @@ use ringcast::{
     Broker, Engine, EngineConfig, Payload, PublishError,
 };
 use tungstenite::Message as TMessage;
-use util::{Client, DEADLINE};
-
-/// A redis-server child process on a loopback port, killed when dropped.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    /// Starts redis-server on a free port, or `None` when it is not installed.
-    fn start() -> Option<Self> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_err()
-        {
-            eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
-            return None;
-        }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Some(Self {
-            child: Self::spawn(port),
-            port,
-        })
-    }
-
-    fn spawn(port: u16) -> Child {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(std::env::temp_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        let start = Instant::now();
-        while !ping(port) {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "redis-server did not answer PING"
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
-        child
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// SIGKILL: no goodbye to the clients, and (no persistence) every key is gone.
-    fn kill(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    /// A fresh, empty redis-server on the same port.
-    fn restart(&mut self) {
-        self.child = Self::spawn(self.port);
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Whether a Redis answers PING on `port`.
-fn ping(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-    if s.write_all(b"PING\r\n").is_err() {
-        return false;
-    }
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("+PONG")
-}
+use util::{redis::Redis, Client};
 
 /// An engine running the broker on the Redis at `url`, with fast reconnects, once it is
 /// connected.
@@ -518,23 +432,9 @@ fn redis_killed_mid_stream_errors_publishes_loses_nothing_silently_and_recovers(
     assert!(stats.publish_errors >= 20, "{stats:?}");
 }
 
-/// Sends one command to Redis and returns the raw reply text.
-fn redis_cmd(port: u16, args: &[&str]) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut req = format!("*{}\r\n", args.len());
-    for a in args {
-        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    s.write_all(req.as_bytes()).unwrap();
-    let mut buf = [0u8; 1024];
-    let n = s.read(&mut buf).unwrap();
-    String::from_utf8_lossy(&buf[..n]).into_owned()
-}
-
 /// Subscribers to `channel` on Redis, from PUBSUB NUMSUB.
-fn redis_subscribers(port: u16, channel: &str) -> u64 {
-    let reply = redis_cmd(port, &["PUBSUB", "NUMSUB", channel]);
+fn redis_subscribers(redis: &Redis, channel: &str) -> u64 {
+    let reply = redis.cmd(&["PUBSUB", "NUMSUB", channel]);
     let count = reply.lines().last().unwrap();
     count.trim_start_matches(':').parse().unwrap()
 }
@@ -543,15 +443,15 @@ fn redis_subscribers(port: u16, channel: &str) -> u64 {
 fn redis_subscriptions_follow_local_interest_up_and_down() {
     let Some(redis) = Redis::start() else { return };
     let a = engine(&redis.url(), 2);
-    assert_eq!(redis_subscribers(redis.port, "ringcast:t"), 0);
+    assert_eq!(redis_subscribers(&redis, "ringcast:t"), 0);
     let mut one = client(a.local_addr());
     let mut two = client(a.local_addr());
     subscribe(&mut one, "t", None);
     subscribe(&mut two, "t", None);
     util::wait_until("the host's one Redis subscription", || {
-        redis_subscribers(redis.port, "ringcast:t") == 1
+        redis_subscribers(&redis, "ringcast:t") == 1
     });
-    assert_eq!(redis_subscribers(redis.port, "ringcast:other"), 0);
+    assert_eq!(redis_subscribers(&redis, "ringcast:other"), 0);
     one.send(TMessage::text(
         r#"{"type":"unsubscribe","id":2,"topic":"t"}"#,
     ))
@@ -561,11 +461,11 @@ fn redis_subscriptions_follow_local_interest_up_and_down() {
     // The other local subscriber still wants it.
     publish(&a, "t", "1");
     assert!(matches!(next(&mut two), Got::Message { seq: 1, .. }));
-    assert_eq!(redis_subscribers(redis.port, "ringcast:t"), 1);
+    assert_eq!(redis_subscribers(&redis, "ringcast:t"), 1);
     drop(two);
     util::wait_until(
         "the Redis subscription to go with the last subscriber",
-        || redis_subscribers(redis.port, "ringcast:t") == 0,
+        || redis_subscribers(&redis, "ringcast:t") == 0,
     );
 }
 
@@ -622,7 +522,7 @@ fn flushall_mid_stream_is_announced_by_a_reset_with_the_new_epoch() {
             .count()
     };
     util::wait_until("publishes before the flush", || count(true) > 300);
-    assert!(redis_cmd(redis.port, &["FLUSHALL"]).starts_with("+OK"));
+    assert!(redis.cmd(&["FLUSHALL"]).starts_with("+OK"));
     util::wait_until("publishes in the new numbering", || count(false) > 300);
     stop.store(true, Relaxed);
     feed.join().unwrap();

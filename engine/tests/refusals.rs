@@ -321,98 +321,17 @@ fn a_flooding_client_is_not_read_while_its_budget_is_empty_epoll() {
 /// The Redis backend keeps the retry hints through an outage (needs the `redis` feature).
 #[cfg(feature = "redis")]
 mod redis_outage {
-    use std::{
-        io::{BufRead, BufReader},
-        net::TcpListener,
-        process::{Child, Command, Stdio},
-    };
-
     use ringcast::{Payload, PublishError};
-    use util::DEADLINE;
+    use util::redis::Redis;
 
     use super::*;
-
-    /// A redis-server child process on a loopback port, killed when dropped.
-    struct Redis {
-        child: Child,
-        port: u16,
-    }
-
-    impl Redis {
-        /// Starts redis-server on a free port, or `None` when it is not installed.
-        fn start() -> Option<Self> {
-            if Command::new("redis-server")
-                .arg("--version")
-                .stdout(Stdio::null())
-                .status()
-                .is_err()
-            {
-                eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
-                return None;
-            }
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            Some(Self {
-                child: Self::spawn(port),
-                port,
-            })
-        }
-
-        fn spawn(port: u16) -> Child {
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(std::env::temp_dir())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn redis-server");
-            let start = Instant::now();
-            while !redis_ping(port) {
-                assert!(
-                    start.elapsed() < DEADLINE,
-                    "redis-server did not answer PING"
-                );
-                thread::sleep(Duration::from_millis(10));
-            }
-            child
-        }
-
-        fn kill(&mut self) {
-            self.child.kill().unwrap();
-            self.child.wait().unwrap();
-        }
-    }
-
-    impl Drop for Redis {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    fn redis_ping(port: u16) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-            return false;
-        };
-        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-        if s.write_all(b"PING\r\n").is_err() {
-            return false;
-        }
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("+PONG")
-    }
 
     #[test]
     fn a_publisher_keeps_publishing_through_a_redis_outage() {
         let Some(mut redis) = Redis::start() else {
             return;
         };
-        let url = format!("redis://127.0.0.1:{}", redis.port);
+        let url = redis.url();
         let mut cfg = util::config(1).with_broker_url(&url);
         cfg.broker.reconnect_min_delay = Duration::from_millis(20);
         cfg.broker.reconnect_max_delay = Duration::from_millis(300);
@@ -456,7 +375,7 @@ mod redis_outage {
         );
 
         // Redis comes back on the same port: the same connection publishes again.
-        redis.child = Redis::spawn(redis.port);
+        redis.restart();
         util::wait_until("the bridge to reconnect", || handle.broker_ready());
         let acked = loop {
             ws.send(publish_json(id)).unwrap();

@@ -15,6 +15,8 @@ use ringcast::{
 };
 use tungstenite::{stream::MaybeTlsStream, WebSocket};
 
+pub mod redis;
+
 /// How long any single wait in a test may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
