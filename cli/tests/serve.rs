@@ -206,6 +206,9 @@ fn the_startup_log_names_the_address_driver_and_connection_cap_plainly() {
         cap > files.saturating_sub(1000),
         "cap {cap}: the limit less the engine's own files"
     );
+    // The warning follows the listening line; wait for it rather than read too early.
+    wait_for_log(&server, "connection cap below the configured");
+    let log = server.log();
     let warning = log
         .lines()
         .find(|l| l.contains("connection cap below the configured"))
