@@ -17,7 +17,7 @@ use std::{
 
 use bytes::Bytes;
 use ringcast_protocol::{
-    envelope::{self, Dialect, Encoding, ErrorCode, PayloadKind, Request},
+    envelope::{self, DataKind, Dialect, Encoding, ErrorCode, Request},
     CloseCode, UpgradeRequest,
 };
 
@@ -234,8 +234,8 @@ fn handle(ctx: &mut Ctx<'_>, d: Dialect, grants: Option<&Grants>, request: Reque
             }
             let payload = match payload.kind {
                 // The one copy, out of the read buffer.
-                PayloadKind::Json => Payload::Json(Bytes::copy_from_slice(&payload.bytes)),
-                PayloadKind::Binary => Payload::Binary(Bytes::copy_from_slice(&payload.bytes)),
+                DataKind::Json => Payload::Json(Bytes::copy_from_slice(&payload.bytes)),
+                DataKind::Binary => Payload::Binary(Bytes::copy_from_slice(&payload.bytes)),
             };
             match ctx.publish_request(&topic, payload, id, d) {
                 Ok(Some(receipt)) => control(

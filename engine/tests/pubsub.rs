@@ -1184,7 +1184,7 @@ fn acks_carry_epochs_and_seqs_and_a_restart_is_a_reset_not_a_continuation() {
             let req = envelope::Request::Publish {
                 id: Some(10 + i),
                 topic: "t".into(),
-                payload: envelope::Payload::json("1"),
+                payload: envelope::Data::json("1"),
             };
             send_req(&mut publ, dialect, &req);
             let bytes = next_raw(&mut publ);
@@ -1285,7 +1285,7 @@ fn a_binary_v1_client_gets_the_old_acks_and_resets_byte_for_byte() {
     let publish = envelope::Request::Publish {
         id: Some(2),
         topic: "t".into(),
-        payload: envelope::Payload::json("7"),
+        payload: envelope::Data::json("7"),
     };
     send_req(&mut v1, Dialect::BinaryV1, &publish);
     let mut acked = false;

@@ -397,9 +397,7 @@ mod redis_outage {
 /// error layout is unchanged) cannot.
 #[test]
 fn binary_v2_errors_carry_the_hint_and_v1_errors_are_unchanged() {
-    use ringcast::protocol::envelope::{
-        self, Dialect, Encoding, Payload as WirePayload, Request, ServerMessage,
-    };
+    use ringcast::protocol::envelope::{self, Data, Dialect, Encoding, Request, ServerMessage};
     let mut cfg = util::config(1);
     cfg.pubsub.publish_rate_per_sec = 1;
     cfg.pubsub.publish_burst = 1;
@@ -419,7 +417,7 @@ fn binary_v2_errors_carry_the_hint_and_v1_errors_are_unchanged() {
             let req = Request::Publish {
                 id: Some(id),
                 topic: "t".into(),
-                payload: WirePayload::json("1"),
+                payload: Data::json("1"),
             };
             ws.send(TMessage::binary(envelope::encode_request(
                 Encoding::Binary,

@@ -8,7 +8,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ringcast_protocol::envelope::{
-    decode_request, encode_request, message_frame, Encoding, Payload, Request,
+    decode_request, encode_request, message_frame, Data, Encoding, Request,
 };
 use ringcast_protocol::server_frame;
 use serde_json::value::RawValue;
@@ -44,16 +44,16 @@ fn encode(c: &mut Criterion) {
             |b, _| b.iter(|| server_frame(Encoding::Json.opcode(), black_box(json.as_bytes()))),
         );
         for (name, enc, payload) in [
-            ("message_frame json", Encoding::Json, Payload::json(&json)),
+            ("message_frame json", Encoding::Json, Data::json(&json)),
             (
                 "message_frame json, base64",
                 Encoding::Json,
-                Payload::binary(&bytes),
+                Data::binary(&bytes),
             ),
             (
                 "message_frame binary",
                 Encoding::Binary,
-                Payload::binary(&bytes),
+                Data::binary(&bytes),
             ),
         ] {
             group.bench_with_input(BenchmarkId::new(name, len), &len, |b, _| {
@@ -75,10 +75,9 @@ fn decode(c: &mut Criterion) {
             topic: "prices.BTC".into(),
             payload,
         };
-        let json_wire = encode_request(Encoding::Json, &publish(Payload::json(&json)));
-        let bin_wire = encode_request(Encoding::Binary, &publish(Payload::json(&json)));
-        let bin_opaque =
-            encode_request(Encoding::Binary, &publish(Payload::binary(json.as_bytes())));
+        let json_wire = encode_request(Encoding::Json, &publish(Data::json(&json)));
+        let bin_wire = encode_request(Encoding::Binary, &publish(Data::json(&json)));
+        let bin_opaque = encode_request(Encoding::Binary, &publish(Data::binary(json.as_bytes())));
         group.throughput(Throughput::Bytes(len as u64));
         group.bench_with_input(
             BenchmarkId::new("serde_json validate (ceiling)", len),

@@ -15,7 +15,7 @@
 //! so a message encoded once can be queued to any number of connections.
 //!
 //! ```
-//! use ringcast_protocol::envelope::{self, Encoding, Payload, Request};
+//! use ringcast_protocol::envelope::{self, Data, Encoding, Request};
 //!
 //! let enc = Encoding::from_subprotocol("ringcast.v1.json").expect("ours");
 //! let req = envelope::decode_request(enc, br#"{"type":"publish","id":3,"topic":"prices.BTC","data":{"p":1}}"#)?;
@@ -154,52 +154,55 @@ impl From<Encoding> for Dialect {
     }
 }
 
-/// What a published payload is. The broker never looks inside a payload beyond checking that a
-/// JSON one is valid JSON.
+/// What the `data` of a publish or message is. The broker never looks inside it beyond checking
+/// that a JSON one is valid JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PayloadKind {
+pub enum DataKind {
     /// The text of exactly one JSON value. In the JSON encoding it is inlined as `"data"`.
     Json,
     /// Opaque bytes. In the JSON encoding they travel base64-encoded as `"data_b64"`.
     Binary,
 }
 
-/// A published payload: its kind and its bytes.
+/// The `data` of a publish or message, as it travels on the wire: its kind and its bytes.
+///
+/// This is the protocol's borrowed view; an embedder publishing through the engine passes the
+/// engine's owned `ringcast::Payload` instead.
 ///
 /// The bytes are borrowed from the decoded message where possible: always for the binary
-/// encoding and for a JSON `"data"` value; a JSON `"data_b64"` payload is decoded into an owned
-/// buffer. A [`PayloadKind::Json`] payload must hold one valid JSON value with no whitespace
+/// encoding and for a JSON `"data"` value; a JSON `"data_b64"` value is decoded into an owned
+/// buffer. A [`DataKind::Json`] value must hold one valid JSON value with no whitespace
 /// around it: the decoders guarantee this, and encoders trust it (they inline the text as is).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Payload<'a> {
+pub struct Data<'a> {
     /// How the bytes are to be read.
-    pub kind: PayloadKind,
-    /// The payload itself.
+    pub kind: DataKind,
+    /// The bytes themselves.
     pub bytes: Cow<'a, [u8]>,
 }
 
-impl<'a> Payload<'a> {
-    /// A payload of `kind` borrowing `bytes`.
-    pub const fn new(kind: PayloadKind, bytes: &'a [u8]) -> Self {
+impl<'a> Data<'a> {
+    /// Data of `kind` borrowing `bytes`.
+    pub const fn new(kind: DataKind, bytes: &'a [u8]) -> Self {
         Self {
             kind,
             bytes: Cow::Borrowed(bytes),
         }
     }
 
-    /// A JSON payload: `text` must be one valid JSON value (not checked here).
+    /// JSON data: `text` must be one valid JSON value (not checked here).
     pub const fn json(text: &'a str) -> Self {
-        Self::new(PayloadKind::Json, text.as_bytes())
+        Self::new(DataKind::Json, text.as_bytes())
     }
 
-    /// An opaque binary payload.
+    /// Opaque binary data.
     pub const fn binary(bytes: &'a [u8]) -> Self {
-        Self::new(PayloadKind::Binary, bytes)
+        Self::new(DataKind::Binary, bytes)
     }
 
-    /// The same payload owning its bytes (copied if they were borrowed).
-    pub fn into_owned(self) -> Payload<'static> {
-        Payload {
+    /// The same data owning its bytes (copied if they were borrowed).
+    pub fn into_owned(self) -> Data<'static> {
+        Data {
             kind: self.kind,
             bytes: Cow::Owned(self.bytes.into_owned()),
         }
@@ -275,8 +278,8 @@ pub enum Request<'a> {
         id: Option<u64>,
         /// The topic.
         topic: Cow<'a, str>,
-        /// The payload (a JSON one is valid JSON when decoded).
-        payload: Payload<'a>,
+        /// The payload: the wire's `data` or `data_b64` (a JSON one is valid JSON when decoded).
+        payload: Data<'a>,
     },
     /// Ask for a pong (an application-level liveness check with an id, unlike a WebSocket ping).
     Ping {
@@ -308,8 +311,8 @@ pub enum ServerMessage<'a> {
         topic: Cow<'a, str>,
         /// Its sequence number in the topic: strictly increasing by one per published message.
         seq: u64,
-        /// The payload as published.
-        payload: Payload<'a>,
+        /// The payload as published: the wire's `data` or `data_b64`.
+        payload: Data<'a>,
     },
     /// A subscribe, unsubscribe or publish succeeded.
     Ack {
@@ -600,8 +603,8 @@ pub fn encode_server(dialect: impl Into<Dialect>, msg: &ServerMessage<'_>) -> By
 /// A topic message frame: `{"type":"message","topic":…,"seq":…,"data":…}` (or `"data_b64"` for
 /// a binary payload), or binary op `0x81`. Encode once per published message and share it.
 ///
-/// `payload` of [`PayloadKind::Json`] must be valid JSON: it is inlined unchecked.
-pub fn message_frame(enc: Encoding, topic: &str, seq: u64, payload: Payload<'_>) -> Bytes {
+/// `payload` of [`DataKind::Json`] must be valid JSON: it is inlined unchecked.
+pub fn message_frame(enc: Encoding, topic: &str, seq: u64, payload: Data<'_>) -> Bytes {
     encode_server(
         enc,
         &ServerMessage::Message {
@@ -830,12 +833,12 @@ mod tests {
                         ServerMessage::Message {
                             topic: topic.into(),
                             seq: u64::MAX,
-                            payload: Payload::binary(&bytes),
+                            payload: Data::binary(&bytes),
                         },
                         ServerMessage::Message {
                             topic: topic.into(),
                             seq: 0,
-                            payload: Payload::json("[1,2]"),
+                            payload: Data::json("[1,2]"),
                         },
                         ServerMessage::Error {
                             id: Some(10),
@@ -892,7 +895,7 @@ mod tests {
     fn frames_have_the_shortest_header_at_each_length_edge() {
         for len in [0usize, 100, 125, 126, 0xFFFF, 0x1_0000] {
             let bytes = vec![7u8; len];
-            let frame = message_frame(Encoding::Binary, "t", 1, Payload::binary(&bytes));
+            let frame = message_frame(Encoding::Binary, "t", 1, Data::binary(&bytes));
             let (header, used) = FrameHeader::parse(&frame).unwrap().unwrap();
             assert_eq!(used, header.encoded_len());
             assert_eq!(header.payload_len as usize, frame.len() - used);

@@ -11,9 +11,9 @@ use proptest::prelude::*;
 use ringcast_protocol::envelope::{
     ack_frame, decode_request, decode_server, dropped_frame, encode_request, encode_server,
     error_frame, message_frame, pong_frame, publish_ack_frame, reset_frame, shutdown_frame,
-    subscribe_ack_frame, validate_topic, AckPosition, DecodeError, Dialect, Encoding, ErrorCode,
-    Payload, PayloadKind, Request, ServerMessage, SubscribeTopic, TopicPosition,
-    BINARY_SUBPROTOCOL, BINARY_V2_SUBPROTOCOL, JSON_SUBPROTOCOL, MAX_TOPIC_BYTES,
+    subscribe_ack_frame, validate_topic, AckPosition, Data, DataKind, DecodeError, Dialect,
+    Encoding, ErrorCode, Request, ServerMessage, SubscribeTopic, TopicPosition, BINARY_SUBPROTOCOL,
+    BINARY_V2_SUBPROTOCOL, JSON_SUBPROTOCOL, MAX_TOPIC_BYTES,
 };
 use ringcast_protocol::{Codec, Event, FrameHeader, Limits, OpCode};
 use serde_json::{json, Value};
@@ -224,7 +224,7 @@ fn json_unsubscribe_publish_and_ping_shapes() {
             Ok(Request::Publish {
                 id: Some(3),
                 topic: "prices.BTC".into(),
-                payload: Payload::json(data),
+                payload: Data::json(data),
             }),
             "{input}"
         );
@@ -234,7 +234,7 @@ fn json_unsubscribe_publish_and_ping_shapes() {
         Ok(Request::Publish {
             id: None,
             topic: "t".into(),
-            payload: Payload::binary(&[0, 1, 2, 255]),
+            payload: Data::binary(&[0, 1, 2, 255]),
         })
     );
     assert_eq!(
@@ -242,7 +242,7 @@ fn json_unsubscribe_publish_and_ping_shapes() {
         Ok(Request::Publish {
             id: None,
             topic: "t".into(),
-            payload: Payload::binary(&[]),
+            payload: Data::binary(&[]),
         })
     );
     assert_eq!(
@@ -267,7 +267,7 @@ fn json_payloads_and_plain_topics_are_borrowed() {
     };
     assert!(matches!(topic, Cow::Borrowed("a.b")));
     assert!(matches!(payload.bytes, Cow::Borrowed(b"[1,2,3]")));
-    assert_eq!(payload.kind, PayloadKind::Json);
+    assert_eq!(payload.kind, DataKind::Json);
 }
 
 #[test]
@@ -621,7 +621,7 @@ fn binary_requests_decode() {
         Ok(Request::Publish {
             id: None,
             topic: "t".into(),
-            payload: Payload::binary(b"\x00\xff"),
+            payload: Data::binary(b"\x00\xff"),
         })
     );
     assert_eq!(
@@ -629,7 +629,7 @@ fn binary_requests_decode() {
         Ok(Request::Publish {
             id: None,
             topic: "t".into(),
-            payload: Payload::binary(b""),
+            payload: Data::binary(b""),
         })
     );
     // A JSON payload is checked and trimmed.
@@ -638,7 +638,7 @@ fn binary_requests_decode() {
         Ok(Request::Publish {
             id: None,
             topic: "t".into(),
-            payload: Payload::json("{\"a\": [1]}"),
+            payload: Data::json("{\"a\": [1]}"),
         })
     );
     // Entry flag bit 1: an epoch follows the since.
@@ -879,15 +879,15 @@ fn server_json_output_is_exact() {
     let j = Encoding::Json;
     let cases: Vec<(Bytes, &str)> = vec![
         (
-            message_frame(j, "prices.BTC", 42, Payload::json(r#"{"p":1}"#)),
+            message_frame(j, "prices.BTC", 42, Data::json(r#"{"p":1}"#)),
             r#"{"type":"message","topic":"prices.BTC","seq":42,"data":{"p":1}}"#,
         ),
         (
-            message_frame(j, "prices.BTC", 0, Payload::binary(&[0, 1, 2, 255])),
+            message_frame(j, "prices.BTC", 0, Data::binary(&[0, 1, 2, 255])),
             r#"{"type":"message","topic":"prices.BTC","seq":0,"data_b64":"AAEC/w=="}"#,
         ),
         (
-            message_frame(j, "t", 1, Payload::binary(&[])),
+            message_frame(j, "t", 1, Data::binary(&[])),
             r#"{"type":"message","topic":"t","seq":1,"data_b64":""}"#,
         ),
         (ack_frame(j, Some(1)), r#"{"type":"ack","id":1}"#),
@@ -937,7 +937,7 @@ fn server_json_output_is_exact() {
         (pong_frame(j, Some(4)), r#"{"type":"pong","id":4}"#),
         (pong_frame(j, None), r#"{"type":"pong"}"#),
         (
-            message_frame(j, "q\"b\\s/é\u{1}", u64::MAX, Payload::json("null")),
+            message_frame(j, "q\"b\\s/é\u{1}", u64::MAX, Data::json("null")),
             r#"{"type":"message","topic":"q\"b\\s/é\u0001","seq":18446744073709551615,"data":null}"#,
         ),
     ];
@@ -956,12 +956,12 @@ fn server_json_parses_with_serde_json() {
             j,
             "a\"\\\n☃",
             42,
-            Payload::json(r#"{"p":[1,"x"]}"#)
+            Data::json(r#"{"p":[1,"x"]}"#)
         )),
         json!({"type": "message", "topic": "a\"\\\n☃", "seq": 42, "data": {"p": [1, "x"]}})
     );
     assert_eq!(
-        parse(&message_frame(j, "b", 1, Payload::binary(b"hello"))),
+        parse(&message_frame(j, "b", 1, Data::binary(b"hello"))),
         json!({"type": "message", "topic": "b", "seq": 1, "data_b64": "aGVsbG8="})
     );
     assert_eq!(
@@ -1014,11 +1014,11 @@ fn server_binary_output_is_exact() {
     let cat = |parts: &[&[u8]]| parts.concat();
     let cases: Vec<(Bytes, Vec<u8>)> = vec![
         (
-            message_frame(b, "t", 42, Payload::json("[1]")),
+            message_frame(b, "t", 42, Data::json("[1]")),
             cat(&[&[0x81, 0x01], &42u64.to_be_bytes(), &[1, b't'], b"[1]"]),
         ),
         (
-            message_frame(b, "t", 42, Payload::binary(b"\x00\x01")),
+            message_frame(b, "t", 42, Data::binary(b"\x00\x01")),
             cat(&[&[0x81, 0x00], &42u64.to_be_bytes(), &[1, b't'], b"\x00\x01"]),
         ),
         (
@@ -1083,7 +1083,7 @@ fn server_binary_v2_output_is_exact() {
     let cases: Vec<(Bytes, Vec<u8>)> = vec![
         // Messages and dropped notices are version 1's bytes.
         (
-            message_frame(Encoding::Binary, "t", 42, Payload::json("[1]")),
+            message_frame(Encoding::Binary, "t", 42, Data::json("[1]")),
             cat(&[&[0x81, 0x01], &42u64.to_be_bytes(), &[1, b't'], b"[1]"]),
         ),
         (ack_frame(b, None), vec![0x82, 0x00, 0x00]),
@@ -1237,7 +1237,7 @@ fn every_frame_encoder_gives_a_decodable_frame_of_its_encoding() {
     for d in DIALECTS {
         let enc = d.encoding();
         let frames = [
-            (message_frame(enc, "t", 1, Payload::json("1")), "message"),
+            (message_frame(enc, "t", 1, Data::json("1")), "message"),
             (ack_frame(d, Some(1)), "ack"),
             (publish_ack_frame(d, Some(1), 2, 3), "ack"),
             (subscribe_ack_frame(d, Some(1), vec![pos("t", 2, 3)]), "ack"),
@@ -1273,7 +1273,7 @@ fn frames_over_125_and_65535_bytes_use_the_longer_length_forms() {
         for len in [100usize, 200, 70_000] {
             let data = vec![b'7'; len];
             let text = std::str::from_utf8(&data).unwrap();
-            let frame = message_frame(enc, "t", 1, Payload::json(text));
+            let frame = message_frame(enc, "t", 1, Data::json(text));
             let payload = through_client_codec(&frame, enc);
             let Ok(ServerMessage::Message { payload: p, .. }) = decode_server(enc, &payload) else {
                 panic!("message");
@@ -1449,7 +1449,7 @@ fn requests_travel_through_a_client_and_a_server_codec() {
     let req = Request::Publish {
         id: Some(77),
         topic: "prices.ETH".into(),
-        payload: Payload::json(r#"{"bid":1,"ask":2}"#),
+        payload: Data::json(r#"{"bid":1,"ask":2}"#),
     };
     for enc in ENCODINGS {
         let mut client = Codec::client(Limits::default(), 3);
@@ -1507,7 +1507,7 @@ fn request_json_output_is_exact() {
         j(&Request::Publish {
             id: Some(3),
             topic: "t".into(),
-            payload: Payload::json("[1]")
+            payload: Data::json("[1]")
         }),
         r#"{"type":"publish","id":3,"topic":"t","data":[1]}"#
     );
@@ -1515,7 +1515,7 @@ fn request_json_output_is_exact() {
         j(&Request::Publish {
             id: None,
             topic: "t".into(),
-            payload: Payload::binary(b"hi")
+            payload: Data::binary(b"hi")
         }),
         r#"{"type":"publish","topic":"t","data_b64":"aGk="}"#
     );
@@ -1577,14 +1577,14 @@ fn json_text() -> impl Strategy<Value = String> {
     .prop_map(|v| v.to_string())
 }
 
-fn payload() -> impl Strategy<Value = Payload<'static>> {
+fn payload() -> impl Strategy<Value = Data<'static>> {
     prop_oneof![
-        json_text().prop_map(|t| Payload {
-            kind: PayloadKind::Json,
+        json_text().prop_map(|t| Data {
+            kind: DataKind::Json,
             bytes: Cow::Owned(t.into_bytes()),
         }),
-        prop::collection::vec(any::<u8>(), 0..64).prop_map(|b| Payload {
-            kind: PayloadKind::Binary,
+        prop::collection::vec(any::<u8>(), 0..64).prop_map(|b| Data {
+            kind: DataKind::Binary,
             bytes: Cow::Owned(b),
         }),
     ]
@@ -1742,7 +1742,7 @@ proptest! {
             ServerMessage::Message { topic, seq, payload } => {
                 prop_assert_eq!(&v["topic"], &Value::from(&**topic));
                 prop_assert_eq!(&v["seq"], &Value::from(*seq));
-                if payload.kind == PayloadKind::Json {
+                if payload.kind == DataKind::Json {
                     let data: Value = serde_json::from_slice(&payload.bytes).unwrap();
                     prop_assert_eq!(&v["data"], &data);
                 }
@@ -1858,13 +1858,13 @@ fn protocol_md_examples_hold() {
     let publish = Request::Publish {
         id: None,
         topic: "t".into(),
-        payload: Payload::json("[1]"),
+        payload: Data::json("[1]"),
     };
     assert_eq!(
         encode_request(Encoding::Binary, &publish),
         unhex("03 00 01 01 74 5b 31 5d")
     );
-    let frame = message_frame(Encoding::Binary, "t", 42, Payload::json("[1]"));
+    let frame = message_frame(Encoding::Binary, "t", 42, Data::json("[1]"));
     assert_eq!(
         split_frame(&frame, Encoding::Binary),
         unhex("81 01 00 00 00 00 00 00 00 2a 01 74 5b 31 5d")

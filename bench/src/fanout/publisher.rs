@@ -16,7 +16,7 @@ use anyhow::{bail, Context as _, Result};
 use hdrhistogram::Histogram;
 use mio::{Events, Poll, Token, Waker};
 use ringcast_protocol::{
-    envelope::{self, Encoding, Payload, PayloadKind, Request, ServerMessage},
+    envelope::{self, Data, DataKind, Encoding, Request, ServerMessage},
     OpCode,
 };
 
@@ -130,16 +130,16 @@ pub(super) fn publish(
             match enc {
                 Some(enc) => {
                     let kind = if enc == Encoding::Json {
-                        PayloadKind::Json
+                        DataKind::Json
                     } else {
-                        PayloadKind::Binary
+                        DataKind::Binary
                     };
                     let request = envelope::encode_request(
                         enc,
                         &Request::Publish {
                             id: None,
                             topic: Cow::Borrowed(&topics[(next_m % cfg.topics as u64) as usize]),
-                            payload: Payload::new(kind, &payload),
+                            payload: Data::new(kind, &payload),
                         },
                     );
                     conn.ws.queue(enc.opcode(), &request);

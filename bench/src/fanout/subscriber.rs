@@ -584,7 +584,7 @@ fn record_in_flight(
 mod tests {
     use bytes::BytesMut;
     use ringcast_protocol::{
-        envelope::{Encoding, Payload, PayloadKind},
+        envelope::{Data, DataKind, Encoding},
         Codec, Event, Limits,
     };
 
@@ -640,12 +640,12 @@ mod tests {
             let mut data = Vec::new();
             write_payload(enc == Encoding::Json, span.t0_ns + 150, 32, &mut data);
             let kind = if enc == Encoding::Json {
-                PayloadKind::Json
+                DataKind::Json
             } else {
-                PayloadKind::Binary
+                DataKind::Binary
             };
             let message =
-                |seq| envelope::message_frame(enc, "fanout.0", seq, Payload::new(kind, &data));
+                |seq| envelope::message_frame(enc, "fanout.0", seq, Data::new(kind, &data));
             for frame in [
                 message(7),
                 message(8),

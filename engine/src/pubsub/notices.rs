@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ringcast_protocol::{
-    envelope::{self, Dialect, Encoding, ErrorCode, PayloadKind},
+    envelope::{self, DataKind, Dialect, Encoding, ErrorCode},
     server_frame, OpCode,
 };
 
@@ -25,15 +25,15 @@ pub(crate) fn message(format: DeliveryFormat, topic: &str, seq: u64, payload: &P
         },
         DeliveryFormat::Envelope(enc) => {
             let quoted;
-            let (kind, bytes): (PayloadKind, &[u8]) = match payload {
-                Payload::Json(b) => (PayloadKind::Json, b),
+            let (kind, bytes): (DataKind, &[u8]) = match payload {
+                Payload::Json(b) => (DataKind::Json, b),
                 Payload::Text(t) => {
                     quoted = json_string(t.as_str());
-                    (PayloadKind::Json, &quoted)
+                    (DataKind::Json, &quoted)
                 }
-                Payload::Binary(b) => (PayloadKind::Binary, b),
+                Payload::Binary(b) => (DataKind::Binary, b),
             };
-            envelope::message_frame(enc, topic, seq, envelope::Payload::new(kind, bytes))
+            envelope::message_frame(enc, topic, seq, envelope::Data::new(kind, bytes))
         }
     }
 }

@@ -14,7 +14,7 @@ use std::borrow::Cow;
 use serde_json::value::RawValue;
 
 use super::{
-    validate_topic, AckPosition, DecodeError, ErrorCode, Fail, Payload, PayloadKind, Request,
+    validate_topic, AckPosition, Data, DataKind, DecodeError, ErrorCode, Fail, Request,
     ServerMessage, Sink, SubscribeTopic, TopicPosition, MAX_TOPIC_BYTES,
 };
 
@@ -146,10 +146,10 @@ impl<'a> Reader<'a> {
     }
 
     /// Everything left, as a payload of the kind `flags` says.
-    fn payload(&mut self, flags: u8) -> Result<Payload<'a>, Fail> {
+    fn payload(&mut self, flags: u8) -> Result<Data<'a>, Fail> {
         let rest = std::mem::take(&mut self.rest);
         if flags & FLAG_JSON == 0 {
-            return Ok(Payload::binary(rest));
+            return Ok(Data::binary(rest));
         }
         // Checked, and trimmed of surrounding whitespace as a JSON `data` value would be.
         let json = serde_json::from_slice::<&RawValue>(rest).map_err(|_| {
@@ -158,7 +158,7 @@ impl<'a> Reader<'a> {
                 "payload flagged JSON is not valid JSON",
             )
         })?;
-        Ok(Payload::json(json.get()))
+        Ok(Data::json(json.get()))
     }
 
     fn end(&self, what: &str) -> Result<(), Fail> {
@@ -496,10 +496,10 @@ pub(super) fn write_server<S: Sink>(msg: &ServerMessage<'_>, out: &mut S, versio
     }
 }
 
-fn payload_flags(payload: &Payload<'_>) -> u8 {
+fn payload_flags(payload: &Data<'_>) -> u8 {
     match payload.kind {
-        PayloadKind::Json => FLAG_JSON,
-        PayloadKind::Binary => 0,
+        DataKind::Json => FLAG_JSON,
+        DataKind::Binary => 0,
     }
 }
 
@@ -570,7 +570,7 @@ mod tests {
             &Request::Publish {
                 id: None,
                 topic: "t".into(),
-                payload: Payload::json("[1]"),
+                payload: Data::json("[1]"),
             },
             &mut out,
         );

@@ -13,8 +13,8 @@ use serde::de::{self, DeserializeSeed, Deserializer as _, IgnoredAny, MapAccess,
 use serde_json::value::RawValue;
 
 use super::{
-    decode_base64, shown, validate_topic, AckPosition, DecodeError, ErrorCode, Fail, Payload,
-    PayloadKind, Request, ServerMessage, Sink, SubscribeTopic, TopicPosition,
+    decode_base64, shown, validate_topic, AckPosition, Data, DataKind, DecodeError, ErrorCode,
+    Fail, Request, ServerMessage, Sink, SubscribeTopic, TopicPosition,
 };
 
 /// Every field name any message uses. An index into [`Fields::val`].
@@ -178,14 +178,14 @@ impl<'a> Fields<'a> {
     }
 
     /// The payload: `data` (JSON, borrowed) or `data_b64` (binary, decoded).
-    fn payload(&self) -> Result<Payload<'a>, Fail> {
+    fn payload(&self) -> Result<Data<'a>, Fail> {
         match (self.raw(F::Data)?, self.str(F::DataB64)?) {
             (Some(_), Some(_)) => Err(Fail::bad_request(
                 "fields \"data\" and \"data_b64\" exclude each other",
             )),
-            (Some(data), None) => Ok(Payload::new(PayloadKind::Json, data.get().as_bytes())),
-            (None, Some(b64)) => Ok(Payload {
-                kind: PayloadKind::Binary,
+            (Some(data), None) => Ok(Data::new(DataKind::Json, data.get().as_bytes())),
+            (None, Some(b64)) => Ok(Data {
+                kind: DataKind::Binary,
                 bytes: Cow::Owned(decode_base64(&b64)?),
             }),
             (None, None) => Err(missing(F::Data)),
@@ -750,13 +750,13 @@ fn field_resume<S: Sink>(out: &mut S, entry: &SubscribeTopic<'_>) {
     }
 }
 
-fn field_payload<S: Sink>(out: &mut S, payload: &Payload<'_>) {
+fn field_payload<S: Sink>(out: &mut S, payload: &Data<'_>) {
     match payload.kind {
-        PayloadKind::Json => {
+        DataKind::Json => {
             key(out, "data");
             out.put(&payload.bytes);
         }
-        PayloadKind::Binary => {
+        DataKind::Binary => {
             key(out, "data_b64");
             out.put(b"\"");
             out.put_base64(&payload.bytes);
