@@ -116,7 +116,7 @@ fn run_thread<H: Handler>(spec: ShardSpec, factory: &(impl Fn(ShardId) -> H + ?S
                 let _ = spec.ready.send(Err(runtime_error(e, "")));
             }
         },
-        // `Config::validate` refuses `driver = "epoll"` in a build without the feature.
+        // `EngineConfig::validate` refuses `driver = "epoll"` in a build without the feature.
         #[cfg(not(feature = "epoll"))]
         Driver::Epoll => {
             let hint = "; this build of ringcast leaves out the `epoll` feature";

@@ -1,9 +1,10 @@
 //! The epoll driver: each connection is a monoio task on poll-io readiness.
 //!
 //! Owns, for `driver = "epoll"` (the `epoll` feature): the accept loop (a pause while the
-//! shard is full, stopping on shutdown), spawning a task per accepted connection, reading into the
-//! shard's shared buffer (only an unfinished frame's bytes are copied to the connection),
-//! vectored writes, yielding a busy connection fairly, and the connection's deadline timer.
+//! shard is full, stopping on shutdown), spawning a task per accepted connection, reading
+//! into the shard's shared buffer (only an unfinished frame's bytes are copied to the
+//! connection), vectored writes, yielding a busy connection fairly, and the connection's
+//! deadline timer.
 //! What the bytes mean is `shard/process.rs`'s business.
 
 use std::{

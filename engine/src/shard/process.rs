@@ -4,8 +4,8 @@
 //! endpoints, the codec, handler calls, deadlines, and the end of a connection; and the
 //! shard's inbox work (deliveries, the drain). Starting the thread and the driver is
 //! `runtime.rs`; the socket IO itself lives in `driver/uring_driver.rs` (io_uring) and
-//! `driver/poll_driver.rs` (epoll, with the `epoll` feature). Shards share nothing mutable; commands arrive through
-//! `pubsub/bus.rs`.
+//! `driver/poll_driver.rs` (epoll, with the `epoll` feature). Shards share nothing mutable;
+//! commands arrive through `pubsub/bus.rs`.
 
 use std::{
     cell::{Cell, RefCell},
