@@ -27,7 +27,7 @@ pub struct EngineConfig {
     /// Pin shard `i` to the `i`-th CPU the process may run on (wrapping). Default true.
     pub pin_shards: bool,
     /// IO driver. Default `io_uring`; starting fails if io_uring is unavailable unless this is
-    /// `epoll`, which must be chosen explicitly.
+    /// `epoll`, which must be chosen explicitly (and needs the crate's `epoll` feature).
     pub driver: Driver,
     /// Limits on what peers may send and on what is queued for them.
     pub limits: LimitsConfig,
@@ -430,7 +430,9 @@ pub enum Driver {
     /// io_uring, with readiness for sockets and completions for accepts and timers.
     #[serde(rename = "io_uring", alias = "io-uring")]
     IoUring,
-    /// epoll. Only when asked for: hosts with io_uring disabled, or comparisons.
+    /// epoll. Only when asked for: hosts with io_uring disabled, or comparisons. Needs the
+    /// crate's `epoll` feature; without it [`EngineConfig::validate`] refuses it (the value
+    /// still parses, so one config file serves every build).
     Epoll,
 }
 
@@ -870,6 +872,11 @@ impl EngineConfig {
             "must be at most 1024 (0 = one per CPU)",
         )?;
         check(
+            self.driver != Driver::Epoll || cfg!(feature = "epoll"),
+            "driver",
+            "is epoll, which this build of the ringcast crate leaves out (its `epoll` feature)",
+        )?;
+        check(
             l.max_frame_bytes > 0,
             "limits.max_frame_bytes",
             "must be > 0",
@@ -1171,6 +1178,7 @@ mod tests {
         let mut jwt = EngineConfig::default();
         jwt.auth.required = true;
         jwt.auth.hs256_secret_file = Some("/etc/ringcast/secret".into());
+        let epoll = EngineConfig::default().with_driver(Driver::Epoll);
         for (config, built_in, key, feature) in [
             (
                 redis,
@@ -1179,6 +1187,7 @@ mod tests {
                 "`redis` feature",
             ),
             (jwt, cfg!(feature = "jwt"), "auth.required", "`jwt` feature"),
+            (epoll, cfg!(feature = "epoll"), "driver", "`epoll` feature"),
         ] {
             match config.validate() {
                 Ok(()) => assert!(built_in, "{key} accepted without the {feature}"),

@@ -79,31 +79,33 @@
 //!
 //! ## Features
 //!
-//! Three, all on by default, because a server expects them; an embedder that needs fewer
+//! Four, all on by default, because a server expects them; an embedder that needs fewer
 //! takes `default-features = false` and names the ones it uses. The counts are crates in the
 //! normal dependency tree (`cargo tree -p ringcast -e normal --prefix none`, deduplicated),
-//! ringcast itself included: 72 with no features, 168 with all three.
+//! ringcast itself included: 69 with no features, 168 with all four.
 //!
 //! | feature | adds | crates (alone) |
 //! |---|---|---|
-//! | `redis` | the Redis broker backend, [`BrokerConfig::url`] `= "redis://..."`: the `redis` crate's async client on a current-thread tokio runtime in one bridge thread | +42 (114) |
-//! | `jwt` | token auth at the upgrade ([`AuthConfig`]): `Auth`, `Grants`, `AuthError` and `Broker::with_auth`, JWT signatures checked by `jsonwebtoken` with pure-Rust crypto | +53 (125) |
-//! | `metrics` | `/metrics` in the OpenMetrics text format and `Metrics::to_openmetrics`, encoded by `prometheus-client` | +6 (78) |
+//! | `redis` | the Redis broker backend, [`BrokerConfig::url`] `= "redis://..."`: the `redis` crate's async client on a current-thread tokio runtime in one bridge thread | +43 (112) |
+//! | `jwt` | token auth at the upgrade ([`AuthConfig`]): `Auth`, `Grants`, `AuthError` and `Broker::with_auth`, JWT signatures checked by `jsonwebtoken` with pure-Rust crypto | +53 (122) |
+//! | `metrics` | `/metrics` in the OpenMetrics text format and `Metrics::to_openmetrics`, encoded by `prometheus-client` | +6 (75) |
+//! | `epoll` | the epoll driver, [`EngineConfig::driver`] `= "epoll"`, for hosts where io_uring is disabled or blocked: monoio's legacy driver (mio) and its `poll-io` readiness IO, which uses tokio's IO traits (a bare tokio: no features, no runtime) | +3 (72) |
 //!
 //! A config that asks for a part the build leaves out is refused, never half-served:
 //! [`EngineConfig::validate`] (so [`Engine::start`] too) returns [`ConfigError::Invalid`]
-//! naming the key and the feature for `broker.url = "redis://..."` without `redis` and for
-//! `auth.required = true` without `jwt`. Without `metrics` every counter is still kept and
-//! read through [`EngineHandle::metrics`] (and [`BrokerStats`] stays in the API, always
-//! `None` without `redis`); only the text encoding is missing, so `[http] metrics_path`
-//! answers 404 with a plain-text body naming the feature, where a scraper's operator sees it.
+//! naming the key and the feature for `broker.url = "redis://..."` without `redis`, for
+//! `auth.required = true` without `jwt` and for `driver = "epoll"` without `epoll` (the value
+//! still parses, so one config file serves every build). Without `metrics` every counter is
+//! still kept and read through [`EngineHandle::metrics`] (and [`BrokerStats`] stays in the
+//! API, always `None` without `redis`); only the text encoding is missing, so
+//! `[http] metrics_path` answers 404 with a plain-text body naming the feature, where a
+//! scraper's operator sees it.
 //!
-//! Without any feature the tree has none of redis, jsonwebtoken, prometheus-client or a tokio
-//! runtime. tokio itself is still there, bare (no features, no runtime, one dependency):
-//! monoio's `poll-io`, which the epoll driver runs on, uses its IO traits.
+//! Without any feature the tree has none of redis, jsonwebtoken, prometheus-client, mio or
+//! tokio: the io_uring driver needs only monoio's `iouring`, `sync`, `macros` and `bytes`.
 //!
 //! This crate is the library only: the `ringcast` command (`ringcast serve`, with mimalloc as
-//! its global allocator, clap, signal handling and log output, and all three features) is the
+//! its global allocator, clap, signal handling and log output, and all four features) is the
 //! `ringcast-cli` crate, and the host checks and capacity planning behind `ringcast doctor`
 //! and `ringcast capacity` are the `ringcast-tuning` crate. Embedders choose their own
 //! allocator and logging.

@@ -7,7 +7,7 @@
 use std::{
     cell::{Cell, RefCell},
     io,
-    net::{SocketAddr, TcpListener as StdListener},
+    net::TcpListener as StdListener,
     os::fd::OwnedFd,
     rc::Rc,
     sync::Arc,
@@ -15,20 +15,23 @@ use std::{
     time::Duration,
 };
 
+#[cfg(feature = "epoll")]
 use bytes::BytesMut;
 use crossbeam_channel::Sender;
-use monoio::{io::Canceller, net::TcpListener, IoUringDriver, LegacyDriver, RuntimeBuilder};
+use monoio::{io::Canceller, IoUringDriver, RuntimeBuilder};
+#[cfg(feature = "epoll")]
+use monoio::{net::TcpListener, LegacyDriver};
 use tracing::{info, warn};
 
 use crate::{
     api::handler::Handler,
     config::Driver,
     conn::table::{ConnTable, Settings},
-    driver::{listener::accept_loop, poll_driver, uring, uring_driver},
+    driver::{uring, uring_driver},
     error::Error,
     ops::{admission::Gate, metrics::ShardMetrics},
     pubsub::{bus::Inbox, hub::Hub, topic::Topic},
-    shard::process::Shard,
+    shard::process::{deferrer, Shard},
     types::ids::ShardId,
 };
 
@@ -103,6 +106,7 @@ fn run_thread<H: Handler>(spec: ShardSpec, factory: &(impl Fn(ShardId) -> H + ?S
                 }
             }
         }
+        #[cfg(feature = "epoll")]
         Driver::Epoll => match RuntimeBuilder::<LegacyDriver>::new().enable_timer().build() {
             Ok(mut rt) => {
                 info!(shard = %id, driver = driver.name(), core = %core_name, "shard starting");
@@ -112,6 +116,14 @@ fn run_thread<H: Handler>(spec: ShardSpec, factory: &(impl Fn(ShardId) -> H + ?S
                 let _ = spec.ready.send(Err(runtime_error(e, "")));
             }
         },
+        // `EngineConfig::validate` refuses `driver = "epoll"` in a build without the feature.
+        #[cfg(not(feature = "epoll"))]
+        Driver::Epoll => {
+            let hint = "; this build of ringcast leaves out the `epoll` feature";
+            let _ = spec
+                .ready
+                .send(Err(runtime_error(io::ErrorKind::Unsupported.into(), hint)));
+        }
     }
 }
 
@@ -136,16 +148,19 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
         ..
     } = spec;
     let addr = listener.local_addr().ok();
+    #[cfg(feature = "epoll")]
     let listen_error = |source: io::Error| Error::Listen {
-        addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+        addr: addr.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
         source,
     };
     let shutdown_timeout = settings.shutdown_timeout;
+    #[cfg(feature = "epoll")]
     let read_buffer_bytes = settings.read_buffer_bytes;
     let shard = Rc::new(Shard {
         id,
         table: RefCell::new(ConnTable::new(id, settings, metrics.clone(), hub, gate)),
         handler: RefCell::new(handler),
+        #[cfg(feature = "epoll")]
         read_buf: RefCell::new(BytesMut::new()),
         metrics,
         all_metrics,
@@ -176,14 +191,16 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
                         return;
                     }
                 };
-            monoio::spawn(poll_driver::deferrer(shard.clone()));
+            monoio::spawn(deferrer(shard.clone()));
             Some(monoio::spawn(uring_driver::run(
                 shard.clone(),
                 socket_ring,
                 OwnedFd::from(listener),
             )))
         }
-        _ => {
+        #[cfg(feature = "epoll")]
+        Driver::Epoll => {
+            use crate::driver::poll_driver;
             let listener = match TcpListener::from_std(listener) {
                 Ok(l) => l,
                 Err(source) => {
@@ -192,10 +209,17 @@ async fn run<H: Handler>(spec: ShardSpec, handler: H) {
                 }
             };
             *shard.read_buf.borrow_mut() = BytesMut::with_capacity(read_buffer_bytes);
-            monoio::spawn(accept_loop(shard.clone(), listener, canceller.handle()));
-            monoio::spawn(poll_driver::deferrer(shard.clone()));
+            monoio::spawn(poll_driver::accept_loop(
+                shard.clone(),
+                listener,
+                canceller.handle(),
+            ));
+            monoio::spawn(deferrer(shard.clone()));
             None
         }
+        // Never reached: `run_thread` answers the spawner before building a runtime.
+        #[cfg(not(feature = "epoll"))]
+        Driver::Epoll => return,
     };
     // A shard that just started counts as fresh until its first canary is due.
     shard

@@ -39,6 +39,7 @@ fn text_binary_ping_and_empty_messages_round_trip_on_io_uring() {
 }
 
 #[test]
+#[cfg(feature = "epoll")]
 fn text_binary_ping_and_empty_messages_round_trip_on_epoll() {
     round_trips(Driver::Epoll);
 }

@@ -57,6 +57,7 @@ fn a_silent_peer_is_dropped_after_the_pong_deadline_on_io_uring() {
 }
 
 #[test]
+#[cfg(feature = "epoll")]
 fn a_silent_peer_is_dropped_after_the_pong_deadline_on_epoll() {
     silent_peer_is_dropped(Driver::Epoll);
 }
@@ -97,6 +98,7 @@ fn a_peer_that_answers_pings_stays_connected_on_io_uring() {
 }
 
 #[test]
+#[cfg(feature = "epoll")]
 fn a_peer_that_answers_pings_stays_connected_on_epoll() {
     answering_peer_stays(Driver::Epoll);
 }

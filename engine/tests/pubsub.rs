@@ -680,6 +680,7 @@ fn a_stalled_reader_does_not_slow_the_others_and_stays_bounded_on_io_uring() {
 }
 
 #[test]
+#[cfg(feature = "epoll")]
 fn a_stalled_reader_does_not_slow_the_others_and_stays_bounded_on_epoll() {
     stalled_reader_does_not_slow_the_others(Driver::Epoll);
 }

@@ -120,6 +120,7 @@ fn pipelining_publisher_is_slowed_not_closed_io_uring() {
 }
 
 #[test]
+#[cfg(feature = "epoll")]
 fn pipelining_publisher_is_slowed_not_closed_epoll() {
     pipelining_publisher_is_slowed_not_closed(Driver::Epoll);
 }
@@ -188,6 +189,7 @@ fn only_malformed_requests_spend_the_bad_request_budget_io_uring() {
 }
 
 #[test]
+#[cfg(feature = "epoll")]
 fn only_malformed_requests_spend_the_bad_request_budget_epoll() {
     only_malformed_requests_spend_the_bad_request_budget(Driver::Epoll);
 }
@@ -314,6 +316,7 @@ fn a_flooding_client_is_not_read_while_its_budget_is_empty_io_uring() {
 }
 
 #[test]
+#[cfg(feature = "epoll")]
 fn a_flooding_client_is_not_read_while_its_budget_is_empty_epoll() {
     a_flooding_client_is_not_read_while_its_budget_is_empty(Driver::Epoll);
 }

@@ -16,6 +16,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
+#[cfg(feature = "epoll")]
 use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use ringcast_protocol::{
     CloseCode, CloseFrame, Codec, FrameHeader, HeadReader, Limits, UpgradeRequest,
@@ -62,6 +63,7 @@ impl<'a> ConnInfo<'a> {
                 .and_then(|a| a.as_socket())
                 .unwrap_or_else(unknown),
             // Read once at accept and cached by the stream.
+            #[cfg(feature = "epoll")]
             Socket::Poll(p) => p.io.peer_addr().unwrap_or_else(|_| unknown()),
         }
     }
@@ -137,10 +139,12 @@ pub(crate) enum Socket {
     Ring(OwnedFd),
     /// epoll driver: a monoio poll-io stream driven by its own task (boxed: the fallback path
     /// pays for its size, not every connection).
+    #[cfg(feature = "epoll")]
     Poll(Box<PollSocket>),
 }
 
 /// A connection driven by its own task (epoll driver).
+#[cfg(feature = "epoll")]
 #[derive(Debug)]
 pub(crate) struct PollSocket {
     pub(crate) io: TcpStreamPoll,
@@ -368,10 +372,12 @@ impl Tail {
         self.0.as_ref().is_none_or(|b| b.is_empty())
     }
 
+    #[cfg(feature = "epoll")]
     pub(crate) fn len(&self) -> usize {
         self.0.as_ref().map_or(0, |b| b.len())
     }
 
+    #[cfg(feature = "epoll")]
     pub(crate) fn as_slice(&self) -> &[u8] {
         self.0.as_deref().map_or(&[], |b| &b[..])
     }
@@ -527,7 +533,9 @@ pub(crate) struct Settings {
     pub(crate) ping_interval: Duration,
     pub(crate) pong_timeout: Duration,
     pub(crate) idle_timeout: Duration,
+    #[cfg(feature = "epoll")]
     pub(crate) read_buffer_bytes: usize,
+    #[cfg(feature = "epoll")]
     pub(crate) max_reads_per_turn: usize,
     pub(crate) keep_request_head: bool,
     pub(crate) tcp_nodelay: bool,
@@ -551,7 +559,9 @@ impl Settings {
             ping_interval: config.timeouts.ping_interval,
             pong_timeout: config.timeouts.pong_timeout,
             idle_timeout: config.timeouts.idle_timeout,
+            #[cfg(feature = "epoll")]
             read_buffer_bytes: config.io.read_buffer_bytes,
+            #[cfg(feature = "epoll")]
             max_reads_per_turn: config.io.max_reads_per_turn,
             keep_request_head: config.io.keep_request_head,
             tcp_nodelay: config.io.tcp_nodelay,
@@ -673,8 +683,10 @@ impl ConnTable {
         let when = When::from_instant(Instant::now() + after);
         let conn = &mut self.conns[key];
         conn.deadline = Some(when);
-        if let Socket::Ring(_) = conn.socket {
-            self.timers.push(Reverse((when, key as u32, conn.gen)));
+        match conn.socket {
+            Socket::Ring(_) => self.timers.push(Reverse((when, key as u32, conn.gen))),
+            #[cfg(feature = "epoll")]
+            Socket::Poll(_) => {}
         }
     }
 
@@ -707,6 +719,7 @@ impl ConnTable {
     /// Tells the connection's driver there is work for it: bytes to write, a phase change.
     /// `running` is the connection whose code is running now (epoll driver: its own task
     /// notices without a wake).
+    #[cfg_attr(not(feature = "epoll"), allow(unused_variables))]
     pub(crate) fn notify(&mut self, key: usize, running: usize) {
         let conn = &mut self.conns[key];
         match &mut conn.socket {
@@ -721,6 +734,7 @@ impl ConnTable {
                     }
                 }
             }
+            #[cfg(feature = "epoll")]
             Socket::Poll(p) => {
                 if key != running {
                     if let Some(w) = p.waker.take() {

@@ -1,26 +1,19 @@
-//! Listening sockets and the accept loop.
+//! Listening sockets and the accept back-off.
 //!
 //! Owns binding one `SO_REUSEPORT` listener per shard (all of them before any shard starts, so
-//! a bad address fails `Engine::start` at once) and each shard's accept loop: back-off on
-//! descriptor exhaustion, a pause while the shard is full, and stopping on shutdown.
+//! a bad address fails `Engine::start` at once) and the back-off on failed accepts (descriptor
+//! exhaustion), which both drivers' accept paths share.
 
 use std::{
-    future::poll_fn,
     io,
     net::{SocketAddr, TcpListener as StdListener},
-    rc::Rc,
-    task::Poll,
     time::Duration,
 };
 
-use monoio::{io::CancelHandle, net::TcpListener};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, info, warn};
 
-use crate::{
-    api::handler::Handler, config::Driver, error::Error, ops::metrics::ShardMetrics,
-    shard::process::Shard, types::ids::ShardId,
-};
+use crate::{config::Driver, error::Error, ops::metrics::ShardMetrics, types::ids::ShardId};
 
 /// Binds `count` listeners on `addr`, sharing one port through `SO_REUSEPORT`.
 ///
@@ -139,55 +132,6 @@ impl AcceptBackoff {
         self.delay = (self.delay * 2).min(MAX_BACKOFF);
         pause
     }
-}
-
-/// Accepts connections until the shard stops.
-///
-/// Failed accepts back off ([`AcceptBackoff`]).
-pub(crate) async fn accept_loop<H: Handler>(
-    shard: Rc<Shard<H>>,
-    listener: TcpListener,
-    cancel: CancelHandle,
-) {
-    let mut backoff = AcceptBackoff::new();
-    loop {
-        if !wait_for_room(&shard).await {
-            return;
-        }
-        match listener.cancelable_accept(cancel.clone()).await {
-            Ok((stream, _peer)) => {
-                backoff.accepted(shard.id);
-                crate::driver::poll_driver::open_connection(&shard, stream);
-            }
-            Err(_) if shard.table.borrow().stopping => return,
-            Err(e) => {
-                let pause = backoff.failed(shard.id, &shard.metrics, &e);
-                monoio::time::sleep(pause).await;
-            }
-        }
-    }
-}
-
-/// Waits while the shard holds `max_connections`. Returns false once the shard is stopping.
-async fn wait_for_room<H: Handler>(shard: &Shard<H>) -> bool {
-    let mut counted = false;
-    poll_fn(|cx| {
-        let mut table = shard.table.borrow_mut();
-        if table.stopping {
-            return Poll::Ready(false);
-        }
-        if table.len() < table.settings.max_connections {
-            return Poll::Ready(true);
-        }
-        if !counted {
-            counted = true;
-            table.metrics.accept_paused_full.incr();
-            debug!(shard = %shard.id, "shard full: accept paused");
-        }
-        table.accept_waker = Some(cx.waker().clone());
-        Poll::Pending
-    })
-    .await
 }
 
 #[cfg(test)]

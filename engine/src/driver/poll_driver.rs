@@ -1,8 +1,10 @@
 //! The epoll driver: each connection is a monoio task on poll-io readiness.
 //!
-//! Owns, for `driver = "epoll"`: spawning a task per accepted connection, reading into the
-//! shard's shared buffer (only an unfinished frame's bytes are copied to the connection),
-//! vectored writes, yielding a busy connection fairly, and the connection's deadline timer.
+//! Owns, for `driver = "epoll"` (the `epoll` feature): the accept loop (a pause while the
+//! shard is full, stopping on shutdown), spawning a task per accepted connection, reading
+//! into the shard's shared buffer (only an unfinished frame's bytes are copied to the
+//! connection), vectored writes, yielding a busy connection fairly, and the connection's
+//! deadline timer.
 //! What the bytes mean is `shard/process.rs`'s business.
 
 use std::{
@@ -16,8 +18,11 @@ use std::{
 
 use bytes::BytesMut;
 use monoio::{
-    io::poll_io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
+    io::{
+        poll_io::{AsyncRead, AsyncWrite, ReadBuf},
+        CancelHandle,
+    },
+    net::{TcpListener, TcpStream},
     time::Sleep,
 };
 use ringcast_protocol::CloseCode;
@@ -29,6 +34,7 @@ use crate::{
         outbound::MAX_IOV,
         table::{Conn, Phase, PollSocket, Settings, Socket},
     },
+    driver::listener::AcceptBackoff,
     ops::metrics::ShardMetrics,
     shard::process::{on_eof, wants_read, Flow, Shard},
     types::{
@@ -37,23 +43,53 @@ use crate::{
     },
 };
 
-/// Yields a task behind every task already queued. monoio runs a task that wakes itself again
-/// at once, ahead of the queue, so a busy connection that yielded that way would starve the
-/// shard; waking it from this separate task puts it at the back instead.
-pub(crate) async fn deferrer<H: Handler>(shard: Rc<Shard<H>>) {
-    let mut batch = Vec::new();
+/// Accepts connections until the shard stops.
+///
+/// Failed accepts back off ([`AcceptBackoff`]).
+pub(crate) async fn accept_loop<H: Handler>(
+    shard: Rc<Shard<H>>,
+    listener: TcpListener,
+    cancel: CancelHandle,
+) {
+    let mut backoff = AcceptBackoff::new();
+    loop {
+        if !wait_for_room(&shard).await {
+            return;
+        }
+        match listener.cancelable_accept(cancel.clone()).await {
+            Ok((stream, _peer)) => {
+                backoff.accepted(shard.id);
+                open_connection(&shard, stream);
+            }
+            Err(_) if shard.table.borrow().stopping => return,
+            Err(e) => {
+                let pause = backoff.failed(shard.id, &shard.metrics, &e);
+                monoio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+/// Waits while the shard holds `max_connections`. Returns false once the shard is stopping.
+async fn wait_for_room<H: Handler>(shard: &Shard<H>) -> bool {
+    let mut counted = false;
     poll_fn(|cx| {
-        if shard.stopped.get() {
-            return Poll::Ready(());
+        let mut table = shard.table.borrow_mut();
+        if table.stopping {
+            return Poll::Ready(false);
         }
-        *shard.deferrer.borrow_mut() = Some(cx.waker().clone());
-        mem::swap(&mut batch, &mut *shard.deferred.borrow_mut());
-        for w in batch.drain(..) {
-            w.wake();
+        if table.len() < table.settings.max_connections {
+            return Poll::Ready(true);
         }
+        if !counted {
+            counted = true;
+            table.metrics.accept_paused_full.incr();
+            debug!(shard = %shard.id, "shard full: accept paused");
+        }
+        table.accept_waker = Some(cx.waker().clone());
         Poll::Pending
     })
-    .await;
+    .await
 }
 
 /// Where a read put its bytes.

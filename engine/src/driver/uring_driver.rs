@@ -561,6 +561,7 @@ impl<H: Handler> Driver<'_, H> {
 fn raw_fd(socket: &Socket) -> RawFd {
     match socket {
         Socket::Ring(fd) => fd.as_raw_fd(),
+        #[cfg(feature = "epoll")]
         Socket::Poll(p) => p.io.as_raw_fd(),
     }
 }

@@ -4,12 +4,14 @@
 //! endpoints, the codec, handler calls, deadlines, and the end of a connection; and the
 //! shard's inbox work (deliveries, the drain). Starting the thread and the driver is
 //! `runtime.rs`; the socket IO itself lives in `driver/uring_driver.rs` (io_uring) and
-//! `driver/poll_driver.rs` (epoll). Shards share nothing mutable; commands arrive through
-//! `pubsub/bus.rs`.
+//! `driver/poll_driver.rs` (epoll, with the `epoll` feature). Shards share nothing mutable;
+//! commands arrive through `pubsub/bus.rs`.
 
 use std::{
     cell::{Cell, RefCell},
     future::{poll_fn, Future},
+    mem,
+    rc::Rc,
     sync::Arc,
     task::{Poll, Waker},
     time::Duration,
@@ -60,6 +62,7 @@ pub(crate) struct Shard<H> {
     pub(crate) table: RefCell<ConnTable>,
     pub(crate) handler: RefCell<H>,
     /// epoll driver: every read lands here first; only unfinished frames are copied out.
+    #[cfg(feature = "epoll")]
     pub(crate) read_buf: RefCell<BytesMut>,
     pub(crate) metrics: Arc<ShardMetrics>,
     pub(crate) all_metrics: Arc<[Arc<ShardMetrics>]>,
@@ -128,7 +131,7 @@ impl<H: Handler> Shard<H> {
         }
     }
 
-    /// Lets every other ready task of the shard run first (see `poll_driver::deferrer`).
+    /// Lets every other ready task of the shard run first (see [`deferrer`]).
     fn yield_now(&self) -> impl Future<Output = ()> + '_ {
         let mut deferred = false;
         poll_fn(move |cx| {
@@ -596,6 +599,7 @@ impl<H: Handler> Shard<H> {
     }
 
     /// Ends the connection's task.
+    #[cfg(feature = "epoll")]
     pub(crate) fn end(&self, key: usize) -> Poll<()> {
         self.finish(key);
         Poll::Ready(())
@@ -641,6 +645,7 @@ impl<H: Handler> Shard<H> {
         conn.deadline = None;
         match conn.socket {
             Socket::Ring(_) => table.notify(key, usize::MAX),
+            #[cfg(feature = "epoll")]
             Socket::Poll(_) => {
                 drop(table_ref);
                 self.release(key);
@@ -763,4 +768,23 @@ pub(crate) fn on_eof(conn: &mut Conn) -> Flow {
         );
     }
     Flow::Done
+}
+
+/// Yields a task behind every task already queued. monoio runs a task that wakes itself again
+/// at once, ahead of the queue, so a busy connection that yielded that way would starve the
+/// shard; waking it from this separate task puts it at the back instead.
+pub(crate) async fn deferrer<H: Handler>(shard: Rc<Shard<H>>) {
+    let mut batch = Vec::new();
+    poll_fn(|cx| {
+        if shard.stopped.get() {
+            return Poll::Ready(());
+        }
+        *shard.deferrer.borrow_mut() = Some(cx.waker().clone());
+        mem::swap(&mut batch, &mut *shard.deferred.borrow_mut());
+        for w in batch.drain(..) {
+            w.wake();
+        }
+        Poll::Pending
+    })
+    .await;
 }
