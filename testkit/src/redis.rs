@@ -1,19 +1,21 @@
 //! A real redis-server for the Redis backend's tests: started on a free loopback port with no
-//! persistence, killed when dropped. Shared by redis.rs and refusals.rs.
+//! persistence, killed when dropped.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use super::DEADLINE;
+use crate::DEADLINE;
 
 /// A redis-server child process on a loopback port, killed when dropped.
+#[derive(Debug)]
 pub struct Redis {
     child: Child,
+    /// The port it listens on (127.0.0.1).
     pub port: u16,
 }
 
@@ -21,24 +23,10 @@ impl Redis {
     /// Starts redis-server on a free port, or `None` when it is not installed. Under CI
     /// (`CI` set), where `.ci/run` installs it, a missing redis-server fails the test instead.
     pub fn start() -> Option<Self> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_err()
-        {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "redis-server is not installed, and CI must run the Redis tests"
-            );
-            eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+        if !crate::require("redis-server", "apt-get install redis-server") {
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::free_port();
         Some(Self {
             child: Self::spawn(port),
             port,
