@@ -223,7 +223,10 @@ fn denied_topics_get_forbidden_and_the_connection_stays() {
         "not_subscribed",
         json!({"type": "unsubscribe", "id": 2, "topic": "prices.BTC"}),
     );
-    c.send(&subscribe_request(3, &[("prices.BTC", None), ("news", None)]));
+    c.send(&subscribe_request(
+        3,
+        &[("prices.BTC", None), ("news", None)],
+    ));
     let AckPosition::Subscribe(acked) = c.expect_ack(3) else {
         panic!("not a subscribe's ack")
     };

@@ -27,10 +27,7 @@ use ringcast::{
     RingOverflow,
 };
 use tungstenite::Message as TMessage;
-use util::{
-    config, process::Spawned, BrokerClient, Client, Got, Honesty, RawClient,
-    DEADLINE,
-};
+use util::{config, process::Spawned, BrokerClient, Client, Got, Honesty, RawClient, DEADLINE};
 
 fn broker(config: EngineConfig) -> Engine {
     Engine::start(config, |_| Broker::new()).expect("start")
@@ -388,7 +385,11 @@ fn read_honest(reader: &mut RawClient, acks: u64, last: &HashMap<String, u64>) -
         }
     }
     for (topic, &l) in last {
-        assert_eq!(honesty.expected(topic), l + 1, "{topic}: a notice past seq {l}");
+        assert_eq!(
+            honesty.expected(topic),
+            l + 1,
+            "{topic}: a notice past seq {l}"
+        );
     }
     honesty
 }
@@ -513,7 +514,11 @@ fn replies_are_never_dropped_while_the_ring_overflows() {
         engine.handle().metrics().total().bad_requests == 1
     });
     assert_eq!(
-        engine.handle().publisher().topic_stats("b").map(|s| s.interested_shards),
+        engine
+            .handle()
+            .publisher()
+            .topic_stats("b")
+            .map(|s| s.interested_shards),
         Some(1),
         "subscribed to b during the overflow"
     );
@@ -564,7 +569,11 @@ fn replies_are_never_dropped_while_the_ring_overflows() {
         "every request answered once, in order"
     );
     for (topic, &l) in &last {
-        assert_eq!(honesty.expected(topic), l + 1, "{topic}: a notice past seq {l}");
+        assert_eq!(
+            honesty.expected(topic),
+            l + 1,
+            "{topic}: a notice past seq {l}"
+        );
         assert!(honesty.notices(topic) >= 1, "{topic} overflowed: {last:?}");
     }
     let mine = mine.expect("the publish's ack carries its seq");
