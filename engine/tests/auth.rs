@@ -6,13 +6,17 @@
 mod util;
 
 use std::{
+    net::SocketAddr,
     path::PathBuf,
     sync::Arc,
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-use ringcast::{Auth, Broker, Engine, EngineConfig};
+use ringcast::{
+    protocol::envelope::{self, AckPosition, Dialect, ServerMessage},
+    Auth, Broker, Engine, EngineConfig,
+};
 use serde_json::{json, Value};
 use tungstenite::Message as WsMessage;
 use util::*;
@@ -80,15 +84,35 @@ fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
-/// Sends a request and returns the next message as JSON.
-fn request(ws: &mut Client, body: Value) -> Value {
-    ws.send(WsMessage::text(body.to_string())).unwrap();
-    loop {
-        match ws.read().expect("a reply") {
-            WsMessage::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
-            WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
-            other => panic!("expected a reply, got {other:?}"),
+/// A JSON broker client presenting `token`.
+fn client(addr: SocketAddr, token: &str) -> BrokerClient {
+    BrokerClient::connect_to(
+        addr,
+        "/",
+        Dialect::Json,
+        &[("Authorization", &bearer(token))],
+    )
+}
+
+/// Sends a JSON request; the reply must be an error with the request's id and `code`, and
+/// its message is returned.
+fn expect_error(c: &mut BrokerClient, id: u64, code: &str, request: Value) -> String {
+    c.send_json(&request.to_string());
+    match c.next_message() {
+        ServerMessage::Error {
+            id: got,
+            code: got_code,
+            message,
+            retry_after_ms,
+        } => {
+            assert_eq!(
+                (got, &*got_code, retry_after_ms),
+                (Some(id), code, None),
+                "{request}"
+            );
+            message.into_owned()
         }
+        other => panic!("expected the {code} error of {request}, got {other:?}"),
     }
 }
 
@@ -184,93 +208,80 @@ fn the_query_parameter_is_not_read_unless_enabled() {
 #[test]
 fn denied_topics_get_forbidden_and_the_connection_stays() {
     let engine = start(auth_config());
-    let (mut ws, _) = connect_with(
-        engine.local_addr(),
-        "/",
-        &[("Authorization", &bearer(&token("ann")))],
-    )
-    .unwrap();
-    let denied = request(
-        &mut ws,
+    let mut c = client(engine.local_addr(), &token("ann"));
+    let message = expect_error(
+        &mut c,
+        1,
+        "forbidden",
         json!({"type": "subscribe", "id": 1, "topics": ["prices.BTC", "secret.plans"]}),
     );
-    assert_eq!(denied["type"], "error");
-    assert_eq!(denied["id"], 1);
-    assert_eq!(denied["code"], "forbidden");
-    assert!(denied["message"].as_str().unwrap().contains("secret.plans"));
+    assert!(message.contains("secret.plans"), "{message}");
     // All or nothing: prices.BTC was not subscribed either.
-    let unsub = request(
-        &mut ws,
+    expect_error(
+        &mut c,
+        2,
+        "not_subscribed",
         json!({"type": "unsubscribe", "id": 2, "topic": "prices.BTC"}),
     );
-    assert_eq!(unsub["code"], "not_subscribed");
-    let ok = request(
-        &mut ws,
-        json!({"type": "subscribe", "id": 3, "topics": ["prices.BTC", "news"]}),
-    );
-    assert_eq!((&ok["type"], &ok["id"]), (&json!("ack"), &json!(3)), "{ok}");
-    let acked: Vec<&str> = ok["topics"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["topic"].as_str().unwrap())
-        .collect();
+    c.send(&subscribe_request(
+        3,
+        &[("prices.BTC", None), ("news", None)],
+    ));
+    let AckPosition::Subscribe(acked) = c.expect_ack(3) else {
+        panic!("not a subscribe's ack")
+    };
+    let acked: Vec<&str> = acked.iter().map(|t| &*t.topic).collect();
     assert_eq!(acked, ["prices.BTC", "news"]);
-    let denied = request(
-        &mut ws,
+    expect_error(
+        &mut c,
+        4,
+        "forbidden",
         json!({"type": "publish", "id": 4, "topic": "chat.bob", "data": 1}),
     );
-    assert_eq!(
-        (denied["code"].as_str(), denied["id"].as_i64()),
-        (Some("forbidden"), Some(4))
+    c.send_json(&json!({"type": "publish", "id": 5, "topic": "chat.ann", "data": 1}).to_string());
+    assert!(
+        matches!(c.expect_ack(5), AckPosition::Publish { seq: 1, .. }),
+        "the first message of chat.ann"
     );
-    let ok = request(
-        &mut ws,
-        json!({"type": "publish", "id": 5, "topic": "chat.ann", "data": 1}),
-    );
-    assert_eq!(
-        (&ok["type"], &ok["id"], &ok["seq"]),
-        (&json!("ack"), &json!(5), &json!(1)),
-        "{ok}"
-    );
-    let pong = request(&mut ws, json!({"type": "ping", "id": 6}));
-    assert_eq!(pong["type"], "pong");
+    c.send_json(r#"{"type":"ping","id":6}"#);
+    assert_eq!(c.recv(), Got::Pong(Some(6)));
     engine.stop().unwrap();
 }
 
 #[test]
 fn a_token_that_expires_mid_connection_closes_it_with_1008() {
     let engine = start(auth_config());
+    // Before signing: the token expires at a whole second at least one second later.
+    let start = Instant::now();
     let short = sign(
         Algorithm::HS256,
         &json!({"sub": "ann", "exp": now() + 2, "subscribe": ["*"]}),
     );
-    let (mut ws, _) = connect_with(
-        engine.local_addr(),
-        "/",
-        &[("Authorization", &bearer(&short))],
-    )
-    .unwrap();
-    let start = Instant::now();
+    let mut c = client(engine.local_addr(), &short);
     let mut id = 0;
-    let close = loop {
+    // Ping until the token has expired: every answer before that is a pong, and the first
+    // request after it is answered with the close (bounded by DEADLINE).
+    loop {
         assert!(start.elapsed() < DEADLINE, "never closed");
         id += 1;
-        ws.send(WsMessage::text(
-            json!({"type": "ping", "id": id}).to_string(),
-        ))
-        .unwrap();
-        match ws.read().unwrap() {
-            WsMessage::Text(_) => {
-                // Still valid: ask again a little later (bounded by DEADLINE above).
+        c.send_json(&json!({"type": "ping", "id": id}).to_string());
+        match c.ws.read().expect("a pong or the close") {
+            WsMessage::Text(t) => {
+                let pong = envelope::decode_server(Dialect::Json, t.as_bytes()).expect("JSON");
+                assert_eq!(Got::from_server(pong), Got::Pong(Some(id)), "still valid");
                 std::thread::sleep(std::time::Duration::from_millis(200));
             }
-            WsMessage::Close(Some(frame)) => break frame,
+            WsMessage::Close(Some(frame)) => {
+                assert_eq!(
+                    (u16::from(frame.code), frame.reason.as_str()),
+                    (1008, "token expired")
+                );
+                break;
+            }
             other => panic!("{other:?}"),
         }
-    };
-    assert_eq!(u16::from(close.code), 1008);
-    assert_eq!(close.reason.as_str(), "token expired");
+    }
+    // Not closed before the token expired.
     assert!(start.elapsed() >= std::time::Duration::from_secs(1));
     engine.stop().unwrap();
 }
@@ -298,10 +309,22 @@ fn connections_per_user_are_capped_over_all_shards() {
     // Closing one of ann's frees a place.
     let (mut ws, _) = first;
     ws.close(None).unwrap();
-    while ws.read().is_ok() {}
+    // Read until the close handshake is complete.
+    loop {
+        match ws.read() {
+            Ok(_) => continue,
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(e) => panic!("closing: {e}"),
+        }
+    }
     drop(ws);
+    // Refused with 429 until the server has seen the close, then accepted.
     wait_until("ann's place is free", || {
-        connect_with(addr, "/", &[("Authorization", &ann)]).is_ok()
+        match connect_with(addr, "/", &[("Authorization", &ann)]) {
+            Ok(_) => true,
+            Err(tungstenite::Error::Http(r)) if r.status() == 429 => false,
+            Err(e) => panic!("neither accepted nor 429: {e}"),
+        }
     });
     let total = engine.handle().metrics().total();
     assert!(total.rejected(ringcast::RejectReason::UserCap) >= 4);
@@ -311,12 +334,7 @@ fn connections_per_user_are_capped_over_all_shards() {
 #[test]
 fn forbidden_requests_are_not_charged_as_bad_requests() {
     let engine = start(auth_config());
-    let (mut ws, _) = connect_with(
-        engine.local_addr(),
-        "/",
-        &[("Authorization", &bearer(&token("ann")))],
-    )
-    .unwrap();
+    let mut c = client(engine.local_addr(), &token("ann"));
     // Well over pubsub.max_bad_requests (20): a denied topic is not a malformed request.
     for id in 0..30 {
         let body = if id % 2 == 0 {
@@ -324,14 +342,10 @@ fn forbidden_requests_are_not_charged_as_bad_requests() {
         } else {
             json!({"type": "subscribe", "id": id, "topic": "secret.plans"})
         };
-        let denied = request(&mut ws, body);
-        assert_eq!(
-            (denied["code"].as_str(), denied["id"].as_i64()),
-            (Some("forbidden"), Some(id))
-        );
+        expect_error(&mut c, id, "forbidden", body);
     }
-    let pong = request(&mut ws, json!({"type": "ping", "id": 99}));
-    assert_eq!(pong["type"], "pong");
+    c.send_json(r#"{"type":"ping","id":99}"#);
+    assert_eq!(c.recv(), Got::Pong(Some(99)));
     assert_eq!(engine.handle().metrics().total().bad_requests, 0);
     engine.stop().unwrap();
 }

@@ -157,6 +157,23 @@ impl BrokerClient {
         self.ws.send(frame).expect("send");
     }
 
+    /// Buffers one request without flushing it: requests written this way and then sent by
+    /// [`BrokerClient::flush`] leave in one write, so the server reads them together (a
+    /// pipelining client, whatever the machine's load).
+    pub fn write(&mut self, request: &envelope::Request<'_>) {
+        let bytes = envelope::encode_request(self.dialect.encoding(), request);
+        let frame = match self.dialect {
+            Dialect::Json => WsMessage::text(String::from_utf8(bytes).expect("JSON is UTF-8")),
+            Dialect::BinaryV1 | Dialect::BinaryV2 => WsMessage::binary(bytes),
+        };
+        self.ws.write(frame).expect("write");
+    }
+
+    /// Sends every request buffered by [`BrokerClient::write`].
+    pub fn flush(&mut self) {
+        self.ws.flush().expect("flush");
+    }
+
     /// Sends a JSON text frame as is (for requests the encoder would not produce).
     pub fn send_json(&mut self, json: &str) {
         self.ws.send(WsMessage::text(json)).expect("send");

@@ -165,6 +165,34 @@ impl RawClient {
         }
     }
 
+    /// The next event from the server, or `None` when the read timeout the caller set on
+    /// [`RawClient::stream`] passes first (for a test that polls several connections in
+    /// turn). Panics if the server closed the TCP connection or the read failed otherwise.
+    pub fn try_next_event(&mut self) -> Option<Event> {
+        assert!(self.upgraded, "connected with RawClient::connect");
+        let mut chunk = [0u8; 65536];
+        loop {
+            match self.codec.poll_event(&mut self.buf) {
+                Ok(Some(ev)) => return Some(ev),
+                Ok(None) => {}
+                Err(e) => panic!("server broke the protocol: {e}"),
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) => panic!("the server closed the connection"),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return None
+                }
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+
     /// The next data message's payload (pings and pongs skipped), or the close code.
     pub fn next_data(&mut self) -> Result<Vec<u8>, CloseCode> {
         loop {
