@@ -83,12 +83,9 @@ fn sigterm_with_no_clients_exits_0_promptly() {
     // over, and a sixth of the window it must not wait out.
     server.signal(libc::SIGTERM);
     let status = server.wait_exit(Duration::from_secs(5));
-    assert_eq!(status.code(), Some(0), "{}", server.log());
-    assert!(
-        server.log().contains("ringcast stopped"),
-        "{}",
-        server.log()
-    );
+    let log = server.final_log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("ringcast stopped"), "{log}");
 }
 
 #[test]
@@ -340,14 +337,14 @@ fn end_to_end(args: &[&str]) {
     let bound = DRAIN_WINDOW + CLOSE_TIMEOUT + MARGIN;
     let status = server.wait_exit(bound.saturating_sub(start.elapsed()));
     let took = start.elapsed();
-    assert_eq!(status.code(), Some(0), "{}", server.log());
+    let log = server.final_log();
+    assert_eq!(status.code(), Some(0), "{log}");
     // Not at once: with connections, the listener stays up for the whole window (so load
     // balancers see 503 "draining", not a refused connection) and the process exits after.
     assert!(
         took >= DRAIN_WINDOW,
         "exited {took:?} after SIGTERM, inside the {DRAIN_WINDOW:?} drain window"
     );
-    let log = server.log();
     let stopped = log
         .lines()
         .find(|l| l.contains("ringcast stopped"))
@@ -427,13 +424,13 @@ fn second_signal_exits_at_once(args: &[&str]) {
     // At once: the signal thread wakes and calls exit(2). 2 s is that plus a loaded machine's
     // scheduling delay many times over, and a thirtieth of the window.
     let status = server.wait_exit(Duration::from_secs(2));
-    assert_eq!(status.code(), Some(130), "{}", server.log());
-    server.wait_for_line("second signal: exiting without waiting");
+    let log = server.final_log();
+    assert_eq!(status.code(), Some(130), "{log}");
     assert!(
-        !server.log().contains("ringcast stopped"),
-        "no orderly stop: {}",
-        server.log()
+        log.contains("second signal: exiting without waiting"),
+        "{log}"
     );
+    assert!(!log.contains("ringcast stopped"), "no orderly stop: {log}");
 }
 
 /// A client that never reads (so never answers the close) does not hold the exit past the
@@ -464,12 +461,13 @@ fn a_client_that_never_answers_the_close_holds_the_exit_only_until_the_shutdown_
     // MARGIN: as in the end-to-end runs.
     let bound = shutdown_timeout + MARGIN;
     let status = server.wait_exit(bound.saturating_sub(start.elapsed()));
-    assert_eq!(status.code(), Some(0), "{}", server.log());
     assert!(
         start.elapsed() >= Duration::from_secs(1),
         "not before the window's end"
     );
-    server.wait_for_line("ringcast stopped");
+    let log = server.final_log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("ringcast stopped"), "{log}");
     // The silent client's socket holds the notice and the close, unread.
     let (before, code, _) = silent.until_close();
     assert_eq!(
