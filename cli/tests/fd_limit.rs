@@ -19,7 +19,7 @@ fn start(nofile: u32) -> Server {
 fn out_of_descriptors_backs_off_logs_once_and_recovers() {
     // 64 descriptors: stdio, the ring, epoll, eventfd and listener take a handful; the rest
     // are connections.
-    let mut server = start(64);
+    let server = start(64);
     let addr = server.addr;
     let mut clients = Vec::new();
     // Upgrade clients until one hangs in the backlog (bounded: never more than 100).
