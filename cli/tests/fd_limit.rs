@@ -4,96 +4,23 @@
 
 mod util;
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    thread,
-};
+use std::{sync::mpsc, thread, time::Duration};
 
 use tungstenite::Message as WsMessage;
 use util::*;
 
-struct Server {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Server {
-    /// Starts `ringcast serve` with `ulimit -n` set to `nofile` and waits for it to listen.
-    fn start(nofile: u32) -> (Server, SocketAddr) {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = probe.local_addr().unwrap();
-        drop(probe);
-        let script = format!(
-            "ulimit -n {nofile} && exec {} serve --echo --shards 1 --listen {addr}",
-            env!("CARGO_BIN_EXE_ringcast")
-        );
-        let mut child = Command::new("sh")
-            .args(["-c", &script])
-            .env("RINGCAST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut server = Server {
-            child,
-            lines,
-            seen: Vec::new(),
-        };
-        server.wait_for_line("ringcast listening");
-        (server, addr)
-    }
-
-    fn wait_for_line(&mut self, needle: &str) {
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(DEADLINE)
-                .unwrap_or_else(|_| panic!("no log line with {needle:?}; saw {:#?}", self.seen));
-            let found = line.contains(needle);
-            self.seen.push(line);
-            if found {
-                return;
-            }
-        }
-    }
-
-    fn has_seen(&mut self, needle: &str) -> bool {
-        self.drain();
-        self.seen.iter().any(|l| l.contains(needle))
-    }
-
-    fn drain(&mut self) {
-        while let Ok(line) = self.lines.try_recv() {
-            self.seen.push(line);
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `ringcast serve --echo --shards 1` with `ulimit -n` set to `nofile`, listening.
+fn start(nofile: u32) -> Server {
+    let serve = Server::command(&["--echo", "--shards", "1"]);
+    Server::spawn(after_shell(&format!("ulimit -n {nofile}"), &serve))
 }
 
 #[test]
 fn out_of_descriptors_backs_off_logs_once_and_recovers() {
     // 64 descriptors: stdio, the ring, epoll, eventfd and listener take a handful; the rest
     // are connections.
-    let (mut server, addr) = Server::start(64);
+    let server = start(64);
+    let addr = server.addr;
     let mut clients = Vec::new();
     // Upgrade clients until one hangs in the backlog (bounded: never more than 100).
     let (tx, rx) = mpsc::channel();
@@ -107,10 +34,8 @@ fn out_of_descriptors_backs_off_logs_once_and_recovers() {
         });
         // A client counts as waiting only once the server has said it is out of
         // descriptors; a merely slow upgrade is waited for.
-        let mut upgraded = rx
-            .recv_timeout(std::time::Duration::from_millis(300))
-            .is_ok();
-        if !upgraded && !server.has_seen("accept paused with back-off") {
+        let mut upgraded = rx.recv_timeout(Duration::from_millis(300)).is_ok();
+        if !upgraded && !server.log().contains("accept paused with back-off") {
             upgraded = rx.recv_timeout(DEADLINE).is_ok();
         }
         if upgraded {
@@ -146,12 +71,55 @@ fn out_of_descriptors_backs_off_logs_once_and_recovers() {
         ws.send(WsMessage::text("in")).unwrap();
         assert_eq!(ws.read().unwrap(), WsMessage::text("in"));
     }
-    server.wait_for_line("accepting again");
-    server.drain();
-    let warnings = server
-        .seen
-        .iter()
-        .filter(|l| l.contains("accept paused with back-off"))
-        .count();
-    assert_eq!(warnings, 1, "logged once per episode: {:#?}", server.seen);
+    // Logged once per episode: a warning when accepts start failing, then nothing however
+    // often they fail, until one succeeds ("accepting again", with the count). The ten
+    // descriptors are freed one close at a time, and on a loaded machine the server may
+    // take each as it comes and run out again in between: a new episode, a new warning, but
+    // never two warnings in a row, and at most one episode per waiting client.
+    let episodes = wait_for("every episode to end", || {
+        let events: Vec<Event> = server.log_lines().iter().filter_map(|l| event(l)).collect();
+        (events.last() != Some(&Event::Paused)).then_some(events)
+    });
+    let log = server.log();
+    assert!(episodes.len() >= 2, "no episode: {log}");
+    for (i, pair) in episodes.chunks(2).enumerate() {
+        assert!(
+            matches!(pair, [Event::Paused, Event::Again(_)]),
+            "episode {i}: {pair:?} in {log}"
+        );
+    }
+    assert!(
+        episodes.len() / 2 <= 5,
+        "more episodes than waiting clients: {log}"
+    );
+    // The first episode lasted the whole search for five waiting clients, hundreds of
+    // milliseconds of back-off: many failures, one warning.
+    assert!(
+        matches!(episodes[1], Event::Again(failures) if failures > 1),
+        "{log}"
+    );
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Event {
+    /// "accept paused with back-off": an episode starts.
+    Paused,
+    /// "accepting again", with the failures the episode counted.
+    Again(u64),
+}
+
+fn event(line: &str) -> Option<Event> {
+    if line.contains("accept paused with back-off") {
+        return Some(Event::Paused);
+    }
+    if !line.contains("accepting again") {
+        return None;
+    }
+    let failures = line
+        .split("failures=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no failures=N in {line:?}"));
+    Some(Event::Again(failures))
 }

@@ -5,7 +5,10 @@ use std::{
     io::{BufRead, BufReader},
     net::{SocketAddr, TcpStream},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -16,6 +19,8 @@ use crate::DEADLINE;
 pub struct Spawned {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// Set once stderr reached its end (every line is in `log`).
+    log_closed: Arc<AtomicBool>,
     what: String,
 }
 
@@ -32,12 +37,20 @@ impl Spawned {
         let stderr = child.stderr.take().expect("piped stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
         let sink = log.clone();
+        let log_closed = Arc::new(AtomicBool::new(false));
+        let closed = log_closed.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
+            closed.store(true, Ordering::Release);
         });
-        Self { child, log, what }
+        Self {
+            child,
+            log,
+            log_closed,
+            what,
+        }
     }
 
     /// Wraps a child spawned by the caller (its stderr is not collected unless piped and not
@@ -47,6 +60,7 @@ impl Spawned {
         Self {
             child,
             log: Arc::default(),
+            log_closed: Arc::new(AtomicBool::new(true)),
             what,
         }
     }
@@ -80,8 +94,11 @@ impl Spawned {
                 return found;
             }
             if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the reader thread take the last lines before showing them.
-                std::thread::sleep(Duration::from_millis(50));
+                // The line may be among the last ones, still on their way from the pipe.
+                let log = self.final_log();
+                if let Some(found) = log.lines().find_map(&mut pick) {
+                    return found;
+                }
                 panic!(
                     "{} exited {status} before {what}:\n{}",
                     self.what,
@@ -96,6 +113,23 @@ impl Spawned {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Every stderr line, once stderr has reached its end (the child exited, with any process
+    /// that shared its stderr): waits for that (bounded), so a line written just before the
+    /// exit is not missed. Call it after the exit (e.g. after [`Spawned::wait_exit`]).
+    pub fn final_log(&self) -> String {
+        let start = Instant::now();
+        while !self.log_closed.load(Ordering::Acquire) {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{}: stderr still open {DEADLINE:?} later:\n{}",
+                self.what,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.log()
     }
 
     /// Waits (bounded) for a stderr line containing `needle`.
