@@ -3,7 +3,7 @@
 
 mod util;
 
-use std::{io::Write, time::Duration};
+use std::io::Write;
 
 use ringcast::{Ctx, Engine, Handler, Message, OverflowPolicy};
 use tungstenite::Message as WsMessage;
@@ -178,7 +178,8 @@ impl Handler for Flooder {
         let text = String::from_utf8_lossy(msg.payload()).into_owned();
         if text == "sink" {
             self.sink = Some(ctx.id());
-            let _ = ctx.send_text("ok");
+            let status = ctx.send_text("ok");
+            queued(ctx, status);
         } else if let Some(n) = text.strip_prefix("flood ") {
             let sink = self.sink.expect("a sink first");
             let frame = ringcast::Frame::binary(&vec![1u8; 64 << 10]);
@@ -188,12 +189,14 @@ impl Handler for Flooder {
                     ringcast::Enqueue::Dropped => dropped += 1,
                     ringcast::Enqueue::Queued => {}
                     other => {
-                        let _ = ctx.send_text(format!("{other:?}"));
+                        let status = ctx.send_text(format!("{other:?}"));
+                        queued(ctx, status);
                         return;
                     }
                 }
             }
-            let _ = ctx.send_text(format!("dropped {dropped}"));
+            let status = ctx.send_text(format!("dropped {dropped}"));
+            queued(ctx, status);
         }
     }
 }
@@ -252,8 +255,15 @@ fn overflow_with_drop_policy_drops_and_keeps_the_connection() {
         sink.next_event(),
         Some(ringcast::protocol::Event::Binary(_))
     ));
-    sink.stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    // Nothing else was queued for the sink: the 13 drops were dropped, not delivered late.
+    // The server answers a close after whatever it still had queued, so the next frame the
+    // sink reads must be the close echo itself.
+    sink.send_frame(0x8, true, &1000u16.to_be_bytes());
+    match sink.next_event() {
+        Some(ringcast::protocol::Event::Close(Some(frame))) => {
+            assert_eq!(frame.code.as_u16(), 1000)
+        }
+        other => panic!("expected the close echo and nothing before it, got {other:?}"),
+    }
     engine.stop().unwrap();
 }

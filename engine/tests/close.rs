@@ -140,7 +140,11 @@ fn a_dropped_tcp_connection_is_reported_as_1006() {
 
 #[test]
 fn shutdown_closes_every_connection_with_1012_and_waits_for_the_handshake() {
-    let (engine, recorder) = start_recorder(config(2));
+    let mut config = config(2);
+    // Far beyond the test's DEADLINE, so "stop returned within DEADLINE" can only mean it
+    // ended on the clients' answers, not on its timeout, however loaded the host is.
+    config.timeouts.shutdown_timeout = 6 * DEADLINE;
+    let (engine, recorder) = start_recorder(config);
     let addr = engine.local_addr();
     let mut clients: Vec<_> = (0..8).map(|_| connect(addr, "/")).collect();
     for ws in &mut clients {
@@ -168,18 +172,19 @@ fn shutdown_closes_every_connection_with_1012_and_waits_for_the_handshake() {
         ));
     }
     let took = stopper.join().unwrap();
-    // Every client answered, so shutdown finished well inside its 2 s timeout.
-    assert!(
-        took < std::time::Duration::from_secs(2),
-        "shutdown took {took:?}"
-    );
+    // Every client answered, so shutdown ended on the last answer, not on its 60 s timeout.
+    assert!(took < DEADLINE, "shutdown took {took:?}");
     assert_eq!(recorder.closes().len(), 8);
     assert!(recorder
         .closes()
         .iter()
         .all(|c| c.code.as_u16() == 1012 && c.initiator == CloseInitiator::Server));
-    // New connections are refused once stopped.
-    assert!(std::net::TcpStream::connect(handle.local_addr()).is_err());
+    // New connections are refused once stopped (the listener is closed, not just idle).
+    let refused = std::net::TcpStream::connect(handle.local_addr()).map(|_| ());
+    assert_eq!(
+        refused.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused)
+    );
 }
 
 #[test]
@@ -195,7 +200,9 @@ fn shutdown_gives_up_on_silent_clients_after_its_timeout() {
     engine.stop().unwrap();
     let took = start.elapsed();
     assert!(took >= std::time::Duration::from_millis(300), "{took:?}");
-    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    // Gave up on shutdown's 300 ms, not the 30 s close timeout; a loaded host only adds
+    // scheduling delay, far below the difference.
+    assert!(took < DEADLINE, "{took:?}");
     assert_eq!(recorder.closes().len(), 1);
 }
 

@@ -18,12 +18,14 @@ impl Handler for Ids {
         match &msg.payload()[..] {
             b"remember" => {
                 self.remembered = Some(ctx.id());
-                let _ = ctx.send_text(ctx.id().to_string());
+                let status = ctx.send_text(ctx.id().to_string());
+                queued(ctx, status);
             }
             b"poke" => {
                 let target = self.remembered.expect("remember first");
                 let status = ctx.send_to(target, &Message::text("for the old connection"));
-                let _ = ctx.send_text(format!("{status:?} {}", ctx.id()));
+                let reply = ctx.send_text(format!("{status:?} {}", ctx.id()));
+                queued(ctx, reply);
             }
             _ => {}
         }

@@ -22,16 +22,20 @@ fn liveness_config(driver: Driver, ping: u64, pong: u64, idle: u64) -> EngineCon
 /// 1006 and the reason in `on_close`, and the slot is freed.
 fn silent_peer_is_dropped(driver: Driver) {
     let (engine, recorder) = start_recorder(liveness_config(driver, 150, 150, 0));
-    let mut client = RawClient::connect(engine.local_addr());
+    // Taken before the connect: the server's quiet clock starts at the upgrade, later, so
+    // the lower bound below holds however late this thread runs (a loaded host only makes
+    // the ping later).
     let start = Instant::now();
+    let mut client = RawClient::connect(engine.local_addr());
     match client.next_event() {
         Some(Event::Ping(payload)) => assert!(payload.is_empty()),
         other => panic!("expected the server's ping, got {other:?}"),
     }
     let pinged = start.elapsed();
+    // Less a millisecond: the engine's clock counts whole milliseconds.
     assert!(
-        pinged >= Duration::from_millis(140),
-        "pinged after {pinged:?}"
+        pinged >= Duration::from_millis(149),
+        "pinged after {pinged:?}, before the 150 ms ping interval"
     );
     // The codec owes a pong; this client never sends it. The server drops TCP.
     assert!(
@@ -63,12 +67,20 @@ fn a_silent_peer_is_dropped_after_the_pong_deadline_on_epoll() {
 }
 
 /// tungstenite answers pings as it reads: such a client is pinged again and again and
-/// stays connected.
+/// stays connected. It reads for more than two pong deadlines, so an engine that did not
+/// take its pongs as life would have dropped it; the pong leaves with the very next read
+/// (microseconds), so the 500 ms deadline holds on a loaded host.
 fn answering_peer_stays(driver: Driver) {
-    let (engine, recorder) = start_recorder(liveness_config(driver, 100, 200, 0));
+    const PONG: Duration = Duration::from_millis(500);
+    let (engine, recorder) = start_recorder(liveness_config(driver, 100, 500, 0));
     let mut ws = connect(engine.local_addr(), "/");
+    let start = Instant::now();
     let mut pings = 0;
-    while pings < 4 {
+    while pings < 4 || start.elapsed() < 2 * PONG + Duration::from_millis(200) {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "only {pings} pings in {DEADLINE:?}"
+        );
         match ws.read().expect("the connection stays open") {
             WsMessage::Ping(_) => pings += 1, // the pong goes out with the next read
             other => panic!("unexpected {other:?}"),
@@ -104,14 +116,16 @@ fn a_peer_that_answers_pings_stays_connected_on_epoll() {
 }
 
 /// Traffic proves life: a peer that keeps sending is never pinged. The client sends every
-/// 20 ms against a 600 ms interval, so only a stall of 30 times its period would ping it.
+/// 20 ms against a 1 s interval for 2.5 intervals: an engine that pinged on its clock
+/// regardless of traffic sends two pings, while a busy client would have to stall for 50 of
+/// its periods (a second, which no loaded host here comes near) to earn one.
 #[test]
 fn a_busy_peer_is_not_pinged() {
-    let (engine, _recorder) = start_recorder(liveness_config(Driver::IoUring, 600, 400, 0));
+    let (engine, _recorder) = start_recorder(liveness_config(Driver::IoUring, 1000, 1000, 0));
     let mut ws = connect(engine.local_addr(), "/");
     let start = Instant::now();
     let mut sent = 0;
-    while start.elapsed() < Duration::from_millis(1500) {
+    while start.elapsed() < Duration::from_millis(2500) {
         ws.send(WsMessage::binary(vec![sent as u8])).unwrap();
         sent += 1;
         match ws.read().unwrap() {
@@ -125,13 +139,16 @@ fn a_busy_peer_is_not_pinged() {
 }
 
 /// With pings off and an idle timeout, a peer that sends nothing gets a clean 1001, and one
-/// that keeps sending messages does not.
+/// that keeps sending messages does not. The talker sends every 20 ms against a 1 s idle
+/// timeout: only a stall of 50 of its periods would close it.
 #[test]
 fn an_idle_peer_is_closed_with_1001_and_a_talking_one_is_not() {
-    let (engine, recorder) = start_recorder(liveness_config(Driver::IoUring, 0, 0, 300));
+    let (engine, recorder) = start_recorder(liveness_config(Driver::IoUring, 0, 0, 1000));
+    // Before the connect, so the lower bound on the close below holds however late this
+    // thread runs: the server's idle clock starts at the upgrade.
+    let start = Instant::now();
     let mut idle = RawClient::connect(engine.local_addr());
     let mut talker = connect(engine.local_addr(), "/");
-    let start = Instant::now();
     // The talker sends every 20 ms until the idle one has been closed.
     let mut closed = None;
     std::thread::scope(|s| {
@@ -146,7 +163,12 @@ fn an_idle_peer_is_closed_with_1001_and_a_talking_one_is_not() {
     });
     let (code, reason) = closed.unwrap();
     assert_eq!((code, reason.as_str()), (1001, "idle timeout"));
-    assert!(start.elapsed() >= Duration::from_millis(290));
+    let took = start.elapsed();
+    // Less a millisecond: the engine's clock counts whole milliseconds.
+    assert!(
+        took >= Duration::from_millis(999),
+        "closed after {took:?}, before the 1 s idle timeout"
+    );
     // The talker is still open: one more round trip.
     talker.send(WsMessage::text("still")).unwrap();
     assert!(matches!(talker.read().unwrap(), WsMessage::Text(_)));

@@ -71,6 +71,22 @@ pub fn require(program: &str, install: &str) -> bool {
     found
 }
 
+/// Whether the test runs as root (effective uid 0), which `what` needs. When it does not:
+/// under CI (which runs as root) the test fails; elsewhere it prints `SKIPPED ...` on stderr
+/// and returns false, so the caller skips that part. The rule of [`require`], for privilege.
+pub fn require_root(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        assert!(
+            !under_ci(),
+            "not root, and CI must run {what} (CI runs the tests as root)"
+        );
+        eprintln!("SKIPPED: {what} needs root (run the tests as root to include it)");
+    }
+    root
+}
+
 /// A free TCP port on 127.0.0.1 (bound, read and released; a race with other processes is
 /// possible but rare, and the caller's bind then fails loudly).
 pub fn free_port() -> u16 {

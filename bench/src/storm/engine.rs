@@ -477,10 +477,15 @@ impl Engine {
         mut buf: BytesMut,
         now: Instant,
     ) {
+        // A server that refuses (a 503 under shaping, say) answers and closes at once; a
+        // loop that runs late reads the answer and the close together, and the answer is
+        // what counts.
+        let mut closed = false;
         loop {
             match stream.read(&mut self.scratch) {
                 Ok(0) => {
-                    return self.fail(s, Failure::Closed, "closed during the upgrade", now);
+                    closed = true;
+                    break;
                 }
                 Ok(n) => buf.extend_from_slice(&self.scratch[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -491,6 +496,9 @@ impl Engine {
             }
         }
         match HeadReader::new().poll_head(&buf, MAX_RESPONSE_HEAD_BYTES) {
+            Ok(None) if closed => {
+                self.fail(s, Failure::Closed, "closed during the upgrade", now);
+            }
             Ok(None) => {
                 self.slots[s].state = State::Upgrading {
                     stream,
@@ -499,6 +507,9 @@ impl Engine {
                 };
             }
             Ok(Some(len)) => match handshake.check_response(&buf[..len]) {
+                Ok(_) if closed => {
+                    self.fail(s, Failure::Closed, "closed right after the upgrade", now);
+                }
                 Ok(_) => self.upgraded(s, stream, now),
                 Err(HandshakeError::Status(code)) => {
                     self.fail(s, Failure::Http(code), &format!("status {code}"), now);

@@ -693,19 +693,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn totals_sum_every_shard() {
-        let a = ShardMetrics::default();
-        let b = ShardMetrics::default();
+    fn gather_takes_every_shard_and_totals_sum_them() {
+        let a = Arc::new(ShardMetrics::default());
+        let b = Arc::new(ShardMetrics::default());
         a.messages_in.add(3);
         b.messages_in.add(4);
+        a.connections_active.add(2);
         b.connections_active.incr();
         b.connections_active.sub(1);
-        let m = Metrics {
-            shards: vec![a.snapshot(), b.snapshot()],
-            ..Metrics::default()
+        b.rejected(RejectReason::Rate);
+        b.rejected(RejectReason::Rate);
+        a.rejected(RejectReason::Origin);
+        a.closed(CloseCode::from(1000), CloseInitiator::Peer);
+        b.closed(CloseCode::from(1000), CloseInitiator::Peer);
+        b.closed(CloseCode::from(4000), CloseInitiator::Server);
+        a.inbox_latency.record_nanos(1_500);
+        b.inbox_latency.record_nanos(1_500);
+        let config = crate::config::AdmissionConfig {
+            kernel_bytes_per_connection: 1000,
+            ..Default::default()
         };
+        let gate = Gate::new(&config);
+        let m = Metrics::gather(&[a, b], |i| 10 * (i + 1), &gate);
+        // One snapshot and one inbox depth per shard, in shard order.
         assert_eq!(m.shards.len(), 2);
-        assert_eq!(m.total().messages_in, 7);
-        assert_eq!(m.total().connections_active, 0);
+        assert_eq!((m.shards[0].messages_in, m.shards[1].messages_in), (3, 4));
+        assert_eq!(m.inbox_depth, [10, 20]);
+        // The kernel's share counts the connections open on every shard.
+        assert_eq!(m.memory.connections, 2);
+        assert_eq!(m.memory.kernel_estimate_bytes, 2000);
+        assert_eq!(m.broker, None);
+        let total = m.total();
+        assert_eq!(total.messages_in, 7);
+        assert_eq!(total.connections_active, 2);
+        assert_eq!(total.upgrades_rejected, 3);
+        assert_eq!(total.rejected(RejectReason::Rate), 2);
+        assert_eq!(total.rejected(RejectReason::Origin), 1);
+        assert_eq!(total.closes(1000, CloseInitiator::Peer), 2);
+        assert_eq!(total.closes(1000, CloseInitiator::Server), 0);
+        // Codes outside 1000 to 1015 share one count, read with any of them.
+        assert_eq!(total.closes(4999, CloseInitiator::Server), 1);
+        assert_eq!(total.inbox_latency.count(), 2);
+        assert_eq!(total.inbox_latency.sum_ns, 3_000);
     }
 }
