@@ -741,4 +741,21 @@ fn redis_acks_carry_the_epoch_and_a_since_in_another_epoch_replays_from_the_olde
     );
     let seqs: Vec<u64> = other.read_until("3").iter().map(|m| m.0).collect();
     assert_eq!(seqs, [1, 2, 3]);
+    // Since 99, past anything Redis sequenced: a reset to the next seq, which then comes.
+    let mut ahead = client(b.local_addr());
+    ahead.send_json(&format!(
+        r#"{{"type":"subscribe","id":1,"topic":"t","since":99,"epoch":{epoch}}}"#
+    ));
+    assert_eq!(ahead.recv(), Got::Ack(Some(1)));
+    assert_eq!(
+        ahead.recv(),
+        Got::Reset {
+            topic: "t".into(),
+            oldest: 4,
+            epoch: Some(epoch)
+        }
+    );
+    assert_eq!(publish(&a, "t", "4"), 4);
+    let got = ahead.recv();
+    assert_eq!(seq_data(&got), Some((4, "4".into())), "{got:?}");
 }
