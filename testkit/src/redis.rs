@@ -1,9 +1,12 @@
-//! A real redis-server for the Redis backend's tests: started on a free loopback port with no
-//! persistence, killed when dropped.
+//! A real redis-server for the Redis backend's tests: started on a free loopback port, with no
+//! persistence ([`Redis::start`]) or with its data kept across a kill in a temp dir of its own
+//! ([`Redis::start_persistent`]), killed when dropped. [`Redis::user_url`], [`Redis::cut`] and
+//! [`Redis::mend`] cut one engine's link to it while the others stay connected.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
+    path::PathBuf,
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -17,6 +20,8 @@ pub struct Redis {
     child: Child,
     /// The port it listens on (127.0.0.1).
     pub port: u16,
+    /// With persistence: the directory holding its append-only file, removed on drop.
+    dir: Option<PathBuf>,
 }
 
 impl Redis {
@@ -28,17 +33,57 @@ impl Redis {
         }
         let port = crate::free_port();
         Some(Self {
-            child: Self::spawn(port),
+            child: Self::spawn(port, None),
             port,
+            dir: None,
         })
     }
 
-    fn spawn(port: u16) -> Child {
-        let child = Command::new("redis-server")
+    /// Like [`Redis::start`], but every write goes to an append-only file (fsynced before
+    /// the reply) in a fresh dir of its own (under `/dev/shm` where it exists), so [`Redis::kill`] then [`Redis::restart`] brings it
+    /// back with its data: what it acked before the kill is still there.
+    pub fn start_persistent() -> Option<Self> {
+        if !crate::require("redis-server", "apt-get install redis-server") {
+            return None;
+        }
+        let port = crate::free_port();
+        // tmpfs where there is one: the fsync before each reply then costs nothing on a disk
+        // busy with builds, and a process kill (what the tests do) keeps its files all the same.
+        let shm = PathBuf::from("/dev/shm");
+        let base = if shm.is_dir() {
+            shm
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = base.join(format!(
+            "ringcast-redis-{}-{port}-{}",
+            std::process::id(),
+            nanos_now()
+        ));
+        std::fs::create_dir_all(&dir).expect("create the redis data dir");
+        Some(Self {
+            child: Self::spawn(port, Some(&dir)),
+            port,
+            dir: Some(dir),
+        })
+    }
+
+    fn spawn(port: u16, dir: Option<&PathBuf>) -> Child {
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(std::env::temp_dir())
+            .args(["--save", ""]);
+        match dir {
+            Some(dir) => command
+                .args(["--appendonly", "yes", "--appendfsync", "always"])
+                .arg("--dir")
+                .arg(dir),
+            None => command
+                .args(["--appendonly", "no"])
+                .arg("--dir")
+                .arg(std::env::temp_dir()),
+        };
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -65,9 +110,38 @@ impl Redis {
         self.child.wait().unwrap();
     }
 
-    /// A fresh, empty redis-server on the same port.
+    /// A redis-server on the same port again: empty, or (persistent) with the data it had.
     pub fn restart(&mut self) {
-        self.child = Self::spawn(self.port);
+        self.child = Self::spawn(self.port, self.dir.as_ref());
+    }
+
+    /// The URL of an engine that logs in as ACL user `user` (password: the name again),
+    /// creating the user with every right. Give it to one engine so [`Redis::cut`] can cut
+    /// that engine's link alone.
+    pub fn user_url(&self, user: &str) -> String {
+        let pass = format!(">{user}");
+        let reply = self.cmd(&["ACL", "SETUSER", user, "on", &pass, "~*", "&*", "+@all"]);
+        assert!(reply.starts_with("+OK"), "ACL SETUSER {user}: {reply}");
+        format!("redis://{user}:{user}@127.0.0.1:{}", self.port)
+    }
+
+    /// Cuts `user`'s link while Redis keeps running with its data: the user is disabled (its
+    /// reconnects fail to log in) and its connections are killed. Returns how many were.
+    pub fn cut(&self, user: &str) -> u64 {
+        let reply = self.cmd(&["ACL", "SETUSER", user, "off"]);
+        assert!(reply.starts_with("+OK"), "ACL SETUSER {user} off: {reply}");
+        let reply = self.cmd(&["CLIENT", "KILL", "USER", user]);
+        reply
+            .trim()
+            .strip_prefix(':')
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("CLIENT KILL USER {user}: {reply}"))
+    }
+
+    /// Lets `user` log in again after [`Redis::cut`].
+    pub fn mend(&self, user: &str) {
+        let reply = self.cmd(&["ACL", "SETUSER", user, "on"]);
+        assert!(reply.starts_with("+OK"), "ACL SETUSER {user} on: {reply}");
     }
 
     /// One command, by RESP over a fresh connection; the raw reply (one read).
@@ -89,7 +163,17 @@ impl Drop for Redis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
+}
+
+/// Nanoseconds since the Unix epoch: a suffix that makes a temp dir name unique.
+fn nanos_now() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
 }
 
 /// Whether a Redis answers PING on `port`.

@@ -858,14 +858,28 @@ impl Worker {
             }
         }
         let last = self.topics[&name].last;
-        let live_from = last + 1;
+        let mut live_from = last + 1;
         let epoch = self.epoch.unwrap_or(0);
         // A since in another epoch counts in a numbering that is gone: replay all that is held.
         let moved = req.since.is_some() && req.epoch.is_some_and(|e| e != epoch);
         let since = if moved { Some(0) } else { req.since };
         let (replay, mut reset) = match since {
             None => (Vec::new(), None),
-            Some(since) if since > last => (Vec::new(), Some(live_from)),
+            // Past what this host has forwarded: a client resuming here after reading on a
+            // host that is ahead (this bridge lags). If Redis sequenced `since`, the seqs up
+            // to it are on their way down the inbox: live messages start after it, no reset.
+            // Past Redis's counter too, `since` names nothing yet: a reset to what comes next.
+            Some(since) if since > last => match self.read(&mut conn.cmd, &name, 0, 0).await {
+                Ok(read) if since <= read.counter && read.epoch.is_none_or(|e| e == epoch) => {
+                    live_from = since + 1;
+                    (Vec::new(), None)
+                }
+                Ok(_) => (Vec::new(), Some(live_from)),
+                Err(e) => {
+                    self.waiting.push(req);
+                    return Err(End::Lost(e));
+                }
+            },
             Some(since) if since == last => (Vec::new(), None),
             Some(since) => match self.read(&mut conn.cmd, &name, since + 1, last).await {
                 Ok(read) => {
