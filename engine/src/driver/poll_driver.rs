@@ -10,6 +10,7 @@
 use std::{
     future::{poll_fn, Future},
     io, mem,
+    os::fd::AsRawFd,
     pin::Pin,
     rc::Rc,
     task::{Context, Poll, Waker},
@@ -32,9 +33,10 @@ use crate::{
     api::handler::Handler,
     conn::{
         outbound::MAX_IOV,
-        table::{Conn, Phase, PollSocket, Settings, Socket},
+        pending::{answer_now, Cause, EVICT_BATCH},
+        table::{pending_ip_refusal, Conn, Phase, PollSocket, Settings, Socket},
     },
-    driver::listener::AcceptBackoff,
+    driver::listener::{is_fd_exhaustion, AcceptBackoff},
     ops::metrics::ShardMetrics,
     shard::process::{on_eof, wants_read, Flow, Shard},
     types::{
@@ -57,11 +59,17 @@ pub(crate) async fn accept_loop<H: Handler>(
             return;
         }
         match listener.cancelable_accept(cancel.clone()).await {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 backoff.accepted(shard.id);
-                open_connection(&shard, stream);
+                open_connection(&shard, stream, peer);
             }
             Err(_) if shard.table.borrow().stopping => return,
+            // Out of descriptors: evict a batch of unfinished upgrades, oldest first (their
+            // sockets close at once on this driver), and accept again now.
+            Err(e) if is_fd_exhaustion(&e) && shard.table.borrow().pending.len() > 0 => {
+                shard.metrics.accept_fd_exhausted.incr();
+                shard.evict_oldest(EVICT_BATCH, Cause::OutOfDescriptors);
+            }
             Err(e) => {
                 let pause = backoff.failed(shard.id, &shard.metrics, &e);
                 monoio::time::sleep(pause).await;
@@ -70,7 +78,8 @@ pub(crate) async fn accept_loop<H: Handler>(
     }
 }
 
-/// Waits while the shard holds `max_connections`. Returns false once the shard is stopping.
+/// Waits while the shard holds `max_connections` and no unfinished upgrade to evict in place
+/// of a new connection. Returns false once the shard is stopping.
 async fn wait_for_room<H: Handler>(shard: &Shard<H>) -> bool {
     let mut counted = false;
     poll_fn(|cx| {
@@ -78,7 +87,7 @@ async fn wait_for_room<H: Handler>(shard: &Shard<H>) -> bool {
         if table.stopping {
             return Poll::Ready(false);
         }
-        if table.len() < table.settings.max_connections {
+        if table.len() < table.settings.max_connections || table.pending.can_evict() {
             return Poll::Ready(true);
         }
         if !counted {
@@ -98,8 +107,15 @@ enum Landing {
     Tail,
 }
 
-/// Registers an accepted socket and spawns its task.
-pub(crate) fn open_connection<H: Handler>(shard: &Rc<Shard<H>>, stream: TcpStream) {
+/// Registers an accepted socket and spawns its task: refused at once if its address holds
+/// the cap on unfinished upgrades; on a full shard, in place of the oldest unfinished upgrade
+/// (evicted).
+pub(crate) fn open_connection<H: Handler>(
+    shard: &Rc<Shard<H>>,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+) {
+    shard.metrics.connections_accepted.incr();
     let mut table = shard.table.borrow_mut();
     if table.settings.tcp_nodelay {
         if let Err(e) = stream.set_nodelay(true) {
@@ -115,8 +131,23 @@ pub(crate) fn open_connection<H: Handler>(shard: &Rc<Shard<H>>, stream: TcpStrea
             return;
         }
     };
-    let (key, gen) = table.insert(Socket::Poll(Box::new(PollSocket { io, waker: None })));
-    shard.metrics.connections_accepted.incr();
+    let pending_ip = match table.admit_pending(|| Some(peer)) {
+        Ok(ip) => ip,
+        Err(()) => {
+            table.refused_pending();
+            answer_now(io.as_raw_fd(), &pending_ip_refusal(), true);
+            return; // dropping `io` closes it
+        }
+    };
+    if table.len() >= table.settings.max_connections {
+        drop(table);
+        shard.evict_oldest(1, Cause::ShardFull);
+        table = shard.table.borrow_mut();
+    }
+    let (key, gen) = table.insert(
+        Socket::Poll(Box::new(PollSocket { io, waker: None })),
+        pending_ip,
+    );
     shard.metrics.connections_active.incr();
     drop(table);
     monoio::spawn(ConnTask {
