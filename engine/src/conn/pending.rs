@@ -29,6 +29,11 @@ pub(crate) const EVICT_BATCH: usize = 32;
 /// grows past `max_connections_per_shard` by at most this many.
 pub(crate) const EVICT_IN_FLIGHT: usize = 64;
 
+/// A connection younger than this is not evicted: its first read may not have happened yet,
+/// and a client's request is usually in its socket already. Evicting only older ones also
+/// keeps a burst of accepts from evicting each other.
+pub(crate) const MIN_EVICT_AGE: Duration = Duration::from_millis(10);
+
 /// The shortest time between two log lines about shed upgrades, per shard.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -56,9 +61,9 @@ pub(crate) struct Pending {
     /// Each pending connection by slab key: its generation and the address it counts under
     /// (when addresses are capped).
     live: HashMap<usize, (u32, Option<IpAddr>)>,
-    /// (key, generation) in accept order, oldest first. Entries of connections that have
-    /// left the handshake stay until met at the front, or until a compaction.
-    order: VecDeque<(usize, u32)>,
+    /// (key, generation, accepted at) in accept order, oldest first. Entries of connections
+    /// that have left the handshake stay until met at the front, or until a compaction.
+    order: VecDeque<(usize, u32, Instant)>,
     /// Connections evicted whose slot is not released yet.
     pub(crate) evicting: usize,
     log: ShedLog,
@@ -71,14 +76,34 @@ impl Pending {
     }
 
     /// Whether one more connection may take an evicted one's place now.
-    pub(crate) fn can_evict(&self) -> bool {
-        !self.live.is_empty() && self.evicting < EVICT_IN_FLIGHT
+    pub(crate) fn can_evict(&mut self, now: Instant) -> bool {
+        self.evicting < EVICT_IN_FLIGHT && self.evictable_at().is_some_and(|at| at <= now)
+    }
+
+    /// When the oldest pending connection may be evicted ([`MIN_EVICT_AGE`]).
+    pub(crate) fn evictable_at(&mut self) -> Option<Instant> {
+        self.drop_stale();
+        self.order.front().map(|&(_, _, at)| at + MIN_EVICT_AGE)
     }
 
     /// A new connection, counted under `ip` (if counted).
     pub(crate) fn add(&mut self, key: usize, gen: u32, ip: Option<IpAddr>) {
         self.live.insert(key, (gen, ip));
-        self.order.push_back((key, gen));
+        self.order.push_back((key, gen, Instant::now()));
+    }
+
+    fn is_live(&self, key: usize, gen: u32) -> bool {
+        self.live.get(&key).is_some_and(|&(g, _)| g == gen)
+    }
+
+    /// Drops entries of connections that left from the front.
+    fn drop_stale(&mut self) {
+        while let Some(&(key, gen, _)) = self.order.front() {
+            if self.is_live(key, gen) {
+                return;
+            }
+            self.order.pop_front();
+        }
     }
 
     /// The connection left its handshake: returns the address it was counted under.
@@ -95,19 +120,18 @@ impl Pending {
         if self.order.len() > 64 && self.order.len() > 4 * self.live.len() {
             let live = &self.live;
             self.order
-                .retain(|(k, g)| live.get(k).is_some_and(|&(lg, _)| lg == *g));
+                .retain(|(k, g, _)| live.get(k).is_some_and(|&(lg, _)| lg == *g));
         }
         ip
     }
 
-    /// The oldest pending connection, taken off the list (the caller ends it).
-    pub(crate) fn take_oldest(&mut self) -> Option<usize> {
-        while let Some((key, gen)) = self.order.pop_front() {
-            if self.live.get(&key).is_some_and(|&(g, _)| g == gen) {
-                return Some(key);
-            }
+    /// The oldest pending connection if it is at least [`MIN_EVICT_AGE`] old, taken off the
+    /// list (the caller ends it).
+    pub(crate) fn take_oldest(&mut self, now: Instant) -> Option<usize> {
+        if self.evictable_at()? > now {
+            return None;
         }
-        None
+        self.order.pop_front().map(|(key, _, _)| key)
     }
 
     /// Counts connections shed and logs, at most every [`LOG_EVERY`] per shard.
@@ -210,23 +234,27 @@ mod tests {
         for key in 0..10 {
             p.add(key, 1, Some(ip));
         }
+        let now = Instant::now();
+        assert_eq!(p.take_oldest(now), None, "too young to evict");
+        assert!(!p.can_evict(now));
+        let now = now + MIN_EVICT_AGE;
         assert_eq!(p.remove(0, 1), Some(ip));
         assert_eq!(p.remove(1, 2), None, "another generation");
-        assert_eq!(p.take_oldest(), Some(1));
+        assert_eq!(p.take_oldest(now), Some(1));
         assert_eq!(p.remove(1, 1), Some(ip));
         assert_eq!(p.len(), 8);
         // Key 2 is reused by a new connection after leaving: the old entry is skipped.
         assert_eq!(p.remove(2, 1), Some(ip));
         p.add(2, 7, None);
-        assert_eq!(p.take_oldest(), Some(3));
+        assert_eq!(p.take_oldest(now), Some(3));
         // Many quick upgrades behind one slow one: the order list is compacted.
         for key in 100..1100 {
             p.add(key, 1, None);
             p.remove(key, 1);
         }
         assert!(p.order.len() <= 4 * p.len() + 64, "{}", p.order.len());
-        assert!(p.can_evict());
+        assert!(p.can_evict(now));
         p.evicting = EVICT_IN_FLIGHT;
-        assert!(!p.can_evict());
+        assert!(!p.can_evict(now));
     }
 }

@@ -30,7 +30,7 @@ use crate::{
     api::handler::Handler,
     conn::{
         outbound::MAX_IOV,
-        pending::{answer_now, Cause, EVICT_BATCH},
+        pending::{answer_now, Cause, EVICT_BATCH, EVICT_IN_FLIGHT},
         table::{pending_ip_refusal, reservation, ConnTable, Phase, Socket},
     },
     driver::{
@@ -60,6 +60,7 @@ pub(crate) async fn run<H: Handler>(shard: Rc<Shard<H>>, ring: SocketRing, liste
         paused_counted: false,
         retry_at: None,
         awaiting_evictions: false,
+        evictable_at: None,
         backoff: AcceptBackoff::new(),
         starved: Vec::new(),
         eventfd_read: None,
@@ -82,6 +83,8 @@ struct Driver<'a, H> {
     /// Out of descriptors, unfinished upgrades were evicted: accept again once their sockets
     /// are closed (or at `retry_at`).
     awaiting_evictions: bool,
+    /// A full shard's oldest unfinished upgrade may be evicted from then on: accept again.
+    evictable_at: Option<Instant>,
     backoff: AcceptBackoff,
     /// Connections whose receive stopped because every buffer was in use.
     starved: Vec<usize>,
@@ -189,10 +192,10 @@ impl<H: Handler> Driver<'_, H> {
     fn next_deadline(&self) -> Option<Instant> {
         let table = self.shard.table.borrow();
         let timer = table.timers.peek().map(|r| r.0 .0.instant());
-        match (timer, self.retry_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [timer, self.retry_at, self.evictable_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Handles every completion waiting in the ring.
@@ -266,7 +269,8 @@ impl<H: Handler> Driver<'_, H> {
                 debug!(error = %e, "TCP_NODELAY not set");
             }
         }
-        if table.len() >= table.settings.max_connections && table.pending.can_evict() {
+        if table.len() >= table.settings.max_connections && table.pending.can_evict(Instant::now())
+        {
             drop(table);
             shard.evict_oldest(1, Cause::ShardFull);
             table = shard.table.borrow_mut();
@@ -290,10 +294,10 @@ impl<H: Handler> Driver<'_, H> {
         if pending == 0 && evicting == 0 {
             return false;
         }
-        shard.metrics.accept_fd_exhausted.incr();
-        if evicting == 0 {
-            shard.evict_oldest(EVICT_BATCH, Cause::OutOfDescriptors);
+        if evicting == 0 && shard.evict_oldest(EVICT_BATCH, Cause::OutOfDescriptors) == 0 {
+            return false; // all too young to evict yet
         }
+        shard.metrics.accept_fd_exhausted.incr();
         self.awaiting_evictions = true;
         // Normally the sockets close within a loop turn or two; this bounds the wait if not.
         self.retry_at = Some(Instant::now() + EVICTION_WAIT);
@@ -588,14 +592,20 @@ impl<H: Handler> Driver<'_, H> {
 
     /// Arms, pauses or stops the multishot accept.
     fn serve_accept(&mut self) {
-        let table = self.shard.table.borrow();
+        let mut table = self.shard.table.borrow_mut();
         if table.stopping {
             drop(table);
             self.cancel_accept();
             return;
         }
+        self.evictable_at = None;
+        let now = Instant::now();
         // A full shard takes new connections in place of its unfinished upgrades (evicted).
-        if table.len() >= table.settings.max_connections && !table.pending.can_evict() {
+        if table.len() >= table.settings.max_connections && !table.pending.can_evict(now) {
+            if table.pending.evicting < EVICT_IN_FLIGHT {
+                // Those there are too young to evict yet: look again when the oldest is not.
+                self.evictable_at = table.pending.evictable_at();
+            }
             if !self.paused_counted {
                 self.paused_counted = true;
                 table.metrics.accept_paused_full.incr();

@@ -135,7 +135,7 @@ impl<H: Handler> Shard<H> {
     }
 
     /// Lets every other ready task of the shard run first (see [`deferrer`]).
-    fn yield_now(&self) -> impl Future<Output = ()> + '_ {
+    pub(crate) fn yield_now(&self) -> impl Future<Output = ()> + '_ {
         let mut deferred = false;
         poll_fn(move |cx| {
             if deferred || self.stopped.get() {
@@ -658,18 +658,20 @@ impl<H: Handler> Shard<H> {
         }
     }
 
-    /// Evicts up to `max` of the shard's unfinished upgrades, oldest first, to make room for
+    /// Evicts up to `max` of the shard's unfinished upgrades, oldest first (none younger than
+    /// `MIN_EVICT_AGE`), to make room for
     /// new connections (`cause` says why there is none): each is answered 503 at once and
     /// ended, so its descriptor is closed now (io_uring: once its receive is cancelled), not
     /// after `close_timeout`. Counted under `upgrade_rejections{reason="evicted"}` and in
     /// `Pending::evicting` until its slot is released. Returns how many.
     pub(crate) fn evict_oldest(&self, max: usize, cause: Cause) -> usize {
         let mut evicted = 0;
+        let now = std::time::Instant::now();
         while evicted < max {
             let key = {
                 let mut table_ref = self.table.borrow_mut();
                 let table = &mut *table_ref;
-                let Some(key) = table.pending.take_oldest() else {
+                let Some(key) = table.pending.take_oldest(now) else {
                     break;
                 };
                 let conn = &mut table.conns[key];
