@@ -16,7 +16,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr, TcpStream},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
-        Arc,
+        Arc, Mutex, MutexGuard,
     },
     thread,
     time::{Duration, Instant},
@@ -35,6 +35,16 @@ const ATTACK_ADDRESSES: u8 = 8;
 /// this margin, and most upgrades must still meet the target (see [`check_live`]).
 const LIVE_WORST: Duration = Duration::from_millis(300);
 const LIVE_TARGET: Duration = Duration::from_millis(100);
+
+/// The attack tests run one at a time: each takes the machine's two cores, and two at once
+/// would measure each other.
+static ONE_ATTACK_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_attack_at_a_time() -> MutexGuard<'static, ()> {
+    ONE_ATTACK_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// A TCP connection from `source` (any port) to `addr`.
 fn connect_from(
@@ -240,6 +250,7 @@ fn attack_config(driver: Driver) -> EngineConfig {
 /// (three times what the shards hold, reconnecting whatever is evicted) cannot keep the live
 /// client out.
 fn eviction_makes_room(driver: Driver) {
+    let _alone = one_attack_at_a_time();
     let mut config = attack_config(driver);
     config.limits.max_connections_per_shard = 100;
     // Off, so that eviction alone holds the attack.
@@ -303,6 +314,7 @@ fn a_full_shard_evicts_the_oldest_unfinished_upgrade_epoll() {
 /// live client from another address is not slowed.
 #[test]
 fn unfinished_upgrades_per_address_are_capped_at_accept() {
+    let _alone = one_attack_at_a_time();
     let mut config = attack_config(Driver::IoUring);
     config.admission.max_pending_handshakes_per_ip = 16;
     let engine = Engine::start(config, |_| Echo).expect("start engine");
@@ -402,4 +414,110 @@ fn finished_upgrades_give_their_pending_count_back() {
     assert_eq!(metrics.rejected(RejectReason::PendingIpCap), 1);
     assert_eq!(metrics.handshake_timeouts, 2);
     engine.stop().unwrap();
+}
+
+/// Set in the child process of [`out_of_descriptors`]: its open-files limit.
+const CHILD_NOFILE: &str = "RINGCAST_HALFOPEN_NOFILE";
+/// Set in the child process of [`out_of_descriptors`]: its driver, "io_uring" or "epoll".
+const CHILD_DRIVER: &str = "RINGCAST_HALFOPEN_DRIVER";
+
+/// Not a test on its own: the server of [`out_of_descriptors`], run in a child process (this
+/// test binary again) because the open-files limit is per process. Without its variables it
+/// does nothing.
+#[test]
+#[ignore = "the child process of the out_of_descriptors tests"]
+fn out_of_descriptors_server() {
+    let Ok(nofile) = std::env::var(CHILD_NOFILE) else {
+        return;
+    };
+    let nofile: libc::rlim_t = nofile.parse().unwrap();
+    let limit = libc::rlimit {
+        rlim_cur: nofile,
+        rlim_max: nofile,
+    };
+    // SAFETY: setrlimit reads the struct it is given; this process is the child alone.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .init();
+    let driver = match std::env::var(CHILD_DRIVER).as_deref() {
+        Ok("epoll") => Driver::Epoll,
+        _ => Driver::IoUring,
+    };
+    let mut config = attack_config(driver);
+    // Off, so that running out of descriptors, not the per-address cap, is what the attack
+    // meets; the shards' cap is far above the open-files limit.
+    config.admission.max_pending_handshakes_per_ip = 0;
+    let engine = Engine::start(config, |_| Echo).expect("start engine");
+    eprintln!("CHILD LISTENING {}", engine.local_addr());
+    // The parent kills this process when done; bounded in case it does not.
+    thread::sleep(6 * DEADLINE);
+    engine.stop().unwrap();
+}
+
+/// The same attack against a server whose open-files limit (300) is what runs short: an
+/// accept that fails with EMFILE evicts a batch of the oldest unfinished upgrades, so new
+/// clients still get in within 100 ms, and the engine's own `/metrics` answers too.
+fn out_of_descriptors(driver: &str) {
+    let _alone = one_attack_at_a_time();
+    let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "--exact",
+            "out_of_descriptors_server",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(CHILD_NOFILE, "300")
+        .env(CHILD_DRIVER, driver);
+    let mut child = process::Spawned::start(command);
+    let addr: SocketAddr = child.wait_for_log("the child's address", |l| {
+        l.strip_prefix("CHILD LISTENING ")?.parse().ok()
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(AttackStats::default());
+    // 8 x 75 = 600 connections against about 270 free descriptors.
+    let attackers = start_attack(addr, 35, 40, &stop, &stats);
+    let evicted = || {
+        let scrape = http::scrape(addr);
+        metric_sum(
+            &scrape,
+            "ringcast_upgrade_rejections_total",
+            &[("reason", "evicted")],
+        )
+    };
+    wait_until("evictions for want of descriptors", || evicted() >= 200.0);
+    let times = live_client(addr, 40);
+    let scrape = http::scrape(addr);
+    stop.store(true, Relaxed);
+    for a in attackers {
+        a.join().unwrap();
+    }
+    eprintln!("{driver}: attack {stats:?}");
+    check_live(&times);
+    assert!(
+        metric_sum(&scrape, "ringcast_accept_fd_exhausted_total", &[]) > 0.0,
+        "the server never ran out of descriptors"
+    );
+    assert!(stats.answered_503.load(Relaxed) > 0, "{stats:?}");
+    assert_eq!(
+        metric_sum(&scrape, "ringcast_handshake_timeouts_total", &[]),
+        0.0
+    );
+    assert!(
+        child.log().contains("unfinished upgrades shed"),
+        "the shedding is logged:\n{}",
+        child.log()
+    );
+}
+
+#[test]
+fn out_of_descriptors_evicts_the_oldest_unfinished_upgrades_io_uring() {
+    out_of_descriptors("io_uring");
+}
+
+#[test]
+fn out_of_descriptors_evicts_the_oldest_unfinished_upgrades_epoll() {
+    out_of_descriptors("epoll");
 }
