@@ -21,8 +21,10 @@ use crate::types::ids::ShardId;
 
 /// Unfinished upgrades evicted at once when an accept finds no descriptor left. Each frees a
 /// descriptor for one connection waiting in the backlog; a batch lets the accepts that follow
-/// proceed without a failed accept each.
-pub(crate) const EVICT_BATCH: usize = 32;
+/// proceed without a failed accept each (a failed accept, and the wait for the evicted
+/// sockets to close, cost a loop turn or two). Those evicted are the oldest unfinished
+/// upgrades, which a client that sends its request at once never is.
+pub(crate) const EVICT_BATCH: usize = 128;
 
 /// Evicted connections whose socket may still be open (io_uring: its operations are being
 /// cancelled) before the shard stops taking connections in their place: a full shard's slab
