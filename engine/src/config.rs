@@ -53,6 +53,8 @@ pub struct EngineConfig {
 /// connections per address (429);
 /// after the handler accepts, connections per user (429). Plain HTTP requests (`[http]`)
 /// are not subject to any of them. Each refusal is counted in `upgrades_rejected` by reason.
+/// Before any of them, at accept: unfinished upgrades per address
+/// (`max_pending_handshakes_per_ip`, the only check on by default).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
@@ -68,6 +70,16 @@ pub struct AdmissionConfig {
     /// Open connections one peer IP address may hold, over all shards. Default 0: no cap
     /// (behind a proxy every client shares its address). Over it: 429.
     pub max_connections_per_ip: u32,
+    /// Connections one peer address may hold that have not finished their upgrade (the
+    /// request head not yet complete), over all shards; IPv6 addresses count by their /64
+    /// (one host's usual share). Default 256, on: unlike `max_connections_per_ip` it is safe
+    /// behind a proxy, which forwards each request as soon as it connects, so its pending
+    /// handshakes last a round trip. Over it the new connection is refused at accept, before
+    /// any byte is read: 429 "too many unfinished upgrades from this address", then closed at
+    /// once (it holds no descriptor for `close_timeout`), counted under
+    /// `upgrade_rejections{reason="pending_ip_cap"}`. 0: no cap. Memory: none per pending
+    /// handshake beyond the connection; one counter per address with one pending.
+    pub max_pending_handshakes_per_ip: u32,
     /// Open connections one user (as the handler names it with
     /// [`Upgrade::with_user`](crate::Upgrade::with_user), the token's `sub` for the broker)
     /// may hold, over all shards. Default 0: no cap. Over it: 429.
@@ -115,6 +127,7 @@ impl Default for AdmissionConfig {
             allowed_origins: Vec::new(),
             require_origin: false,
             max_connections_per_ip: 0,
+            max_pending_handshakes_per_ip: 256,
             max_connections_per_user: 0,
             upgrades_per_sec: 0,
             upgrade_burst: 0,
@@ -587,9 +600,12 @@ pub struct LimitsConfig {
     pub max_outbound_bytes: usize,
     /// What to do with a message that does not fit `max_outbound_bytes`. Default `disconnect`.
     pub outbound_overflow: OverflowPolicy,
-    /// Connections one shard holds at once. Default 65536. At the limit the shard stops
-    /// accepting (new connections wait in the kernel backlog) until one closes. Keep
-    /// shards x this below the open-files limit. Memory: the slab grows to the peak count.
+    /// Connections one shard holds at once. Default 65536. At the limit, a new connection
+    /// takes the place of the shard's oldest unfinished upgrade (evicted with 503 and closed
+    /// at once, `upgrade_rejections{reason="evicted"}`); with none left to evict the shard
+    /// stops accepting (new connections wait in the kernel backlog) until one closes. Running
+    /// out of descriptors evicts the same way. Keep shards x this below the open-files
+    /// limit. Memory: the slab grows to the peak count.
     pub max_connections_per_shard: usize,
 }
 
@@ -612,8 +628,12 @@ impl Default for LimitsConfig {
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct TimeoutsConfig {
-    /// Time a new connection has to send its whole upgrade request. Default 10 s. Past it:
-    /// HTTP 408 and close, so half-sent requests cannot hold sockets.
+    /// Time a new connection has to send its whole upgrade request, counted from accept
+    /// (bytes arriving do not extend it). Default 5 s. Past it: HTTP 408 and close, so
+    /// half-sent requests cannot hold sockets. A client sends its request head at once after
+    /// connecting, in one round trip even on a slow mobile link; 5 s leaves room for two
+    /// retransmissions of a lost segment (1 s, then 2 s) while a silent or dribbling
+    /// connection holds its descriptor half as long as with 10 s.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// Time the peer has to answer our close frame, and then to close TCP after we shut down
@@ -652,7 +672,7 @@ pub struct TimeoutsConfig {
 impl Default for TimeoutsConfig {
     fn default() -> Self {
         Self {
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
             close_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
             drain_window: Duration::from_secs(2),
@@ -1059,7 +1079,11 @@ mod tests {
         let config = EngineConfig::default();
         config.validate().unwrap();
         let text = config.to_toml();
-        assert!(text.contains("handshake_timeout = \"10s\""), "{text}");
+        assert!(text.contains("handshake_timeout = \"5s\""), "{text}");
+        assert!(
+            text.contains("max_pending_handshakes_per_ip = 256"),
+            "{text}"
+        );
         assert_eq!(EngineConfig::from_toml(&text).unwrap(), config);
     }
 
@@ -1072,7 +1096,7 @@ mod tests {
         assert_eq!(config.shards, 2);
         assert_eq!(config.driver, Driver::Epoll);
         assert_eq!(config.timeouts.close_timeout, Duration::from_millis(250));
-        assert_eq!(config.timeouts.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(config.timeouts.handshake_timeout, Duration::from_secs(5));
     }
 
     #[test]

@@ -3,5 +3,6 @@
 //! refill). Performs no reads or writes itself: the drivers in `driver/` move the bytes.
 
 pub(crate) mod outbound;
+pub(crate) mod pending;
 pub(crate) mod table;
 pub(crate) mod topics;

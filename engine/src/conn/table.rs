@@ -30,7 +30,7 @@ use crate::types::{
 };
 use crate::{
     config::{EngineConfig, HttpConfig, OverflowPolicy, PubSubConfig},
-    conn::outbound::Outbound,
+    conn::{outbound::Outbound, pending::Pending},
     ops::{
         admission::{Gate, RejectReason},
         metrics::ShardMetrics,
@@ -143,6 +143,18 @@ pub(crate) enum Socket {
     Poll(Box<PollSocket>),
 }
 
+impl Socket {
+    /// The socket's descriptor.
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Socket::Ring(fd) => fd.as_raw_fd(),
+            #[cfg(feature = "epoll")]
+            Socket::Poll(p) => p.io.as_raw_fd(),
+        }
+    }
+}
+
 /// A connection driven by its own task (epoll driver).
 #[cfg(feature = "epoll")]
 #[derive(Debug)]
@@ -166,6 +178,7 @@ const RECV_CANCELLING: u8 = 1 << 1;
 const SEND_CANCELLING: u8 = 1 << 2;
 const DIRTY: u8 = 1 << 3;
 const SHUTDOWN_PENDING: u8 = 1 << 4;
+const EVICTED: u8 = 1 << 5;
 
 impl Default for UringOps {
     fn default() -> Self {
@@ -223,6 +236,13 @@ impl UringOps {
         set_shutdown_pending,
         SHUTDOWN_PENDING,
         "A write shutdown was submitted and has not completed: the descriptor must stay open."
+    );
+    flag!(
+        evicted,
+        set_evicted,
+        EVICTED,
+        "Evicted before its upgrade (counted in `Pending::evicting` until released). Kept \
+         here for both drivers."
     );
 
     /// The slot of the send in flight, if any.
@@ -515,6 +535,21 @@ pub(crate) struct Upgraded<'a> {
     pub(crate) head_kept: bool,
 }
 
+/// The answer to a connection refused at accept: its address holds
+/// `admission.max_pending_handshakes_per_ip` unfinished upgrades.
+pub(crate) fn pending_ip_refusal() -> Bytes {
+    ringcast_protocol::http_response(429, &[], "too many unfinished upgrades from this address")
+}
+
+/// The answer to an unfinished upgrade evicted to make room for a new connection.
+pub(crate) fn evicted_response() -> Bytes {
+    ringcast_protocol::http_response(
+        503,
+        &[("Retry-After", "1")],
+        "server busy: unfinished upgrades are dropped, oldest first; send the request at once",
+    )
+}
+
 /// The answer to an upgrade while the engine drains.
 pub(crate) fn draining_response() -> Bytes {
     ringcast_protocol::http_response(503, &[("Retry-After", "1")], "server shutting down")
@@ -584,9 +619,10 @@ impl Settings {
 /// The most slab entries reserved up front (virtual memory only until used).
 const MAX_SLAB_RESERVE: usize = 1 << 18;
 
-/// Slab entries and timer-heap entries a shard reserves at start.
+/// Slab entries and timer-heap entries a shard reserves at start: the connection cap, plus
+/// the evicted connections a full shard may hold while their sockets close.
 pub(crate) fn reservation(settings: &Settings) -> usize {
-    settings.max_connections.min(MAX_SLAB_RESERVE)
+    settings.max_connections.min(MAX_SLAB_RESERVE) + crate::conn::pending::EVICT_IN_FLIGHT
 }
 
 /// A shard's connections and the operations on them.
@@ -625,6 +661,8 @@ pub(crate) struct ConnTable {
     pub(crate) gate: Arc<Gate>,
     /// This shard's upgrade rate (`admission.upgrades_per_sec`), when shaped.
     pub(crate) upgrade_bucket: Option<TokenBucket>,
+    /// Connections still sending their upgrade request, oldest first.
+    pub(crate) pending: Pending,
 }
 
 impl ConnTable {
@@ -661,6 +699,7 @@ impl ConnTable {
             gate,
             upgrade_bucket: (settings_rate.0 > 0)
                 .then(|| TokenBucket::new(f64::from(settings_rate.0), f64::from(settings_rate.1))),
+            pending: Pending::default(),
         }
     }
 
@@ -668,14 +707,59 @@ impl ConnTable {
         self.conns.len()
     }
 
-    /// Adds a connection in its handshake phase, with its handshake deadline; returns its
-    /// slab key and generation.
-    pub(crate) fn insert(&mut self, socket: Socket) -> (usize, u32) {
+    /// Adds a connection in its handshake phase, with its handshake deadline, to the
+    /// pending list (counted under `pending_ip` from [`ConnTable::admit_pending`]); returns
+    /// its slab key and generation.
+    pub(crate) fn insert(&mut self, socket: Socket, pending_ip: Option<IpAddr>) -> (usize, u32) {
         self.next_gen = self.next_gen.wrapping_add(1);
         let gen = self.next_gen;
         let key = self.conns.insert(Conn::new(gen, socket));
+        self.pending.add(key, gen, pending_ip);
         self.set_deadline(key, self.settings.handshake_timeout);
         (key, gen)
+    }
+
+    /// At accept, before the connection is inserted: counts it under its peer's address
+    /// (`admission.max_pending_handshakes_per_ip`). `Ok` with the address counted (`None`
+    /// when addresses are not capped or the peer is already gone), `Err` when the address
+    /// holds the cap: the caller refuses it ([`pending_ip_refusal`]) and counts the refusal
+    /// with [`ConnTable::refused_pending`].
+    pub(crate) fn admit_pending(
+        &mut self,
+        peer: impl FnOnce() -> Option<SocketAddr>,
+    ) -> Result<Option<IpAddr>, ()> {
+        if !self.gate.counts_pending() {
+            return Ok(None);
+        }
+        let Some(peer) = peer() else {
+            return Ok(None);
+        };
+        let key = crate::ops::admission::pending_key(peer.ip());
+        if self.gate.acquire_pending(key) {
+            Ok(Some(key))
+        } else {
+            Err(())
+        }
+    }
+
+    /// Counts (and logs, rate-limited) a connection refused at accept by
+    /// [`ConnTable::admit_pending`].
+    pub(crate) fn refused_pending(&mut self) {
+        self.metrics.rejected(RejectReason::PendingIpCap);
+        self.pending.shed(self.shard, 0, 1, None);
+    }
+
+    /// The connection leaves its handshake phase (upgraded, refused, or ending): off the
+    /// pending list, and its count under its address given back. Called by every transition
+    /// out of `Phase::Handshake`; nothing for a connection in another phase.
+    pub(crate) fn left_handshake(&mut self, key: usize) {
+        let conn = &self.conns[key];
+        if !matches!(conn.phase, Phase::Handshake(_)) {
+            return;
+        }
+        if let Some(ip) = self.pending.remove(key, conn.gen) {
+            self.gate.release_pending(ip);
+        }
     }
 
     /// Arms (or re-arms) the connection's single deadline.
@@ -901,6 +985,7 @@ impl ConnTable {
     /// Everything the connection owes is queued (an HTTP error, the final close frame): flush
     /// it, then shut down our side, within `close_timeout`.
     pub(crate) fn flush_and_close(&mut self, key: usize) {
+        self.left_handshake(key);
         self.conns[key].phase = Phase::Flushing;
         self.set_deadline(key, self.settings.close_timeout);
     }

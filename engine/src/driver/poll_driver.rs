@@ -10,10 +10,11 @@
 use std::{
     future::{poll_fn, Future},
     io, mem,
+    os::fd::AsRawFd,
     pin::Pin,
     rc::Rc,
     task::{Context, Poll, Waker},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::BytesMut;
@@ -32,9 +33,10 @@ use crate::{
     api::handler::Handler,
     conn::{
         outbound::MAX_IOV,
-        table::{Conn, Phase, PollSocket, Settings, Socket},
+        pending::{answer_now, Cause, EVICT_BATCH},
+        table::{pending_ip_refusal, Conn, Phase, PollSocket, Settings, Socket},
     },
-    driver::listener::AcceptBackoff,
+    driver::listener::{is_fd_exhaustion, AcceptBackoff},
     ops::metrics::ShardMetrics,
     shard::process::{on_eof, wants_read, Flow, Shard},
     types::{
@@ -57,11 +59,25 @@ pub(crate) async fn accept_loop<H: Handler>(
             return;
         }
         match listener.cancelable_accept(cancel.clone()).await {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 backoff.accepted(shard.id);
-                open_connection(&shard, stream);
+                if open_connection(&shard, stream, peer) {
+                    // It took an evicted one's place: let it (and the rest of the shard) run
+                    // before the next accept, so its first read comes before the next
+                    // eviction.
+                    shard.yield_now().await;
+                }
             }
             Err(_) if shard.table.borrow().stopping => return,
+            // Out of descriptors: evict a batch of unfinished upgrades, oldest first (their
+            // sockets close at once on this driver), and accept again now.
+            Err(e)
+                if is_fd_exhaustion(&e)
+                    && shard.evict_oldest(EVICT_BATCH, Cause::OutOfDescriptors) > 0 =>
+            {
+                shard.metrics.accept_fd_exhausted.incr();
+                shard.yield_now().await;
+            }
             Err(e) => {
                 let pause = backoff.failed(shard.id, &shard.metrics, &e);
                 monoio::time::sleep(pause).await;
@@ -70,16 +86,39 @@ pub(crate) async fn accept_loop<H: Handler>(
     }
 }
 
-/// Waits while the shard holds `max_connections`. Returns false once the shard is stopping.
+/// Waits while the shard holds `max_connections` and no unfinished upgrade to evict in place
+/// of a new connection. Returns false once the shard is stopping.
 async fn wait_for_room<H: Handler>(shard: &Shard<H>) -> bool {
+    loop {
+        match room(shard).await {
+            Room::Stopping => return false,
+            Room::Free => return true,
+            // Unfinished upgrades too young to evict yet: look again when the oldest is not.
+            Room::EvictableAt(at) => monoio::time::sleep_until(at.into()).await,
+        }
+    }
+}
+
+/// Whether a new connection has room.
+enum Room {
+    Free,
+    Stopping,
+    EvictableAt(Instant),
+}
+
+fn room<H: Handler>(shard: &Shard<H>) -> impl Future<Output = Room> + '_ {
     let mut counted = false;
-    poll_fn(|cx| {
+    poll_fn(move |cx| {
         let mut table = shard.table.borrow_mut();
         if table.stopping {
-            return Poll::Ready(false);
+            return Poll::Ready(Room::Stopping);
         }
-        if table.len() < table.settings.max_connections {
-            return Poll::Ready(true);
+        let now = Instant::now();
+        if table.len() < table.settings.max_connections || table.pending.can_evict(now) {
+            return Poll::Ready(Room::Free);
+        }
+        if let Some(at) = table.pending.evictable_at() {
+            return Poll::Ready(Room::EvictableAt(at.max(now + Duration::from_millis(1))));
         }
         if !counted {
             counted = true;
@@ -89,7 +128,6 @@ async fn wait_for_room<H: Handler>(shard: &Shard<H>) -> bool {
         table.accept_waker = Some(cx.waker().clone());
         Poll::Pending
     })
-    .await
 }
 
 /// Where a read put its bytes.
@@ -98,8 +136,15 @@ enum Landing {
     Tail,
 }
 
-/// Registers an accepted socket and spawns its task.
-pub(crate) fn open_connection<H: Handler>(shard: &Rc<Shard<H>>, stream: TcpStream) {
+/// Registers an accepted socket and spawns its task: refused at once if its address holds
+/// the cap on unfinished upgrades; on a full shard, in place of the oldest unfinished upgrade
+/// (evicted). Returns whether it evicted one.
+pub(crate) fn open_connection<H: Handler>(
+    shard: &Rc<Shard<H>>,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+) -> bool {
+    shard.metrics.connections_accepted.incr();
     let mut table = shard.table.borrow_mut();
     if table.settings.tcp_nodelay {
         if let Err(e) = stream.set_nodelay(true) {
@@ -112,11 +157,27 @@ pub(crate) fn open_connection<H: Handler>(shard: &Rc<Shard<H>>, stream: TcpStrea
         Ok(io) => io,
         Err((e, _stream)) => {
             warn!(shard = %shard.id, error = %e, "cannot register accepted socket; closing it");
-            return;
+            return false;
         }
     };
-    let (key, gen) = table.insert(Socket::Poll(Box::new(PollSocket { io, waker: None })));
-    shard.metrics.connections_accepted.incr();
+    let pending_ip = match table.admit_pending(|| Some(peer)) {
+        Ok(ip) => ip,
+        Err(()) => {
+            table.refused_pending();
+            answer_now(io.as_raw_fd(), &pending_ip_refusal(), true);
+            return false; // dropping `io` closes it
+        }
+    };
+    let mut evicted = false;
+    if table.len() >= table.settings.max_connections {
+        drop(table);
+        evicted = shard.evict_oldest(1, Cause::ShardFull) > 0;
+        table = shard.table.borrow_mut();
+    }
+    let (key, gen) = table.insert(
+        Socket::Poll(Box::new(PollSocket { io, waker: None })),
+        pending_ip,
+    );
     shard.metrics.connections_active.incr();
     drop(table);
     monoio::spawn(ConnTask {
@@ -125,6 +186,7 @@ pub(crate) fn open_connection<H: Handler>(shard: &Rc<Shard<H>>, stream: TcpStrea
         gen,
         sleep: None,
     });
+    evicted
 }
 
 fn poll_drive<H: Handler>(

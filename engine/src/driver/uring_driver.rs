@@ -30,7 +30,8 @@ use crate::{
     api::handler::Handler,
     conn::{
         outbound::MAX_IOV,
-        table::{reservation, ConnTable, Phase, Socket},
+        pending::{answer_now, Cause, EVICT_BATCH, EVICT_IN_FLIGHT},
+        table::{pending_ip_refusal, reservation, ConnTable, Phase, Socket},
     },
     driver::{
         listener::{is_fd_exhaustion, AcceptBackoff},
@@ -42,6 +43,9 @@ use crate::{
         message::CloseInitiator,
     },
 };
+
+/// The longest an accept waits for evicted sockets to close after running out of descriptors.
+const EVICTION_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 type EventfdRead = Pin<Box<dyn Future<Output = (std::io::Result<usize>, Vec<u8>)>>>;
 
@@ -55,6 +59,8 @@ pub(crate) async fn run<H: Handler>(shard: Rc<Shard<H>>, ring: SocketRing, liste
         accept_cancelling: false,
         paused_counted: false,
         retry_at: None,
+        awaiting_evictions: false,
+        evictable_at: None,
         backoff: AcceptBackoff::new(),
         starved: Vec::new(),
         eventfd_read: None,
@@ -74,6 +80,11 @@ struct Driver<'a, H> {
     paused_counted: bool,
     /// Accepting resumes at this time (after running out of descriptors).
     retry_at: Option<Instant>,
+    /// Out of descriptors, unfinished upgrades were evicted: accept again once their sockets
+    /// are closed (or at `retry_at`).
+    awaiting_evictions: bool,
+    /// A full shard's oldest unfinished upgrade may be evicted from then on: accept again.
+    evictable_at: Option<Instant>,
     backoff: AcceptBackoff,
     /// Connections whose receive stopped because every buffer was in use.
     starved: Vec<usize>,
@@ -181,10 +192,10 @@ impl<H: Handler> Driver<'_, H> {
     fn next_deadline(&self) -> Option<Instant> {
         let table = self.shard.table.borrow();
         let timer = table.timers.peek().map(|r| r.0 .0.instant());
-        match (timer, self.retry_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [timer, self.retry_at, self.evictable_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Handles every completion waiting in the ring.
@@ -209,26 +220,16 @@ impl<H: Handler> Driver<'_, H> {
         if c.result >= 0 {
             // SAFETY: a successful accept completion carries a new descriptor nobody else owns.
             let fd = unsafe { OwnedFd::from_raw_fd(c.result) };
-            let mut table = shard.table.borrow_mut();
-            if table.stopping {
-                return; // dropping `fd` closes it
-            }
-            if table.settings.tcp_nodelay {
-                if let Err(e) = socket2::SockRef::from(&fd).set_nodelay(true) {
-                    debug!(error = %e, "TCP_NODELAY not set");
-                }
-            }
-            self.backoff.accepted(shard.id);
-            let (key, _) = table.insert(Socket::Ring(fd));
-            shard.metrics.connections_accepted.incr();
-            shard.metrics.connections_active.incr();
-            table.notify(key, usize::MAX);
+            self.accepted(fd);
             return;
         }
         match -c.result {
             libc::ECANCELED => {}
             errno => {
                 let e = std::io::Error::from_raw_os_error(errno);
+                if is_fd_exhaustion(&e) && self.evict_for_descriptors(c.more) {
+                    return;
+                }
                 let pause = self.backoff.failed(shard.id, &shard.metrics, &e);
                 if is_fd_exhaustion(&e) {
                     self.retry_at = Some(Instant::now() + pause);
@@ -241,6 +242,69 @@ impl<H: Handler> Driver<'_, H> {
                 }
             }
         }
+    }
+
+    /// Takes in an accepted socket: refused at once if its address holds the cap on
+    /// unfinished upgrades; else, on a full shard, in place of the oldest unfinished upgrade
+    /// (evicted); else as a new connection.
+    fn accepted(&mut self, fd: OwnedFd) {
+        let shard = self.shard;
+        let mut table = shard.table.borrow_mut();
+        if table.stopping {
+            return; // dropping `fd` closes it
+        }
+        self.backoff.accepted(shard.id);
+        shard.metrics.connections_accepted.incr();
+        let sock = socket2::SockRef::from(&fd);
+        let pending_ip = match table.admit_pending(|| sock.peer_addr().ok()?.as_socket()) {
+            Ok(ip) => ip,
+            Err(()) => {
+                table.refused_pending();
+                answer_now(fd.as_raw_fd(), &pending_ip_refusal(), true);
+                return; // dropping `fd` closes it: nothing waits on it
+            }
+        };
+        if table.settings.tcp_nodelay {
+            if let Err(e) = sock.set_nodelay(true) {
+                debug!(error = %e, "TCP_NODELAY not set");
+            }
+        }
+        if table.len() >= table.settings.max_connections && table.pending.can_evict(Instant::now())
+        {
+            drop(table);
+            shard.evict_oldest(1, Cause::ShardFull);
+            table = shard.table.borrow_mut();
+        }
+        // A full shard with nothing to evict cancelled its accept (`serve_accept`); one
+        // accepted before the cancel took effect is still taken in.
+        let (key, _) = table.insert(Socket::Ring(fd), pending_ip);
+        shard.metrics.connections_active.incr();
+        table.notify(key, usize::MAX);
+    }
+
+    /// Out of descriptors: evicts a batch of unfinished upgrades, oldest first (none while
+    /// the previous batch's sockets are still closing), and accepts again once their sockets
+    /// are closed. False when there is nothing to evict: the caller backs off as before.
+    fn evict_for_descriptors(&mut self, more: bool) -> bool {
+        let shard = self.shard;
+        let (pending, evicting) = {
+            let table = shard.table.borrow();
+            (table.pending.len(), table.pending.evicting)
+        };
+        if pending == 0 && evicting == 0 {
+            return false;
+        }
+        if evicting == 0 && shard.evict_oldest(EVICT_BATCH, Cause::OutOfDescriptors) == 0 {
+            return false; // all too young to evict yet
+        }
+        shard.metrics.accept_fd_exhausted.incr();
+        self.awaiting_evictions = true;
+        // Normally the sockets close within a loop turn or two; this bounds the wait if not.
+        self.retry_at = Some(Instant::now() + EVICTION_WAIT);
+        if more {
+            self.cancel_accept();
+        }
+        true
     }
 
     fn cancel_accept(&mut self) {
@@ -528,13 +592,20 @@ impl<H: Handler> Driver<'_, H> {
 
     /// Arms, pauses or stops the multishot accept.
     fn serve_accept(&mut self) {
-        let table = self.shard.table.borrow();
+        let mut table = self.shard.table.borrow_mut();
         if table.stopping {
             drop(table);
             self.cancel_accept();
             return;
         }
-        if table.len() >= table.settings.max_connections {
+        self.evictable_at = None;
+        let now = Instant::now();
+        // A full shard takes new connections in place of its unfinished upgrades (evicted).
+        if table.len() >= table.settings.max_connections && !table.pending.can_evict(now) {
+            if table.pending.evicting < EVICT_IN_FLIGHT {
+                // Those there are too young to evict yet: look again when the oldest is not.
+                self.evictable_at = table.pending.evictable_at();
+            }
             if !self.paused_counted {
                 self.paused_counted = true;
                 table.metrics.accept_paused_full.incr();
@@ -543,6 +614,14 @@ impl<H: Handler> Driver<'_, H> {
             drop(table);
             self.cancel_accept();
             return;
+        }
+        if self.awaiting_evictions {
+            let waited = self.retry_at.is_none_or(|at| Instant::now() >= at);
+            if table.pending.evicting > 0 && !waited {
+                return;
+            }
+            self.awaiting_evictions = false;
+            self.retry_at = None;
         }
         drop(table);
         self.paused_counted = false;

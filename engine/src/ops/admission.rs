@@ -46,11 +46,18 @@ pub enum RejectReason {
     UserCap,
     /// The handler refused: a 401 from token auth, or any status it chose.
     Handler,
+    /// Refused at accept: the peer address holds `admission.max_pending_handshakes_per_ip`
+    /// unfinished upgrades (429, then closed at once).
+    PendingIpCap,
+    /// An unfinished upgrade evicted, oldest first, to make room for a new connection: the
+    /// shard was at `limits.max_connections_per_shard` or the process out of descriptors
+    /// (503, then closed at once).
+    Evicted,
 }
 
 impl RejectReason {
     /// Every reason, in label order.
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 11] = [
         RejectReason::BadRequest,
         RejectReason::Timeout,
         RejectReason::Draining,
@@ -60,6 +67,8 @@ impl RejectReason {
         RejectReason::IpCap,
         RejectReason::UserCap,
         RejectReason::Handler,
+        RejectReason::PendingIpCap,
+        RejectReason::Evicted,
     ];
 
     /// The metric label.
@@ -74,6 +83,8 @@ impl RejectReason {
             RejectReason::IpCap => "ip_cap",
             RejectReason::UserCap => "user_cap",
             RejectReason::Handler => "handler",
+            RejectReason::PendingIpCap => "pending_ip_cap",
+            RejectReason::Evicted => "evicted",
         }
     }
 
@@ -151,7 +162,10 @@ pub(crate) struct Gate {
     require_origin: bool,
     per_ip: u32,
     per_user: u32,
+    pending_per_ip: u32,
     ips: Counts<IpAddr>,
+    /// Unfinished upgrades per address (IPv6 by /64, see [`pending_key`]).
+    pending_ips: Counts<IpAddr>,
     users: Counts<Box<str>>,
     retry_after_max: u64,
     memory_budget: u64,
@@ -174,7 +188,9 @@ impl Gate {
             require_origin: config.require_origin,
             per_ip: config.max_connections_per_ip,
             per_user: config.max_connections_per_user,
+            pending_per_ip: config.max_pending_handshakes_per_ip,
             ips: Counts::new(),
+            pending_ips: Counts::new(),
             users: Counts::new(),
             retry_after_max: config.retry_after_max.as_secs().max(1),
             memory_budget: config.memory_budget_bytes,
@@ -240,6 +256,22 @@ impl Gate {
         self.ips.release(&ip);
     }
 
+    /// Whether unfinished upgrades per address are capped (and so counted).
+    pub(crate) fn counts_pending(&self) -> bool {
+        self.pending_per_ip > 0
+    }
+
+    /// Counts an unfinished upgrade from `ip` (a [`pending_key`]); false (counting nothing)
+    /// when that address holds `admission.max_pending_handshakes_per_ip` of them.
+    pub(crate) fn acquire_pending(&self, ip: IpAddr) -> bool {
+        self.pending_ips.acquire(ip, self.pending_per_ip)
+    }
+
+    /// Gives back what [`Gate::acquire_pending`] counted.
+    pub(crate) fn release_pending(&self, ip: IpAddr) {
+        self.pending_ips.release(&ip);
+    }
+
     /// Counts a connection of `user`; false (counting nothing) when it holds the cap. Always
     /// true, counting nothing, when users are not capped.
     pub(crate) fn acquire_user(&self, user: &str) -> bool {
@@ -267,6 +299,20 @@ impl Gate {
     /// so clients told to wait come back spread out instead of in the next wave.
     pub(crate) fn retry_after(&self) -> Duration {
         Duration::from_secs(fastrand::u64(1..=self.retry_after_max))
+    }
+}
+
+/// The address an unfinished upgrade counts under: an IPv4 address (or an IPv4-mapped IPv6
+/// one, from a dual-stack listener) as itself, any other IPv6 address by its /64, the block
+/// one host or one customer is usually given, so that a host cannot multiply its share by
+/// drawing addresses from its own prefix.
+pub(crate) fn pending_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
     }
 }
 
@@ -378,6 +424,29 @@ mod tests {
         g.release_user("ann");
         assert_eq!(g.users.get("ann"), 0);
         assert!(g.acquire_user("ann"));
+    }
+
+    #[test]
+    fn pending_handshakes_count_per_address_and_ipv6_per_64() {
+        let g = gate(|c| c.max_pending_handshakes_per_ip = 2);
+        assert!(g.counts_pending());
+        let a = pending_key("2001:db8:1:2::1".parse().unwrap());
+        let b = pending_key("2001:db8:1:2:ffff::9".parse().unwrap());
+        assert_eq!(a, b, "one /64 is one address");
+        assert_ne!(a, pending_key("2001:db8:1:3::1".parse().unwrap()));
+        let mapped = pending_key("::ffff:10.0.0.1".parse().unwrap());
+        assert_eq!(mapped, "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert!(g.acquire_pending(a));
+        assert!(g.acquire_pending(b));
+        assert!(!g.acquire_pending(a));
+        assert!(g.acquire_pending(mapped));
+        g.release_pending(a);
+        assert!(g.acquire_pending(b));
+        assert!(
+            AdmissionConfig::default().max_pending_handshakes_per_ip > 0,
+            "on by default"
+        );
+        assert!(!gate(|c| c.max_pending_handshakes_per_ip = 0).counts_pending());
     }
 
     #[test]

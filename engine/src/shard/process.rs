@@ -26,7 +26,10 @@ use tracing::{debug, error, info};
 
 use crate::{
     api::handler::{Ctx, Handler},
-    conn::table::{Conn, ConnTable, Phase, Settings, Socket, Upgraded},
+    conn::{
+        pending::{answer_now, Cause},
+        table::{evicted_response, Conn, ConnTable, Phase, Settings, Socket, Upgraded},
+    },
     ops::{
         admission::{Held, RejectReason},
         metrics::{Metrics, ShardMetrics},
@@ -132,7 +135,7 @@ impl<H: Handler> Shard<H> {
     }
 
     /// Lets every other ready task of the shard run first (see [`deferrer`]).
-    fn yield_now(&self) -> impl Future<Output = ()> + '_ {
+    pub(crate) fn yield_now(&self) -> impl Future<Output = ()> + '_ {
         let mut deferred = false;
         poll_fn(move |cx| {
             if deferred || self.stopped.get() {
@@ -425,6 +428,7 @@ impl<H: Handler> Shard<H> {
             head_kept: table.settings.keep_request_head,
         };
         let limits = table.settings.limits;
+        table.left_handshake(key);
         let conn = &mut table.conns[key];
         conn.out.push_encoded(response);
         conn.set_upgraded(&req, head, facts);
@@ -640,6 +644,7 @@ impl<H: Handler> Shard<H> {
             );
         }
         table.unsubscribe_all(key);
+        table.left_handshake(key);
         let conn = &mut table.conns[key];
         conn.finished();
         conn.deadline = None;
@@ -653,10 +658,55 @@ impl<H: Handler> Shard<H> {
         }
     }
 
+    /// Evicts up to `max` of the shard's unfinished upgrades, oldest first (none younger than
+    /// `MIN_EVICT_AGE`), to make room for
+    /// new connections (`cause` says why there is none): each is answered 503 at once and
+    /// ended, so its descriptor is closed now (io_uring: once its receive is cancelled), not
+    /// after `close_timeout`. Counted under `upgrade_rejections{reason="evicted"}` and in
+    /// `Pending::evicting` until its slot is released. Returns how many.
+    pub(crate) fn evict_oldest(&self, max: usize, cause: Cause) -> usize {
+        let mut evicted = 0;
+        let now = std::time::Instant::now();
+        while evicted < max {
+            let key = {
+                let mut table_ref = self.table.borrow_mut();
+                let table = &mut *table_ref;
+                let Some(key) = table.pending.take_oldest(now) else {
+                    break;
+                };
+                let conn = &mut table.conns[key];
+                answer_now(conn.socket.raw_fd(), &evicted_response(), false);
+                conn.uring.set_evicted(true);
+                #[cfg(feature = "epoll")]
+                if let Socket::Poll(p) = &mut conn.socket {
+                    // Its task ends when it next runs and finds the slot gone.
+                    if let Some(w) = p.waker.take() {
+                        w.wake();
+                    }
+                }
+                table.pending.evicting += 1;
+                table.metrics.rejected(RejectReason::Evicted);
+                key
+            };
+            self.finish(key);
+            evicted += 1;
+        }
+        if evicted > 0 {
+            self.table
+                .borrow_mut()
+                .pending
+                .shed(self.id, evicted as u64, 0, Some(cause));
+        }
+        evicted
+    }
+
     /// Frees the slot and closes the socket of a finished connection.
     pub(crate) fn release(&self, key: usize) {
         let mut table = self.table.borrow_mut();
         let conn = table.conns.remove(key);
+        if conn.uring.evicted() {
+            table.pending.evicting -= 1;
+        }
         drop(conn);
         self.metrics.connections_active.sub(1);
         if let Some(w) = table.accept_waker.take() {
