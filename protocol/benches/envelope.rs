@@ -32,6 +32,22 @@ fn json_payload(len: usize) -> String {
     format!("\"{}\"", "a".repeat(len - 2))
 }
 
+/// An ordinary structured JSON value of about `len` bytes: an object holding an array of
+/// small objects, each with a nested array (many brackets, little depth: the nesting check's
+/// slow path).
+fn json_object_payload(len: usize) -> String {
+    let mut items = Vec::new();
+    let mut size = 12;
+    let mut i = 0;
+    while size < len {
+        let item = format!(r#"{{"id":{i},"px":101.25,"tags":["a","b"],"q":{{"n":3}}}}"#);
+        size += item.len() + 1;
+        items.push(item);
+        i += 1;
+    }
+    format!(r#"{{"items":[{}]}}"#, items.join(","))
+}
+
 fn encode(c: &mut Criterion) {
     let mut group = c.benchmark_group("envelope_encode");
     for len in SIZES {
@@ -78,6 +94,9 @@ fn decode(c: &mut Criterion) {
         let json_wire = encode_request(Encoding::Json, &publish(Data::json(&json)));
         let bin_wire = encode_request(Encoding::Binary, &publish(Data::json(&json)));
         let bin_opaque = encode_request(Encoding::Binary, &publish(Data::binary(json.as_bytes())));
+        let object = json_object_payload(len);
+        let json_object_wire = encode_request(Encoding::Json, &publish(Data::json(&object)));
+        let bin_object_wire = encode_request(Encoding::Binary, &publish(Data::json(&object)));
         group.throughput(Throughput::Bytes(len as u64));
         group.bench_with_input(
             BenchmarkId::new("serde_json validate (ceiling)", len),
@@ -95,7 +114,13 @@ fn decode(c: &mut Criterion) {
         );
         for (name, enc, wire) in [
             ("publish json", Encoding::Json, &json_wire),
+            ("publish json, object payload", Encoding::Json, &json_object_wire),
             ("publish binary, json payload", Encoding::Binary, &bin_wire),
+            (
+                "publish binary, json object payload",
+                Encoding::Binary,
+                &bin_object_wire,
+            ),
             (
                 "publish binary, opaque payload",
                 Encoding::Binary,
