@@ -114,7 +114,11 @@ fn decode(c: &mut Criterion) {
         );
         for (name, enc, wire) in [
             ("publish json", Encoding::Json, &json_wire),
-            ("publish json, object payload", Encoding::Json, &json_object_wire),
+            (
+                "publish json, object payload",
+                Encoding::Json,
+                &json_object_wire,
+            ),
             ("publish binary, json payload", Encoding::Binary, &bin_wire),
             (
                 "publish binary, json object payload",

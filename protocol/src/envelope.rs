@@ -515,11 +515,57 @@ pub fn validate_topic(topic: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The deepest nesting of arrays and objects a JSON payload may have unless told otherwise
+/// ([`DecodeOptions::max_json_depth`]): 64.
+pub const DEFAULT_MAX_JSON_DEPTH: usize = 64;
+
+/// What [`decode_request_with`] accepts beyond the wire format itself. A server sets these
+/// from its configuration; [`decode_request`] uses the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DecodeOptions {
+    /// The deepest nesting of arrays and objects a publish's JSON payload may have (`data`
+    /// in JSON, a payload flagged JSON in binary): `{"a":[1]}` nests 2 deep, a scalar 0.
+    /// Default [`DEFAULT_MAX_JSON_DEPTH`] (64). Deeper: [`ErrorCode::BadPayload`]. Parsers
+    /// in other languages recurse per level (and many stop at a few hundred), so a server
+    /// that forwarded such a payload would break its subscribers. Checked in one pass
+    /// without recursion, after the JSON is known to be valid; free for a payload shorter
+    /// than twice the limit or with no more opening brackets than it.
+    pub max_json_depth: usize,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        Self {
+            max_json_depth: DEFAULT_MAX_JSON_DEPTH,
+        }
+    }
+}
+
+impl DecodeOptions {
+    /// Sets [`DecodeOptions::max_json_depth`].
+    #[must_use]
+    pub const fn max_json_depth(mut self, depth: usize) -> Self {
+        self.max_json_depth = depth;
+        self
+    }
+}
+
+/// Decodes a client request from one message's payload (the text or binary frame's data),
+/// with the default [`DecodeOptions`]: as [`decode_request_with`].
+///
+/// # Errors
+/// As [`decode_request_with`].
+pub fn decode_request(encoding: Encoding, input: &[u8]) -> Result<Request<'_>, DecodeError> {
+    decode_request_with(encoding, input, DecodeOptions::default())
+}
+
 /// Decodes a client request from one message's payload (the text or binary frame's data).
 ///
 /// A JSON request's unknown fields are ignored, and `null` counts as absent for `id` and `since`.
 /// A JSON payload is the exact text of the `"data"` value, borrowed from `input`; a binary one
-/// flagged JSON is checked to be valid JSON and trimmed of surrounding whitespace.
+/// flagged JSON is checked to be valid JSON and trimmed of surrounding whitespace. Either is
+/// checked against [`DecodeOptions::max_json_depth`].
 ///
 /// # Errors
 /// [`DecodeError`] with the request's id whenever it could be read (in JSON, an `id` seen before
@@ -528,13 +574,75 @@ pub fn validate_topic(topic: &str) -> Result<(), &'static str> {
 ///   type, `topic` and `topics` both present, no topic, a truncated binary field, trailing bytes.
 /// - [`ErrorCode::UnknownType`]: an unknown `"type"` or binary op.
 /// - [`ErrorCode::BadTopic`]: a topic that fails [`validate_topic`] (or is not UTF-8).
-/// - [`ErrorCode::BadPayload`]: a binary payload flagged JSON that is not JSON, or `data_b64`
-///   that is not base64.
-pub fn decode_request(encoding: Encoding, input: &[u8]) -> Result<Request<'_>, DecodeError> {
-    match encoding {
+/// - [`ErrorCode::BadPayload`]: a binary payload flagged JSON that is not JSON, `data_b64`
+///   that is not base64, or a JSON payload nested deeper than
+///   [`DecodeOptions::max_json_depth`].
+pub fn decode_request_with(
+    encoding: Encoding,
+    input: &[u8],
+    options: DecodeOptions,
+) -> Result<Request<'_>, DecodeError> {
+    let request = match encoding {
         Encoding::Json => json::decode_request(input),
         Encoding::Binary => binary::decode_request(input),
+    }?;
+    if let Request::Publish { id, payload, .. } = &request {
+        if payload.kind == DataKind::Json
+            && !json_depth_within(&payload.bytes, options.max_json_depth)
+        {
+            let max = options.max_json_depth;
+            let message = format!("data nests arrays and objects deeper than {max} levels");
+            return Err(Fail::new(ErrorCode::BadPayload, message).with_id(*id));
+        }
     }
+    Ok(request)
+}
+
+/// Whether the JSON text `json` nests arrays and objects at most `max_depth` deep
+/// (`{"a":[1]}` nests 2 deep, a scalar 0); see [`DecodeOptions::max_json_depth`].
+///
+/// Meant for valid JSON (check that first): it counts brackets outside strings and does not
+/// parse. It never recurses, so any depth is safe to check, and it stops at the first level
+/// too deep. A text shorter than `2 * (max_depth + 1)` bytes, or with at most `max_depth`
+/// opening brackets anywhere, is within at once (one vectorized count, no state machine).
+pub fn json_depth_within(json: &[u8], max_depth: usize) -> bool {
+    // Every level costs an opening and a closing bracket.
+    if json.len() < max_depth.saturating_add(1).saturating_mul(2) {
+        return true;
+    }
+    // Opening brackets anywhere, strings included, bound the depth from above. `[` (0x5B)
+    // and `{` (0x7B) are the only bytes that OR 0x20 maps to `{`.
+    let openers = json.iter().filter(|&&b| b | 0x20 == b'{').count();
+    if openers <= max_depth {
+        return true;
+    }
+    let mut depth = 0usize;
+    let mut bytes = json.iter();
+    while let Some(&b) = bytes.next() {
+        match b {
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            // Skip the string: brackets inside it do not nest.
+            b'"' => {
+                while let Some(&c) = bytes.next() {
+                    match c {
+                        b'"' => break,
+                        b'\\' => {
+                            bytes.next();
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    true
 }
 
 /// Encodes a client request as a message payload (frame it as a client with
