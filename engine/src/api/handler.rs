@@ -311,6 +311,15 @@ impl Ctx<'_> {
         self.table.hub.publish(&topic, payload, reply)
     }
 
+    /// The options to decode this connection's broker requests with
+    /// ([`envelope::decode_request_with`](ringcast_protocol::envelope::decode_request_with)),
+    /// as the engine's config sets them (`pubsub.max_json_depth`): what the built-in broker
+    /// uses, so that a payload it acks would also pass [`Ctx::publish`].
+    pub fn decode_options(&self) -> ringcast_protocol::envelope::DecodeOptions {
+        ringcast_protocol::envelope::DecodeOptions::default()
+            .max_json_depth(self.table.settings.pubsub.max_json_depth)
+    }
+
     /// A publisher for use outside hooks (another thread, a timer).
     pub fn publisher(&self) -> Publisher {
         Publisher {
