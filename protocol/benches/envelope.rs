@@ -1,6 +1,8 @@
 //! Broker envelope micro-benchmarks: encoding a topic message into a shareable frame, and
 //! decoding a publish request, each beside a ceiling from the same run (framing the bare payload;
-//! a validating `serde_json` pass over the same bytes).
+//! a validating `serde_json` pass over the same bytes). Each JSON-payload decode also runs with
+//! the nesting check switched off (no limit), in the same run, and `json_depth` times the
+//! check alone: its cost, without the drift between two runs on a shared machine.
 //!
 //! `cargo bench -p ringcast-protocol --bench envelope` (add `-- --quick` for a fast pass).
 
@@ -8,7 +10,8 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ringcast_protocol::envelope::{
-    decode_request, encode_request, message_frame, Data, Encoding, Request,
+    decode_request, decode_request_with, encode_request, json_depth_within, message_frame, Data,
+    DecodeOptions, Encoding, Request, DEFAULT_MAX_JSON_DEPTH,
 };
 use ringcast_protocol::server_frame;
 use serde_json::value::RawValue;
@@ -134,10 +137,33 @@ fn decode(c: &mut Criterion) {
             group.bench_with_input(BenchmarkId::new(name, len), &len, |b, _| {
                 b.iter(|| decode_request(enc, black_box(wire)).is_ok())
             });
+            if !name.contains("opaque") {
+                let unchecked = DecodeOptions::default().max_json_depth(usize::MAX);
+                let name = format!("{name}, no depth check");
+                group.bench_with_input(BenchmarkId::new(name, len), &len, |b, _| {
+                    b.iter(|| decode_request_with(enc, black_box(wire), unchecked).is_ok())
+                });
+            }
         }
     }
     group.finish();
 }
 
-criterion_group!(benches, encode, decode);
+fn depth(c: &mut Criterion) {
+    let mut group = c.benchmark_group("json_depth");
+    for len in SIZES {
+        for (name, json) in [
+            ("string", json_payload(len)),
+            ("object", json_object_payload(len)),
+        ] {
+            group.throughput(Throughput::Bytes(json.len() as u64));
+            group.bench_with_input(BenchmarkId::new(name, len), &len, |b, _| {
+                b.iter(|| json_depth_within(black_box(json.as_bytes()), DEFAULT_MAX_JSON_DEPTH))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, encode, decode, depth);
 criterion_main!(benches);

@@ -602,33 +602,139 @@ pub fn decode_request_with(
 /// (`{"a":[1]}` nests 2 deep, a scalar 0); see [`DecodeOptions::max_json_depth`].
 ///
 /// Meant for valid JSON (check that first): it counts brackets outside strings and does not
-/// parse. It never recurses, so any depth is safe to check, and it stops at the first level
-/// too deep. A text shorter than `2 * (max_depth + 1)` bytes, or with at most `max_depth`
-/// opening brackets anywhere, is within at once (one vectorized count, no state machine).
+/// parse. It never recurses, so any depth is safe to check. A text shorter than
+/// `2 * (max_depth + 1)` bytes, or with at most `max_depth` opening brackets anywhere, is
+/// within at once (one vectorized count); any other is walked once, without branches per
+/// byte when it has no backslash (string bounds are then the parity of the quotes).
 pub fn json_depth_within(json: &[u8], max_depth: usize) -> bool {
     // Every level costs an opening and a closing bracket.
     if json.len() < max_depth.saturating_add(1).saturating_mul(2) {
         return true;
     }
-    // Opening brackets anywhere, strings included, bound the depth from above. `[` (0x5B)
-    // and `{` (0x7B) are the only bytes that OR 0x20 maps to `{`.
-    let openers = json.iter().filter(|&&b| b | 0x20 == b'{').count();
-    if openers <= max_depth {
+    if count_openers(json) <= max_depth {
         return true;
     }
+    if json.contains(&b'\\') {
+        depth_within_escaped(json, max_depth)
+    } else {
+        depth_within_unescaped(json, max_depth)
+    }
+}
+
+/// What a byte is to the nesting count.
+const OTHER: u8 = 0;
+const OPEN: u8 = 1;
+const CLOSE: u8 = 2;
+const QUOTE: u8 = 3;
+const BYTE_CLASS: [u8; 256] = {
+    let mut class = [OTHER; 256];
+    class[b'[' as usize] = OPEN;
+    class[b'{' as usize] = OPEN;
+    class[b']' as usize] = CLOSE;
+    class[b'}' as usize] = CLOSE;
+    class[b'"' as usize] = QUOTE;
+    class
+};
+
+/// Opening brackets anywhere, strings included: an upper bound on the depth. `[` (0x5B) and
+/// `{` (0x7B) are the only bytes that OR 0x20 maps to `{`; a count in `u8` lanes over chunks
+/// of 255 bytes (which cannot overflow) is one the compiler vectorizes.
+fn count_openers(json: &[u8]) -> usize {
+    json.chunks(255)
+        .map(|chunk| {
+            let n = chunk
+                .iter()
+                .fold(0u8, |n, &b| n.wrapping_add(u8::from(b | 0x20 == b'{')));
+            usize::from(n)
+        })
+        .sum()
+}
+
+/// The nesting check for text without a backslash: a quote always opens or closes a string,
+/// so whether a byte is inside one is the parity of the quotes before it. Eight bytes at a
+/// time (SWAR): masks of the quotes and brackets in a word, the quote parity as a prefix XOR
+/// of its mask, and the depth moved by the counts of brackets outside strings. A word is
+/// walked bracket by bracket only when its opening brackets could pass the limit.
+fn depth_within_unescaped(json: &[u8], max_depth: usize) -> bool {
+    let max = i64::try_from(max_depth).unwrap_or(i64::MAX);
+    let mut depth = 0i64;
+    // All ones while the word boundary lies inside a string.
+    let mut in_string = 0u32;
+    let mut words = json.chunks_exact(8);
+    let mut check = |word: [u8; 8]| -> bool {
+        let w = u64::from_le_bytes(word);
+        let folded = w | (LOW_BITS * 0x20); // `[` to `{`, `]` to `}`
+        let quotes = byte_mask(w, b'"');
+        let opens = byte_mask(folded, b'{');
+        let closes = byte_mask(folded, b'}');
+        if quotes | opens | closes == 0 {
+            return true;
+        }
+        let mut parity = quotes;
+        parity ^= parity << 1;
+        parity ^= parity << 2;
+        parity ^= parity << 4;
+        let inside = (parity ^ in_string) & 0xFF;
+        in_string = if inside & 0x80 != 0 { u32::MAX } else { 0 };
+        let opens = opens & !inside;
+        let closes = closes & !inside;
+        if depth + i64::from(opens.count_ones()) <= max {
+            depth += i64::from(opens.count_ones()) - i64::from(closes.count_ones());
+            return true;
+        }
+        for bit in 0..8 {
+            if opens & (1 << bit) != 0 {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+            } else if closes & (1 << bit) != 0 {
+                depth -= 1;
+            }
+        }
+        true
+    };
+    for word in words.by_ref() {
+        let word: [u8; 8] = word.try_into().unwrap_or_default();
+        if !check(word) {
+            return false;
+        }
+    }
+    let mut last = [0u8; 8]; // NUL is neither a quote nor a bracket
+    let rest = words.remainder();
+    last[..rest.len()].copy_from_slice(rest);
+    check(last)
+}
+
+/// 0x01 in every byte.
+const LOW_BITS: u64 = 0x0101_0101_0101_0101;
+
+/// Bit `k` set where byte `k` of `w` (little-endian) equals `v`, exactly (no false positives:
+/// the high bit of each byte is set only for a zero byte of `w ^ splat(v)`).
+fn byte_mask(w: u64, v: u8) -> u32 {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let t = w ^ (LOW_BITS * u64::from(v));
+    let zero = !(((t & !HIGH) + !HIGH) | t) & HIGH;
+    // Gathers the eight high bits into the top byte, byte k to bit 56 + k.
+    ((zero >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56) as u32
+}
+
+/// The nesting check for text with backslashes: a walk that skips each string, escapes
+/// included.
+fn depth_within_escaped(json: &[u8], max_depth: usize) -> bool {
     let mut depth = 0usize;
     let mut bytes = json.iter();
     while let Some(&b) = bytes.next() {
-        match b {
-            b'[' | b'{' => {
+        match BYTE_CLASS[usize::from(b)] {
+            OPEN => {
                 depth += 1;
                 if depth > max_depth {
                     return false;
                 }
             }
-            b']' | b'}' => depth = depth.saturating_sub(1),
+            CLOSE => depth = depth.saturating_sub(1),
             // Skip the string: brackets inside it do not nest.
-            b'"' => {
+            QUOTE => {
                 while let Some(&c) = bytes.next() {
                     match c {
                         b'"' => break,

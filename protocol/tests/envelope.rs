@@ -2110,7 +2110,35 @@ fn value_depth(v: &Value) -> usize {
     }
 }
 
+/// JSON text whose strings hold brackets but no escapes (the word-at-a-time path), nested up
+/// to 8 deep, long enough to span many words.
+fn bracket_json_text() -> impl Strategy<Value = String> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<u32>().prop_map(Value::from),
+        "[\\[\\]{}a :,]{0,12}".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(8, 64, 5, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Value::from),
+            prop::collection::btree_map("[\\[\\]{}a]{0,4}", inner, 0..5)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+    .prop_map(|v| v.to_string())
+}
+
 proptest! {
+    #[test]
+    fn json_depth_matches_a_parser_with_brackets_in_strings(
+        text in bracket_json_text(),
+        max in 0usize..9,
+    ) {
+        let value: Value = serde_json::from_str(&text).expect("valid");
+        let depth = value_depth(&value);
+        prop_assert_eq!(json_depth_within(text.as_bytes(), max), depth <= max, "{} depth {}", text, depth);
+    }
+
     #[test]
     fn json_depth_matches_a_parser(text in json_text(), max in 0usize..5) {
         let value: Value = serde_json::from_str(&text).expect("valid");
