@@ -18,7 +18,7 @@ use ringcast::protocol::{
     UpgradeRequest,
 };
 use ringcast::{
-    Broker, CloseInfo, Ctx, Engine, EngineConfig, Handler, Message, Payload, PublishError,
+    Broker, CloseInfo, Ctx, Driver, Engine, EngineConfig, Handler, Message, Payload, PublishError,
     Upgrade, UpgradeCtx,
 };
 use tungstenite::Message as WsMessage;
@@ -103,10 +103,15 @@ fn log_lines(needle: &str) -> Vec<String> {
 }
 
 fn start_panicky() -> (Engine, Panicky) {
+    start_panicky_on(Driver::IoUring)
+}
+
+fn start_panicky_on(driver: Driver) -> (Engine, Panicky) {
     logs();
     let handler = Panicky::default();
     let shared = handler.clone();
-    let engine = Engine::start(config(1), move |_| shared.clone()).expect("start engine");
+    let config = config(1).with_driver(driver);
+    let engine = Engine::start(config, move |_| shared.clone()).expect("start engine");
     (engine, handler)
 }
 
@@ -125,7 +130,18 @@ fn panics_counted(engine: &Engine) -> (u64, f64) {
 
 #[test]
 fn a_panic_in_on_message_closes_that_connection_with_1011_and_the_shard_serves_on() {
-    let (engine, handler) = start_panicky();
+    panic_in_on_message(Driver::IoUring, "panic-logged");
+}
+
+#[test]
+#[cfg(feature = "epoll")]
+fn a_panic_in_on_message_closes_that_connection_with_1011_on_epoll_too() {
+    panic_in_on_message(Driver::Epoll, "panic-logged-epoll");
+}
+
+/// The victim sends `trigger` (a text starting "panic", unique to the test for its log line).
+fn panic_in_on_message(driver: Driver, trigger: &str) {
+    let (engine, handler) = start_panicky_on(driver);
     let addr = engine.local_addr();
     let mut bystander = connect(addr, "/");
     let mut victim = connect(addr, "/");
@@ -133,7 +149,7 @@ fn a_panic_in_on_message_closes_that_connection_with_1011_and_the_shard_serves_o
     echo_once(&mut victim, "before");
     assert_eq!(panics_counted(&engine), (0, 0.0));
 
-    victim.send(WsMessage::text("panic-logged")).unwrap();
+    victim.send(WsMessage::text(trigger)).unwrap();
     assert_eq!(
         victim.read().unwrap(),
         WsMessage::text("about to panic"),
@@ -142,7 +158,10 @@ fn a_panic_in_on_message_closes_that_connection_with_1011_and_the_shard_serves_o
     let (code, reason) = expect_close(&mut victim);
     assert_eq!(code, 1011);
     assert_eq!(reason, "internal error");
-    assert!(!reason.contains("secret"), "the panic message stays in the log");
+    assert!(
+        !reason.contains("secret"),
+        "the panic message stays in the log"
+    );
 
     // The same shard (one shard) goes on serving the other connection, and new ones.
     for i in 0..20 {
@@ -152,17 +171,27 @@ fn a_panic_in_on_message_closes_that_connection_with_1011_and_the_shard_serves_o
     echo_once(&mut newcomer, "new");
     assert_eq!(panics_counted(&engine), (1, 1.0));
     // Logged once, with the panic's message and where it was raised.
-    let lines = log_lines("blew up on panic-logged");
+    let lines = log_lines(&format!("blew up on {trigger} "));
     assert_eq!(lines.len(), 1, "{lines:?}");
     let line = &lines[0];
-    assert!(line.contains("ERROR") && line.contains("handler panicked"), "{line}");
-    assert!(line.contains("on_message") && line.contains("panics.rs:"), "{line}");
+    assert!(
+        line.contains("ERROR") && line.contains("handler panicked"),
+        "{line}"
+    );
+    assert!(
+        line.contains("on_message") && line.contains("panics.rs:"),
+        "{line}"
+    );
     // on_close ran for the connection whose hook panicked.
     wait_until("on_close of the victim", || {
         handler.closes.load(Ordering::SeqCst) == 1
     });
     assert_eq!(
-        engine.handle().metrics().total().closes(1011, ringcast::CloseInitiator::Server),
+        engine
+            .handle()
+            .metrics()
+            .total()
+            .closes(1011, ringcast::CloseInitiator::Server),
         1
     );
     engine.stop().unwrap();
@@ -194,7 +223,10 @@ fn a_panic_in_on_open_closes_with_1011_and_one_in_on_upgrade_answers_500() {
     echo_once(&mut bystander, "before");
 
     let mut opened = connect(addr, "/panic-open");
-    assert_eq!(expect_close(&mut opened), (1011, "internal error".to_owned()));
+    assert_eq!(
+        expect_close(&mut opened),
+        (1011, "internal error".to_owned())
+    );
     wait_until("on_close after a panicking on_open", || {
         handler.closes.load(Ordering::SeqCst) == 1
     });
@@ -203,7 +235,10 @@ fn a_panic_in_on_open_closes_with_1011_and_one_in_on_upgrade_answers_500() {
     let (status, response) = refused(connect_with(addr, "/panic-upgrade", &[]));
     assert_eq!(status, 500);
     let body = String::from_utf8(response.body().clone().unwrap_or_default()).unwrap();
-    assert!(!body.contains("blew up"), "no panic text in the response: {body}");
+    assert!(
+        !body.contains("blew up"),
+        "no panic text in the response: {body}"
+    );
     echo_once(&mut bystander, "after");
     assert_eq!(panics_counted(&engine), (2, 2.0));
     // The refused upgrade never opened: no on_close for it.
@@ -263,7 +298,11 @@ fn depth_limit_holds_on_the_wire(config: EngineConfig, limit: usize) {
         subscriber.subscribe(1, "deep", None);
         let mut client = BrokerClient::connect(addr, dialect);
         let (got, _) = publish(&mut client, 1, &nested(limit));
-        assert_eq!(got, Got::Ack(Some(1)), "{dialect:?}: depth {limit} accepted");
+        assert_eq!(
+            got,
+            Got::Ack(Some(1)),
+            "{dialect:?}: depth {limit} accepted"
+        );
 
         let (got, message) = publish(&mut client, 2, &nested(limit + 1));
         let refused = Got::Error {
@@ -276,8 +315,18 @@ fn depth_limit_holds_on_the_wire(config: EngineConfig, limit: usize) {
         let start = Instant::now();
         let (got, _) = publish(&mut client, 3, &nested(100_000));
         let took = start.elapsed();
-        assert_eq!(got, Got::Error { id: Some(3), code: "bad_payload".into() }, "{dialect:?}");
-        assert!(took < Duration::from_secs(2), "{dialect:?}: 100,000 deep took {took:?}");
+        assert_eq!(
+            got,
+            Got::Error {
+                id: Some(3),
+                code: "bad_payload".into()
+            },
+            "{dialect:?}"
+        );
+        assert!(
+            took < Duration::from_secs(2),
+            "{dialect:?}: 100,000 deep took {took:?}"
+        );
 
         // The subscriber got the accepted one, then the next accepted one: nothing between.
         let (got, _) = publish(&mut client, 4, "\"end\"");

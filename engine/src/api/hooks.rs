@@ -159,7 +159,10 @@ mod tests {
     fn a_handler_panic_is_caught_with_its_message_and_location() {
         let caught = call(|| panic!("bad input {}", 7)).expect_err("caught");
         assert_eq!(caught.message, "bad input 7");
-        assert!(caught.location.as_deref().is_some_and(|l| l.contains("hooks.rs")));
+        assert!(caught
+            .location
+            .as_deref()
+            .is_some_and(|l| l.contains("hooks.rs")));
         assert_eq!(call(|| 5).expect("no panic"), 5);
     }
 
