@@ -652,43 +652,47 @@ fn count_openers(json: &[u8]) -> usize {
 
 /// The nesting check for text without a backslash: a quote always opens or closes a string,
 /// so whether a byte is inside one is the parity of the quotes before it. Eight bytes at a
-/// time (SWAR): masks of the quotes and brackets in a word, the quote parity as a prefix XOR
-/// of its mask, and the depth moved by the counts of brackets outside strings. A word is
-/// walked bracket by bracket only when its opening brackets could pass the limit.
+/// time (SWAR): a flag in the high bit of each byte for quotes and brackets, the quote parity
+/// as a prefix XOR of the quote flags, and the depth moved by popcounts of the brackets
+/// outside strings. A word is walked bracket by bracket only when its opening brackets could
+/// pass the limit.
 fn depth_within_unescaped(json: &[u8], max_depth: usize) -> bool {
     let max = i64::try_from(max_depth).unwrap_or(i64::MAX);
     let mut depth = 0i64;
     // All ones while the word boundary lies inside a string.
-    let mut in_string = 0u32;
+    let mut in_string = 0u64;
     let mut words = json.chunks_exact(8);
     let mut check = |word: [u8; 8]| -> bool {
         let w = u64::from_le_bytes(word);
         let folded = w | (LOW_BITS * 0x20); // `[` to `{`, `]` to `}`
-        let quotes = byte_mask(w, b'"');
-        let opens = byte_mask(folded, b'{');
-        let closes = byte_mask(folded, b'}');
+        let quotes = byte_flags(w, b'"');
+        let opens = byte_flags(folded, b'{');
+        let closes = byte_flags(folded, b'}');
         if quotes | opens | closes == 0 {
             return true;
         }
+        // Byte k's flag XORed into every later byte: set inside a string (and on the quote
+        // that opens it, which is no bracket).
         let mut parity = quotes;
-        parity ^= parity << 1;
-        parity ^= parity << 2;
-        parity ^= parity << 4;
-        let inside = (parity ^ in_string) & 0xFF;
-        in_string = if inside & 0x80 != 0 { u32::MAX } else { 0 };
+        parity ^= parity << 8;
+        parity ^= parity << 16;
+        parity ^= parity << 32;
+        let inside = parity ^ in_string;
+        in_string = if inside >> 63 != 0 { u64::MAX } else { 0 };
         let opens = opens & !inside;
         let closes = closes & !inside;
         if depth + i64::from(opens.count_ones()) <= max {
             depth += i64::from(opens.count_ones()) - i64::from(closes.count_ones());
             return true;
         }
-        for bit in 0..8 {
-            if opens & (1 << bit) != 0 {
+        for byte in 0..8 {
+            let flag = 0x80u64 << (8 * byte);
+            if opens & flag != 0 {
                 depth += 1;
                 if depth > max {
                     return false;
                 }
-            } else if closes & (1 << bit) != 0 {
+            } else if closes & flag != 0 {
                 depth -= 1;
             }
         }
@@ -709,14 +713,12 @@ fn depth_within_unescaped(json: &[u8], max_depth: usize) -> bool {
 /// 0x01 in every byte.
 const LOW_BITS: u64 = 0x0101_0101_0101_0101;
 
-/// Bit `k` set where byte `k` of `w` (little-endian) equals `v`, exactly (no false positives:
-/// the high bit of each byte is set only for a zero byte of `w ^ splat(v)`).
-fn byte_mask(w: u64, v: u8) -> u32 {
+/// The high bit of byte `k` set where byte `k` of `w` equals `v`, and no other bit: exact (no
+/// false positives), as the high bit is set only for a zero byte of `w ^ splat(v)`.
+fn byte_flags(w: u64, v: u8) -> u64 {
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let t = w ^ (LOW_BITS * u64::from(v));
-    let zero = !(((t & !HIGH) + !HIGH) | t) & HIGH;
-    // Gathers the eight high bits into the top byte, byte k to bit 56 + k.
-    ((zero >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56) as u32
+    !(((t & !HIGH) + !HIGH) | t) & HIGH
 }
 
 /// The nesting check for text with backslashes: a walk that skips each string, escapes
