@@ -120,7 +120,7 @@ impl Handler for Broker {
         let encoding = dialect.encoding();
         let request = match (&msg, encoding) {
             (Message::Text(_), Encoding::Json) | (Message::Binary(_), Encoding::Binary) => {
-                envelope::decode_request(encoding, msg.payload())
+                envelope::decode_request_with(encoding, msg.payload(), ctx.decode_options())
             }
             (Message::Binary(_), Encoding::Json) | (Message::Text(_), Encoding::Binary) => {
                 Err(envelope::DecodeError {

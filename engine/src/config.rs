@@ -555,6 +555,13 @@ pub struct PubSubConfig {
     pub max_pending_per_shard: usize,
     /// Largest payload one publish may carry, in bytes. Default 1 MiB.
     pub max_publish_bytes: usize,
+    /// Deepest nesting of arrays and objects a JSON payload may have (`{"a":[1]}` nests 2
+    /// deep, a scalar 0). Default 64; must be > 0. Deeper: a broker client gets
+    /// `bad_payload`, and `Ctx::publish` and `Publisher::publish` return
+    /// `PublishError::TooDeep`. Subscribers' parsers in other languages recurse per level
+    /// (many stop at a few hundred), so such a payload would break them. Checked in one pass
+    /// without recursion, nearly free for ordinary payloads.
+    pub max_json_depth: usize,
 }
 
 impl Default for PubSubConfig {
@@ -572,6 +579,7 @@ impl Default for PubSubConfig {
             max_bad_requests: 20,
             max_pending_per_shard: 65_536,
             max_publish_bytes: 1 << 20,
+            max_json_depth: ringcast_protocol::envelope::DEFAULT_MAX_JSON_DEPTH,
         }
     }
 }
@@ -997,6 +1005,7 @@ impl EngineConfig {
             (p.write_window_bytes, "pubsub.write_window_bytes"),
             (p.max_pending_per_shard, "pubsub.max_pending_per_shard"),
             (p.max_publish_bytes, "pubsub.max_publish_bytes"),
+            (p.max_json_depth, "pubsub.max_json_depth"),
         ] {
             check(value > 0, key, "must be > 0")?;
         }

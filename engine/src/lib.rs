@@ -60,6 +60,7 @@
 //! | data ring | 1024 messages or 1 MiB per connection, drop-oldest | [`PubSubConfig`] |
 //! | subscriptions / publishes | 256 per connection / 1000 per s, burst 1000 | [`PubSubConfig`] |
 //! | bad requests before 1008 | 20, refilled at 1 per s | [`PubSubConfig::max_bad_requests`] |
+//! | JSON payload nesting | 64 levels of arrays and objects | [`PubSubConfig::max_json_depth`] |
 //! | heartbeat | ping after 30 s quiet, pong within 10 s | [`TimeoutsConfig`] |
 //! | drain | 1012 spread over 2 s, exit by 10 s | [`TimeoutsConfig::drain_window`] |
 //! | origins, per-IP / per-user caps, upgrade rate | off | [`AdmissionConfig`] |

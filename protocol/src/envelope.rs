@@ -515,11 +515,57 @@ pub fn validate_topic(topic: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The deepest nesting of arrays and objects a JSON payload may have unless told otherwise
+/// ([`DecodeOptions::max_json_depth`]): 64.
+pub const DEFAULT_MAX_JSON_DEPTH: usize = 64;
+
+/// What [`decode_request_with`] accepts beyond the wire format itself. A server sets these
+/// from its configuration; [`decode_request`] uses the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DecodeOptions {
+    /// The deepest nesting of arrays and objects a publish's JSON payload may have (`data`
+    /// in JSON, a payload flagged JSON in binary): `{"a":[1]}` nests 2 deep, a scalar 0.
+    /// Default [`DEFAULT_MAX_JSON_DEPTH`] (64). Deeper: [`ErrorCode::BadPayload`]. Parsers
+    /// in other languages recurse per level (and many stop at a few hundred), so a server
+    /// that forwarded such a payload would break its subscribers. Checked in one pass
+    /// without recursion, after the JSON is known to be valid; free for a payload shorter
+    /// than twice the limit or with no more opening brackets than it.
+    pub max_json_depth: usize,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        Self {
+            max_json_depth: DEFAULT_MAX_JSON_DEPTH,
+        }
+    }
+}
+
+impl DecodeOptions {
+    /// Sets [`DecodeOptions::max_json_depth`].
+    #[must_use]
+    pub const fn max_json_depth(mut self, depth: usize) -> Self {
+        self.max_json_depth = depth;
+        self
+    }
+}
+
+/// Decodes a client request from one message's payload (the text or binary frame's data),
+/// with the default [`DecodeOptions`]: as [`decode_request_with`].
+///
+/// # Errors
+/// As [`decode_request_with`].
+pub fn decode_request(encoding: Encoding, input: &[u8]) -> Result<Request<'_>, DecodeError> {
+    decode_request_with(encoding, input, DecodeOptions::default())
+}
+
 /// Decodes a client request from one message's payload (the text or binary frame's data).
 ///
 /// A JSON request's unknown fields are ignored, and `null` counts as absent for `id` and `since`.
 /// A JSON payload is the exact text of the `"data"` value, borrowed from `input`; a binary one
-/// flagged JSON is checked to be valid JSON and trimmed of surrounding whitespace.
+/// flagged JSON is checked to be valid JSON and trimmed of surrounding whitespace. Either is
+/// checked against [`DecodeOptions::max_json_depth`].
 ///
 /// # Errors
 /// [`DecodeError`] with the request's id whenever it could be read (in JSON, an `id` seen before
@@ -528,13 +574,183 @@ pub fn validate_topic(topic: &str) -> Result<(), &'static str> {
 ///   type, `topic` and `topics` both present, no topic, a truncated binary field, trailing bytes.
 /// - [`ErrorCode::UnknownType`]: an unknown `"type"` or binary op.
 /// - [`ErrorCode::BadTopic`]: a topic that fails [`validate_topic`] (or is not UTF-8).
-/// - [`ErrorCode::BadPayload`]: a binary payload flagged JSON that is not JSON, or `data_b64`
-///   that is not base64.
-pub fn decode_request(encoding: Encoding, input: &[u8]) -> Result<Request<'_>, DecodeError> {
-    match encoding {
+/// - [`ErrorCode::BadPayload`]: a binary payload flagged JSON that is not JSON, `data_b64`
+///   that is not base64, or a JSON payload nested deeper than
+///   [`DecodeOptions::max_json_depth`].
+pub fn decode_request_with(
+    encoding: Encoding,
+    input: &[u8],
+    options: DecodeOptions,
+) -> Result<Request<'_>, DecodeError> {
+    let request = match encoding {
         Encoding::Json => json::decode_request(input),
         Encoding::Binary => binary::decode_request(input),
+    }?;
+    if let Request::Publish { id, payload, .. } = &request {
+        if payload.kind == DataKind::Json
+            && !json_depth_within(&payload.bytes, options.max_json_depth)
+        {
+            let max = options.max_json_depth;
+            let message = format!("data nests arrays and objects deeper than {max} levels");
+            return Err(Fail::new(ErrorCode::BadPayload, message).with_id(*id));
+        }
     }
+    Ok(request)
+}
+
+/// Whether the JSON text `json` nests arrays and objects at most `max_depth` deep
+/// (`{"a":[1]}` nests 2 deep, a scalar 0); see [`DecodeOptions::max_json_depth`].
+///
+/// Meant for valid JSON (check that first): it counts brackets outside strings and does not
+/// parse. It never recurses, so any depth is safe to check. A text shorter than
+/// `2 * (max_depth + 1)` bytes, or with at most `max_depth` opening brackets anywhere, is
+/// within at once (one vectorized count); any other is walked once, without branches per
+/// byte when it has no backslash (string bounds are then the parity of the quotes).
+pub fn json_depth_within(json: &[u8], max_depth: usize) -> bool {
+    // Every level costs an opening and a closing bracket.
+    if json.len() < max_depth.saturating_add(1).saturating_mul(2) {
+        return true;
+    }
+    if count_openers(json) <= max_depth {
+        return true;
+    }
+    if json.contains(&b'\\') {
+        depth_within_escaped(json, max_depth)
+    } else {
+        depth_within_unescaped(json, max_depth)
+    }
+}
+
+/// What a byte is to the nesting count.
+const OTHER: u8 = 0;
+const OPEN: u8 = 1;
+const CLOSE: u8 = 2;
+const QUOTE: u8 = 3;
+const BYTE_CLASS: [u8; 256] = {
+    let mut class = [OTHER; 256];
+    class[b'[' as usize] = OPEN;
+    class[b'{' as usize] = OPEN;
+    class[b']' as usize] = CLOSE;
+    class[b'}' as usize] = CLOSE;
+    class[b'"' as usize] = QUOTE;
+    class
+};
+
+/// Opening brackets anywhere, strings included: an upper bound on the depth. `[` (0x5B) and
+/// `{` (0x7B) are the only bytes that OR 0x20 maps to `{`; a count in `u8` lanes over chunks
+/// of 255 bytes (which cannot overflow) is one the compiler vectorizes.
+fn count_openers(json: &[u8]) -> usize {
+    json.chunks(255)
+        .map(|chunk| {
+            let n = chunk
+                .iter()
+                .fold(0u8, |n, &b| n.wrapping_add(u8::from(b | 0x20 == b'{')));
+            usize::from(n)
+        })
+        .sum()
+}
+
+/// The nesting check for text without a backslash: a quote always opens or closes a string,
+/// so whether a byte is inside one is the parity of the quotes before it. Eight bytes at a
+/// time (SWAR): a flag in the high bit of each byte for quotes and brackets, the quote parity
+/// as a prefix XOR of the quote flags, and the depth moved by popcounts of the brackets
+/// outside strings. A word is walked bracket by bracket only when its opening brackets could
+/// pass the limit.
+fn depth_within_unescaped(json: &[u8], max_depth: usize) -> bool {
+    let max = i64::try_from(max_depth).unwrap_or(i64::MAX);
+    let mut depth = 0i64;
+    // All ones while the word boundary lies inside a string.
+    let mut in_string = 0u64;
+    let mut words = json.chunks_exact(8);
+    let mut check = |word: [u8; 8]| -> bool {
+        let w = u64::from_le_bytes(word);
+        let folded = w | (LOW_BITS * 0x20); // `[` to `{`, `]` to `}`
+        let quotes = byte_flags(w, b'"');
+        let opens = byte_flags(folded, b'{');
+        let closes = byte_flags(folded, b'}');
+        if quotes | opens | closes == 0 {
+            return true;
+        }
+        // Byte k's flag XORed into every later byte: set inside a string (and on the quote
+        // that opens it, which is no bracket).
+        let mut parity = quotes;
+        parity ^= parity << 8;
+        parity ^= parity << 16;
+        parity ^= parity << 32;
+        let inside = parity ^ in_string;
+        in_string = if inside >> 63 != 0 { u64::MAX } else { 0 };
+        let opens = opens & !inside;
+        let closes = closes & !inside;
+        if depth + i64::from(opens.count_ones()) <= max {
+            depth += i64::from(opens.count_ones()) - i64::from(closes.count_ones());
+            return true;
+        }
+        for byte in 0..8 {
+            let flag = 0x80u64 << (8 * byte);
+            if opens & flag != 0 {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+            } else if closes & flag != 0 {
+                depth -= 1;
+            }
+        }
+        true
+    };
+    for word in words.by_ref() {
+        let word: [u8; 8] = word.try_into().unwrap_or_default();
+        if !check(word) {
+            return false;
+        }
+    }
+    let mut last = [0u8; 8]; // NUL is neither a quote nor a bracket
+    let rest = words.remainder();
+    last[..rest.len()].copy_from_slice(rest);
+    check(last)
+}
+
+/// 0x01 in every byte.
+const LOW_BITS: u64 = 0x0101_0101_0101_0101;
+
+/// The high bit of byte `k` set where byte `k` of `w` equals `v`, and no other bit: exact (no
+/// false positives), as the high bit is set only for a zero byte of `w ^ splat(v)`.
+fn byte_flags(w: u64, v: u8) -> u64 {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let t = w ^ (LOW_BITS * u64::from(v));
+    !(((t & !HIGH) + !HIGH) | t) & HIGH
+}
+
+/// The nesting check for text with backslashes: a walk that skips each string, escapes
+/// included.
+fn depth_within_escaped(json: &[u8], max_depth: usize) -> bool {
+    let mut depth = 0usize;
+    let mut bytes = json.iter();
+    while let Some(&b) = bytes.next() {
+        match BYTE_CLASS[usize::from(b)] {
+            OPEN => {
+                depth += 1;
+                if depth > max_depth {
+                    return false;
+                }
+            }
+            CLOSE => depth = depth.saturating_sub(1),
+            // Skip the string: brackets inside it do not nest.
+            QUOTE => {
+                while let Some(&c) = bytes.next() {
+                    match c {
+                        b'"' => break,
+                        b'\\' => {
+                            bytes.next();
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    true
 }
 
 /// Encodes a client request as a message payload (frame it as a client with

@@ -15,6 +15,9 @@ use ringcast_protocol::envelope::{
     Encoding, ErrorCode, Request, ServerMessage, SubscribeTopic, TopicPosition, BINARY_SUBPROTOCOL,
     BINARY_V2_SUBPROTOCOL, JSON_SUBPROTOCOL, MAX_TOPIC_BYTES,
 };
+use ringcast_protocol::envelope::{
+    decode_request_with, json_depth_within, DecodeOptions, DEFAULT_MAX_JSON_DEPTH,
+};
 use ringcast_protocol::{Codec, Event, FrameHeader, Limits, OpCode};
 use serde_json::{json, Value};
 
@@ -1949,8 +1952,12 @@ fn unhex(hex: &str) -> Vec<u8> {
 #[test]
 fn deep_nesting_is_an_error_or_a_payload_never_a_stack_overflow() {
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    // A publish's `data` this deep is refused by the depth limit (`bad_payload`, see
+    // `json_nesting_past_the_limit_is_bad_payload`); the rest are never forwarded.
+    let publish = format!(r#"{{"type":"publish","id":1,"topic":"t","data":{deep}}}"#);
+    let e = json_req(&publish).expect_err("too deep");
+    assert_eq!((e.id, e.code), (Some(1), ErrorCode::BadPayload), "{e}");
     for input in [
-        format!(r#"{{"type":"publish","id":1,"topic":"t","data":{deep}}}"#),
         format!(r#"{{"type":"ping","id":1,"unknown":{deep}}}"#),
         format!(r#"{{"type":"ping","id":1,"since":{deep}}}"#),
         format!(r#"{{"id":1,"type":"subscribe","topics":[{{"topic":"t","x":{deep}}}]}}"#),
@@ -1959,5 +1966,186 @@ fn deep_nesting_is_an_error_or_a_payload_never_a_stack_overflow() {
             Ok(_) => {}
             Err(e) => assert_eq!((e.id, e.code), (Some(1), ErrorCode::BadRequest), "{e}"),
         }
+    }
+}
+
+/// A JSON value nested exactly `depth` deep, alternating arrays and objects, with a string
+/// holding brackets at the bottom (which must not count).
+fn nested(depth: usize) -> String {
+    let mut open = String::new();
+    let mut close = String::new();
+    for level in 0..depth {
+        if level % 2 == 0 {
+            open.push('[');
+            close.insert(0, ']');
+        } else {
+            open.push_str(r#"{"k":"#);
+            close.insert(0, '}');
+        }
+    }
+    format!(r#"{open}"[{{[\"]}}"{close}"#)
+}
+
+/// A publish of `data` as JSON in `enc`, id 9.
+fn publish_wire(enc: Encoding, data: &str) -> Vec<u8> {
+    let req = Request::Publish {
+        id: Some(9),
+        topic: "t".into(),
+        payload: Data::json(data),
+    };
+    encode_request(enc, &req)
+}
+
+#[test]
+fn json_nesting_up_to_the_limit_is_accepted() {
+    assert_eq!(DEFAULT_MAX_JSON_DEPTH, 64);
+    assert_eq!(DecodeOptions::default().max_json_depth, 64);
+    for enc in ENCODINGS {
+        let data = nested(64);
+        let wire = publish_wire(enc, &data);
+        match decode_request(enc, &wire) {
+            Ok(Request::Publish { payload, .. }) => {
+                assert_eq!(
+                    (payload.kind, &*payload.bytes),
+                    (DataKind::Json, data.as_bytes())
+                )
+            }
+            other => panic!("{enc:?}: depth 64 refused: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn json_nesting_past_the_limit_is_bad_payload() {
+    for enc in ENCODINGS {
+        let e = decode_request(enc, &publish_wire(enc, &nested(65))).expect_err("depth 65");
+        assert_eq!(
+            (e.id, e.code),
+            (Some(9), ErrorCode::BadPayload),
+            "{enc:?}: {e}"
+        );
+        assert!(
+            e.message.contains("nests") && e.message.contains("64"),
+            "{e}"
+        );
+        // Under a configured limit: the same text passes a higher one and fails a lower one.
+        let higher = DecodeOptions::default().max_json_depth(65);
+        assert!(decode_request_with(enc, &publish_wire(enc, &nested(65)), higher).is_ok());
+        let lower = DecodeOptions::default().max_json_depth(3);
+        assert!(decode_request_with(enc, &publish_wire(enc, &nested(3)), lower).is_ok());
+        let e = decode_request_with(enc, &publish_wire(enc, &nested(4)), lower).expect_err("4");
+        assert_eq!(e.code, ErrorCode::BadPayload, "{enc:?}");
+        assert!(e.message.contains("deeper than 3"), "{e}");
+    }
+    // A binary payload is opaque: brackets there are not JSON nesting.
+    let brackets = nested(1000);
+    let bin = Request::Publish {
+        id: None,
+        topic: "t".into(),
+        payload: Data::binary(brackets.as_bytes()),
+    };
+    for enc in ENCODINGS {
+        assert!(
+            decode_request(enc, &encode_request(enc, &bin)).is_ok(),
+            "{enc:?}"
+        );
+    }
+}
+
+#[test]
+fn json_nesting_100_000_deep_is_refused_fast() {
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let wide = format!("[{}1]", "[1],".repeat(100_000));
+    for enc in ENCODINGS {
+        let wire = publish_wire(enc, &deep);
+        let start = std::time::Instant::now();
+        let e = decode_request(enc, &wire).expect_err("100,000 deep");
+        let took = start.elapsed();
+        assert_eq!(e.code, ErrorCode::BadPayload, "{enc:?}: {e}");
+        // Validation walks the 200 KB once; a debug build does it in a few ms.
+        assert!(
+            took < std::time::Duration::from_millis(500),
+            "{enc:?}: {took:?}"
+        );
+        // Wide but shallow is fine, however many brackets.
+        assert!(
+            decode_request(enc, &publish_wire(enc, &wide)).is_ok(),
+            "{enc:?}"
+        );
+    }
+}
+
+#[test]
+fn json_depth_counts_brackets_outside_strings_only() {
+    for (text, depth) in [
+        ("1", 0),
+        ("\"[[[[\"", 0),
+        ("[]", 1),
+        (r#"{"a":[1]}"#, 2),
+        (r#"[{"[":"]"},[[]]]"#, 3),
+        (r#"["\\", [["\"[[["]]]"#, 3),
+        (r#" [ [ ] , { } ] "#, 2),
+    ] {
+        assert!(
+            json_depth_within(text.as_bytes(), depth),
+            "{text} within {depth}"
+        );
+        if depth > 0 {
+            assert!(
+                !json_depth_within(text.as_bytes(), depth - 1),
+                "{text} over {}",
+                depth - 1
+            );
+        }
+    }
+    // The short cuts: short text, few openers.
+    assert!(!json_depth_within(b"[[[]]]", 2));
+    assert!(json_depth_within(&nested(10).into_bytes(), 10));
+    assert!(!json_depth_within(&nested(10).into_bytes(), 9));
+}
+
+/// The depth of a parsed value, recursively (the reference for the one-pass count).
+fn value_depth(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(value_depth).max().unwrap_or(0),
+        Value::Object(o) => 1 + o.values().map(value_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// JSON text whose strings hold brackets but no escapes (the word-at-a-time path), nested up
+/// to 8 deep, long enough to span many words.
+fn bracket_json_text() -> impl Strategy<Value = String> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<u32>().prop_map(Value::from),
+        "[\\[\\]{}a :,]{0,12}".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(8, 64, 5, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Value::from),
+            prop::collection::btree_map("[\\[\\]{}a]{0,4}", inner, 0..5)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+    .prop_map(|v| v.to_string())
+}
+
+proptest! {
+    #[test]
+    fn json_depth_matches_a_parser_with_brackets_in_strings(
+        text in bracket_json_text(),
+        max in 0usize..9,
+    ) {
+        let value: Value = serde_json::from_str(&text).expect("valid");
+        let depth = value_depth(&value);
+        prop_assert_eq!(json_depth_within(text.as_bytes(), max), depth <= max, "{} depth {}", text, depth);
+    }
+
+    #[test]
+    fn json_depth_matches_a_parser(text in json_text(), max in 0usize..5) {
+        let value: Value = serde_json::from_str(&text).expect("valid");
+        let depth = value_depth(&value);
+        prop_assert_eq!(json_depth_within(text.as_bytes(), max), depth <= max, "{} depth {}", text, depth);
     }
 }

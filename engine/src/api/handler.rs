@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ringcast_protocol::{CloseCode, UpgradeRequest, Utf8Bytes};
 
+use crate::api::hooks::engine_code;
 use crate::types::message::{
     CloseInfo, CloseInitiator, Enqueue, Frame, Message, SubscribeError, Subscribed, Upgrade,
     UpgradeCtx,
@@ -31,6 +32,25 @@ use crate::{
 /// threads, so it needs no locks and need not be `Send`.
 ///
 /// Hooks must not block: a shard runs every connection it owns on one thread.
+///
+/// # Panics
+///
+/// A panic in a hook is caught: it costs the connection, not the shard. The engine logs it
+/// once (error level, with the connection, the hook, the panic message and location, and a
+/// backtrace when `RUST_BACKTRACE` asks; its panic hook keeps it from also being printed),
+/// counts it in `handler_panics` (`ringcast_handler_panics_total`), and goes on serving every
+/// other connection:
+/// - [`Handler::on_upgrade`]: the request is answered with 500 "internal error".
+/// - [`Handler::on_open`] and [`Handler::on_message`]: the connection is closed with 1011
+///   "internal error" (the panic message is not sent to the client) and gets no more
+///   messages; [`Handler::on_close`] still runs for it, so its state can be cleaned up.
+/// - [`Handler::on_close`]: only counted and logged; the connection ends as it would have.
+///
+/// The same handler value serves the shard's next calls, so a hook should not leave its own
+/// state broken half way through an update. Shard state is safe: a hook reaches it only
+/// through [`Ctx`], whose calls are whole. A panic inside a `Ctx` call (an engine bug) is not
+/// caught and stops the shard ([`Error::ShardPanicked`](crate::Error::ShardPanicked)). Under `panic = "abort"`
+/// nothing is caught: any panic ends the process.
 pub trait Handler: 'static {
     /// Decides an upgrade request that passed RFC 6455 validation. Runs before the connection
     /// costs anything beyond its socket. The default accepts with no subprotocol.
@@ -90,6 +110,7 @@ impl Ctx<'_> {
     /// connection's own hook is always queued (reading pauses instead while the queue is
     /// half full); see [`LimitsConfig::max_outbound_bytes`](crate::LimitsConfig).
     pub fn send(&mut self, msg: Message) -> Enqueue {
+        let _engine = engine_code();
         self.table.send_message(self.key, &msg, self.running)
     }
 
@@ -105,12 +126,14 @@ impl Ctx<'_> {
 
     /// Queues a pre-encoded frame to this connection.
     pub fn send_frame(&mut self, frame: &Frame) -> Enqueue {
+        let _engine = engine_code();
         self.table.send_frame(self.key, frame, self.running)
     }
 
     /// Queues a message to another connection on this shard. Returns [`Enqueue::Closed`] if
     /// `id` is stale or lives on another shard.
     pub fn send_to(&mut self, id: ConnId, msg: &Message) -> Enqueue {
+        let _engine = engine_code();
         match self.table.key_of(id) {
             Some(key) => self.table.send_message(key, msg, self.running),
             None => Enqueue::Closed,
@@ -119,6 +142,7 @@ impl Ctx<'_> {
 
     /// Queues a pre-encoded frame to another connection on this shard.
     pub fn send_frame_to(&mut self, id: ConnId, frame: &Frame) -> Enqueue {
+        let _engine = engine_code();
         match self.table.key_of(id) {
             Some(key) => self.table.send_frame(key, frame, self.running),
             None => Enqueue::Closed,
@@ -128,6 +152,7 @@ impl Ctx<'_> {
     /// Starts the closing handshake on this connection. A code that may not be sent on the
     /// wire (1005, 1006, 1015, reserved ranges) is replaced by 1011, with a log line.
     pub fn close(&mut self, code: CloseCode, reason: &str) {
+        let _engine = engine_code();
         self.table
             .close(self.key, code, reason, CloseInitiator::Server, self.running);
     }
@@ -135,6 +160,7 @@ impl Ctx<'_> {
     /// Starts the closing handshake on another connection of this shard. Returns false if
     /// `id` is stale or lives on another shard.
     pub fn close_conn(&mut self, id: ConnId, code: CloseCode, reason: &str) -> bool {
+        let _engine = engine_code();
         match self.table.key_of(id) {
             Some(key) => {
                 self.table
@@ -148,12 +174,14 @@ impl Ctx<'_> {
     /// Sets how this connection receives topic messages: raw frames (the default) or the
     /// broker's envelope. Set it before subscribing: messages already queued keep theirs.
     pub fn set_delivery_format(&mut self, format: DeliveryFormat) {
+        let _engine = engine_code();
         self.table.pubsub(self.key).format = format;
     }
 
     /// Sets what this connection's data ring does when it is full (default:
     /// `pubsub.ring_overflow`).
     pub fn set_ring_overflow(&mut self, policy: RingOverflow) {
+        let _engine = engine_code();
         self.table.pubsub(self.key).overflow = policy;
     }
 
@@ -185,6 +213,7 @@ impl Ctx<'_> {
         since: Option<u64>,
         epoch: Option<u64>,
     ) -> Result<Subscribed, SubscribeError> {
+        let _engine = engine_code();
         let topic = match self.table.local_topic(topic) {
             Some(t) => t,
             None => self.table.hub.topic(topic).map_err(|e| match e {
@@ -210,6 +239,7 @@ impl Ctx<'_> {
 
     /// Ends this connection's subscription to `topic`; false if it had none.
     pub fn unsubscribe(&mut self, topic: &str) -> bool {
+        let _engine = engine_code();
         self.table.unsubscribe(self.key, topic)
     }
 
@@ -225,6 +255,7 @@ impl Ctx<'_> {
         topic: &str,
         payload: Payload,
     ) -> Result<PublishReceipt, PublishError> {
+        let _engine = engine_code();
         let payload = match payload {
             Payload::Json(b) => Payload::Json(Bytes::copy_from_slice(&b)),
             Payload::Binary(b) => Payload::Binary(Bytes::copy_from_slice(&b)),
@@ -265,6 +296,7 @@ impl Ctx<'_> {
         id: Option<u64>,
         dialect: ringcast_protocol::envelope::Dialect,
     ) -> Result<Option<PublishReceipt>, PublishError> {
+        let _engine = engine_code();
         let reply = ReplyTo::Conn {
             conn: self.id(),
             id,
@@ -311,6 +343,15 @@ impl Ctx<'_> {
         self.table.hub.publish(&topic, payload, reply)
     }
 
+    /// The options to decode this connection's broker requests with
+    /// ([`envelope::decode_request_with`](ringcast_protocol::envelope::decode_request_with)),
+    /// as the engine's config sets them (`pubsub.max_json_depth`): what the built-in broker
+    /// uses, so that a payload it acks would also pass [`Ctx::publish`].
+    pub fn decode_options(&self) -> ringcast_protocol::envelope::DecodeOptions {
+        ringcast_protocol::envelope::DecodeOptions::default()
+            .max_json_depth(self.table.settings.pubsub.max_json_depth)
+    }
+
     /// A publisher for use outside hooks (another thread, a timer).
     pub fn publisher(&self) -> Publisher {
         Publisher {
@@ -332,6 +373,7 @@ impl Ctx<'_> {
     /// [`PublishError::Saturated`] and [`PublishError::Unavailable`], as
     /// [`Publisher::retry_after`]. `None` after errors a retry does not cure.
     pub fn retry_after(&mut self, err: &PublishError) -> Option<Duration> {
+        let _engine = engine_code();
         match err {
             PublishError::RateLimited => {
                 let budget = &self.table.pubsub(self.key).publish_budget;
@@ -348,6 +390,7 @@ impl Ctx<'_> {
     /// and `too_large`), never refusals of a well-formed request (rate limit, an engine or
     /// broker that cannot take it now, auth, a missing subscription).
     pub fn charge_bad_request(&mut self) -> bool {
+        let _engine = engine_code();
         self.table.metrics.bad_requests.incr();
         self.table
             .pubsub(self.key)

@@ -2,3 +2,4 @@
 //! [`Ctx`](crate::Ctx) they act through, a view over the connection table and the hub.
 
 pub(crate) mod handler;
+pub(crate) mod hooks;

@@ -292,6 +292,9 @@ shard_metrics! {
     bytes_out,
     /// Connections failed for a protocol violation (closed with 1002, 1007 or 1009).
     protocol_errors,
+    /// Handler hooks that panicked, caught: the connection was closed with 1011 (or its
+    /// upgrade answered 500; a panic in `on_close` is only counted). See `Handler`.
+    handler_panics,
     /// Messages not queued because the connection's outbound limit was reached.
     outbound_dropped,
     /// Connections closed because their outbound limit was reached (slow consumers).

@@ -52,6 +52,7 @@ pub(crate) struct Hub {
     backend: Backend,
     max_pending: usize,
     max_publish_bytes: usize,
+    max_json_depth: usize,
 }
 
 impl fmt::Debug for Hub {
@@ -93,6 +94,7 @@ impl Hub {
             backend,
             max_pending: config.max_pending_per_shard,
             max_publish_bytes: config.max_publish_bytes,
+            max_json_depth: config.max_json_depth,
         }
     }
 
@@ -173,6 +175,12 @@ impl Hub {
         }
         if payload.len() > self.max_publish_bytes {
             return Err(PublishError::TooLarge);
+        }
+        // Every publish path comes here (the broker decoded with the same limit already).
+        if let Payload::Json(json) = &payload {
+            if !envelope::json_depth_within(json, self.max_json_depth) {
+                return Err(PublishError::TooDeep);
+            }
         }
         match &self.backend {
             Backend::Memory {
@@ -438,7 +446,8 @@ impl Publisher {
     /// in sequence order; it is kept in the topic's history for resume.
     ///
     /// # Errors
-    /// A bad topic name, a payload over `pubsub.max_publish_bytes`, or a saturated engine
+    /// A bad topic name, a payload over `pubsub.max_publish_bytes`, a JSON payload nested
+    /// deeper than `pubsub.max_json_depth` ([`PublishError::TooDeep`]), or a saturated engine
     /// ([`PublishError::Saturated`]: nothing was published, retry later).
     pub fn publish(&self, topic: &str, payload: Payload) -> Result<PublishReceipt, PublishError> {
         let topic = self.hub.topic(topic)?;

@@ -25,7 +25,10 @@ use ringcast_protocol::{
 use tracing::{debug, error, info};
 
 use crate::{
-    api::handler::{Ctx, Handler},
+    api::{
+        handler::{Ctx, Handler},
+        hooks::{self, Caught},
+    },
     conn::{
         pending::{answer_now, Cause},
         table::{evicted_response, Conn, ConnTable, Phase, Settings, Socket, Upgraded},
@@ -378,7 +381,16 @@ impl<H: Handler> Shard<H> {
             peer,
             shard: self.id,
         };
-        let (subprotocol, user) = match handler.on_upgrade(&req, &ctx) {
+        let decision = match hooks::call(|| handler.on_upgrade(&req, &ctx)) {
+            Ok(decision) => decision,
+            Err(caught) => {
+                self.handler_panicked("on_upgrade", &peer, &caught);
+                let response = http_response(500, &[], "internal error");
+                table.reject(key, RejectReason::Handler, response);
+                return false;
+            }
+        };
+        let (subprotocol, user) = match decision {
             Upgrade::Accept { subprotocol, user } => (subprotocol, user),
             Upgrade::Reject {
                 status,
@@ -439,12 +451,32 @@ impl<H: Handler> Shard<H> {
             table.set_deadline(key, first);
         }
         self.metrics.upgrades_accepted.incr();
-        handler.on_open(&mut Ctx {
-            table,
-            key,
-            running: key,
+        let opened = hooks::call(|| {
+            handler.on_open(&mut Ctx {
+                table,
+                key,
+                running: key,
+            })
         });
+        if let Err(caught) = opened {
+            self.handler_panicked("on_open", &table.id_of(key), &caught);
+            close_after_panic(table, key);
+        }
         true
+    }
+
+    /// Counts a panic caught in a handler hook and logs it, once (see `Handler`, Panics).
+    fn handler_panicked(&self, hook: &str, who: &dyn std::fmt::Display, caught: &Caught) {
+        self.metrics.handler_panics.incr();
+        error!(
+            shard = %self.id,
+            conn = %who,
+            hook,
+            panic = %caught.message,
+            location = caught.location.as_deref().unwrap_or("unknown"),
+            backtrace = caught.backtrace.as_deref().unwrap_or("(set RUST_BACKTRACE=1)"),
+            "handler panicked: the connection is closed, the shard goes on"
+        );
     }
 
     fn dispatch(&self, table: &mut ConnTable, handler: &mut H, key: usize, event: Event) {
@@ -463,14 +495,20 @@ impl<H: Handler> Shard<H> {
         };
         self.metrics.messages_in.incr();
         table.conns[key].spoke = table.now;
-        handler.on_message(
-            &mut Ctx {
-                table,
-                key,
-                running: key,
-            },
-            msg,
-        );
+        let handled = hooks::call(|| {
+            handler.on_message(
+                &mut Ctx {
+                    table,
+                    key,
+                    running: key,
+                },
+                msg,
+            )
+        });
+        if let Err(caught) = handled {
+            self.handler_panicked("on_message", &table.id_of(key), &caught);
+            close_after_panic(table, key);
+        }
     }
 
     pub(crate) fn on_deadline(&self, table: &mut ConnTable, key: usize) -> Flow {
@@ -634,14 +672,21 @@ impl<H: Handler> Shard<H> {
             self.metrics.closed(info.code, info.initiator);
             let (user, ip) = conn.admitted();
             table.gate.release(ip, user);
-            self.handler.borrow_mut().on_close(
-                &mut Ctx {
-                    table,
-                    key,
-                    running: key,
-                },
-                &info,
-            );
+            let mut handler = self.handler.borrow_mut();
+            let closed = hooks::call(|| {
+                handler.on_close(
+                    &mut Ctx {
+                        table,
+                        key,
+                        running: key,
+                    },
+                    &info,
+                )
+            });
+            drop(handler);
+            if let Err(caught) = closed {
+                self.handler_panicked("on_close", &table.id_of(key), &caught);
+            }
         }
         table.unsubscribe_all(key);
         table.left_handshake(key);
@@ -749,6 +794,23 @@ fn without_body(response: bytes::Bytes) -> bytes::Bytes {
     match response.windows(4).position(|w| w == b"\r\n\r\n") {
         Some(end) => response.slice(..end + 4),
         None => response,
+    }
+}
+
+/// Ends a connection whose `on_open` or `on_message` panicked: a close frame with 1011 (the
+/// panic message stays in the log, not on the wire), then flush and shut down without waiting
+/// for the peer's close frame (RFC 6455 §7.1.7, failing the connection), so the handler gets
+/// no more messages from it. `on_close` still runs when the connection ends.
+fn close_after_panic(table: &mut ConnTable, key: usize) {
+    table.close(
+        key,
+        CloseCode::INTERNAL_ERROR,
+        "internal error",
+        CloseInitiator::Server,
+        key,
+    );
+    if matches!(table.conns[key].phase, Phase::Open(_)) {
+        table.flush_and_close(key);
     }
 }
 

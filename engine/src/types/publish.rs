@@ -23,7 +23,9 @@ pub enum Payload {
 }
 
 impl Payload {
-    /// A JSON payload, checked to be one JSON value.
+    /// A JSON payload, checked to be one JSON value. Its nesting is checked when it is
+    /// published, against the engine's `pubsub.max_json_depth` ([`PublishError::TooDeep`]):
+    /// this constructor does not know the engine's config.
     ///
     /// # Errors
     /// [`PublishError::BadPayload`] if `json` is not valid JSON.
@@ -86,6 +88,9 @@ pub enum PublishError {
     /// A JSON payload that is not valid JSON.
     #[error("payload is not valid JSON")]
     BadPayload,
+    /// A JSON payload that nests arrays and objects deeper than `pubsub.max_json_depth`.
+    #[error("payload nests arrays and objects deeper than pubsub.max_json_depth")]
+    TooDeep,
     /// A shard with subscribers has twice `pubsub.max_pending_per_shard` deliveries waiting:
     /// slow down and retry.
     #[error("engine saturated: a shard's inbox is full")]
@@ -112,7 +117,7 @@ impl PublishError {
         match self {
             PublishError::BadTopic(_) => ErrorCode::BadTopic,
             PublishError::TooLarge => ErrorCode::TooLarge,
-            PublishError::BadPayload => ErrorCode::BadPayload,
+            PublishError::BadPayload | PublishError::TooDeep => ErrorCode::BadPayload,
             PublishError::RateLimited => ErrorCode::RateLimited,
             PublishError::Saturated | PublishError::Stopped | PublishError::Unavailable => {
                 ErrorCode::Unavailable
