@@ -542,7 +542,45 @@ pub struct PubSubConfig {
     pub max_pending_per_shard: usize,
     /// Largest payload one publish may carry, in bytes. Default 1 MiB.
     pub max_publish_bytes: usize,
+    /// Topics the process holds at once, with subscribers or history or neither. Default
+    /// 100000. At the cap, a subscribe or publish that would make a new topic is refused
+    /// (`too_many_topics`; [`PublishError::TooManyTopics`](crate::PublishError)), counted in
+    /// `topics_refused`; existing topics work as before. Memory: [`TOPIC_BYTES`] per topic
+    /// plus its history (bounded by `history_max_messages` and `history_max_bytes`), shown
+    /// in `/metrics` as `memory_topics_estimate_bytes`.
+    pub max_topics: usize,
+    /// A topic with no subscriber on any shard and no publish for this long is removed, its
+    /// history with it; made again on next use, it starts a new [epoch](crate::TopicStats),
+    /// so a later `since` gets a `reset`, never a silent continuation. Default 60 s;
+    /// `"0s"` keeps topics forever (then only `max_topics` bounds them). Checked every
+    /// quarter of it (at most every second), so a topic goes between this and about 1.25
+    /// times it after it went idle.
+    #[serde(with = "humantime_serde")]
+    pub topic_idle_timeout: Duration,
+    /// Topics per second one connection may subscribe to or unsubscribe from, sustained
+    /// (each topic of a request counts; the broker charges at most `subscribe_burst` for
+    /// one request). Default 100. Over budget: an error reply (`rate_limited`, with
+    /// `retry_after_ms`), nothing of the request done, and the connection is not read until
+    /// the budget allows it (slowed, not closed); never charged to `max_bad_requests`.
+    pub subscribe_rate_per_sec: u32,
+    /// Topic subscriptions and unsubscriptions one connection may make in a burst above the
+    /// rate. Default 512 (twice `max_subscriptions_per_connection`: subscribing to the
+    /// most a connection may hold, then unsubscribing from all of them).
+    pub subscribe_burst: u32,
 }
+
+/// The memory one topic costs without its history, in bytes: the registry entry, the
+/// topic's state and its name (up to 32 bytes). Measured in `bench/RESULTS.md`, "Topics"
+/// (`ringcast serve`, 200,000 topics made by publishing one message each to new names, RSS
+/// difference less the payload and message counted apart): see there for the run. The memory
+/// gauge counts `topics x TOPIC_BYTES + held messages x HISTORY_MESSAGE_BYTES + payload bytes
+/// held`.
+pub const TOPIC_BYTES: u64 = 240;
+
+/// The memory one message in a topic's history costs besides its payload: the shared
+/// message (`Published`, without the frames encoded for delivery, which are counted where
+/// they wait) and its place in the history.
+pub const HISTORY_MESSAGE_BYTES: u64 = 120;
 
 impl Default for PubSubConfig {
     fn default() -> Self {
@@ -559,6 +597,10 @@ impl Default for PubSubConfig {
             max_bad_requests: 20,
             max_pending_per_shard: 65_536,
             max_publish_bytes: 1 << 20,
+            max_topics: 100_000,
+            topic_idle_timeout: Duration::from_secs(60),
+            subscribe_rate_per_sec: 100,
+            subscribe_burst: 512,
         }
     }
 }
@@ -977,6 +1019,7 @@ impl EngineConfig {
             (p.write_window_bytes, "pubsub.write_window_bytes"),
             (p.max_pending_per_shard, "pubsub.max_pending_per_shard"),
             (p.max_publish_bytes, "pubsub.max_publish_bytes"),
+            (p.max_topics, "pubsub.max_topics"),
         ] {
             check(value > 0, key, "must be > 0")?;
         }
@@ -984,6 +1027,21 @@ impl EngineConfig {
             p.publish_rate_per_sec > 0,
             "pubsub.publish_rate_per_sec",
             "must be > 0",
+        )?;
+        check(
+            p.subscribe_rate_per_sec > 0,
+            "pubsub.subscribe_rate_per_sec",
+            "must be > 0",
+        )?;
+        check(
+            p.subscribe_burst > 0,
+            "pubsub.subscribe_burst",
+            "must be > 0",
+        )?;
+        check(
+            p.topic_idle_timeout <= DAY,
+            "pubsub.topic_idle_timeout",
+            "must be at most 1 day",
         )?;
         check(
             p.max_bad_requests > 0,
