@@ -118,6 +118,12 @@ impl Handler for Broker {
         };
         let dialect = dialect_of(ctx);
         let encoding = dialect.encoding();
+        // Parsing costs time in proportion to size, on the shard every connection shares:
+        // nothing larger than the largest publish is parsed at all.
+        if msg.payload().len() > ctx.pubsub_config().max_request_bytes() {
+            let why = "request larger than the largest publish the broker takes";
+            return refuse(ctx, dialect, None, ErrorCode::TooLarge, why);
+        }
         let request = match (&msg, encoding) {
             (Message::Text(_), Encoding::Json) | (Message::Binary(_), Encoding::Binary) => {
                 envelope::decode_request(encoding, msg.payload())

@@ -582,6 +582,21 @@ pub const TOPIC_BYTES: u64 = 240;
 /// they wait) and its place in the history.
 pub const HISTORY_MESSAGE_BYTES: u64 = 120;
 
+impl PubSubConfig {
+    /// The largest broker request the built-in [`Broker`](crate::Broker) reads: a publish
+    /// of `max_publish_bytes` in base64 (the JSON dialect's binary payloads), plus 64 KiB
+    /// for the envelope and topic. A larger request is refused (`too_large`) before it is
+    /// parsed, so no request costs more parsing than the largest publish: about 1.4 MB at
+    /// the default, where a subscribe to every topic a connection may hold takes under
+    /// 100 KB.
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_publish_bytes
+            .div_ceil(3)
+            .saturating_mul(4)
+            .saturating_add(64 << 10)
+    }
+}
+
 impl Default for PubSubConfig {
     fn default() -> Self {
         Self {

@@ -14,7 +14,7 @@ use crate::types::message::{
     UpgradeCtx,
 };
 use crate::{
-    config::RingOverflow,
+    config::{PubSubConfig, RingOverflow},
     conn::table::{ConnInfo, ConnTable},
     pubsub::{
         hub::Publisher,
@@ -342,6 +342,13 @@ impl Ctx<'_> {
             }
             other => self.table.hub.retry_hint(*other),
         }
+    }
+
+    /// The engine's pub/sub settings (limits and budgets), for a handler that enforces them
+    /// in its own protocol, as the [`Broker`](crate::Broker) does with
+    /// [`PubSubConfig::max_request_bytes`].
+    pub fn pubsub_config(&self) -> &PubSubConfig {
+        &self.table.settings.pubsub
     }
 
     /// Charges `topics` subscriptions or unsubscriptions to this connection's subscribe

@@ -160,7 +160,6 @@ pub(crate) enum Offer {
     Disconnect,
 }
 
-
 impl ConnPubSub {
     /// A connection's state on its first pub/sub use: raw delivery, the configured policy
     /// and budgets, nothing subscribed or waiting.

@@ -79,8 +79,9 @@ pub(crate) struct Hub {
     held_bytes: AtomicU64,
 }
 
-/// Due topics one [`Hub::sweep`] looks at, at most (one registry write lock each batch).
-const SWEEP_BATCH: usize = 512;
+/// Due topics one [`Hub::sweep`] looks at, at most: one registry write lock each batch, kept
+/// short, since a shard making a topic waits for it.
+const SWEEP_BATCH: usize = 64;
 
 impl fmt::Debug for Hub {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -799,7 +800,11 @@ mod tests {
         assert_eq!(a.live_from, 10);
         assert_eq!(a.reset, None);
         assert_eq!(
-            a.replay.messages().iter().map(|m| m.seq).collect::<Vec<_>>(),
+            a.replay
+                .messages()
+                .iter()
+                .map(|m| m.seq)
+                .collect::<Vec<_>>(),
             [7, 8, 9]
         );
         let b = ready(hub.attach(&topic, 0, false, Some(1), None, 0));
@@ -825,7 +830,12 @@ mod tests {
         let other = ready(hub.attach(&topic, 0, false, Some(7), Some(epoch ^ 1), 0));
         assert_eq!(other.reset, Some(5));
         assert_eq!(
-            other.replay.messages().iter().map(|m| m.seq).collect::<Vec<_>>(),
+            other
+                .replay
+                .messages()
+                .iter()
+                .map(|m| m.seq)
+                .collect::<Vec<_>>(),
             [5, 6, 7, 8, 9]
         );
         // A topic made again (another hub, as after a restart) has another epoch.
@@ -881,15 +891,24 @@ mod tests {
         let b = ready(hub.attach(&topic, 0, false, Some(3), None, 0));
         assert_eq!((a.replayed, b.replayed), (5, 2));
         // The same messages, not copies: b's slice is a's from seq 4 on.
-        assert!(std::ptr::eq(&a.replay.messages()[3], &b.replay.messages()[0]));
+        assert!(std::ptr::eq(
+            &a.replay.messages()[3],
+            &b.replay.messages()[0]
+        ));
         // Up to date: nothing to replay, no slice made.
         let c = ready(hub.attach(&topic, 0, false, Some(5), None, 0));
         assert_eq!(c.replayed, 0);
         hub.publish_wait(&topic, Payload::Json("1".into())).unwrap();
         let d = ready(hub.attach(&topic, 0, false, Some(0), None, 0));
         assert_eq!(d.replayed, 6, "a publish makes a new slice");
-        assert!(!std::ptr::eq(&a.replay.messages()[0], &d.replay.messages()[0]));
-        assert!(Arc::ptr_eq(&a.replay.messages()[0], &d.replay.messages()[0]));
+        assert!(!std::ptr::eq(
+            &a.replay.messages()[0],
+            &d.replay.messages()[0]
+        ));
+        assert!(Arc::ptr_eq(
+            &a.replay.messages()[0],
+            &d.replay.messages()[0]
+        ));
     }
 
     #[test]
@@ -902,7 +921,11 @@ mod tests {
         assert!(hub.topic("a").is_ok(), "existing topics still work");
         let counts = hub.counts();
         assert_eq!((counts.topics, counts.refused, counts.expired), (3, 1, 0));
-        assert_eq!(hub.sweep(Instant::now() + Duration::from_secs(3600)), 0, "no expiry");
+        assert_eq!(
+            hub.sweep(Instant::now() + Duration::from_secs(3600)),
+            0,
+            "no expiry"
+        );
     }
 
     #[test]
