@@ -59,6 +59,8 @@
 //! | topic history | 1024 messages or 1 MiB per topic | [`PubSubConfig`] |
 //! | data ring | 1024 messages or 1 MiB per connection, drop-oldest | [`PubSubConfig`] |
 //! | subscriptions / publishes | 256 per connection / 1000 per s, burst 1000 | [`PubSubConfig`] |
+//! | subscribes + unsubscribes | 100 topics per s per connection, burst 512 | [`PubSubConfig::subscribe_rate_per_sec`] |
+//! | topics | 100,000 per process; idle ones (no subscriber, no publish) removed after 60 s | [`PubSubConfig::max_topics`] |
 //! | bad requests before 1008 | 20, refilled at 1 per s | [`PubSubConfig::max_bad_requests`] |
 //! | heartbeat | ping after 30 s quiet, pong within 10 s | [`TimeoutsConfig`] |
 //! | drain | 1012 spread over 2 s, exit by 10 s | [`TimeoutsConfig::drain_window`] |

@@ -670,17 +670,21 @@ impl Publisher {
     /// in sequence order; it is kept in the topic's history for resume.
     ///
     /// # Errors
-    /// A bad topic name, a payload over `pubsub.max_publish_bytes`, or a saturated engine
-    /// ([`PublishError::Saturated`]: nothing was published, retry later).
+    /// A bad topic name, a payload over `pubsub.max_publish_bytes`, a saturated engine
+    /// ([`PublishError::Saturated`]: nothing was published, retry later), or a new topic
+    /// while the process holds `pubsub.max_topics` ([`PublishError::TooManyTopics`]).
     pub fn publish(&self, topic: &str, payload: Payload) -> Result<PublishReceipt, PublishError> {
         let topic = self.hub.topic(topic)?;
         self.hub.publish_wait(&topic, payload)
     }
 
-    /// A handle to one topic, which publishes without looking the name up each time.
+    /// A handle to one topic, which publishes without looking the name up each time. If the
+    /// topic expires (`pubsub.topic_idle_timeout`: no subscriber and no publish for that
+    /// long), the handle publishes to the topic made again under its name, in a new epoch.
     ///
     /// # Errors
-    /// [`PublishError::BadTopic`] for a name that breaks the topic rules.
+    /// [`PublishError::BadTopic`] for a name that breaks the topic rules;
+    /// [`PublishError::TooManyTopics`] for a new topic at `pubsub.max_topics`.
     pub fn topic(&self, topic: &str) -> Result<TopicPublisher, PublishError> {
         Ok(TopicPublisher {
             topic: self.hub.topic(topic)?,
