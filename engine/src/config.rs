@@ -547,7 +547,8 @@ pub struct PubSubConfig {
     /// (`too_many_topics`; [`PublishError::TooManyTopics`](crate::PublishError)), counted in
     /// `topics_refused`; existing topics work as before. Memory: [`TOPIC_BYTES`] per topic
     /// plus its history (bounded by `history_max_messages` and `history_max_bytes`), shown
-    /// in `/metrics` as `memory_topics_estimate_bytes`.
+    /// in `/metrics` as `memory_topics_estimate_bytes`: at the default cap, 27 MB of topics
+    /// without history, 55 MB with one small message each.
     pub max_topics: usize,
     /// A topic with no subscriber on any shard and no publish for this long is removed, its
     /// history with it; made again on next use, it starts a new [epoch](crate::TopicStats),
@@ -570,17 +571,18 @@ pub struct PubSubConfig {
 }
 
 /// The memory one topic costs without its history, in bytes: the registry entry, the
-/// topic's state and its name (up to 32 bytes). Measured in `bench/RESULTS.md`, "Topics"
-/// (`ringcast serve`, 200,000 topics made by publishing one message each to new names, RSS
-/// difference less the payload and message counted apart): see there for the run. The memory
-/// gauge counts `topics x TOPIC_BYTES + held messages x HISTORY_MESSAGE_BYTES + payload bytes
-/// held`.
-pub const TOPIC_BYTES: u64 = 240;
+/// topic's state, its place in the expiry queue and its name (measured with 10-byte names).
+/// Measured in `bench/RESULTS.md`, "Topics" (run of 2026-12-03: `ringcast serve --shards 1`,
+/// 200,000 topics made by a subscribe and an unsubscribe each: RSS 11.9 MB -> 65.6 MB). The
+/// memory gauge counts `topics x TOPIC_BYTES + held messages x HISTORY_MESSAGE_BYTES +
+/// payload bytes held`.
+pub const TOPIC_BYTES: u64 = 268;
 
-/// The memory one message in a topic's history costs besides its payload: the shared
-/// message (`Published`, without the frames encoded for delivery, which are counted where
-/// they wait) and its place in the history.
-pub const HISTORY_MESSAGE_BYTES: u64 = 120;
+/// The memory one message in a topic's history costs besides its payload bytes: the shared
+/// message (`Published`, with room for its frames, which are counted where they wait) and
+/// its place in the history. Measured as [`TOPIC_BYTES`], 200,000 topics made by publishing
+/// one 8-byte payload each: 548 B per topic, less `TOPIC_BYTES` and the payload.
+pub const HISTORY_MESSAGE_BYTES: u64 = 272;
 
 impl PubSubConfig {
     /// The largest broker request the built-in [`Broker`](crate::Broker) reads: a publish
