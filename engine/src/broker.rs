@@ -10,7 +10,7 @@
 //! `unavailable` carry a retry hint.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -118,6 +118,12 @@ impl Handler for Broker {
         };
         let dialect = dialect_of(ctx);
         let encoding = dialect.encoding();
+        // Parsing costs time in proportion to size, on the shard every connection shares:
+        // nothing larger than the largest publish is parsed at all.
+        if msg.payload().len() > ctx.pubsub_config().max_request_bytes() {
+            let why = "request larger than the largest publish the broker takes";
+            return refuse(ctx, dialect, None, ErrorCode::TooLarge, why);
+        }
         let request = match (&msg, encoding) {
             (Message::Text(_), Encoding::Json) | (Message::Binary(_), Encoding::Binary) => {
                 envelope::decode_request_with(encoding, msg.payload(), ctx.decode_options())
@@ -183,9 +189,19 @@ fn handle(ctx: &mut Ctx<'_>, d: Dialect, grants: Option<&Grants>, request: Reque
                 let why = format!("{denied}: not allowed to subscribe");
                 return refuse(ctx, d, id, ErrorCode::Forbidden, &why);
             }
+            if let Err(wait) = ctx.charge_subscriptions(topics.len()) {
+                let why = "subscribe rate limit exceeded";
+                return refuse_with(ctx, d, id, ErrorCode::RateLimited, why, Some(wait));
+            }
             let mut resets = Vec::new();
-            let mut positions = Vec::with_capacity(topics.len());
+            let mut positions = Vec::new();
+            // A topic named twice is subscribed once, as its first entry says: repeats cost
+            // a lookup, not a subscription each (PROTOCOL.md).
+            let mut named = HashSet::new();
             for t in &topics {
+                if !named.insert(&*t.topic) {
+                    continue;
+                }
                 match ctx.subscribe_in(&t.topic, t.since, t.epoch) {
                     Ok(sub) => {
                         if let Some(oldest) = sub.reset {
@@ -201,6 +217,7 @@ fn handle(ctx: &mut Ctx<'_>, d: Dialect, grants: Option<&Grants>, request: Reque
                         let code = match e {
                             SubscribeError::BadTopic(_) => ErrorCode::BadTopic,
                             SubscribeError::TooManySubscriptions => ErrorCode::TooManySubscriptions,
+                            SubscribeError::TooManyTopics => ErrorCode::TooManyTopics,
                         };
                         // Topics before this one stay subscribed; the error names this one.
                         return refuse(ctx, d, id, code, &format!("{}: {e}", t.topic));
@@ -213,8 +230,16 @@ fn handle(ctx: &mut Ctx<'_>, d: Dialect, grants: Option<&Grants>, request: Reque
             }
         }
         Request::Unsubscribe { id, topics } => {
+            if let Err(wait) = ctx.charge_subscriptions(topics.len()) {
+                let why = "subscribe rate limit exceeded";
+                return refuse_with(ctx, d, id, ErrorCode::RateLimited, why, Some(wait));
+            }
             let mut missing = None;
+            let mut named = HashSet::new();
             for topic in &topics {
+                if !named.insert(&**topic) {
+                    continue;
+                }
                 if !ctx.unsubscribe(topic) && missing.is_none() {
                     missing = Some(topic.to_string());
                 }
@@ -279,8 +304,9 @@ fn refuse_with(
 
 /// Whether a refusal is the client's fault: a request it should not have sent as it did
 /// (these count against `pubsub.max_bad_requests`). `rate_limited`, `unavailable`,
-/// `forbidden`, `not_subscribed`, `too_many_subscriptions` and `internal` refuse a
-/// well-formed request for reasons of the moment, the token or the server.
+/// `forbidden`, `not_subscribed`, `too_many_subscriptions`, `too_many_topics` and
+/// `internal` refuse a well-formed request for reasons of the moment, the token or the
+/// server.
 fn is_malformed(code: ErrorCode) -> bool {
     matches!(
         code,

@@ -562,6 +562,61 @@ pub struct PubSubConfig {
     /// (many stop at a few hundred), so such a payload would break them. Checked in one pass
     /// without recursion, nearly free for ordinary payloads.
     pub max_json_depth: usize,
+    /// Topics the process holds at once, with subscribers or history or neither. Default
+    /// 100000. At the cap, a subscribe or publish that would make a new topic is refused
+    /// (`too_many_topics`; [`PublishError::TooManyTopics`](crate::PublishError)), counted in
+    /// `topics_refused`; existing topics work as before. Memory: [`TOPIC_BYTES`] per topic
+    /// plus its history (bounded by `history_max_messages` and `history_max_bytes`), shown
+    /// in `/metrics` as `memory_topics_estimate_bytes`: at the default cap, 27 MB of topics
+    /// without history, 55 MB with one small message each.
+    pub max_topics: usize,
+    /// A topic with no subscriber on any shard and no publish for this long is removed, its
+    /// history with it; made again on next use, it starts a new [epoch](crate::TopicStats),
+    /// so a later `since` gets a `reset`, never a silent continuation. Default 60 s;
+    /// `"0s"` keeps topics forever (then only `max_topics` bounds them). Checked every
+    /// quarter of it (at most every second), so a topic goes between this and about 1.25
+    /// times it after it went idle.
+    #[serde(with = "humantime_serde")]
+    pub topic_idle_timeout: Duration,
+    /// Topics per second one connection may subscribe to or unsubscribe from, sustained
+    /// (each topic of a request counts; the broker charges at most `subscribe_burst` for
+    /// one request). Default 100. Over budget: an error reply (`rate_limited`, with
+    /// `retry_after_ms`), nothing of the request done, and the connection is not read until
+    /// the budget allows it (slowed, not closed); never charged to `max_bad_requests`.
+    pub subscribe_rate_per_sec: u32,
+    /// Topic subscriptions and unsubscriptions one connection may make in a burst above the
+    /// rate. Default 512 (twice `max_subscriptions_per_connection`: subscribing to the
+    /// most a connection may hold, then unsubscribing from all of them).
+    pub subscribe_burst: u32,
+}
+
+/// The memory one topic costs without its history, in bytes: the registry entry, the
+/// topic's state, its place in the expiry queue and its name (measured with 10-byte names).
+/// Measured in `bench/RESULTS.md`, "Topics" (run of 2026-12-03: `ringcast serve --shards 1`,
+/// 200,000 topics made by a subscribe and an unsubscribe each: RSS 11.9 MB -> 65.6 MB). The
+/// memory gauge counts `topics x TOPIC_BYTES + held messages x HISTORY_MESSAGE_BYTES +
+/// payload bytes held`.
+pub const TOPIC_BYTES: u64 = 268;
+
+/// The memory one message in a topic's history costs besides its payload bytes: the shared
+/// message (`Published`, with room for its frames, which are counted where they wait) and
+/// its place in the history. Measured as [`TOPIC_BYTES`], 200,000 topics made by publishing
+/// one 8-byte payload each: 548 B per topic, less `TOPIC_BYTES` and the payload.
+pub const HISTORY_MESSAGE_BYTES: u64 = 272;
+
+impl PubSubConfig {
+    /// The largest broker request the built-in [`Broker`](crate::Broker) reads: a publish
+    /// of `max_publish_bytes` in base64 (the JSON dialect's binary payloads), plus 64 KiB
+    /// for the envelope and topic. A larger request is refused (`too_large`) before it is
+    /// parsed, so no request costs more parsing than the largest publish: about 1.4 MB at
+    /// the default, where a subscribe to every topic a connection may hold takes under
+    /// 100 KB.
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_publish_bytes
+            .div_ceil(3)
+            .saturating_mul(4)
+            .saturating_add(64 << 10)
+    }
 }
 
 impl Default for PubSubConfig {
@@ -580,6 +635,10 @@ impl Default for PubSubConfig {
             max_pending_per_shard: 65_536,
             max_publish_bytes: 1 << 20,
             max_json_depth: ringcast_protocol::envelope::DEFAULT_MAX_JSON_DEPTH,
+            max_topics: 100_000,
+            topic_idle_timeout: Duration::from_secs(60),
+            subscribe_rate_per_sec: 100,
+            subscribe_burst: 512,
         }
     }
 }
@@ -1006,6 +1065,7 @@ impl EngineConfig {
             (p.max_pending_per_shard, "pubsub.max_pending_per_shard"),
             (p.max_publish_bytes, "pubsub.max_publish_bytes"),
             (p.max_json_depth, "pubsub.max_json_depth"),
+            (p.max_topics, "pubsub.max_topics"),
         ] {
             check(value > 0, key, "must be > 0")?;
         }
@@ -1013,6 +1073,21 @@ impl EngineConfig {
             p.publish_rate_per_sec > 0,
             "pubsub.publish_rate_per_sec",
             "must be > 0",
+        )?;
+        check(
+            p.subscribe_rate_per_sec > 0,
+            "pubsub.subscribe_rate_per_sec",
+            "must be > 0",
+        )?;
+        check(
+            p.subscribe_burst > 0,
+            "pubsub.subscribe_burst",
+            "must be > 0",
+        )?;
+        check(
+            p.topic_idle_timeout <= DAY,
+            "pubsub.topic_idle_timeout",
+            "must be at most 1 day",
         )?;
         check(
             p.max_bad_requests > 0,

@@ -59,6 +59,8 @@
 //! | topic history | 1024 messages or 1 MiB per topic | [`PubSubConfig`] |
 //! | data ring | 1024 messages or 1 MiB per connection, drop-oldest | [`PubSubConfig`] |
 //! | subscriptions / publishes | 256 per connection / 1000 per s, burst 1000 | [`PubSubConfig`] |
+//! | subscribes + unsubscribes | 100 topics per s per connection, burst 512 | [`PubSubConfig::subscribe_rate_per_sec`] |
+//! | topics | 100,000 per process; idle ones (no subscriber, no publish) removed after 60 s | [`PubSubConfig::max_topics`] |
 //! | bad requests before 1008 | 20, refilled at 1 per s | [`PubSubConfig::max_bad_requests`] |
 //! | JSON payload nesting | 64 levels of arrays and objects | [`PubSubConfig::max_json_depth`] |
 //! | heartbeat | ping after 30 s quiet, pong within 10 s | [`TimeoutsConfig`] |
@@ -138,7 +140,7 @@ pub use broker::{Broadcast, Broker};
 pub use config::{
     AdmissionConfig, AuthConfig, BrokerConfig, Driver, EngineConfig, HttpConfig, IoConfig,
     LimitsConfig, OverflowPolicy, PubSubConfig, RingOverflow, TimeoutsConfig,
-    KERNEL_BYTES_PER_CONNECTION,
+    HISTORY_MESSAGE_BYTES, KERNEL_BYTES_PER_CONNECTION, TOPIC_BYTES,
 };
 pub use conn::table::ConnInfo;
 pub use error::{ConfigError, Error, Result};
@@ -150,7 +152,9 @@ pub use ops::auth::{Auth, AuthError, Grants};
 pub(crate) use ops::auth::{Auth, Grants};
 pub use ops::{
     admission::RejectReason,
-    metrics::{LatencySnapshot, MemoryGauges, Metrics, MetricsSnapshot, LATENCY_BUCKETS},
+    metrics::{
+        LatencySnapshot, MemoryGauges, Metrics, MetricsSnapshot, TopicTotals, LATENCY_BUCKETS,
+    },
 };
 pub use pubsub::{
     hub::{Publisher, TopicPublisher},
@@ -187,6 +191,9 @@ pub struct Engine {
     threads: Vec<thread::JoinHandle<()>>,
     /// The readiness canary's thread and the sender whose drop stops it.
     canary: Option<(crossbeam_channel::Sender<()>, thread::JoinHandle<()>)>,
+    /// The thread that expires idle topics (`ringcast-topics`), and the sender whose drop
+    /// stops it.
+    sweeper: Option<(crossbeam_channel::Sender<()>, thread::JoinHandle<()>)>,
 }
 
 /// Controls a running engine from any thread. Cheap to clone.
@@ -301,6 +308,7 @@ impl Engine {
             },
             threads,
             canary: None,
+            sweeper: None,
         };
         if failure.is_none() {
             for (i, ready) in readiness.iter().enumerate() {
@@ -326,6 +334,14 @@ impl Engine {
                 stopped,
             ) {
                 Ok(thread) => engine.canary = Some((stop, thread)),
+                Err(e) => failure = Some(Error::Spawn(e)),
+            }
+        }
+        if failure.is_none() {
+            let (stop, stopped) = crossbeam_channel::bounded(1);
+            match Hub::spawn_sweeper(engine.handle.inner.hub.clone(), stopped) {
+                Ok(Some(thread)) => engine.sweeper = Some((stop, thread)),
+                Ok(None) => {}
                 Err(e) => failure = Some(Error::Spawn(e)),
             }
         }
@@ -377,7 +393,10 @@ impl Engine {
                 result = Err(Error::ShardPanicked(i));
             }
         }
-        if let Some((stop, thread)) = self.canary.take() {
+        for (stop, thread) in [self.canary.take(), self.sweeper.take()]
+            .into_iter()
+            .flatten()
+        {
             drop(stop);
             let _ = thread.join();
         }
@@ -468,6 +487,7 @@ impl EngineHandle {
             &self.inner.gate,
         )
         .with_broker(self.inner.hub.broker_stats())
+        .with_topics(self.inner.hub.counts())
     }
 
     /// Whether the engine is ready for traffic, as `/readyz` answers it: not stopping, the

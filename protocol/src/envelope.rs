@@ -380,7 +380,7 @@ pub enum ErrorCode {
     BadPayload,
     /// `too_many_subscriptions`: the connection's subscription limit would be exceeded.
     TooManySubscriptions,
-    /// `rate_limited`: the connection spent its publish budget; retry later.
+    /// `rate_limited`: the connection spent its publish or subscribe budget; retry later.
     RateLimited,
     /// `forbidden`: the application does not allow this connection to do this.
     Forbidden,
@@ -392,11 +392,14 @@ pub enum ErrorCode {
     NotSubscribed,
     /// `internal`: a bug or an unexpected condition in the server.
     Internal,
+    /// `too_many_topics`: the server holds as many topics as it may; a request that would
+    /// make a new one fails (topics that exist work as before).
+    TooManyTopics,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::BadRequest,
         Self::UnknownType,
         Self::BadTopic,
@@ -408,6 +411,7 @@ impl ErrorCode {
         Self::TooLarge,
         Self::NotSubscribed,
         Self::Internal,
+        Self::TooManyTopics,
     ];
 
     /// The snake_case wire name.
@@ -424,6 +428,7 @@ impl ErrorCode {
             Self::TooLarge => "too_large",
             Self::NotSubscribed => "not_subscribed",
             Self::Internal => "internal",
+            Self::TooManyTopics => "too_many_topics",
         }
     }
 

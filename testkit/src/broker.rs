@@ -416,3 +416,168 @@ impl Honesty {
         self.expected(topic) > last
     }
 }
+
+/// A live client beside an attack: on its own thread it subscribes to a topic of its own,
+/// then every `interval` publishes to it and times the round trip from the publish to both
+/// its ack and the message coming back. [`LiveProbe::finish`] stops it and reports.
+///
+/// ```no_run
+/// # let addr: std::net::SocketAddr = "127.0.0.1:9000".parse().unwrap();
+/// let probe = ringcast_testkit::broker::LiveProbe::start(addr, "live.probe");
+/// // ... the attack ...
+/// let report = probe.finish();
+/// assert!(report.p99() < std::time::Duration::from_millis(50), "{report}");
+/// ```
+#[derive(Debug)]
+pub struct LiveProbe {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<LiveReport>>,
+}
+
+/// What a [`LiveProbe`] measured.
+#[derive(Debug, Clone, Default)]
+pub struct LiveReport {
+    /// Every round trip, in order.
+    pub rounds: Vec<std::time::Duration>,
+    /// Why the probe stopped early (a read or write failed, an error reply), if it did.
+    pub failure: Option<String>,
+}
+
+impl LiveProbe {
+    /// Connects (JSON dialect), subscribes to `topic` and returns once subscribed; rounds
+    /// every 50 ms from then on.
+    pub fn start(addr: SocketAddr, topic: &str) -> Self {
+        Self::start_every(addr, topic, std::time::Duration::from_millis(50))
+    }
+
+    /// As [`LiveProbe::start`], one round every `interval` (the next starts at once when a
+    /// round took longer).
+    pub fn start_every(addr: SocketAddr, topic: &str, interval: std::time::Duration) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        use std::time::Instant;
+        let mut client = BrokerClient::connect(addr, Dialect::Json);
+        client.subscribe(1, topic, None);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let topic = topic.to_owned();
+        let thread = std::thread::spawn(move || {
+            let mut report = LiveReport::default();
+            let start = Instant::now();
+            let mut id = 1u64;
+            while !stopped.load(Relaxed) {
+                id += 1;
+                let data = id.to_string();
+                let sent = Instant::now();
+                match round(&mut client, id, &topic, &data) {
+                    Ok(()) => report.rounds.push(sent.elapsed()),
+                    Err(why) => {
+                        report.failure = Some(why);
+                        break;
+                    }
+                }
+                let next = start + interval * (report.rounds.len() as u32);
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            report
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the probe after its current round and returns what it measured.
+    pub fn finish(mut self) -> LiveReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("finished once")
+            .join()
+            .unwrap_or_else(|_| LiveReport {
+                failure: Some("the probe thread panicked".into()),
+                ..LiveReport::default()
+            })
+    }
+}
+
+impl Drop for LiveProbe {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// One publish, then reads until both its ack and its message came back.
+fn round(client: &mut BrokerClient, id: u64, topic: &str, data: &str) -> Result<(), String> {
+    client.send(&envelope::Request::Publish {
+        id: Some(id),
+        topic: topic.into(),
+        payload: envelope::Data::new(envelope::DataKind::Json, data.as_bytes()),
+    });
+    let (mut acked, mut echoed) = (false, false);
+    while !(acked && echoed) {
+        let bytes = match client.ws.read() {
+            Ok(WsMessage::Text(t)) => t.as_bytes().to_vec(),
+            Ok(WsMessage::Binary(b)) => b.to_vec(),
+            Ok(WsMessage::Close(c)) => return Err(format!("closed: {c:?}")),
+            Ok(_) => continue,
+            Err(e) => return Err(format!("read after {id} rounds: {e}")),
+        };
+        let got = envelope::decode_server(client.dialect, &bytes)
+            .map(Got::from_server)
+            .map_err(|e| format!("not an envelope: {e}"))?;
+        match got {
+            Got::Ack(Some(got)) if got == id => acked = true,
+            Got::Message { data: d, .. } if d == data.as_bytes() => echoed = true,
+            Got::Error { code, .. } => return Err(format!("publish {id} refused: {code}")),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+impl LiveReport {
+    /// The longest round trip (zero with none).
+    pub fn worst(&self) -> std::time::Duration {
+        self.rounds.iter().copied().max().unwrap_or_default()
+    }
+
+    /// The 99th percentile round trip (nearest rank; zero with none).
+    pub fn p99(&self) -> std::time::Duration {
+        let mut sorted = self.rounds.clone();
+        sorted.sort_unstable();
+        let rank = (sorted.len() * 99).div_ceil(100);
+        sorted
+            .get(rank.saturating_sub(1))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Panics, naming the figures, unless the probe ran to the end with at least `rounds`
+    /// rounds.
+    pub fn assert_ran(&self, rounds: usize) {
+        assert!(self.failure.is_none(), "the live client failed: {self}");
+        assert!(
+            self.rounds.len() >= rounds,
+            "the live client made {} rounds, fewer than {rounds}: {self}",
+            self.rounds.len()
+        );
+    }
+}
+
+impl std::fmt::Display for LiveReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} rounds, p99 {:?}, worst {:?}",
+            self.rounds.len(),
+            self.p99(),
+            self.worst()
+        )?;
+        if let Some(why) = &self.failure {
+            write!(f, ", stopped: {why}")?;
+        }
+        Ok(())
+    }
+}

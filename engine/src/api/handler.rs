@@ -15,7 +15,7 @@ use crate::types::message::{
     UpgradeCtx,
 };
 use crate::{
-    config::RingOverflow,
+    config::{PubSubConfig, RingOverflow},
     conn::table::{ConnInfo, ConnTable},
     pubsub::{
         hub::Publisher,
@@ -190,8 +190,14 @@ impl Ctx<'_> {
     /// see [`Subscribed::reset`] for a history that no longer reaches back to S. Subscribing
     /// again to a topic starts the subscription over.
     ///
+    /// Not charged to the connection's subscribe budget: a handler that subscribes on a
+    /// client's request charges it first with [`Ctx::charge_subscriptions`], as the
+    /// [`Broker`](crate::Broker) does.
+    ///
     /// # Errors
-    /// A topic name that breaks the rules, or `pubsub.max_subscriptions_per_connection`.
+    /// A topic name that breaks the rules, `pubsub.max_subscriptions_per_connection`, or a
+    /// new topic while the process holds `pubsub.max_topics`
+    /// ([`SubscribeError::TooManyTopics`]).
     pub fn subscribe(
         &mut self,
         topic: &str,
@@ -218,14 +224,11 @@ impl Ctx<'_> {
             Some(t) => t,
             None => self.table.hub.topic(topic).map_err(|e| match e {
                 PublishError::BadTopic(why) => SubscribeError::BadTopic(why),
-                _ => SubscribeError::BadTopic("unusable topic"),
+                _ => SubscribeError::TooManyTopics,
             })?,
         };
         let seen = topic.seen.load(std::sync::atomic::Ordering::Relaxed);
-        let attach = self
-            .table
-            .subscribe(self.key, topic, since, epoch)
-            .map_err(|_| SubscribeError::TooManySubscriptions)?;
+        let attach = self.table.subscribe(self.key, topic, since, epoch)?;
         // A backend that answers later (Redis) has not said yet.
         let pending = attach.live_from == u64::MAX;
         Ok(Subscribed {
@@ -381,6 +384,35 @@ impl Ctx<'_> {
             }
             other => self.table.hub.retry_hint(*other),
         }
+    }
+
+    /// The engine's pub/sub settings (limits and budgets), for a handler that enforces them
+    /// in its own protocol, as the [`Broker`](crate::Broker) does with
+    /// [`PubSubConfig::max_request_bytes`].
+    pub fn pubsub_config(&self) -> &PubSubConfig {
+        &self.table.settings.pubsub
+    }
+
+    /// Charges `topics` subscriptions or unsubscriptions to this connection's subscribe
+    /// budget (`pubsub.subscribe_rate_per_sec`, `pubsub.subscribe_burst`; more than the burst
+    /// is charged as the burst, so any request can pass once the budget is full). Over
+    /// budget nothing is taken, the connection is not read until the budget allows it
+    /// (slowed, not cut, as for publishes), and the error is that wait, the hint for a
+    /// `rate_limited` reply.
+    ///
+    /// # Errors
+    /// The time until the budget holds `topics` tokens, when it does not now.
+    pub fn charge_subscriptions(&mut self, topics: usize) -> Result<(), Duration> {
+        let now = Instant::now();
+        let budget = &mut self.table.pubsub(self.key).subscribe_budget;
+        let n = topics as f64;
+        if budget.take_n(n, now) {
+            return Ok(());
+        }
+        let wait = budget.wait_for(n, now).max(Duration::from_millis(1));
+        self.table.throttle(self.key, wait);
+        self.table.metrics.subscribes_refused.incr();
+        Err(wait)
     }
 
     /// Charges one malformed request to this connection's budget (`pubsub.max_bad_requests`,

@@ -774,8 +774,8 @@ impl ConnTable {
         }
     }
 
-    /// Pauses connection `key` for `wait` (its publish budget is empty; the refusal's retry
-    /// hint names the same wait): the rest of what was read waits, unparsed, in its tail
+    /// Pauses connection `key` for `wait` (its publish or subscribe budget is empty; the
+    /// refusal's retry hint names the same wait): the rest of what was read waits, unparsed, in its tail
     /// (`Shard::process` stops), and its socket is not read (`wants_read`). Its deadline
     /// ends the pause (`Shard::end_throttle`), armed here unless it is due sooner. A
     /// connection that is closing is not paused: its peer's close frame must be read.

@@ -19,13 +19,17 @@ use ringcast_protocol::{
     CloseCode,
 };
 
-use crate::pubsub::data_ring::{ConnPubSub, Item, LocalTopic, Offer, Sub, SubscribeLimit, PENDING};
+use crate::pubsub::data_ring::{ConnPubSub, Item, LocalTopic, Offer, Sub, PENDING};
 use crate::pubsub::notices;
 use crate::{
     config::RingOverflow,
     conn::table::{ConnTable, Phase},
-    pubsub::topic::{Attach, AttachStart, Attached, BackendMsg, Published, Topic},
-    types::{clock::When, message::CloseInitiator, publish::DeliveryFormat},
+    pubsub::topic::{Attach, AttachStart, Attached, BackendMsg, Published, Replay, Topic},
+    types::{
+        clock::When,
+        message::{CloseInitiator, SubscribeError},
+        publish::{DeliveryFormat, PublishError},
+    },
 };
 
 impl ConnTable {
@@ -45,23 +49,39 @@ impl ConnTable {
 
     /// Subscribes connection `key` to `topic`; a repeated subscription starts over (so a
     /// `since` replays again). Queues the replay onto the data ring.
+    ///
+    /// # Errors
+    /// `TooManySubscriptions` at `pubsub.max_subscriptions_per_connection`;
+    /// `TooManyTopics` when the topic expired meanwhile and cannot be made again now.
     pub(crate) fn subscribe(
         &mut self,
         key: usize,
         topic: Arc<Topic>,
         since: Option<u64>,
         epoch: Option<u64>,
-    ) -> Result<Attach, SubscribeLimit> {
+    ) -> Result<Attach, SubscribeError> {
         if self.is_subscribed(key, &topic.name) {
             self.unsubscribe(key, &topic.name);
         }
         let max = self.settings.pubsub.max_subscriptions_per_connection;
         if self.pubsub(key).subs.len() >= max {
-            return Err(SubscribeLimit);
+            return Err(SubscribeError::TooManySubscriptions);
         }
         let shard = self.shard.0;
-        let (id, first) = match self.topics.by_name.get(&*topic.name) {
-            Some(&id) => (id, false),
+        let existing = self.topics.by_name.get(&*topic.name).copied();
+        self.topics.last_token += 1;
+        let token = self.topics.last_token;
+        let (fresh, start) = self
+            .hub
+            .attach(&topic, shard, existing.is_none(), since, epoch, token)
+            .map_err(|e| match e {
+                PublishError::BadTopic(why) => SubscribeError::BadTopic(why),
+                _ => SubscribeError::TooManyTopics,
+            })?;
+        // The topic expired between the lookup and the attach: the one made again counts.
+        let topic = fresh.unwrap_or(topic);
+        let id = match existing {
+            Some(id) => id,
             None => {
                 let id = self.topics.topics.insert(LocalTopic {
                     topic: topic.clone(),
@@ -69,12 +89,10 @@ impl ConnTable {
                     pending: Vec::new(),
                 }) as u32;
                 self.topics.by_name.insert(topic.name.clone(), id);
-                (id, true)
+                id
             }
         };
-        self.topics.last_token += 1;
-        let token = self.topics.last_token;
-        let mut attach = match self.hub.attach(&topic, shard, first, since, epoch, token) {
+        let mut attach = match start {
             AttachStart::Ready(attach) => attach,
             AttachStart::Pending => {
                 self.topics.topics[id as usize]
@@ -82,7 +100,7 @@ impl ConnTable {
                     .push((token, key as u32));
                 Attach {
                     live_from: PENDING,
-                    replay: Vec::new(),
+                    replay: Replay::default(),
                     replayed: 0,
                     reset: None,
                     epoch: self.hub.known_epoch(&topic),
@@ -96,8 +114,9 @@ impl ConnTable {
             live_from: attach.live_from,
         });
         self.pubsub(key).subs.push((id, index));
-        for msg in std::mem::take(&mut attach.replay) {
-            if let Offer::Disconnect = self.offer(key, id, &msg) {
+        let replay = std::mem::take(&mut attach.replay);
+        for msg in replay.messages() {
+            if let Offer::Disconnect = self.offer(key, id, msg) {
                 self.slow_consumer(key);
                 break;
             }

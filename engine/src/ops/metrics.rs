@@ -334,9 +334,12 @@ shard_metrics! {
     /// Requests the broker refused as malformed (charged to the connection's bad-request
     /// budget, `pubsub.max_bad_requests`).
     bad_requests,
-    /// Times a connection's reads were paused because its publish budget was empty (it is
-    /// read again when the budget refills).
+    /// Times a connection's reads were paused because its publish or subscribe budget was
+    /// empty (it is read again when the budget refills).
     throttled,
+    /// Subscribe and unsubscribe requests refused (`rate_limited`) because the connection's
+    /// subscribe budget (`pubsub.subscribe_rate_per_sec`) was spent.
+    subscribes_refused,
     /// Drain: topic messages moved from must-deliver connections' data rings onto the socket
     /// ahead of their close frame.
     drain_flushed,
@@ -454,6 +457,46 @@ impl prometheus_client::collector::Collector for Snapshot {
                     )?;
             }
         }
+        let t = &self.0.topics;
+        for (name, help, value, counter) in [
+            (
+                "topics",
+                "Topics the process holds (at most pubsub.max_topics).",
+                t.topics,
+                false,
+            ),
+            (
+                "topics_history_messages",
+                "Messages held in topic histories, all topics.",
+                t.history_messages,
+                false,
+            ),
+            (
+                "topics_refused",
+                "New topics refused at pubsub.max_topics (too_many_topics).",
+                t.refused,
+                true,
+            ),
+            (
+                "topics_expired",
+                "Topics removed after pubsub.topic_idle_timeout with no subscriber and no \
+                 publish.",
+                t.expired,
+                true,
+            ),
+        ] {
+            if counter {
+                let counter = ConstCounter::new(value);
+                counter.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    counter.metric_type(),
+                )?)?;
+            } else {
+                as_gauge(value).encode(encoder.encode_descriptor(name, help, None, gauge)?)?;
+            }
+        }
         let m = &self.0.memory;
         for (name, help, value) in [
             (
@@ -471,6 +514,13 @@ impl prometheus_client::collector::Collector for Snapshot {
                 "memory_per_connection_bytes",
                 "Resident memory plus the kernel's share, per open connection.",
                 m.per_connection_bytes(),
+            ),
+            (
+                "memory_topics_estimate_bytes",
+                "Topics' memory, estimated: topics x TOPIC_BYTES, plus held messages x \
+                 HISTORY_MESSAGE_BYTES, plus the payload bytes held (part of the resident \
+                 memory).",
+                m.topics_estimate_bytes,
             ),
             (
                 "host_tcp_memory_bytes",
@@ -538,6 +588,26 @@ pub struct MemoryGauges {
     pub host_tcp_bytes: u64,
     /// Connections open over all shards.
     pub connections: u64,
+    /// The topics' share of the resident memory, estimated: topics x
+    /// [`TOPIC_BYTES`](crate::TOPIC_BYTES), plus messages held in histories x
+    /// [`HISTORY_MESSAGE_BYTES`](crate::HISTORY_MESSAGE_BYTES), plus their payload bytes.
+    pub topics_estimate_bytes: u64,
+}
+
+/// The topic registry: what it holds, and what it refused or removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TopicTotals {
+    /// Topics the process holds now (at most `pubsub.max_topics`).
+    pub topics: u64,
+    /// New topics refused because the process held `pubsub.max_topics`.
+    pub refused: u64,
+    /// Topics removed after `pubsub.topic_idle_timeout` without subscribers or publishes.
+    pub expired: u64,
+    /// Messages held in every topic's history.
+    pub history_messages: u64,
+    /// Payload bytes of those messages.
+    pub history_bytes: u64,
 }
 
 impl MemoryGauges {
@@ -636,6 +706,8 @@ pub struct Metrics {
     pub memory: MemoryGauges,
     /// The Redis bridge's state and counters; `None` with the in-memory broker.
     pub broker: Option<BrokerStats>,
+    /// The topic registry's counts.
+    pub topics: TopicTotals,
 }
 
 impl Metrics {
@@ -657,13 +729,30 @@ impl Metrics {
                 kernel_estimate_bytes: connections * gate.kernel_bytes_per_connection(),
                 host_tcp_bytes: memory::host_tcp_bytes().unwrap_or(0),
                 connections,
+                topics_estimate_bytes: 0,
             },
             broker: None,
+            topics: TopicTotals::default(),
         }
     }
 
     pub(crate) fn with_broker(mut self, broker: Option<BrokerStats>) -> Self {
         self.broker = broker;
+        self
+    }
+
+    /// Adds the topic registry's counts, and their memory estimate to the memory gauges.
+    pub(crate) fn with_topics(mut self, topics: TopicTotals) -> Self {
+        self.memory.topics_estimate_bytes = topics
+            .topics
+            .saturating_mul(crate::config::TOPIC_BYTES)
+            .saturating_add(
+                topics
+                    .history_messages
+                    .saturating_mul(crate::config::HISTORY_MESSAGE_BYTES),
+            )
+            .saturating_add(topics.history_bytes);
+        self.topics = topics;
         self
     }
 

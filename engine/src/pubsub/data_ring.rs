@@ -65,6 +65,8 @@ pub(crate) struct ConnPubSub {
     pub(crate) write_mark: Option<(When, usize)>,
     pub(crate) dropped: u64,
     pub(crate) publish_budget: TokenBucket,
+    /// Topics subscribed to or unsubscribed from (`pubsub.subscribe_rate_per_sec`).
+    pub(crate) subscribe_budget: TokenBucket,
     pub(crate) bad_request_budget: TokenBucket,
 }
 
@@ -122,12 +124,33 @@ impl TokenBucket {
     /// How long from `now` until the bucket holds a whole token again (zero if it does).
     /// After a refused [`TokenBucket::take`], the wait that take's caller should be told.
     pub(crate) fn wait(&self, now: Instant) -> Duration {
+        self.wait_for(1.0, now)
+    }
+
+    /// Takes `n` tokens at once if there are that many (`n` at most the burst: more is
+    /// charged as the burst); otherwise takes none.
+    pub(crate) fn take_n(&mut self, n: f64, now: Instant) -> bool {
+        let n = n.min(self.burst);
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// How long from `now` until the bucket holds `n` tokens (at most the burst).
+    pub(crate) fn wait_for(&self, n: f64, now: Instant) -> Duration {
+        let n = n.min(self.burst);
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         let tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if tokens >= 1.0 || self.rate <= 0.0 {
+        if tokens >= n || self.rate <= 0.0 {
             return Duration::ZERO;
         }
-        Duration::from_secs_f64((1.0 - tokens) / self.rate)
+        Duration::from_secs_f64((n - tokens) / self.rate)
     }
 }
 
@@ -136,10 +159,6 @@ pub(crate) enum Offer {
     Queued,
     Disconnect,
 }
-
-/// The connection is at `pubsub.max_subscriptions_per_connection`.
-#[derive(Debug)]
-pub(crate) struct SubscribeLimit;
 
 impl ConnPubSub {
     /// A connection's state on its first pub/sub use: raw delivery, the configured policy
@@ -157,6 +176,10 @@ impl ConnPubSub {
             publish_budget: TokenBucket::new(
                 f64::from(s.publish_rate_per_sec),
                 f64::from(s.publish_burst.max(1)),
+            ),
+            subscribe_budget: TokenBucket::new(
+                f64::from(s.subscribe_rate_per_sec),
+                f64::from(s.subscribe_burst.max(1)),
             ),
             bad_request_budget: TokenBucket::new(1.0, f64::from(s.max_bad_requests)),
         }

@@ -83,7 +83,13 @@ impl Topic {
             seen: AtomicU64::new(0),
             state: Mutex::new(TopicState {
                 next_seq: 1,
-                ..TopicState::default()
+                history: VecDeque::new(),
+                history_bytes: 0,
+                snapshot: None,
+                interest: Vec::new(),
+                last_active: Instant::now(),
+                removed: false,
+                queued: false,
             }),
             dropped: AtomicU64::new(0),
         }
@@ -101,14 +107,53 @@ impl fmt::Debug for Topic {
     }
 }
 
-#[derive(Default)]
 pub(crate) struct TopicState {
     /// The seq the next message gets; the first is 1.
     pub(crate) next_seq: u64,
+    /// The last messages, oldest first, with consecutive seqs.
     pub(crate) history: VecDeque<Arc<Published>>,
     pub(crate) history_bytes: usize,
-    /// Shards with at least one local subscriber.
+    /// `history` as one shared slice, made by the first replay after the history changed and
+    /// shared by every replay until the next change: a subscriber's replay costs one
+    /// reference count under the lock, not one per message.
+    pub(crate) snapshot: Option<Arc<[Arc<Published>]>>,
+    /// Shards with at least one local subscriber (every backend: expiry reads it).
     pub(crate) interest: Vec<u16>,
+    /// The last publish, or the moment the last subscriber left: a topic with no interest
+    /// expires `pubsub.topic_idle_timeout` after it.
+    pub(crate) last_active: Instant,
+    /// Expired: no longer in the registry. Whoever holds this `Arc` looks the name up again
+    /// (`Hub::topic`), so nothing is published to or attached to a topic nobody can reach.
+    pub(crate) removed: bool,
+    /// In the hub's expiry queue.
+    pub(crate) queued: bool,
+}
+
+/// The messages a new subscriber is replayed: a shared history slice from `from` on.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Replay {
+    msgs: Option<Arc<[Arc<Published>]>>,
+    from: usize,
+}
+
+impl Replay {
+    /// The messages of `msgs` from index `from` on.
+    pub(crate) fn new(msgs: Arc<[Arc<Published>]>, from: usize) -> Self {
+        Self {
+            from: from.min(msgs.len()),
+            msgs: Some(msgs),
+        }
+    }
+
+    /// How many messages it replays.
+    pub(crate) fn len(&self) -> usize {
+        self.msgs.as_ref().map_or(0, |m| m.len() - self.from)
+    }
+
+    /// The messages, oldest first.
+    pub(crate) fn messages(&self) -> &[Arc<Published>] {
+        self.msgs.as_ref().map_or(&[], |m| &m[self.from..])
+    }
 }
 
 /// What a shard learns when a connection subscribes.
@@ -118,7 +163,7 @@ pub(crate) struct Attach {
     /// are not for the new subscriber.
     pub(crate) live_from: u64,
     /// History to replay to the new subscriber (seq `since + 1` up to `live_from - 1`).
-    pub(crate) replay: Vec<Arc<Published>>,
+    pub(crate) replay: Replay,
     /// How many messages `replay` held.
     pub(crate) replayed: usize,
     /// `since` was older than the history (or from a different history or epoch): the oldest

@@ -331,6 +331,7 @@ impl<H: Handler> Shard<H> {
             metrics_response(|| {
                 Metrics::gather(&self.all_metrics, |i| table.hub.inbox_depth(i), &table.gate)
                     .with_broker(table.hub.broker_stats())
+                    .with_topics(table.hub.counts())
             })
         } else {
             return false;

@@ -236,4 +236,7 @@ pub enum SubscribeError {
     /// The connection has `pubsub.max_subscriptions_per_connection` subscriptions.
     #[error("too many subscriptions on this connection")]
     TooManySubscriptions,
+    /// The topic does not exist and the process holds `pubsub.max_topics` topics.
+    #[error("too many topics: the process holds pubsub.max_topics")]
+    TooManyTopics,
 }

@@ -108,6 +108,11 @@ pub enum PublishError {
     /// sent, the message may still have been sequenced; otherwise nothing was published.
     #[error("broker unavailable: the message could not be ordered")]
     Unavailable,
+    /// The topic does not exist and the process holds `pubsub.max_topics` topics: nothing
+    /// was published. Topics with no subscriber and no publish expire
+    /// (`pubsub.topic_idle_timeout`), so a retry later may succeed.
+    #[error("too many topics: the process holds pubsub.max_topics")]
+    TooManyTopics,
 }
 
 impl PublishError {
@@ -119,6 +124,7 @@ impl PublishError {
             PublishError::TooLarge => ErrorCode::TooLarge,
             PublishError::BadPayload | PublishError::TooDeep => ErrorCode::BadPayload,
             PublishError::RateLimited => ErrorCode::RateLimited,
+            PublishError::TooManyTopics => ErrorCode::TooManyTopics,
             PublishError::Saturated | PublishError::Stopped | PublishError::Unavailable => {
                 ErrorCode::Unavailable
             }
