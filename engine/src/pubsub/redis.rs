@@ -42,6 +42,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use futures_util::{
     future::{join_all, LocalBoxFuture},
+    stream::FuturesUnordered,
     StreamExt,
 };
 use redis::{aio::MultiplexedConnection, AsyncConnectionConfig, RedisError, Value};
@@ -223,7 +224,8 @@ impl Bridge {
             topics: HashMap::new(),
             queued: Vec::new(),
             queued_topics: HashSet::new(),
-            flight: None,
+            flights: Vec::new(),
+            next_flight: 0,
             held: Vec::new(),
             held_topics: HashSet::new(),
             outgoing: Vec::new(),
@@ -407,7 +409,7 @@ enum Op {
     Detach { topic: Arc<Topic>, shard: u16 },
 }
 
-/// One topic's share of the attach batch in flight: one read, shared by its attaches.
+/// One topic's share of an attach batch in flight: one read, shared by its attaches.
 #[derive(Debug)]
 struct FlightTopic {
     name: Arc<str>,
@@ -416,13 +418,15 @@ struct FlightTopic {
     reqs: Vec<AttachReq>,
 }
 
-/// The attach batch in flight: one pipelined (UN)SUBSCRIBE per channel, then one pipeline of
-/// history reads.
+/// An attach batch in flight: one pipelined (UN)SUBSCRIBE per channel, then one pipeline of
+/// history reads. Batches in flight together have no topic in common.
 #[derive(Debug)]
 struct Flight {
+    id: u64,
     /// The epoch when it was made: the `since` checks assumed it.
     epoch: Option<u64>,
     topics: Vec<FlightTopic>,
+    /// Its topics: those it reads and those it unsubscribes.
     names: HashSet<Arc<str>>,
     /// Channel messages of its topics that came while it was in flight: forwarded after its
     /// answers, so a new subscriber's `live_from` and replay meet with no gap.
@@ -432,6 +436,15 @@ struct Flight {
 /// A request to Redis in flight, made of owned values (so the bridge keeps serving while it
 /// runs).
 type InFlight = LocalBoxFuture<'static, Result<Vec<Value>, RedisError>>;
+
+/// An attach batch's request, answering with the batch's id.
+type Batch = LocalBoxFuture<'static, (u64, Result<Vec<Value>, RedisError>)>;
+
+/// Attach batches in flight at once (batches in flight together share no topic). One: with
+/// more, a toggling client's changes spread over more batches and coalesce less, and under
+/// the issue-15 load the live client's round trips measured worse (p50 35-77 ms with 2 or 8
+/// against 13-24 ms with 1, debug build on a loaded 2-core machine).
+const MAX_FLIGHTS: usize = 1;
 
 /// Most commands taken off the shards' channel per turn of the bridge loop, so channel
 /// messages and answers are served in between.
@@ -458,8 +471,9 @@ struct Worker {
     queued: Vec<Op>,
     /// The topics with an attach in `queued`.
     queued_topics: HashSet<Arc<str>>,
-    /// The attach batch in flight.
-    flight: Option<Flight>,
+    /// The attach batches in flight.
+    flights: Vec<Flight>,
+    next_flight: u64,
     /// Publishes to a topic with an attach queued or in flight, in order: they go once it is
     /// answered, so a client that subscribes and then publishes sees its own message.
     held: Vec<Pub>,
@@ -721,7 +735,9 @@ impl Worker {
             if self.queued.len() > FOLD_WHILE_AWAY {
                 // No channel is subscribed while Redis is away: folding costs nothing, and
                 // what is left is one attach per live subscriber.
-                let (attaches, _) = self.fold();
+                self.queued_topics.clear();
+                let ops = std::mem::take(&mut self.queued);
+                let (attaches, _) = self.fold(ops);
                 for (_, reqs) in attaches {
                     for req in reqs {
                         self.queue(Op::Attach(req));
@@ -750,14 +766,16 @@ impl Worker {
         let mut health = tokio::time::interval(self.config.health_interval);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let wake = self.wake.clone();
-        let mut attaching: Option<InFlight> = None;
+        let mut attaching: FuturesUnordered<Batch> = FuturesUnordered::new();
         let mut publishing: Option<InFlight> = None;
         let end = loop {
             if self.take_commands() {
                 break End::Stop;
             }
-            if attaching.is_none() && !self.queued.is_empty() {
-                attaching = self.start_batch(conn);
+            if self.flights.len() < MAX_FLIGHTS && !self.queued.is_empty() {
+                if let Some(batch) = self.start_batch(conn) {
+                    attaching.push(batch);
+                }
             }
             if publishing.is_none() && !self.outgoing.is_empty() {
                 publishing = Some(self.start_publishes(conn));
@@ -766,9 +784,8 @@ impl Worker {
             // reverse.
             tokio::select! {
                 _ = wake.notified() => {}
-                done = async { attaching.as_mut().expect("guarded").await }, if attaching.is_some() => {
-                    attaching = None;
-                    if let Err(end) = self.finish_batch(conn, done).await {
+                Some((id, done)) = attaching.next(), if !attaching.is_empty() => {
+                    if let Err(end) = self.finish_batch(conn, id, done).await {
                         break end;
                     }
                 }
@@ -785,14 +802,14 @@ impl Worker {
                             "subscription connection closed",
                         )));
                     };
-                    if let Some(flight) = self.flight.as_mut() {
-                        let name = msg
-                            .get_channel_name()
-                            .strip_prefix(self.config.key_prefix.as_str());
-                        if name.is_some_and(|n| flight.names.contains(n)) {
-                            flight.deferred.push(msg);
-                            continue;
-                        }
+                    let name = msg
+                        .get_channel_name()
+                        .strip_prefix(self.config.key_prefix.as_str());
+                    if let Some(flight) = name.and_then(|n| {
+                        self.flights.iter_mut().find(|f| f.names.contains(n))
+                    }) {
+                        flight.deferred.push(msg);
+                        continue;
                     }
                     if let Err(e) = self.message(conn, &msg).await {
                         break End::Lost(e);
@@ -827,8 +844,9 @@ impl Worker {
             self.answer(publish.reply, Err(why));
         }
         self.held_topics.clear();
-        // Its attaches are answered after the reconnect.
-        if let Some(flight) = self.flight.take() {
+        // Their attaches are answered after the reconnect.
+        drop(attaching);
+        for flight in std::mem::take(&mut self.flights) {
             self.requeue(flight);
         }
         end
@@ -876,7 +894,12 @@ impl Worker {
     fn blocked(&self, name: &str) -> bool {
         self.queued_topics.contains(name)
             || self.held_topics.contains(name)
-            || self.flight.as_ref().is_some_and(|f| f.names.contains(name))
+            || self.in_flight(name)
+    }
+
+    /// An attach batch in flight has `name`.
+    fn in_flight(&self, name: &str) -> bool {
+        self.flights.iter().any(|f| f.names.contains(name))
     }
 
     /// Moves the held publishes whose topic no longer waits for an attach to the publish
@@ -890,7 +913,7 @@ impl Worker {
             let name = &publish.topic.name;
             let waits = still.contains(name)
                 || self.queued_topics.contains(name)
-                || self.flight.as_ref().is_some_and(|f| f.names.contains(name));
+                || self.in_flight(name);
             if waits {
                 still.insert(name.clone());
                 self.held.push(publish);
@@ -906,12 +929,11 @@ impl Worker {
     /// shard wants any more is forgotten. Returns the attaches left, by topic in first-seen
     /// order, and the channels to unsubscribe. A topic attached and detached within the queue
     /// costs nothing.
-    fn fold(&mut self) -> (Vec<(Arc<str>, Vec<AttachReq>)>, Vec<String>) {
+    fn fold(&mut self, ops: Vec<Op>) -> (Vec<(Arc<str>, Vec<AttachReq>)>, Vec<Arc<str>>) {
         let mut order: Vec<Arc<str>> = Vec::new();
         let mut attaches: HashMap<Arc<str>, Vec<AttachReq>> = HashMap::new();
         let mut emptied: Vec<Arc<str>> = Vec::new();
-        self.queued_topics.clear();
-        for op in std::mem::take(&mut self.queued) {
+        for op in ops {
             match op {
                 Op::Attach(req) => {
                     self.interest(&req);
@@ -942,7 +964,7 @@ impl Worker {
             if self.topics.get(&name).is_some_and(|i| i.shards.is_empty()) {
                 let interest = self.topics.remove(&name).expect("checked above");
                 if interest.subscribed {
-                    unsubscribe.push(self.channel(&name));
+                    unsubscribe.push(name);
                 }
             }
         }
@@ -960,10 +982,31 @@ impl Worker {
     /// Redis (a new subscriber with no `since`, or one already up to date, on a subscribed
     /// topic), and sends the rest as one request: an UNSUBSCRIBE and a SUBSCRIBE per channel,
     /// pipelined, then every history read in one pipeline. `None` when nothing needs Redis.
-    fn start_batch(&mut self, conn: &Conn) -> Option<InFlight> {
-        let (attaches, unsubscribe) = self.fold();
+    ///
+    /// Changes to a topic in a batch still in flight wait in the queue, in order, for the
+    /// next batch after it.
+    fn start_batch(&mut self, conn: &Conn) -> Option<Batch> {
+        let mut ready = Vec::new();
+        self.queued_topics.clear();
+        for op in std::mem::take(&mut self.queued) {
+            let topic = match &op {
+                Op::Attach(req) => &req.topic,
+                Op::Detach { topic, .. } => topic,
+            };
+            if self.in_flight(&topic.name) {
+                self.queue(op);
+            } else {
+                ready.push(op);
+            }
+        }
+        if ready.is_empty() {
+            return None;
+        }
+        let (attaches, unsubscribed) = self.fold(ready);
         let epoch = self.epoch.unwrap_or(0);
+        self.next_flight += 1;
         let mut flight = Flight {
+            id: self.next_flight,
             epoch: self.epoch,
             topics: Vec::new(),
             names: HashSet::new(),
@@ -1004,17 +1047,21 @@ impl Worker {
                 reqs,
             });
         }
-        let some = !flight.topics.is_empty() || !unsubscribe.is_empty();
-        self.flight = some.then_some(flight);
+        let unsubscribe: Vec<String> = unsubscribed.iter().map(|n| self.channel(n)).collect();
+        flight.names.extend(unsubscribed);
+        let id = flight.id;
+        let n = flight.topics.len();
+        if !flight.names.is_empty() {
+            self.flights.push(flight);
+        }
         self.release_held();
-        if !some {
+        if n == 0 && unsubscribe.is_empty() {
             return None;
         }
-        let n = self.flight.as_ref().map_or(0, |f| f.topics.len());
         let sink = conn.sink.clone();
         let mut cmd = conn.cmd.clone();
         let timeout = self.config.command_timeout;
-        Some(Box::pin(async move {
+        let request = async move {
             // One command per channel: the sink matches one confirmation to each command,
             // and Redis confirms each channel of a command separately. Sent together, they
             // cost one round trip; a SUBSCRIBE confirmed means its channel is live before
@@ -1046,17 +1093,20 @@ impl Worker {
             tokio::time::timeout(timeout, cmd.req_packed_commands(&reads, 0, n))
                 .await
                 .unwrap_or_else(|_| Err(timeout_error()))
-        }))
+        };
+        Some(Box::pin(async move { (id, request.await) }))
     }
 
-    /// The attach batch answered: mark its channels subscribed, answer its attaches, then
+    /// Attach batch `id` answered: mark its channels subscribed, answer its attaches, then
     /// forward the channel messages that waited for it.
     async fn finish_batch(
         &mut self,
         conn: &mut Conn,
+        id: u64,
         done: Result<Vec<Value>, RedisError>,
     ) -> Result<(), End> {
-        let flight = self.flight.take().expect("a batch in flight");
+        let at = self.flights.iter().position(|f| f.id == id);
+        let flight = self.flights.swap_remove(at.expect("a batch in flight"));
         let reads = done.and_then(|values| values.into_iter().map(parse_read).collect());
         let reads: Vec<Read> = match reads {
             Ok(reads) => reads,
@@ -1110,6 +1160,24 @@ impl Worker {
                 self.queue(op);
             }
         } else {
+            // An attach whose shard has since detached the topic is moot: the shard dropped
+            // its token with the subscriber.
+            let left: HashSet<(&str, u16)> = self
+                .queued
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Detach { topic, shard } => Some((&*topic.name, *shard)),
+                    Op::Attach(_) => None,
+                })
+                .collect();
+            let (topics, reads): (Vec<FlightTopic>, Vec<Read>) = topics
+                .into_iter()
+                .zip(reads)
+                .filter_map(|(mut ft, read)| {
+                    ft.reqs.retain(|r| !left.contains(&(&*ft.name, r.shard)));
+                    (!ft.reqs.is_empty()).then_some((ft, read))
+                })
+                .unzip();
             for (ft, read) in topics.into_iter().zip(reads) {
                 let Some(last) = self.topics.get(&ft.name).map(|i| i.last) else {
                     continue;
