@@ -18,6 +18,17 @@
 //! the next one. Both travel down the same inbox as the live messages, so the shard's
 //! `live_from` check keeps the no-gap, no-duplicate guarantee of the in-memory backend.
 //!
+//! Batches and lanes (issue 15: one client toggling subscriptions stalled every host's
+//! pub/sub). Subscriber changes gather while a batch of them is with Redis and are folded in
+//! order: an attach whose shard detached later is dropped, and a topic attached and detached
+//! within one batch costs Redis nothing. What is left goes as one SUBSCRIBE or UNSUBSCRIBE per
+//! channel, pipelined, then one pipeline of history reads, one per topic, shared by its
+//! attaches. The bridge loop never waits for a batch: channel messages of other topics keep
+//! flowing, and those of a topic in the batch wait for its answers. Publishes have their own
+//! connection and pipeline, so neither the loop nor Redis's per-connection order puts them
+//! behind another client's attaches; a publish waits only for an attach to its own topic
+//! that came before it, so a client that subscribes and then publishes sees its message.
+//!
 //! Epochs. `{prefix}epoch` holds a random nonzero u64 (decimal) naming the current numbering:
 //! after Redis loses its data the key is gone, and the next publish script makes a new one,
 //! atomically with the first seq of the new numbering. Every published message carries the
@@ -432,6 +443,9 @@ struct Flight {
     /// answers, so a new subscriber's `live_from` and replay meet with no gap.
     deferred: Vec<redis::Msg>,
 }
+
+/// A topic's attaches left after folding, in order.
+type TopicAttaches = (Arc<str>, Vec<AttachReq>);
 
 /// A request to Redis in flight, made of owned values (so the bridge keeps serving while it
 /// runs).
@@ -892,9 +906,7 @@ impl Worker {
     /// A publish to `name` must wait: an attach to it is queued or in flight, or an earlier
     /// publish to it waits.
     fn blocked(&self, name: &str) -> bool {
-        self.queued_topics.contains(name)
-            || self.held_topics.contains(name)
-            || self.in_flight(name)
+        self.queued_topics.contains(name) || self.held_topics.contains(name) || self.in_flight(name)
     }
 
     /// An attach batch in flight has `name`.
@@ -911,9 +923,8 @@ impl Worker {
         let mut still = HashSet::new();
         for publish in std::mem::take(&mut self.held) {
             let name = &publish.topic.name;
-            let waits = still.contains(name)
-                || self.queued_topics.contains(name)
-                || self.in_flight(name);
+            let waits =
+                still.contains(name) || self.queued_topics.contains(name) || self.in_flight(name);
             if waits {
                 still.insert(name.clone());
                 self.held.push(publish);
@@ -929,7 +940,7 @@ impl Worker {
     /// shard wants any more is forgotten. Returns the attaches left, by topic in first-seen
     /// order, and the channels to unsubscribe. A topic attached and detached within the queue
     /// costs nothing.
-    fn fold(&mut self, ops: Vec<Op>) -> (Vec<(Arc<str>, Vec<AttachReq>)>, Vec<Arc<str>>) {
+    fn fold(&mut self, ops: Vec<Op>) -> (Vec<TopicAttaches>, Vec<Arc<str>>) {
         let mut order: Vec<Arc<str>> = Vec::new();
         let mut attaches: HashMap<Arc<str>, Vec<AttachReq>> = HashMap::new();
         let mut emptied: Vec<Arc<str>> = Vec::new();
