@@ -18,6 +18,17 @@
 //! the next one. Both travel down the same inbox as the live messages, so the shard's
 //! `live_from` check keeps the no-gap, no-duplicate guarantee of the in-memory backend.
 //!
+//! Batches and lanes (issue 15: one client toggling subscriptions stalled every host's
+//! pub/sub). Subscriber changes gather while a batch of them is with Redis and are folded in
+//! order: an attach whose shard detached later is dropped, and a topic attached and detached
+//! within one batch costs Redis nothing. What is left goes as one SUBSCRIBE or UNSUBSCRIBE per
+//! channel, pipelined, then one pipeline of history reads, one per topic, shared by its
+//! attaches. The bridge loop never waits for a batch: channel messages of other topics keep
+//! flowing, and those of a topic in the batch wait for its answers. Publishes have their own
+//! connection and pipeline, so neither the loop nor Redis's per-connection order puts them
+//! behind another client's attaches; a publish waits only for an attach to its own topic
+//! that came before it, so a client that subscribes and then publishes sees its message.
+//!
 //! Epochs. `{prefix}epoch` holds a random nonzero u64 (decimal) naming the current numbering:
 //! after Redis loses its data the key is gone, and the next publish script makes a new one,
 //! atomically with the first seq of the new numbering. Every published message carries the
@@ -29,7 +40,7 @@
 //! numbering from history.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
         Arc, Mutex,
@@ -40,7 +51,11 @@ use std::{
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
-use futures_util::StreamExt;
+use futures_util::{
+    future::{join_all, LocalBoxFuture},
+    stream::FuturesUnordered,
+    StreamExt,
+};
 use redis::{aio::MultiplexedConnection, AsyncConnectionConfig, RedisError, Value};
 use ringcast_protocol::{
     envelope::{self},
@@ -218,7 +233,14 @@ impl Bridge {
             publish: redis::Script::new(&format!("{TRIM}{PUBLISH}")),
             read: redis::Script::new(&format!("{TRIM}{READ}")),
             topics: HashMap::new(),
-            waiting: Vec::new(),
+            queued: Vec::new(),
+            queued_topics: HashSet::new(),
+            flights: Vec::new(),
+            next_flight: 0,
+            held: Vec::new(),
+            held_topics: HashSet::new(),
+            outgoing: Vec::new(),
+            sent: Vec::new(),
             epoch: None,
             retired: Vec::new(),
         };
@@ -355,6 +377,10 @@ struct Interest {
     last: u64,
     /// Its channel is subscribed on the current connection, and `last` is valid.
     subscribed: bool,
+    /// `last` is a position in Redis's numbering (false until the first read of its counter
+    /// answered): a topic that never was is subscribed afresh on reconnect, not filled from
+    /// seq 1.
+    synced: bool,
 }
 
 /// Why a session with Redis ended.
@@ -369,12 +395,78 @@ impl From<RedisError> for End {
     }
 }
 
-/// The two connections of one session: commands (publish, read) and the subscription.
+/// The connections of one session: commands (attach and hole-filling reads, health pings),
+/// publishes (their own lane, so Redis never runs them behind a batch of attach reads), and
+/// the subscription.
 struct Conn {
     cmd: MultiplexedConnection,
+    lane: MultiplexedConnection,
     sink: redis::aio::PubSubSink,
     stream: redis::aio::PubSubStream,
 }
+
+/// A publish waiting for Redis.
+#[derive(Debug)]
+struct Pub {
+    topic: Arc<Topic>,
+    payload: Payload,
+    reply: ReplyTo,
+}
+
+/// A subscriber change waiting for the next attach batch, in the order the shards sent them.
+#[derive(Debug)]
+enum Op {
+    Attach(AttachReq),
+    Detach { topic: Arc<Topic>, shard: u16 },
+}
+
+/// One topic's share of an attach batch in flight: one read, shared by its attaches.
+#[derive(Debug)]
+struct FlightTopic {
+    name: Arc<str>,
+    /// Its channel is subscribed by this batch: the read gives its counter too.
+    subscribing: bool,
+    reqs: Vec<AttachReq>,
+}
+
+/// An attach batch in flight: one pipelined (UN)SUBSCRIBE per channel, then one pipeline of
+/// history reads. Batches in flight together have no topic in common.
+#[derive(Debug)]
+struct Flight {
+    id: u64,
+    /// The epoch when it was made: the `since` checks assumed it.
+    epoch: Option<u64>,
+    topics: Vec<FlightTopic>,
+    /// Its topics: those it reads and those it unsubscribes.
+    names: HashSet<Arc<str>>,
+    /// Channel messages of its topics that came while it was in flight: forwarded after its
+    /// answers, so a new subscriber's `live_from` and replay meet with no gap.
+    deferred: Vec<redis::Msg>,
+}
+
+/// A topic's attaches left after folding, in order.
+type TopicAttaches = (Arc<str>, Vec<AttachReq>);
+
+/// A request to Redis in flight, made of owned values (so the bridge keeps serving while it
+/// runs).
+type InFlight = LocalBoxFuture<'static, Result<Vec<Value>, RedisError>>;
+
+/// An attach batch's request, answering with the batch's id.
+type Batch = LocalBoxFuture<'static, (u64, Result<Vec<Value>, RedisError>)>;
+
+/// Attach batches in flight at once (batches in flight together share no topic). One: with
+/// more, a toggling client's changes spread over more batches and coalesce less, and under
+/// the issue-15 load the live client's round trips measured worse (p50 35-77 ms with 2 or 8
+/// against 13-24 ms with 1, debug build on a loaded 2-core machine).
+const MAX_FLIGHTS: usize = 1;
+
+/// Most commands taken off the shards' channel per turn of the bridge loop, so channel
+/// messages and answers are served in between.
+const MAX_TAKE: usize = 4096;
+
+/// Queued subscriber changes above which a bridge without Redis folds them (a topic attached
+/// and detached meanwhile is forgotten), so a toggling client cannot grow the queue.
+const FOLD_WHILE_AWAY: usize = 1024;
 
 /// The bridge thread's state.
 struct Worker {
@@ -388,8 +480,23 @@ struct Worker {
     publish: redis::Script,
     read: redis::Script,
     topics: HashMap<Arc<str>, Interest>,
-    /// Attaches that came while Redis was away, answered on reconnect.
-    waiting: Vec<AttachReq>,
+    /// Subscriber changes for the next attach batch (while Redis is away: for the first one
+    /// after it is back).
+    queued: Vec<Op>,
+    /// The topics with an attach in `queued`.
+    queued_topics: HashSet<Arc<str>>,
+    /// The attach batches in flight.
+    flights: Vec<Flight>,
+    next_flight: u64,
+    /// Publishes to a topic with an attach queued or in flight, in order: they go once it is
+    /// answered, so a client that subscribes and then publishes sees its own message.
+    held: Vec<Pub>,
+    /// The topics of `held`: a later publish to one waits behind it (one topic's order).
+    held_topics: HashSet<Arc<str>>,
+    /// Publishes for the next pipeline on the publish lane.
+    outgoing: Vec<Pub>,
+    /// Where the answers of the publish pipeline in flight go, in order.
+    sent: Vec<ReplyTo>,
     /// The epoch this Redis holds under `{prefix}epoch` ([`epoch_of`]): when it changes, Redis
     /// lost its data (a restart without persistence, a FLUSHALL) and every counter started
     /// over.
@@ -526,6 +633,10 @@ impl Worker {
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
+        let lane = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
         let (sink, stream) = self.client.get_async_pubsub().await?.split();
         for code in [PUBLISH, READ] {
             redis::cmd("SCRIPT")
@@ -534,11 +645,16 @@ impl Worker {
                 .query_async::<String>(&mut cmd)
                 .await?;
         }
-        Ok(Conn { cmd, sink, stream })
+        Ok(Conn {
+            cmd,
+            lane,
+            sink,
+            stream,
+        })
     }
 
-    /// After connecting: notice lost data, subscribe every local topic again, forward what
-    /// was published meanwhile, and answer the attaches that waited.
+    /// After connecting: notice lost data, subscribe every local topic again and forward what
+    /// was published meanwhile. The attaches that waited go in the session's first batch.
     async fn resume(&mut self, conn: &mut Conn) -> Result<(), End> {
         let key = self.epoch_key();
         let fresh = new_epoch().to_string();
@@ -565,7 +681,19 @@ impl Worker {
         for name in names {
             self.within(conn.sink.subscribe(self.channel(&name)))
                 .await?;
-            let last = self.topics[&name].last;
+            let interest = &self.topics[&name];
+            if !interest.synced {
+                // Attached before it ever reached Redis (its attach waits in `queued`): no
+                // position to resume from, only the counter to start at.
+                let read = self.read(&mut conn.cmd, &name, 0, 0).await?;
+                let interest = self.topics.get_mut(&name).expect("listed above");
+                interest.last = read.counter;
+                interest.subscribed = true;
+                interest.synced = true;
+                interest.topic.seen.store(read.counter, Relaxed);
+                continue;
+            }
+            let last = interest.last;
             let mut read = self.read(&mut conn.cmd, &name, last + 1, 0).await?;
             let started_over = lost_data || read.counter < last;
             if started_over {
@@ -597,9 +725,6 @@ impl Worker {
             let until = read.counter;
             self.fill(&name, read.messages, until);
         }
-        for req in std::mem::take(&mut self.waiting) {
-            self.attach(conn, req).await?;
-        }
         Ok(())
     }
 
@@ -614,160 +739,633 @@ impl Worker {
             while let Ok(cmd) = self.rx.try_recv() {
                 match cmd {
                     Cmd::Stop => return true,
-                    Cmd::Attach(req) => {
-                        self.interest(&req);
-                        self.waiting.push(req);
-                    }
-                    Cmd::Detach { topic, shard } => {
-                        // Its waiting attaches are moot, and must not bring the interest back.
-                        self.waiting
-                            .retain(|r| !(r.shard == shard && r.topic.name == topic.name));
-                        self.detach_local(&topic, shard);
-                    }
+                    Cmd::Attach(req) => self.queue(Op::Attach(req)),
+                    Cmd::Detach { topic, shard } => self.queue(Op::Detach { topic, shard }),
                     publish @ Cmd::Publish { .. } => {
                         self.refuse(publish, PublishError::Unavailable);
                     }
                 }
             }
+            if self.queued.len() > FOLD_WHILE_AWAY {
+                // No channel is subscribed while Redis is away: folding costs nothing, and
+                // what is left is one attach per live subscriber.
+                self.queued_topics.clear();
+                let ops = std::mem::take(&mut self.queued);
+                let (attaches, _) = self.fold(ops);
+                for (_, reqs) in attaches {
+                    for req in reqs {
+                        self.queue(Op::Attach(req));
+                    }
+                }
+            }
         }
     }
 
+    fn queue(&mut self, op: Op) {
+        if let Op::Attach(req) = &op {
+            self.queued_topics.insert(req.topic.name.clone());
+        }
+        self.queued.push(op);
+    }
+
     /// Serves shards and forwards messages until the connection fails or a stop comes.
+    ///
+    /// Two lanes, each with at most one request to Redis in flight while the next batch
+    /// gathers behind it: publishes (one pipeline on their own connection) and subscriber
+    /// changes (pipelined SUBSCRIBE and UNSUBSCRIBE, then one pipeline of history reads). The
+    /// loop never waits for either, so channel messages keep flowing and a publish never waits
+    /// behind another client's attaches; only a publish to a topic with an attach still to
+    /// answer waits for that attach (see `held`).
     async fn session(&mut self, conn: &mut Conn) -> End {
         let mut health = tokio::time::interval(self.config.health_interval);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        let wake = self.wake.clone();
+        let mut attaching: FuturesUnordered<Batch> = FuturesUnordered::new();
+        let mut publishing: Option<InFlight> = None;
+        let end = loop {
+            if self.take_commands() {
+                break End::Stop;
+            }
+            if self.flights.len() < MAX_FLIGHTS && !self.queued.is_empty() {
+                if let Some(batch) = self.start_batch(conn) {
+                    attaching.push(batch);
+                }
+            }
+            if publishing.is_none() && !self.outgoing.is_empty() {
+                publishing = Some(self.start_publishes(conn));
+            }
+            // Not biased: a stream of commands must not starve channel messages, nor the
+            // reverse.
             tokio::select! {
-                biased;
-                _ = self.wake.notified() => {
-                    if let Err(end) = self.commands(conn).await {
-                        return end;
+                _ = wake.notified() => {}
+                Some((id, done)) = attaching.next(), if !attaching.is_empty() => {
+                    if let Err(end) = self.finish_batch(conn, id, done).await {
+                        break end;
+                    }
+                }
+                done = async { publishing.as_mut().expect("guarded").await }, if publishing.is_some() => {
+                    publishing = None;
+                    if let Err(e) = self.finish_publishes(done) {
+                        break End::Lost(e);
                     }
                 }
                 msg = conn.stream.next() => {
                     let Some(msg) = msg else {
-                        return End::Lost(RedisError::from(std::io::Error::new(
+                        break End::Lost(RedisError::from(std::io::Error::new(
                             std::io::ErrorKind::ConnectionAborted,
                             "subscription connection closed",
                         )));
                     };
+                    let name = msg
+                        .get_channel_name()
+                        .strip_prefix(self.config.key_prefix.as_str());
+                    if let Some(flight) = name.and_then(|n| {
+                        self.flights.iter_mut().find(|f| f.names.contains(n))
+                    }) {
+                        flight.deferred.push(msg);
+                        continue;
+                    }
                     if let Err(e) = self.message(conn, &msg).await {
-                        return End::Lost(e);
+                        break End::Lost(e);
                     }
                 }
                 _ = health.tick() => {
                     let ping = redis::cmd("PING");
                     if let Err(e) = self.within(ping.query_async::<String>(&mut conn.cmd)).await {
-                        return End::Lost(e);
+                        break End::Lost(e);
                     }
                 }
             }
+        };
+        // Every publish taken gets its answer: the pipeline in flight its own, and on a stop
+        // the rest are still sent (no subscriber is left to need their order).
+        if let Some(done) = publishing {
+            let _ = self.finish_publishes(done.await);
         }
+        if matches!(end, End::Stop) {
+            self.outgoing.append(&mut self.held);
+            if !self.outgoing.is_empty() {
+                let done = self.start_publishes(conn).await;
+                let _ = self.finish_publishes(done);
+            }
+        }
+        let why = match end {
+            End::Stop => PublishError::Stopped,
+            End::Lost(_) => PublishError::Unavailable,
+        };
+        let left: Vec<Pub> = self.held.drain(..).chain(self.outgoing.drain(..)).collect();
+        for publish in left {
+            self.answer(publish.reply, Err(why));
+        }
+        self.held_topics.clear();
+        // Their attaches are answered after the reconnect.
+        drop(attaching);
+        for flight in std::mem::take(&mut self.flights) {
+            self.requeue(flight);
+        }
+        end
     }
 
-    /// Takes every queued command: publishes in one pipeline per run between attaches, so
-    /// a client that subscribes and then publishes sees its own message.
-    async fn commands(&mut self, conn: &mut Conn) -> Result<(), End> {
-        let mut batch = Vec::new();
-        while let Ok(cmd) = self.rx.try_recv() {
+    /// Takes the queued commands (at most [`MAX_TAKE`]): publishes to the publish lane, or
+    /// held behind their topic's attach; subscriber changes to the next attach batch. Returns
+    /// true on stop.
+    fn take_commands(&mut self) -> bool {
+        for _ in 0..MAX_TAKE {
+            let Ok(cmd) = self.rx.try_recv() else {
+                return false;
+            };
             match cmd {
                 Cmd::Publish {
                     topic,
                     payload,
                     reply,
-                } => batch.push((topic, payload, reply)),
-                other => {
-                    self.publish_batch(conn, std::mem::take(&mut batch)).await?;
-                    match other {
-                        Cmd::Stop => return Err(End::Stop),
-                        Cmd::Attach(req) => self.attach(conn, req).await?,
-                        Cmd::Detach { topic, shard } => {
-                            if self.detach_local(&topic, shard) {
-                                let channel = self.channel(&topic.name);
-                                self.within(conn.sink.unsubscribe(channel)).await?;
-                            }
+                } => {
+                    let publish = Pub {
+                        topic,
+                        payload,
+                        reply,
+                    };
+                    let name = &publish.topic.name;
+                    if self.blocked(name) {
+                        self.held_topics.insert(name.clone());
+                        self.held.push(publish);
+                    } else {
+                        self.outgoing.push(publish);
+                    }
+                }
+                Cmd::Attach(req) => self.queue(Op::Attach(req)),
+                Cmd::Detach { topic, shard } => self.queue(Op::Detach { topic, shard }),
+                Cmd::Stop => return true,
+            }
+        }
+        // More is waiting: come back to it after a turn of the loop.
+        self.wake.notify_one();
+        false
+    }
+
+    /// A publish to `name` must wait: an attach to it is queued or in flight, or an earlier
+    /// publish to it waits.
+    fn blocked(&self, name: &str) -> bool {
+        self.queued_topics.contains(name) || self.held_topics.contains(name) || self.in_flight(name)
+    }
+
+    /// An attach batch in flight has `name`.
+    fn in_flight(&self, name: &str) -> bool {
+        self.flights.iter().any(|f| f.names.contains(name))
+    }
+
+    /// Moves the held publishes whose topic no longer waits for an attach to the publish
+    /// lane, keeping each topic's order.
+    fn release_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let mut still = HashSet::new();
+        for publish in std::mem::take(&mut self.held) {
+            let name = &publish.topic.name;
+            let waits =
+                still.contains(name) || self.queued_topics.contains(name) || self.in_flight(name);
+            if waits {
+                still.insert(name.clone());
+                self.held.push(publish);
+            } else {
+                self.outgoing.push(publish);
+            }
+        }
+        self.held_topics = still;
+    }
+
+    /// Applies the queued subscriber changes to the local interest, in order: an attach whose
+    /// shard detached later in the queue is dropped (that shard forgot it), and a topic no
+    /// shard wants any more is forgotten. Returns the attaches left, by topic in first-seen
+    /// order, and the channels to unsubscribe. A topic attached and detached within the queue
+    /// costs nothing.
+    fn fold(&mut self, ops: Vec<Op>) -> (Vec<TopicAttaches>, Vec<Arc<str>>) {
+        let mut order: Vec<Arc<str>> = Vec::new();
+        let mut attaches: HashMap<Arc<str>, Vec<AttachReq>> = HashMap::new();
+        let mut emptied: Vec<Arc<str>> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Attach(req) => {
+                    self.interest(&req);
+                    let name = req.topic.name.clone();
+                    attaches
+                        .entry(name.clone())
+                        .or_insert_with(|| {
+                            order.push(name);
+                            Vec::new()
+                        })
+                        .push(req);
+                }
+                Op::Detach { topic, shard } => {
+                    if let Some(reqs) = attaches.get_mut(&*topic.name) {
+                        reqs.retain(|r| r.shard != shard);
+                    }
+                    if let Some(interest) = self.topics.get_mut(&*topic.name) {
+                        interest.shards.retain(|&s| s != shard);
+                        if interest.shards.is_empty() {
+                            emptied.push(topic.name.clone());
                         }
-                        Cmd::Publish { .. } => unreachable!("matched above"),
                     }
                 }
             }
         }
-        self.publish_batch(conn, batch).await
+        let mut unsubscribe = Vec::new();
+        for name in emptied {
+            if self.topics.get(&name).is_some_and(|i| i.shards.is_empty()) {
+                let interest = self.topics.remove(&name).expect("checked above");
+                if interest.subscribed {
+                    unsubscribe.push(name);
+                }
+            }
+        }
+        let left = order
+            .into_iter()
+            .filter_map(|name| {
+                let reqs = attaches.remove(&name)?;
+                (!reqs.is_empty() && self.topics.contains_key(&name)).then_some((name, reqs))
+            })
+            .collect();
+        (left, unsubscribe)
     }
 
-    async fn publish_batch(
+    /// Starts the next attach batch: folds the queue, answers at once what needs nothing from
+    /// Redis (a new subscriber with no `since`, or one already up to date, on a subscribed
+    /// topic), and sends the rest as one request: an UNSUBSCRIBE and a SUBSCRIBE per channel,
+    /// pipelined, then every history read in one pipeline. `None` when nothing needs Redis.
+    ///
+    /// Changes to a topic in a batch still in flight wait in the queue, in order, for the
+    /// next batch after it.
+    fn start_batch(&mut self, conn: &Conn) -> Option<Batch> {
+        let mut ready = Vec::new();
+        self.queued_topics.clear();
+        for op in std::mem::take(&mut self.queued) {
+            let topic = match &op {
+                Op::Attach(req) => &req.topic,
+                Op::Detach { topic, .. } => topic,
+            };
+            if self.in_flight(&topic.name) {
+                self.queue(op);
+            } else {
+                ready.push(op);
+            }
+        }
+        if ready.is_empty() {
+            return None;
+        }
+        let (attaches, unsubscribed) = self.fold(ready);
+        let epoch = self.epoch.unwrap_or(0);
+        self.next_flight += 1;
+        let mut flight = Flight {
+            id: self.next_flight,
+            epoch: self.epoch,
+            topics: Vec::new(),
+            names: HashSet::new(),
+            deferred: Vec::new(),
+        };
+        let mut subscribe = Vec::new();
+        let mut reads = redis::pipe();
+        for (name, reqs) in attaches {
+            let interest = &self.topics[&name];
+            let subscribing = !interest.subscribed;
+            let last = interest.last;
+            // The oldest history any of them needs (a new channel's read gives its counter
+            // with it, so it reads from there to the newest).
+            let need = reqs
+                .iter()
+                .filter_map(|r| effective_since(r, epoch))
+                .filter(|&s| subscribing || s != last)
+                .min();
+            let (from, to) = match need {
+                None if !subscribing => {
+                    // Every `since` is `last` or absent: nothing to read.
+                    for req in reqs {
+                        self.answer_attach(req, &[], (last, None));
+                    }
+                    continue;
+                }
+                None => (0, 0),
+                Some(since) if subscribing => (since.saturating_add(1), 0),
+                // Past what this host forwarded: only Redis's counter (was `since` sequenced?).
+                Some(since) if since > last => (0, 0),
+                Some(since) => (since + 1, last),
+            };
+            reads.add_command(self.read_cmd(&name, from, to));
+            if subscribing {
+                subscribe.push(self.channel(&name));
+            }
+            flight.names.insert(name.clone());
+            flight.topics.push(FlightTopic {
+                name,
+                subscribing,
+                reqs,
+            });
+        }
+        let unsubscribe: Vec<String> = unsubscribed.iter().map(|n| self.channel(n)).collect();
+        flight.names.extend(unsubscribed);
+        let id = flight.id;
+        let n = flight.topics.len();
+        if !flight.names.is_empty() {
+            self.flights.push(flight);
+        }
+        self.release_held();
+        if n == 0 && unsubscribe.is_empty() {
+            return None;
+        }
+        let sink = conn.sink.clone();
+        let mut cmd = conn.cmd.clone();
+        let timeout = self.config.command_timeout;
+        let request = async move {
+            // One command per channel: the sink matches one confirmation to each command,
+            // and Redis confirms each channel of a command separately. Sent together, they
+            // cost one round trip; a SUBSCRIBE confirmed means its channel is live before
+            // the reads below run.
+            let channels = unsubscribe
+                .into_iter()
+                .map(|c| (false, c))
+                .chain(subscribe.into_iter().map(|c| (true, c)));
+            let confirm = join_all(channels.map(|(on, channel)| {
+                let mut sink = sink.clone();
+                async move {
+                    if on {
+                        sink.subscribe(channel).await
+                    } else {
+                        sink.unsubscribe(channel).await
+                    }
+                }
+            }));
+            for confirmed in tokio::time::timeout(timeout, confirm)
+                .await
+                .map_err(|_| timeout_error())?
+            {
+                confirmed?;
+            }
+            if n == 0 {
+                return Ok(Vec::new());
+            }
+            use redis::aio::ConnectionLike;
+            tokio::time::timeout(timeout, cmd.req_packed_commands(&reads, 0, n))
+                .await
+                .unwrap_or_else(|_| Err(timeout_error()))
+        };
+        Some(Box::pin(async move { (id, request.await) }))
+    }
+
+    /// Attach batch `id` answered: mark its channels subscribed, answer its attaches, then
+    /// forward the channel messages that waited for it.
+    async fn finish_batch(
         &mut self,
         conn: &mut Conn,
-        batch: Vec<(Arc<Topic>, Payload, ReplyTo)>,
+        id: u64,
+        done: Result<Vec<Value>, RedisError>,
     ) -> Result<(), End> {
-        if batch.is_empty() {
-            return Ok(());
+        let at = self.flights.iter().position(|f| f.id == id);
+        let flight = self.flights.swap_remove(at.expect("a batch in flight"));
+        let reads = done.and_then(|values| values.into_iter().map(parse_read).collect());
+        let reads: Vec<Read> = match reads {
+            Ok(reads) => reads,
+            Err(e) => {
+                self.requeue(flight);
+                return Err(End::Lost(e));
+            }
+        };
+        for read in &reads {
+            if let Some(epoch) = read.epoch {
+                self.observe(epoch);
+            }
         }
+        for (ft, read) in flight.topics.iter().zip(&reads) {
+            if !ft.subscribing {
+                continue;
+            }
+            let current = read.epoch.is_none() || read.epoch == self.epoch;
+            if let Some(interest) = self.topics.get_mut(&ft.name) {
+                interest.subscribed = true;
+                interest.synced = true;
+                if current {
+                    interest.last = read.counter;
+                    interest.topic.seen.store(read.counter, Relaxed);
+                }
+                // Else the read predates a new epoch, and `last` stays where that epoch's
+                // reset put it: the hole-filling path brings its messages.
+            }
+        }
+        let Flight {
+            epoch,
+            topics,
+            deferred,
+            ..
+        } = flight;
+        let stale = reads
+            .iter()
+            .any(|r| r.epoch.is_some_and(|e| self.retired.contains(&e)));
+        if self.epoch != epoch || stale {
+            // Redis lost its data while the batch ran: its `since` checks and reads belong to
+            // the old numbering. The attaches go again, first.
+            let mut again: Vec<Op> = topics
+                .into_iter()
+                .flat_map(|ft| ft.reqs)
+                .map(Op::Attach)
+                .collect();
+            for op in std::mem::take(&mut self.queued) {
+                again.push(op);
+            }
+            for op in again {
+                self.queue(op);
+            }
+        } else {
+            // An attach whose shard has since detached the topic is moot: the shard dropped
+            // its token with the subscriber.
+            let left: HashSet<(&str, u16)> = self
+                .queued
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Detach { topic, shard } => Some((&*topic.name, *shard)),
+                    Op::Attach(_) => None,
+                })
+                .collect();
+            let (topics, reads): (Vec<FlightTopic>, Vec<Read>) = topics
+                .into_iter()
+                .zip(reads)
+                .filter_map(|(mut ft, read)| {
+                    ft.reqs.retain(|r| !left.contains(&(&*ft.name, r.shard)));
+                    (!ft.reqs.is_empty()).then_some((ft, read))
+                })
+                .unzip();
+            for (ft, read) in topics.into_iter().zip(reads) {
+                let Some(last) = self.topics.get(&ft.name).map(|i| i.last) else {
+                    continue;
+                };
+                let sequenced = (read.counter, read.epoch);
+                let Some(topic) = ft.reqs.first().map(|r| r.topic.clone()) else {
+                    continue;
+                };
+                // One copy of the history for every subscriber it is replayed to.
+                let history: Vec<Arc<Published>> = read
+                    .messages
+                    .into_iter()
+                    .filter(|(seq, _)| *seq <= last)
+                    .map(|(seq, payload)| Arc::new(Published::new(topic.clone(), seq, payload)))
+                    .collect();
+                for req in ft.reqs {
+                    self.answer_attach(req, &history, sequenced);
+                }
+            }
+        }
+        for msg in deferred {
+            self.message(conn, &msg).await?;
+        }
+        self.release_held();
+        Ok(())
+    }
+
+    /// Puts a batch's attaches back at the head of the queue (to be answered after a
+    /// reconnect).
+    fn requeue(&mut self, flight: Flight) {
+        let rest = std::mem::take(&mut self.queued);
+        for req in flight.topics.into_iter().flat_map(|ft| ft.reqs) {
+            self.queue(Op::Attach(req));
+        }
+        for op in rest {
+            self.queue(op);
+        }
+    }
+
+    /// Tells a new subscriber's shard where live messages start and what to replay, from the
+    /// topic's `last` and `history` (its messages after the subscriber's `since`, or more), and
+    /// what Redis had sequenced when the batch read it: its counter and epoch.
+    fn answer_attach(
+        &mut self,
+        req: AttachReq,
+        history: &[Arc<Published>],
+        (counter, counter_epoch): (u64, Option<u64>),
+    ) {
+        let last = self.topics.get(&*req.topic.name).map_or(0, |i| i.last);
+        let mut live_from = last + 1;
+        let epoch = self.epoch.unwrap_or(0);
+        // A since in another epoch counts in a numbering that is gone: replay all that is held.
+        let moved = req.since.is_some() && req.epoch.is_some_and(|e| e != epoch);
+        let (replay, mut reset) = match effective_since(&req, epoch) {
+            None => (Vec::new(), None),
+            // Past what this host has forwarded: a client resuming here after reading on a
+            // host that is ahead (this bridge lags). If Redis had sequenced `since`, the seqs
+            // up to it are on their way down the inbox: live messages start after it, no
+            // reset. Past Redis's counter too, `since` names nothing yet: a reset to what
+            // comes next.
+            Some(since) if since > last => {
+                if since <= counter && counter_epoch.is_none_or(|e| e == epoch) {
+                    live_from = since + 1;
+                    (Vec::new(), None)
+                } else {
+                    (Vec::new(), Some(live_from))
+                }
+            }
+            Some(since) if since == last => (Vec::new(), None),
+            Some(since) => {
+                let replay: Vec<Arc<Published>> = history
+                    .iter()
+                    .filter(|m| m.seq > since && m.seq <= last)
+                    .cloned()
+                    .collect();
+                let oldest = replay.first().map_or(live_from, |m| m.seq);
+                (replay, (oldest > since + 1).then_some(oldest))
+            }
+        };
+        if moved && reset.is_none() {
+            reset = Some(replay.first().map_or(live_from, |m| m.seq));
+        }
+        self.fanout.send(
+            usize::from(req.shard),
+            ShardMsg::Backend(BackendMsg::Attached(Box::new(
+                crate::pubsub::topic::Attached {
+                    topic: req.topic,
+                    token: req.token,
+                    live_from,
+                    replay,
+                    reset,
+                    epoch,
+                },
+            ))),
+        );
+    }
+
+    /// Sends every outgoing publish in one pipeline on the publish lane.
+    fn start_publishes(&mut self, conn: &Conn) -> InFlight {
         let max_age = self.config.history_max_age.as_millis().to_string();
         let max_len = self.history_max_messages.to_string();
         let mut pipe = redis::pipe();
-        for (topic, payload, _) in &batch {
-            let (kind, bytes): (&str, &[u8]) = match payload {
+        for publish in &self.outgoing {
+            let (kind, bytes): (&str, &[u8]) = match &publish.payload {
                 Payload::Json(b) => ("j", b),
                 Payload::Text(t) => ("t", t.as_bytes()),
                 Payload::Binary(b) => ("b", b),
             };
+            let name = &publish.topic.name;
             pipe.cmd("EVALSHA")
                 .arg(self.publish.get_hash())
                 .arg(3)
-                .arg(self.key(&topic.name, ":seq"))
-                .arg(self.key(&topic.name, ":h"))
+                .arg(self.key(name, ":seq"))
+                .arg(self.key(name, ":h"))
                 .arg(self.epoch_key())
-                .arg(self.channel(&topic.name))
+                .arg(self.channel(name))
                 .arg(kind)
                 .arg(bytes)
                 .arg(&max_len)
                 .arg(&max_age)
                 .arg(new_epoch());
         }
-        let n = batch.len();
-        let answer = {
+        self.sent = self.outgoing.drain(..).map(|p| p.reply).collect();
+        let n = self.sent.len();
+        let mut lane = conn.lane.clone();
+        let timeout = self.config.command_timeout;
+        Box::pin(async move {
             use redis::aio::ConnectionLike;
-            self.within(conn.cmd.req_packed_commands(&pipe, 0, n)).await
-        };
-        match answer {
-            Ok(values) => {
-                for ((_, _, reply), value) in batch.into_iter().zip(values) {
-                    let result = match value {
-                        Value::Array(parts) => match parts.as_slice() {
-                            [Value::BulkString(epoch), Value::Int(seq)] => {
-                                let epoch = epoch_of(epoch);
-                                self.observe(epoch);
-                                self.shared.publishes.fetch_add(1, Relaxed);
-                                Ok(PublishReceipt {
-                                    seq: *seq as u64,
-                                    saturated: false,
-                                    epoch,
-                                })
-                            }
-                            other => {
-                                tracing::warn!(answer = ?other, "redis: unexpected publish answer");
-                                self.shared.errors.fetch_add(1, Relaxed);
-                                Err(PublishError::Unavailable)
-                            }
-                        },
-                        other => {
-                            tracing::warn!(answer = ?other, "redis refused a publish");
-                            self.shared.errors.fetch_add(1, Relaxed);
-                            Err(PublishError::Unavailable)
-                        }
-                    };
-                    self.answer(reply, result);
-                }
-                Ok(())
-            }
+            tokio::time::timeout(timeout, lane.req_packed_commands(&pipe, 0, n))
+                .await
+                .unwrap_or_else(|_| Err(timeout_error()))
+        })
+    }
+
+    /// The publish pipeline answered: each publisher gets its receipt or error.
+    fn finish_publishes(&mut self, done: Result<Vec<Value>, RedisError>) -> Result<(), RedisError> {
+        let replies = std::mem::take(&mut self.sent);
+        let values = match done {
+            Ok(values) => values,
             Err(e) => {
-                for (_, _, reply) in batch {
+                for reply in replies {
                     self.answer(reply, Err(PublishError::Unavailable));
                 }
-                Err(End::Lost(e))
+                return Err(e);
             }
+        };
+        for (reply, value) in replies.into_iter().zip(values) {
+            let result = match value {
+                Value::Array(parts) => match parts.as_slice() {
+                    [Value::BulkString(epoch), Value::Int(seq)] => {
+                        let epoch = epoch_of(epoch);
+                        self.observe(epoch);
+                        self.shared.publishes.fetch_add(1, Relaxed);
+                        Ok(PublishReceipt {
+                            seq: *seq as u64,
+                            saturated: false,
+                            epoch,
+                        })
+                    }
+                    other => {
+                        tracing::warn!(answer = ?other, "redis: unexpected publish answer");
+                        self.shared.errors.fetch_add(1, Relaxed);
+                        Err(PublishError::Unavailable)
+                    }
+                },
+                other => {
+                    tracing::warn!(answer = ?other, "redis refused a publish");
+                    self.shared.errors.fetch_add(1, Relaxed);
+                    Err(PublishError::Unavailable)
+                }
+            };
+            self.answer(reply, result);
         }
+        Ok(())
     }
 
     /// Sends a publish's outcome where it was asked for.
@@ -809,116 +1407,12 @@ impl Worker {
                 shards: Vec::new(),
                 last: 0,
                 subscribed: false,
+                synced: false,
             });
         if req.first && !interest.shards.contains(&req.shard) {
             interest.shards.push(req.shard);
         }
     }
-
-    /// Removes a shard's interest; true if no shard of this host wants the topic any more
-    /// and its channel was subscribed.
-    fn detach_local(&mut self, topic: &Topic, shard: u16) -> bool {
-        let Some(interest) = self.topics.get_mut(&*topic.name) else {
-            return false;
-        };
-        interest.shards.retain(|&s| s != shard);
-        if !interest.shards.is_empty() {
-            return false;
-        }
-        let subscribed = interest.subscribed;
-        self.topics.remove(&*topic.name);
-        subscribed
-    }
-
-    /// Attaches a new subscriber: subscribe the channel if this host had no subscriber yet,
-    /// then replay its `since` from history and tell its shard where live messages start.
-    async fn attach(&mut self, conn: &mut Conn, req: AttachReq) -> Result<(), End> {
-        self.interest(&req);
-        let name = req.topic.name.clone();
-        if !self.topics[&name].subscribed {
-            let subscribed = self.within(conn.sink.subscribe(self.channel(&name))).await;
-            let read = match subscribed {
-                Ok(()) => self.read(&mut conn.cmd, &name, 0, 0).await,
-                Err(e) => Err(e),
-            };
-            match read {
-                Ok(read) => {
-                    if let Some(epoch) = read.epoch {
-                        self.observe(epoch);
-                    }
-                    let interest = self.topics.get_mut(&name).expect("made above");
-                    interest.last = read.counter;
-                    interest.subscribed = true;
-                    interest.topic.seen.store(read.counter, Relaxed);
-                }
-                Err(e) => {
-                    self.waiting.push(req);
-                    return Err(End::Lost(e));
-                }
-            }
-        }
-        let last = self.topics[&name].last;
-        let mut live_from = last + 1;
-        let epoch = self.epoch.unwrap_or(0);
-        // A since in another epoch counts in a numbering that is gone: replay all that is held.
-        let moved = req.since.is_some() && req.epoch.is_some_and(|e| e != epoch);
-        let since = if moved { Some(0) } else { req.since };
-        let (replay, mut reset) = match since {
-            None => (Vec::new(), None),
-            // Past what this host has forwarded: a client resuming here after reading on a
-            // host that is ahead (this bridge lags). If Redis sequenced `since`, the seqs up
-            // to it are on their way down the inbox: live messages start after it, no reset.
-            // Past Redis's counter too, `since` names nothing yet: a reset to what comes next.
-            Some(since) if since > last => match self.read(&mut conn.cmd, &name, 0, 0).await {
-                Ok(read) if since <= read.counter && read.epoch.is_none_or(|e| e == epoch) => {
-                    live_from = since + 1;
-                    (Vec::new(), None)
-                }
-                Ok(_) => (Vec::new(), Some(live_from)),
-                Err(e) => {
-                    self.waiting.push(req);
-                    return Err(End::Lost(e));
-                }
-            },
-            Some(since) if since == last => (Vec::new(), None),
-            Some(since) => match self.read(&mut conn.cmd, &name, since + 1, last).await {
-                Ok(read) => {
-                    let replay: Vec<Arc<Published>> = read
-                        .messages
-                        .into_iter()
-                        .filter(|(seq, _)| *seq > since && *seq <= last)
-                        .map(|(seq, payload)| {
-                            Arc::new(Published::new(req.topic.clone(), seq, payload))
-                        })
-                        .collect();
-                    let oldest = replay.first().map_or(live_from, |m| m.seq);
-                    (replay, (oldest > since + 1).then_some(oldest))
-                }
-                Err(e) => {
-                    self.waiting.push(req);
-                    return Err(End::Lost(e));
-                }
-            },
-        };
-        if moved && reset.is_none() {
-            reset = Some(replay.first().map_or(live_from, |m| m.seq));
-        }
-        self.fanout.send(
-            usize::from(req.shard),
-            ShardMsg::Backend(BackendMsg::Attached(Box::new(
-                crate::pubsub::topic::Attached {
-                    topic: req.topic,
-                    token: req.token,
-                    live_from,
-                    replay,
-                    reset,
-                    epoch,
-                },
-            ))),
-        );
-        Ok(())
-    }
-
     /// A message from a topic channel: forward it in order, filling any hole first.
     async fn message(&mut self, conn: &mut Conn, msg: &redis::Msg) -> Result<(), RedisError> {
         let Some(name) = msg
@@ -1056,6 +1550,15 @@ impl Worker {
         from: u64,
         to: u64,
     ) -> Result<Read, RedisError> {
+        let values: Value = self
+            .within(self.read_cmd(name, from, to).query_async(cmd))
+            .await?;
+        parse_read(values)
+    }
+
+    /// The read script's call: `name`'s counter, oldest seq and epoch, and its history from
+    /// seq `from` (0: none) to `to` (0: the newest).
+    fn read_cmd(&self, name: &str, from: u64, to: u64) -> redis::Cmd {
         let mut call = redis::cmd("EVALSHA");
         call.arg(self.read.get_hash())
             .arg(3)
@@ -1065,27 +1568,7 @@ impl Worker {
             .arg(from)
             .arg(to)
             .arg(self.config.history_max_age.as_millis().to_string());
-        let values: Vec<Value> = self.within(call.query_async(cmd)).await?;
-        let int = |v: Option<&Value>| match v {
-            Some(Value::Int(i)) => *i as u64,
-            _ => 0,
-        };
-        let mut read = Read {
-            counter: int(values.first()),
-            epoch: match values.get(2) {
-                Some(Value::BulkString(e)) if !e.is_empty() => Some(epoch_of(e)),
-                _ => None,
-            },
-            messages: Vec::new(),
-        };
-        for value in values.iter().skip(3) {
-            if let Value::BulkString(bytes) = value {
-                if let Some((_, seq, _, payload)) = parse(bytes) {
-                    read.messages.push((seq, payload));
-                }
-            }
-        }
-        Ok(read)
+        call
     }
 
     fn epoch_key(&self) -> String {
@@ -1098,6 +1581,51 @@ impl Worker {
 
     fn channel(&self, topic: &str) -> String {
         format!("{}{topic}", self.config.key_prefix)
+    }
+}
+
+/// What the read script answered.
+fn parse_read(value: Value) -> Result<Read, RedisError> {
+    let values = match value {
+        Value::Array(values) => values,
+        other => {
+            return Err(RedisError::from((
+                redis::ErrorKind::TypeError,
+                "unexpected answer to the read script",
+                format!("{other:?}"),
+            )))
+        }
+    };
+    let int = |v: Option<&Value>| match v {
+        Some(Value::Int(i)) => *i as u64,
+        _ => 0,
+    };
+    let mut read = Read {
+        counter: int(values.first()),
+        epoch: match values.get(2) {
+            Some(Value::BulkString(e)) if !e.is_empty() => Some(epoch_of(e)),
+            _ => None,
+        },
+        messages: Vec::new(),
+    };
+    for value in values.iter().skip(3) {
+        if let Value::BulkString(bytes) = value {
+            if let Some((_, seq, _, payload)) = parse(bytes) {
+                read.messages.push((seq, payload));
+            }
+        }
+    }
+    Ok(read)
+}
+
+/// The `since` an attach replays from in the current `epoch`: its own, or (a `since` counted
+/// in another numbering, which says nothing about this one) 0, everything held.
+fn effective_since(req: &AttachReq, epoch: u64) -> Option<u64> {
+    let moved = req.since.is_some() && req.epoch.is_some_and(|e| e != epoch);
+    if moved {
+        Some(0)
+    } else {
+        req.since
     }
 }
 
