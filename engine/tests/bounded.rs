@@ -212,7 +212,10 @@ fn a_subscribe_unsubscribe_flood_stays_at_the_topic_cap_and_expires() {
     // Flooded topics had no subscriber left: they expire, the live client's stays.
     expired_but_live(&engine);
     let report = probe.finish();
-    assert!(engine.handle().metrics().topics.expired >= cap as u64);
+    // The live client's topic holds one of the cap's places, so the flood filled at most
+    // `cap - 1`, and every one of those expired (more, if some expired mid-flood and came back).
+    let expired = engine.handle().metrics().topics.expired;
+    assert!(expired >= cap as u64 - 1, "{expired} expired");
     assert!(engine
         .handle()
         .publisher()
@@ -220,7 +223,7 @@ fn a_subscribe_unsubscribe_flood_stays_at_the_topic_cap_and_expires() {
         .is_some());
     let scrape = http::scrape(addr);
     assert_eq!(metric_sum(&scrape, "ringcast_topics", &[]), 1.0);
-    assert!(metric_sum(&scrape, "ringcast_topics_expired_total", &[]) >= cap as f64);
+    assert!(metric_sum(&scrape, "ringcast_topics_expired_total", &[]) >= cap as f64 - 1.0);
     check_live(&report, "subscribe/unsubscribe flood");
 }
 

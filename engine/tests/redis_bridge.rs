@@ -326,6 +326,10 @@ fn engine(url: &str) -> Engine {
     config.broker.command_timeout = Duration::from_secs(2);
     config.pubsub.publish_rate_per_sec = 100_000;
     config.pubsub.publish_burst = 100_000;
+    // The toggling client makes ~58,000 topic changes in 4 s on purpose: this test is about the
+    // bridge, so the per-connection subscribe budget (bounded.rs tests it) is out of the way.
+    config.pubsub.subscribe_rate_per_sec = 1_000_000;
+    config.pubsub.subscribe_burst = 1_000_000;
     // Every toggled topic's whole history fits a subscriber's ring: a loss would be the
     // bridge's.
     config.pubsub.ring_max_messages = 16_384;
