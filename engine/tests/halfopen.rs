@@ -456,6 +456,21 @@ fn out_of_descriptors_server() {
     engine.stop().unwrap();
 }
 
+/// `/metrics` while the attack runs: a scrape is an unfinished request like the attack's until
+/// its head is read, so on a loaded machine it can be the oldest one and be evicted (503
+/// "evicted", the defence working as built). Such a scrape is sent again; any other answer
+/// fails the test.
+fn scrape_under_attack(addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
+    wait_for("a /metrics answer under attack", || {
+        let r = http::request(addr, "GET", "/metrics");
+        match r.status {
+            200 => Some(parse_metrics(&r.body)),
+            503 => None,
+            other => panic!("/metrics answered {other}: {}", r.head),
+        }
+    })
+}
+
 /// The same attack against a server whose open-files limit (300) is what runs short: an
 /// accept that fails with EMFILE evicts a batch of the oldest unfinished upgrades, so new
 /// clients still get in within 100 ms, and the engine's own `/metrics` answers too.
@@ -480,7 +495,7 @@ fn out_of_descriptors(driver: &str) {
     // 8 x 75 = 600 connections against about 270 free descriptors.
     let attackers = start_attack(addr, 35, 40, &stop, &stats);
     let evicted = || {
-        let scrape = http::scrape(addr);
+        let scrape = scrape_under_attack(addr);
         metric_sum(
             &scrape,
             "ringcast_upgrade_rejections_total",
@@ -489,7 +504,7 @@ fn out_of_descriptors(driver: &str) {
     };
     wait_until("evictions for want of descriptors", || evicted() >= 200.0);
     let times = live_client(addr, 40);
-    let scrape = http::scrape(addr);
+    let scrape = scrape_under_attack(addr);
     stop.store(true, Relaxed);
     for a in attackers {
         a.join().unwrap();
