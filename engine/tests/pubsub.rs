@@ -943,10 +943,14 @@ fn thousands_of_subscribers_in_child_processes_get_every_message() {
     const CHILDREN: usize = 3;
     const SUBS: usize = 1000;
     const COUNT: u64 = 20;
-    // Each child opens its thousand connections one after another beside the other children
-    // on a loaded machine: give that a few deadlines.
+    // Each child sends its thousand upgrades without waiting for the answers, beside the other
+    // children on a loaded machine: give that a few deadlines.
     const START: Duration = Duration::from_secs(3 * DEADLINE.as_secs());
-    let engine = broker(config(2));
+    let mut config = config(2);
+    // 3,000 unfinished upgrades from 127.0.0.1 at once is this test's load, not an attack: the
+    // per-address cap on them (256 by default; halfopen.rs tests it) is lifted.
+    config.admission.max_pending_handshakes_per_ip = 0;
+    let engine = broker(config);
     let addr = engine.local_addr();
     let exe = std::env::current_exe().unwrap();
     let mut children: Vec<Spawned> = (0..CHILDREN)
