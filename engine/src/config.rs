@@ -704,7 +704,10 @@ pub struct TimeoutsConfig {
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// Time the peer has to answer our close frame, and then to close TCP after we shut down
-    /// our side. Default 5 s. Past it the socket is closed regardless.
+    /// our side. Default 5 s. Past it the socket is closed regardless, except for the close
+    /// frames of a stopping engine's drain: those may wait until `shutdown_timeout`, so a
+    /// client still reading its backlog is not cut (a client that never answers then holds the
+    /// stop until `shutdown_timeout`, not `drain_window` plus `close_timeout`).
     #[serde(with = "humantime_serde")]
     pub close_timeout: Duration,
     /// Time a stopping engine has, from the stop, to close every connection: the drain

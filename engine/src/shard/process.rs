@@ -494,6 +494,14 @@ impl<H: Handler> Shard<H> {
             // The codec queued the pong already; heartbeats come with the hardening work.
             _ => return,
         };
+        // Once this side has sent its close frame the connection is ending: a message the peer
+        // sent before it read that frame is discarded, not handled. A client cut with 1008 for
+        // bad requests gets no more of its requests counted or served, and a drain's 1012 is
+        // not followed by publishes the client will never see acked.
+        if !matches!(&table.conns[key].phase, Phase::Open(c) if c.close_state() == CloseState::Open)
+        {
+            return;
+        }
         self.metrics.messages_in.incr();
         table.conns[key].spoke = table.now;
         let handled = hooks::call(|| {
