@@ -149,20 +149,8 @@ impl RawClient {
             self.buf.extend_from_slice(&rest);
             self.upgraded = true;
         }
-        let mut chunk = [0u8; 65536];
-        loop {
-            match self.codec.poll_event(&mut self.buf) {
-                Ok(Some(ev)) => return Some(ev),
-                Ok(None) => {}
-                Err(e) => panic!("server broke the protocol: {e}"),
-            }
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
-                Err(e) => panic!("read failed: {e}"),
-            }
-        }
+        self.read_event()
+            .unwrap_or_else(|e| panic!("read failed: {e}"))
     }
 
     /// The next event from the server, or `None` when the read timeout the caller set on
@@ -170,25 +158,36 @@ impl RawClient {
     /// turn). Panics if the server closed the TCP connection or the read failed otherwise.
     pub fn try_next_event(&mut self) -> Option<Event> {
         assert!(self.upgraded, "connected with RawClient::connect");
+        match self.read_event() {
+            Ok(Some(ev)) => Some(ev),
+            Ok(None) => panic!("the server closed the connection"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+
+    /// Decodes buffered bytes, reading more until the codec yields an event: `Ok(None)` once
+    /// the server closed TCP (a reset counts), `Err` for any other read error.
+    fn read_event(&mut self) -> std::io::Result<Option<Event>> {
         let mut chunk = [0u8; 65536];
         loop {
             match self.codec.poll_event(&mut self.buf) {
-                Ok(Some(ev)) => return Some(ev),
+                Ok(Some(ev)) => return Ok(Some(ev)),
                 Ok(None) => {}
                 Err(e) => panic!("server broke the protocol: {e}"),
             }
             match self.stream.read(&mut chunk) {
-                Ok(0) => panic!("the server closed the connection"),
+                Ok(0) => return Ok(None),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return None
-                }
-                Err(e) => panic!("read failed: {e}"),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(None),
+                Err(e) => return Err(e),
             }
         }
     }
