@@ -1,0 +1,264 @@
+//! The attacks that speak the broker's protocol: each attacking connection on a thread of its
+//! own sends requests in windows (send `window`, then read their answers), reconnecting when
+//! the server closes it, until the attack's end.
+//!
+//! Bounded: every wait for an answer ends at [`ANSWER_TIMEOUT`] or the attack's end plus
+//! [`GRACE`], every write at the client's write timeout, and a failed connection is retried
+//! at most every [`RECONNECT_PAUSE`].
+
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Result};
+
+use super::{
+    client::{answer_kind, Got, JsonClient},
+    report::Tally,
+    AbuseConfig, Attack,
+};
+
+/// The longest an attacker waits for one answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long past the attack's end answers still in flight are awaited.
+const GRACE: Duration = Duration::from_secs(1);
+/// The pause before opening a connection again after one failed or was closed.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
+/// The replay attack's topic, which gets `replay_history` messages first.
+pub(super) const REPLAY_TOPIC: &str = "abuse.replay";
+/// The most entries of a replay subscribe that still fits under the request size limit
+/// (33 bytes each; the default limit is about 1.4 MB).
+const REPLAY_FITTING: usize = 30_000;
+
+/// Source address of attacking connection `i`: 127.0.0.2 onwards, eight addresses in turn.
+fn source(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 2 + (i % 8) as u8)
+}
+
+/// Runs `attack` (any but half-open) with `cfg.connections` connections until `end`.
+pub(super) fn run(cfg: &AbuseConfig, attack: Attack, end: Instant) -> Result<Tally> {
+    let mut tally = Tally::default();
+    if attack == Attack::Replay {
+        // At the topic cap (after the floods) the topic may not be made: the attack still
+        // runs, and the failure shows in the report.
+        if let Err(e) = fill_history(cfg) {
+            tally.fail(&e.context("filling the replay topic's history"));
+        }
+    }
+    let threads: Vec<_> = (0..cfg.connections)
+        .map(|i| {
+            let cfg = cfg.clone();
+            thread::spawn(move || attacker(&cfg, attack, i, end))
+        })
+        .collect();
+    for t in threads {
+        match t.join() {
+            Ok(part) => tally.merge(part),
+            Err(_) => bail!("an attacker thread panicked"),
+        }
+    }
+    Ok(tally)
+}
+
+/// The requests of attacking connection `conn`: request `k` of its run.
+fn request(cfg: &AbuseConfig, attack: Attack, conn: usize, k: u64) -> String {
+    match attack {
+        Attack::SubFlood => {
+            // Subscribe a batch of new names, then unsubscribe the same batch.
+            let batch = k / 2;
+            let names: Vec<String> = (0..cfg.flood_batch as u64)
+                .map(|j| {
+                    format!(
+                        "\"abuse.flood.{conn}.{}\"",
+                        batch * cfg.flood_batch as u64 + j
+                    )
+                })
+                .collect();
+            let kind = if k % 2 == 0 {
+                "subscribe"
+            } else {
+                "unsubscribe"
+            };
+            format!(
+                r#"{{"type":"{kind}","id":{k},"topics":[{}]}}"#,
+                names.join(",")
+            )
+        }
+        Attack::PublishNew => {
+            format!(r#"{{"type":"publish","id":{k},"topic":"abuse.new.{conn}.{k}","data":{k}}}"#)
+        }
+        Attack::Replay => {
+            // The huge one (over the size limit by default), one that fits, then leave.
+            let repeats = match k % 3 {
+                0 => cfg.replay_repeats,
+                1 => cfg.replay_repeats.min(REPLAY_FITTING),
+                _ => {
+                    return format!(r#"{{"type":"unsubscribe","id":{k},"topic":"{REPLAY_TOPIC}"}}"#)
+                }
+            };
+            let mut s = String::with_capacity(repeats * 34 + 64);
+            let _ = write!(s, r#"{{"type":"subscribe","id":{k},"topics":["#);
+            for r in 0..repeats {
+                if r > 0 {
+                    s.push(',');
+                }
+                let _ = write!(s, r#"{{"topic":"{REPLAY_TOPIC}","since":0}}"#);
+            }
+            s.push_str("]}");
+            s
+        }
+        Attack::Toggle => {
+            let kind = if k % 3 == 2 {
+                "unsubscribe"
+            } else {
+                "subscribe"
+            };
+            let topics: Vec<String> = (0..cfg.toggle_topics)
+                .map(|t| {
+                    if kind == "subscribe" {
+                        format!(r#"{{"topic":"abuse.toggle.{t}","since":0}}"#)
+                    } else {
+                        format!("\"abuse.toggle.{t}\"")
+                    }
+                })
+                .collect();
+            format!(
+                r#"{{"type":"{kind}","id":{k},"topics":[{}]}}"#,
+                topics.join(",")
+            )
+        }
+        Attack::Nesting => {
+            let depth = cfg.nest_depth;
+            let mut s = String::with_capacity(2 * depth + 64);
+            let _ = write!(
+                s,
+                r#"{{"type":"publish","id":{k},"topic":"abuse.nest","data":"#
+            );
+            s.push_str(&"[".repeat(depth));
+            s.push_str(&"]".repeat(depth));
+            s.push('}');
+            s
+        }
+        Attack::HalfOpen => unreachable!("half-open does not speak the protocol"),
+    }
+}
+
+/// Requests one connection keeps in flight for `attack`.
+fn window(cfg: &AbuseConfig, attack: Attack) -> u64 {
+    match attack {
+        Attack::SubFlood | Attack::PublishNew => cfg.window.max(1) as u64,
+        // One cycle (subscribe, subscribe, unsubscribe / huge, fitting, unsubscribe).
+        Attack::Toggle | Attack::Replay => 3,
+        Attack::Nesting | Attack::HalfOpen => 1,
+    }
+}
+
+/// One attacking connection's loop: open, send windows of requests and count their answers,
+/// reopen when closed, until `end`.
+fn attacker(cfg: &AbuseConfig, attack: Attack, conn: usize, end: Instant) -> Tally {
+    let mut tally = Tally::default();
+    let mut k = 0u64;
+    while Instant::now() < end {
+        let mut client = match JsonClient::open(&cfg.target, source(conn), cfg.open_timeout) {
+            Ok(c) => c,
+            Err(e) => {
+                tally.fail(&e);
+                thread::sleep(RECONNECT_PAUSE);
+                continue;
+            }
+        };
+        if let Err(e) = windows(cfg, attack, conn, end, &mut client, &mut k, &mut tally) {
+            tally.fail(&e);
+        }
+        if !client.closed || Instant::now() < end {
+            thread::sleep(RECONNECT_PAUSE);
+        }
+    }
+    tally
+}
+
+/// Sends windows of requests on `client` until `end` or until the server closes it.
+fn windows(
+    cfg: &AbuseConfig,
+    attack: Attack,
+    conn: usize,
+    end: Instant,
+    client: &mut JsonClient,
+    k: &mut u64,
+    tally: &mut Tally,
+) -> Result<()> {
+    let window = window(cfg, attack);
+    while Instant::now() < end {
+        for _ in 0..window {
+            client.send(&request(cfg, attack, conn, *k))?;
+            *k += 1;
+            tally.sent += 1;
+        }
+        let mut awaiting = window;
+        while awaiting > 0 {
+            let deadline = (Instant::now() + ANSWER_TIMEOUT).min(end + GRACE);
+            match client.recv(deadline)? {
+                Some(got @ Got::Closed(..)) => {
+                    if let Some(kind) = answer_kind(&got) {
+                        tally.answer(&kind);
+                    }
+                    return Ok(());
+                }
+                Some(got) => {
+                    if let Some(kind) = answer_kind(&got) {
+                        tally.answer(&kind);
+                        awaiting -= 1;
+                    }
+                }
+                None => {
+                    if Instant::now() < end {
+                        // A request went unanswered for ANSWER_TIMEOUT.
+                        for _ in 0..awaiting {
+                            tally.answer("no answer");
+                        }
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Publishes `replay_history` messages to [`REPLAY_TOPIC`] (within the default publish
+/// burst), so each replay subscribe with `since: 0` has that much to replay.
+fn fill_history(cfg: &AbuseConfig) -> Result<()> {
+    let mut c = JsonClient::open(&cfg.target, source(0), cfg.open_timeout)?;
+    let deadline = Instant::now() + ANSWER_TIMEOUT;
+    let mut acked = 0;
+    for chunk_start in (0..cfg.replay_history).step_by(100) {
+        let n = 100.min(cfg.replay_history - chunk_start);
+        for i in 0..n {
+            c.send(&format!(
+                r#"{{"type":"publish","id":{},"topic":"{REPLAY_TOPIC}","data":"history {i}"}}"#,
+                chunk_start + i
+            ))?;
+        }
+        let mut got = 0;
+        while got < n {
+            match c.recv(deadline)? {
+                Some(Got::Json(v)) if v["type"] == "ack" => {
+                    got += 1;
+                    acked += 1;
+                }
+                Some(Got::Json(v)) if v["type"] == "error" => {
+                    bail!("filling the replay topic's history: {v}")
+                }
+                Some(Got::Closed(code, reason)) => {
+                    bail!("filling the replay topic's history: closed {code:?} {reason}")
+                }
+                Some(Got::Json(_)) => {}
+                None => bail!("filling the replay topic's history: {acked} acks, then none"),
+            }
+        }
+    }
+    Ok(())
+}
