@@ -33,6 +33,15 @@ pub(super) const REPLAY_TOPIC: &str = "abuse.replay";
 /// (33 bytes each; the default limit is about 1.4 MB).
 const REPLAY_FITTING: usize = 30_000;
 
+/// Messages of history each toggled topic gets first (64 topics: 640 publishes, within the
+/// default publish burst), so each attach reads history.
+const TOGGLE_HISTORY: usize = 10;
+
+/// The toggling attack's topic `t`.
+fn toggle_topic(t: usize) -> String {
+    format!("abuse.toggle.{t}")
+}
+
 /// Source address of attacking connection `i`: 127.0.0.2 onwards, eight addresses in turn.
 fn source(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, 2 + (i % 8) as u8)
@@ -41,12 +50,19 @@ fn source(i: usize) -> Ipv4Addr {
 /// Runs `attack` (any but half-open) with `cfg.connections` connections until `end`.
 pub(super) fn run(cfg: &AbuseConfig, attack: Attack, end: Instant) -> Result<Tally> {
     let mut tally = Tally::default();
-    if attack == Attack::Replay {
-        // At the topic cap (after the floods) the topic may not be made: the attack still
-        // runs, and the failure shows in the report.
-        if let Err(e) = fill_history(cfg) {
-            tally.fail(&e.context("filling the replay topic's history"));
-        }
+    // At the topic cap (after the floods) the topics may not be made: the attack still
+    // runs, and the failure shows in the report.
+    let filled = match attack {
+        Attack::Replay => fill_history(cfg, &[REPLAY_TOPIC.to_owned()], cfg.replay_history),
+        Attack::Toggle => fill_history(
+            cfg,
+            &(0..cfg.toggle_topics).map(toggle_topic).collect::<Vec<_>>(),
+            TOGGLE_HISTORY,
+        ),
+        _ => Ok(()),
+    };
+    if let Err(e) = filled {
+        tally.fail(&e.context("giving the attack's topics history"));
     }
     let threads: Vec<_> = (0..cfg.connections)
         .map(|i| {
@@ -119,9 +135,9 @@ fn request(cfg: &AbuseConfig, attack: Attack, conn: usize, k: u64) -> String {
             let topics: Vec<String> = (0..cfg.toggle_topics)
                 .map(|t| {
                     if kind == "subscribe" {
-                        format!(r#"{{"topic":"abuse.toggle.{t}","since":0}}"#)
+                        format!(r#"{{"topic":"{}","since":0}}"#, toggle_topic(t))
                     } else {
-                        format!("\"abuse.toggle.{t}\"")
+                        format!("\"{}\"", toggle_topic(t))
                     }
                 })
                 .collect();
@@ -228,35 +244,31 @@ fn windows(
     Ok(())
 }
 
-/// Publishes `replay_history` messages to [`REPLAY_TOPIC`] (within the default publish
-/// burst), so each replay subscribe with `since: 0` has that much to replay.
-fn fill_history(cfg: &AbuseConfig) -> Result<()> {
+/// Publishes `per_topic` messages to each of `topics` (within the default publish burst, for
+/// the defaults), so each subscribe with `since: 0` has that much to replay.
+fn fill_history(cfg: &AbuseConfig, topics: &[String], per_topic: usize) -> Result<()> {
     let mut c = JsonClient::open(&cfg.target, source(0), cfg.open_timeout)?;
     let deadline = Instant::now() + ANSWER_TIMEOUT;
-    let mut acked = 0;
-    for chunk_start in (0..cfg.replay_history).step_by(100) {
-        let n = 100.min(cfg.replay_history - chunk_start);
-        for i in 0..n {
-            c.send(&format!(
-                r#"{{"type":"publish","id":{},"topic":"{REPLAY_TOPIC}","data":"history {i}"}}"#,
-                chunk_start + i
-            ))?;
-        }
-        let mut got = 0;
-        while got < n {
-            match c.recv(deadline)? {
-                Some(Got::Json(v)) if v["type"] == "ack" => {
-                    got += 1;
-                    acked += 1;
+    let mut id = 0u64;
+    for topic in topics {
+        for chunk_start in (0..per_topic).step_by(100) {
+            let n = 100.min(per_topic - chunk_start);
+            for i in 0..n {
+                id += 1;
+                c.send(&format!(
+                    r#"{{"type":"publish","id":{id},"topic":"{topic}","data":"history {}"}}"#,
+                    chunk_start + i
+                ))?;
+            }
+            let mut got = 0;
+            while got < n {
+                match c.recv(deadline)? {
+                    Some(Got::Json(v)) if v["type"] == "ack" => got += 1,
+                    Some(Got::Json(v)) if v["type"] == "error" => bail!("{topic}: {v}"),
+                    Some(Got::Closed(code, reason)) => bail!("closed {code:?} {reason}"),
+                    Some(Got::Json(_)) => {}
+                    None => bail!("{topic}: {got} of {n} publishes acked, then none"),
                 }
-                Some(Got::Json(v)) if v["type"] == "error" => {
-                    bail!("filling the replay topic's history: {v}")
-                }
-                Some(Got::Closed(code, reason)) => {
-                    bail!("filling the replay topic's history: closed {code:?} {reason}")
-                }
-                Some(Got::Json(_)) => {}
-                None => bail!("filling the replay topic's history: {acked} acks, then none"),
             }
         }
     }

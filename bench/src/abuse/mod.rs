@@ -13,8 +13,10 @@
 //! - `replay`: one subscribe repeating `{"topic":"abuse.replay","since":0}` 100,000 times
 //!   (3.3 MB: `too_large`), then one of 30,000 that fits (merged into one, or `rate_limited`),
 //!   against a topic given 1,000 messages of history first;
-//! - `toggle`: subscribe, subscribe, unsubscribe on the same 64 topics with `since`, over and
-//!   over (meaningful against `serve --broker redis://`: the bridge's attaches);
+//! - `toggle`: subscribe, subscribe, unsubscribe on the same 64 topics (10 messages of history
+//!   each) with `since: 0`, over and over (meaningful against `serve --broker redis://`: the
+//!   bridge's attaches; the default subscribe budget answers most rounds `rate_limited`, so
+//!   lift `pubsub.subscribe_rate_per_sec` and `_burst` to load the bridge itself);
 //! - `half-open`: connections dribbling an upgrade request a byte every 5 s and connections
 //!   sending nothing (`408` at the handshake timeout, `429` over the per-address cap on
 //!   unfinished upgrades, `503` when out of descriptors);
