@@ -119,6 +119,8 @@ fn every_attack_meets_its_refusal_while_the_live_client_keeps_its_rounds() {
         let name = row["attack"].as_str().unwrap();
         let answers = &row["tally"]["answers"];
         let count = |kind: &str| answers[kind].as_u64().unwrap_or(0);
+        // The server's own count of the same refusals, from /metrics over the attack.
+        let server = |name: &str| row["server"][format!("{name} +")].as_f64().unwrap_or(0.0);
         // About 20 rounds a second; a few may fail under the attack on a debug build.
         assert!(row["live"]["ok"].as_u64().unwrap() >= 5, "{name}: {row}");
         assert!(
@@ -131,15 +133,33 @@ fn every_attack_meets_its_refusal_while_the_live_client_keeps_its_rounds() {
         }
         assert!(row["refusals"].as_u64().unwrap() > 0, "{name}: {row}");
         match name {
-            "replay" => assert!(count("too_large") > 0, "{row}"),
-            "sub-flood" => assert!(count("rate_limited") > 0, "{row}"),
-            "publish-new" => assert!(count("too_many_topics") > 0, "{row}"),
+            "replay" => {
+                assert!(count("too_large") > 0, "{row}");
+                assert!(server("bad_requests_total") > 0.0, "{row}");
+            }
+            "sub-flood" => {
+                assert!(count("rate_limited") > 0, "{row}");
+                assert!(server("subscribes_refused_total") > 0.0, "{row}");
+            }
+            "publish-new" => {
+                assert!(count("too_many_topics") > 0, "{row}");
+                assert!(server("topics_refused_total") > 0.0, "{row}");
+                assert_eq!(row["server"]["topics"], 400.0, "at the cap: {row}");
+            }
             "half-open" => {
                 // 100 per address over a cap of 20: refused at accept; the rest time out.
                 assert!(count("http 429") > 0, "{row}");
                 assert!(count("http 408") > 0, "{row}");
+                assert!(
+                    server("upgrade_rejections_total{pending_ip_cap}") > 0.0,
+                    "{row}"
+                );
+                assert!(server("handshake_timeouts_total") > 0.0, "{row}");
             }
-            "nesting" => assert!(count("bad_payload") > 0, "{row}"),
+            "nesting" => {
+                assert!(count("bad_payload") > 0, "{row}");
+                assert!(server("bad_requests_total") > 0.0, "{row}");
+            }
             _ => {}
         }
     }

@@ -23,6 +23,10 @@
 //! - `nesting`: publishes whose `data` nests 100,000 arrays deep (`bad_payload`, then close
 //!   1008 for too many bad requests).
 //!
+//! The server's `/metrics` is read before and after each attack: the report shows how its
+//! refusal counters (`topics_refused`, `subscribes_refused`, `bad_requests`,
+//! `upgrade_rejections` by reason, ...) rose, and its topic count.
+//!
 //! A quiet second first gives the live client's baseline. [`AbuseReport::check`] fails when
 //! the live client's worst round trip in any attack exceeds `max_rtt` (100 ms by default), so
 //! the run can gate; [`Attack::expected_refusals`] names what each attack should be answered.
@@ -45,9 +49,11 @@ mod client;
 mod config;
 mod halfopen;
 mod live;
+mod metrics;
 mod report;
 
 use std::{
+    collections::BTreeMap,
     thread,
     time::{Duration, Instant},
 };
@@ -93,6 +99,7 @@ pub fn run_abuse(cfg: &AbuseConfig) -> Result<AbuseReport> {
         attacks: Vec::new(),
     };
     let start = Instant::now();
+    let mut scraped = metrics::scrape(&cfg.target);
     thread::sleep(BASELINE);
     report.attacks.push(attack_report(
         cfg,
@@ -101,6 +108,7 @@ pub fn run_abuse(cfg: &AbuseConfig) -> Result<AbuseReport> {
         start,
         Tally::default(),
         &[],
+        &mut scraped,
     ));
     for &attack in &cfg.attacks {
         let start = Instant::now();
@@ -123,6 +131,7 @@ pub fn run_abuse(cfg: &AbuseConfig) -> Result<AbuseReport> {
             start,
             tally,
             attack.expected_refusals(),
+            &mut scraped,
         ));
         thread::sleep(SETTLE);
     }
@@ -138,8 +147,12 @@ fn attack_report(
     start: Instant,
     tally: Tally,
     refusals: &[&str],
+    scraped: &mut Option<BTreeMap<String, f64>>,
 ) -> AttackReport {
     let end = Instant::now();
+    let now = metrics::scrape(&cfg.target);
+    let server = metrics::delta(scraped.as_ref(), now.as_ref());
+    *scraped = now;
     let summary = |samples: &std::sync::Mutex<Vec<Sample>>| {
         LiveSummary::of(&samples.lock().unwrap(), start, end, ROUND_TIMEOUT)
     };
@@ -154,5 +167,6 @@ fn attack_report(
             .server_pid
             .and_then(|pid| procfs::process_memory(pid).ok())
             .map(|m| m.rss_bytes as f64 / 1e6),
+        server,
     }
 }

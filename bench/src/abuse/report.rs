@@ -131,6 +131,9 @@ pub struct AttackReport {
     pub upgrades: LiveSummary,
     /// The server's RSS at the end of the attack, in MB, with `--server-pid`.
     pub server_rss_mb: Option<f64>,
+    /// The server's `/metrics` over the attack: how each refusal counter rose (`NAME +`)
+    /// and the topic gauges after it; empty when it could not be read.
+    pub server: BTreeMap<String, f64>,
 }
 
 /// The whole run.
@@ -183,6 +186,11 @@ impl AbuseReport {
                 live(&a.live),
                 live(&a.upgrades)
             );
+            if !a.server.is_empty() {
+                let metrics: Vec<String> =
+                    a.server.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                let _ = writeln!(s, "{:<12} server /metrics: {}", "", metrics.join(", "));
+            }
         }
         let _ = writeln!(
             s,
