@@ -318,6 +318,9 @@ struct AbuseArgs {
     /// seconds.
     #[arg(long, default_value = "5", value_parser = parse_secs)]
     dribble_every: Duration,
+    /// Half-open: a connection the server closed is opened again after this, in seconds.
+    #[arg(long, default_value = "0.5", value_parser = parse_secs)]
+    reopen_after: Duration,
     /// Replay: entries of the huge subscribe (33 bytes each; 100,000 is 3.3 MB).
     #[arg(long, default_value_t = 100_000)]
     replay_repeats: usize,
@@ -611,6 +614,7 @@ fn main() -> Result<()> {
             cfg.halfopen_conns = a.halfopen_conns;
             cfg.halfopen_sources = a.halfopen_sources;
             cfg.dribble_every = a.dribble_every;
+            cfg.reopen_after = a.reopen_after;
             cfg.replay_repeats = a.replay_repeats;
             cfg.replay_history = a.replay_history;
             cfg.nest_depth = a.nest_depth;
