@@ -274,3 +274,74 @@ fn fill_history(cfg: &AbuseConfig, topics: &[String], per_topic: usize) -> Resul
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::Target;
+
+    fn cfg() -> AbuseConfig {
+        AbuseConfig::new(Target::parse("ws://127.0.0.1:9/").unwrap())
+    }
+
+    fn json(s: &str) -> serde_json::Value {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn the_replay_cycle_is_one_request_over_the_size_limit_one_under_then_leave() {
+        let cfg = cfg();
+        let huge = request(&cfg, Attack::Replay, 0, 0);
+        assert!(huge.len() > 3_000_000, "{}", huge.len());
+        assert_eq!(json(&huge)["topics"].as_array().unwrap().len(), 100_000);
+        let fitting = request(&cfg, Attack::Replay, 0, 1);
+        // Under the default limit on a request: 1 MiB in base64 plus 64 KiB.
+        assert!(
+            fitting.len() < (1 << 20) * 4 / 3 + 65_536,
+            "{}",
+            fitting.len()
+        );
+        let v = json(&fitting);
+        assert_eq!(v["topics"][29_999]["topic"], REPLAY_TOPIC);
+        assert_eq!(v["topics"][29_999]["since"], 0);
+        assert_eq!(
+            json(&request(&cfg, Attack::Replay, 0, 2))["type"],
+            "unsubscribe"
+        );
+    }
+
+    #[test]
+    fn the_sub_flood_names_new_topics_and_unsubscribes_each_batch() {
+        let cfg = cfg();
+        let sub = json(&request(&cfg, Attack::SubFlood, 3, 2));
+        let unsub = json(&request(&cfg, Attack::SubFlood, 3, 3));
+        assert_eq!(sub["type"], "subscribe");
+        assert_eq!(unsub["type"], "unsubscribe");
+        assert_eq!(sub["topics"], unsub["topics"]);
+        assert_eq!(sub["topics"][0], "abuse.flood.3.64");
+        let next = json(&request(&cfg, Attack::SubFlood, 3, 4));
+        assert_eq!(next["topics"][0], "abuse.flood.3.128");
+    }
+
+    #[test]
+    fn the_toggle_cycle_subscribes_twice_with_since_then_unsubscribes() {
+        let cfg = cfg();
+        let kinds: Vec<_> = (0..3)
+            .map(|k| json(&request(&cfg, Attack::Toggle, 0, k)))
+            .collect();
+        assert_eq!(kinds[0]["type"], "subscribe");
+        assert_eq!(kinds[1]["type"], "subscribe");
+        assert_eq!(kinds[0]["topics"][63]["since"], 0);
+        assert_eq!(kinds[2]["type"], "unsubscribe");
+        assert_eq!(kinds[2]["topics"][63], "abuse.toggle.63");
+    }
+
+    #[test]
+    fn the_nesting_payload_nests_as_deep_as_asked() {
+        let mut cfg = cfg();
+        cfg.nest_depth = 5;
+        let r = request(&cfg, Attack::Nesting, 0, 7);
+        assert!(r.ends_with(r#""data":[[[[[]]]]]}"#), "{r}");
+        assert_eq!(json(&r)["id"], 7);
+    }
+}

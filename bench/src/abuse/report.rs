@@ -236,3 +236,68 @@ impl AbuseReport {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_counts_its_samples_and_a_failure_is_as_bad_as_the_timeout() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let samples = [
+            Sample {
+                at: at(0),
+                took: Some(Duration::from_millis(50)),
+            },
+            Sample {
+                at: at(10),
+                took: Some(Duration::from_millis(1)),
+            },
+            Sample {
+                at: at(20),
+                took: Some(Duration::from_millis(3)),
+            },
+            Sample {
+                at: at(30),
+                took: None,
+            },
+        ];
+        let timeout = Duration::from_secs(2);
+        // The first is outside the window.
+        let s = LiveSummary::of(&samples, at(5), at(40), timeout);
+        assert_eq!((s.ok, s.failed), (2, 1));
+        assert_eq!(s.p50_ms, 3.0);
+        assert_eq!(s.worst_ms, 2000.0);
+        let s = LiveSummary::of(&samples, at(0), at(25), timeout);
+        assert_eq!((s.ok, s.failed, s.worst_ms), (3, 0, 50.0));
+        let report = AbuseReport {
+            max_rtt_ms: 100.0,
+            attacks: vec![AttackReport {
+                attack: "x".into(),
+                secs: 1.0,
+                tally: Tally::default(),
+                refusals: 0,
+                live: s,
+                upgrades: LiveSummary::default(),
+                server_rss_mb: None,
+                server: BTreeMap::new(),
+            }],
+        };
+        report.check().unwrap();
+        let mut slow = report.clone();
+        slow.max_rtt_ms = 10.0;
+        let err = slow.check().unwrap_err().to_string();
+        assert!(
+            err.contains("x: the live client's worst round trip was 50.0 ms"),
+            "{err}"
+        );
+        let mut idle = report;
+        idle.attacks[0].live = LiveSummary::default();
+        assert!(idle
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("no round trip"));
+    }
+}
