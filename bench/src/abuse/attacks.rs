@@ -189,7 +189,7 @@ fn attacker(cfg: &AbuseConfig, attack: Attack, conn: usize, end: Instant) -> Tal
         if let Err(e) = windows(cfg, attack, conn, end, &mut client, &mut k, &mut tally) {
             tally.fail(&e);
         }
-        if !client.closed || Instant::now() < end {
+        if Instant::now() < end {
             thread::sleep(RECONNECT_PAUSE);
         }
     }

@@ -41,8 +41,6 @@ pub(super) struct JsonClient {
     codec: Codec,
     rbuf: BytesMut,
     out: BytesMut,
-    /// The server's close frame came or the connection ended.
-    pub(super) closed: bool,
 }
 
 impl JsonClient {
@@ -79,7 +77,6 @@ impl JsonClient {
             codec: conn.codec.context("a WebSocket connection")?,
             rbuf: conn.rest,
             out: BytesMut::new(),
-            closed: false,
         })
     }
 
@@ -113,10 +110,7 @@ impl JsonClient {
             self.stream
                 .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
             match self.stream.read(&mut scratch) {
-                Ok(0) => {
-                    self.closed = true;
-                    bail!("the server closed the connection without a close frame");
-                }
+                Ok(0) => bail!("the server closed the connection without a close frame"),
                 Ok(n) => self.rbuf.extend_from_slice(&scratch[..n]),
                 Err(e)
                     if matches!(
@@ -125,10 +119,7 @@ impl JsonClient {
                             | io::ErrorKind::TimedOut
                             | io::ErrorKind::Interrupted
                     ) => {}
-                Err(e) => {
-                    self.closed = true;
-                    return Err(e).context("receiving");
-                }
+                Err(e) => return Err(e).context("receiving"),
             }
         }
     }
@@ -144,7 +135,6 @@ impl JsonClient {
                 }
                 Event::Binary(_) => bail!("a binary message came on a JSON connection"),
                 Event::Close(frame) => {
-                    self.closed = true;
                     let (code, reason) = frame.map_or((None, String::new()), |f| {
                         (Some(f.code.as_u16()), f.reason.to_string())
                     });
