@@ -13,6 +13,11 @@ server's counters from /metrics.
     python3 bench/halfopen.py --target 127.0.0.1:9400 --dribbling 15000 --silent 15000
 
 Each attacking process raises its own open-files limit to what it holds. Loopback only.
+
+`loadgen abuse --attacks half-open` runs the same attack as part of the issue's battery, from
+one process (so at most about 18,000 connections under a 20,000 open-files limit), with the
+live client's publish round trips beside the fresh upgrades; this script remains for the full
+30,000 over 8 processes.
 """
 
 import argparse

@@ -24,6 +24,12 @@
 //!   - `storm`: connection churn (connect, hold, close, repeat; upgrades/s and failures by
 //!     reason) and a mass reconnect (drop N at once, reconnect with jittered backoff; time
 //!     until all are back) ([`storm`]).
+//!   - `abuse`: issue 15's attacks on the broker one after another (subscribe floods, publishes
+//!     to new topics, a huge replaying subscribe, subscription toggling, half-open
+//!     connections, a nesting bomb), each for a bounded time, with a live client doing a
+//!     publish -> ack -> message round trip every 50 ms beside them; reports the live client's
+//!     p50/p99/worst and what the server answered each attack, and fails past `--max-rtt`
+//!     ([`abuse`]).
 //!   - `compare`: the scenario matrix (echo and broadcast loads, and idle) against each server
 //!     in turn, server and load pinned to different cores, medians with min and max over
 //!     alternating rounds ([`compare`]).
@@ -47,6 +53,7 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod abuse;
 pub mod broadcast;
 pub mod compare;
 pub mod echo;

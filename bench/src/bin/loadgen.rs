@@ -8,6 +8,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{ensure, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use ringcast_bench::{
+    abuse::{run_abuse, AbuseConfig, Attack},
     broadcast::{run_broadcast, BroadcastConfig},
     compare::{
         run_compare, CompareConfig, Load, Scenario as CompareScenario, DEFAULT_BROADCAST_LOADS,
@@ -61,6 +62,16 @@ enum Cmd {
     /// bench/ringcast-fanout.toml`, peer-tokio-tungstenite-broadcast, `node
     /// bench/node/broadcast.js PORT`); every connection receives every message.
     Fanout(FanoutArgs),
+    /// Issue 15's abuse battery against a running broker, with a live client beside it.
+    ///
+    /// Each attack in turn, for --duration: sub-flood, publish-new, replay, toggle (for a
+    /// server with --broker redis://), half-open, nesting. Prints per attack the live
+    /// client's publish -> ack -> message round trips (every 50 ms) and fresh upgrades
+    /// (every 100 ms), and what the server answered the attackers. Exits non-zero when the
+    /// live client's worst round trip exceeds --max-rtt.
+    ///
+    ///     ringcast serve --shards 2 --listen 127.0.0.1:9000
+    Abuse(AbuseArgs),
     /// Holds a slice of `idle`'s connections in a child process.
     #[command(hide = true)]
     IdleWorker(WorkerArgs),
@@ -271,6 +282,57 @@ struct FanoutArgs {
     plot_dir: Option<PathBuf>,
     #[command(flatten)]
     sources: SourceArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+struct AbuseArgs {
+    /// The broker's URL, ws://HOST:PORT/PATH (loopback only).
+    #[arg(long)]
+    url: String,
+    /// Attacks to run, in order, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "sub-flood,publish-new,replay,toggle,half-open,nesting"
+    )]
+    attacks: Vec<Attack>,
+    /// How long each attack lasts, in seconds.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    duration: Duration,
+    /// Attacking connections per attack (half-open: see --halfopen-conns).
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Exit non-zero when the live client's worst round trip exceeds this, in seconds.
+    #[arg(long, default_value = "0.1", value_parser = parse_secs)]
+    max_rtt: Duration,
+    /// Half-open: connections in all, half dribbling and half silent (this process holds
+    /// them, so stay under its open-files limit).
+    #[arg(long, default_value_t = 4000)]
+    halfopen_conns: usize,
+    /// Half-open: source addresses they come from, 127.0.0.2 onwards.
+    #[arg(long, default_value_t = 8)]
+    halfopen_sources: u8,
+    /// Half-open: a dribbling connection sends one byte of its request this often, in
+    /// seconds.
+    #[arg(long, default_value = "5", value_parser = parse_secs)]
+    dribble_every: Duration,
+    /// Half-open: a connection the server closed is opened again after this, in seconds.
+    #[arg(long, default_value = "0.5", value_parser = parse_secs)]
+    reopen_after: Duration,
+    /// Replay: entries of the huge subscribe (33 bytes each; 100,000 is 3.3 MB).
+    #[arg(long, default_value_t = 100_000)]
+    replay_repeats: usize,
+    /// Replay: messages of history its topic gets first.
+    #[arg(long, default_value_t = 1000)]
+    replay_history: usize,
+    /// Nesting: depth of the payload's arrays.
+    #[arg(long, default_value_t = 100_000)]
+    nest_depth: usize,
+    /// The server's pid, to report its RSS after each attack.
+    #[arg(long)]
+    server_pid: Option<u32>,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -542,6 +604,24 @@ fn main() -> Result<()> {
                 }
             }
             report.check(a.max_missing)?;
+        }
+        Cmd::Abuse(a) => {
+            let mut cfg = AbuseConfig::new(Target::parse(&a.url)?);
+            cfg.attacks = a.attacks;
+            cfg.duration = a.duration;
+            cfg.connections = a.connections;
+            cfg.max_rtt = a.max_rtt;
+            cfg.halfopen_conns = a.halfopen_conns;
+            cfg.halfopen_sources = a.halfopen_sources;
+            cfg.dribble_every = a.dribble_every;
+            cfg.reopen_after = a.reopen_after;
+            cfg.replay_repeats = a.replay_repeats;
+            cfg.replay_history = a.replay_history;
+            cfg.nest_depth = a.nest_depth;
+            cfg.server_pid = a.server_pid;
+            let report = run_abuse(&cfg)?;
+            a.output.emit(&report, &report.human())?;
+            report.check()?;
         }
         Cmd::Compare(a) => {
             let peer_dir = match a.peer_dir {
