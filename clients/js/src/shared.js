@@ -115,6 +115,7 @@ export class SharedClient extends Emitter {
   close() {
     if (this.closed) return;
     this._toLeader({ k: "bye", from: this.id });
+    if (this.isLeader) this._post({ k: "resign", id: this.id });
     this.closed = true;
     globalThis.removeEventListener?.("pagehide", this._onPageHide);
     const err = new RingcastError("closed", "the client is closed");
@@ -165,18 +166,21 @@ export class SharedClient extends Emitter {
     if (this.closed) return;
     if (msg.to !== undefined && msg.to !== this.id) return;
     switch (msg.k) {
+      case "resign":
+        if (msg.id !== this.leaderId) return;
+        this.leaderId = null;
+        this._failUnanswered();
+        this._connected = false;
+        this.emit("close", { code: 1001, reason: "the leader tab closed", willReconnect: true, delayMs: null });
+        return;
       case "leader": {
         if (msg.id === this.leaderId) return;
         this.leaderId = msg.id;
-        // Publishes the old leader took are unknown: fail them. Those waiting go now.
-        for (const [id, p] of this._pending) {
-          if (p.leader !== null) {
-            this._pending.delete(id);
-            p.reject(new RingcastError("disconnected", "the leader tab went away before the ack"));
-          } else {
-            p.leader = msg.id;
-            this._toLeader(p.frame);
-          }
+        this._failUnanswered();
+        // Publishes made while no tab led go to the new leader now.
+        for (const p of this._pending.values()) {
+          p.leader = msg.id;
+          this._toLeader(p.frame);
         }
         const entries = [...this._topics].map(([topic, t]) => t.cursor.entry(topic));
         if (entries.length) this._toLeader({ k: "sub", from: this.id, entries });
@@ -234,6 +238,16 @@ export class SharedClient extends Emitter {
         return;
       default:
         return;
+    }
+  }
+
+  // Publishes a leader took and did not answer may or may not have been published: they fail
+  // with `disconnected`, as over a socket that closed.
+  _failUnanswered() {
+    for (const [id, p] of this._pending) {
+      if (p.leader === null) continue;
+      this._pending.delete(id);
+      p.reject(new RingcastError("disconnected", "the leader tab went away before the ack"));
     }
   }
 
