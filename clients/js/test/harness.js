@@ -1,0 +1,199 @@
+// What the browser tests need around them: the ringcast binary, redis-server and Chromium
+// (found, or under CI a failure when missing), processes started on free ports and stopped at
+// the end, a static server for the test page, /metrics scrapes, HS256 tokens, bounded waits.
+import { spawn, spawnSync } from "node:child_process";
+import { createHmac } from "node:crypto";
+import { readFile, mkdtemp, writeFile } from "node:fs/promises";
+import { createServer } from "node:http";
+import { createServer as createNetServer, connect } from "node:net";
+import { existsSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join, normalize } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const here = dirname(fileURLToPath(import.meta.url));
+export const packageDir = join(here, "..");
+const repo = join(packageDir, "..", "..");
+
+/** Whether a missing tool must fail the tests (CI, or root as .ci/run runs) rather than skip. */
+export const underCi = !!process.env.CI && process.env.CI !== "false" && process.env.CI !== "0";
+
+/**
+ * Finds a tool: the path, or null (with a SKIPPED line) when it is missing outside CI. Under
+ * CI a missing tool throws, so the tests fail instead of passing without running.
+ */
+export function requireTool(name, candidates, install) {
+  const found = candidates.filter(Boolean).find((p) => existsSync(p));
+  if (found) return found;
+  if (underCi) throw new Error(`${name} is missing and CI must run the browser tests: ${install}`);
+  console.error(`SKIPPED: ${name} is not installed (${install})`);
+  return null;
+}
+
+/** The tools the browser tests use, each a path or null (see requireTool). */
+export function tools() {
+  const ringcast = requireTool(
+    "ringcast",
+    [process.env.RINGCAST_BIN, join(repo, "target", "release", "ringcast")],
+    "cargo build --release -p ringcast-cli, or set RINGCAST_BIN",
+  );
+  const chromium = requireTool("chromium", [process.env.CHROMIUM, "/usr/bin/chromium"], "apt-get install chromium");
+  const which = spawnSync("sh", ["-c", "command -v redis-server"], { encoding: "utf8" }).stdout.trim();
+  const redis = requireTool("redis-server", [which], "apt-get install redis-server");
+  return { ringcast, chromium, redis };
+}
+
+/** A free TCP port on 127.0.0.1. */
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = createNetServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/** Waits for `cond` (sync or async) to hold, polling, and fails after `ms`. */
+export async function until(what, cond, ms = 15_000) {
+  const end = Date.now() + ms;
+  let last;
+  for (;;) {
+    try {
+      last = await cond();
+      if (last) return last;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() > end) throw new Error(`timed out after ${ms} ms waiting for ${what} (last: ${last})`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+function portOpen(port) {
+  return new Promise((resolve) => {
+    const s = connect(port, "127.0.0.1");
+    s.once("connect", () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once("error", () => resolve(false));
+  });
+}
+
+/** A child process the test owns: started on a port, stopped (or killed) by its pid. */
+export class Proc {
+  constructor(name, cmd, args, port) {
+    this.name = name;
+    this.cmd = cmd;
+    this.args = args;
+    this.port = port;
+    this.log = "";
+  }
+  async start() {
+    this.child = spawn(this.cmd, this.args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RINGCAST_LOG: "warn" } });
+    const keep = (d) => {
+      this.log = (this.log + d).slice(-8000);
+    };
+    this.child.stdout.on("data", keep);
+    this.child.stderr.on("data", keep);
+    const child = this.child;
+    await until(`${this.name} listening on ${this.port}`, async () => {
+      if (child.exitCode !== null) throw new Error(`${this.name} exited ${child.exitCode}: ${this.log}`);
+      return portOpen(this.port);
+    });
+    return this;
+  }
+  /** Stops it: SIGTERM, or SIGKILL (no drain, no goodbye). */
+  async stop(signal = "SIGTERM") {
+    const child = this.child;
+    if (!child || child.exitCode !== null || child.signalCode !== null) return;
+    const exited = new Promise((r) => child.once("exit", r));
+    child.kill(signal);
+    const timer = setTimeout(() => child.kill("SIGKILL"), 5000);
+    await exited;
+    clearTimeout(timer);
+  }
+}
+
+/** Starts `ringcast serve` on a free port (or `port`), with extra arguments. */
+export async function ringcast(bin, extra = [], port = null) {
+  port ??= await freePort();
+  const args = ["serve", "--listen", `127.0.0.1:${port}`, "--shards", "1", ...extra];
+  return new Proc("ringcast serve", bin, args, port).start();
+}
+
+/** Starts a redis-server without persistence on a free port. */
+export async function redisServer(bin) {
+  const port = await freePort();
+  const args = ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmpdir()];
+  return new Proc("redis-server", bin, args, port).start();
+}
+
+/** The sum over shards of a metric on a ringcast server's /metrics. */
+export async function metric(port, name) {
+  const res = await fetch(`http://127.0.0.1:${port}/metrics`, { headers: { connection: "close" } });
+  const text = await res.text();
+  let sum = 0;
+  let found = false;
+  for (const line of text.split("\n")) {
+    if (line.startsWith(`${name}{`) || line.startsWith(`${name} `)) {
+      sum += Number(line.slice(line.lastIndexOf(" ") + 1));
+      found = true;
+    }
+  }
+  if (!found) throw new Error(`no ${name} in /metrics`);
+  return sum;
+}
+
+/** An HS256 JWT. */
+export function jwt(secret, claims) {
+  const b64 = (v) => Buffer.from(JSON.stringify(v)).toString("base64url");
+  const head = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}`;
+  return `${head}.${createHmac("sha256", secret).update(head).digest("base64url")}`;
+}
+
+/** Writes a secret to a file of its own (for `auth.hs256_secret_file`). */
+export async function secretFile(secret) {
+  const dir = await mkdtemp(join(tmpdir(), "ringcast-js-"));
+  const path = join(dir, "hs256.secret");
+  await writeFile(path, secret);
+  return path;
+}
+
+const PAGE = `<!doctype html><meta charset="utf-8"><title>ringcast-client test</title>
+<script type="module">
+import * as ringcast from "/src/index.js";
+window.ringcast = ringcast;
+window.ready = true;
+</script>`;
+
+/**
+ * The test page's origin: `/` loads the client as `window.ringcast`, `/src/*` serves the
+ * package's sources, and `routes` adds handlers (path -> (req, res) => void).
+ */
+export async function pageServer(routes = {}) {
+  const server = createServer(async (req, res) => {
+    const path = new URL(req.url, "http://x").pathname;
+    if (routes[path]) return routes[path](req, res);
+    if (path === "/") {
+      res.writeHead(200, { "content-type": "text/html" });
+      return res.end(PAGE);
+    }
+    const file = normalize(join(packageDir, path));
+    if (path.startsWith("/src/") && file.startsWith(join(packageDir, "src"))) {
+      try {
+        const body = await readFile(file);
+        res.writeHead(200, { "content-type": "text/javascript" });
+        return res.end(body);
+      } catch {
+        // fall through to 404
+      }
+    }
+    res.writeHead(404);
+    res.end();
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  return { server, origin: `http://127.0.0.1:${server.address().port}` };
+}
