@@ -415,4 +415,4 @@ export class RingcastClient extends Emitter {
   }
 }
 
-export { createClient } from "./shared.js";
+export { createClient, SharedClient } from "./shared.js";
