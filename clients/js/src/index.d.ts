@@ -100,6 +100,7 @@ export class Subscription {
   on<T = unknown>(event: "message", fn: (e: MessageEvent<T>) => void): () => void;
   on(event: "dropped", fn: (e: DroppedEvent) => void): () => void;
   on(event: "reset", fn: (e: ResetEvent) => void): () => void;
+  on(event: "subscribed", fn: (e: { topic: string; epoch: number | null; seq: number | null }) => void): () => void;
   on(event: "resubscribed", fn: (e: ResubscribedEvent) => void): () => void;
   on(event: "error", fn: (e: RingcastError) => void): () => void;
   off(event: string, fn: (e: any) => void): void;

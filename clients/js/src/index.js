@@ -135,8 +135,9 @@ export class TopicCursor {
  * `data` the JSON value, or a Uint8Array for a binary payload), `dropped` (`{topic, count,
  * next}`: `count` messages were lost and `next` follows), `reset` (`{topic, oldest, epoch}`:
  * the numbering restarted; everything before `oldest` in the new epoch is lost),
- * `resubscribed` (`{topic, since}` after a reconnect), `error` (a RingcastError: the broker
- * refused the subscription).
+ * `subscribed` (`{topic, epoch, seq}` at the first ack, in order with the messages; `ready`
+ * resolves then too), `resubscribed` (`{topic, since}` after a reconnect), `error` (a
+ * RingcastError: the broker refused the subscription).
  */
 export class Subscription extends Emitter {
   constructor(client, topic) {
@@ -390,7 +391,10 @@ export class RingcastClient extends Emitter {
       const first = !t.acked;
       t.acked = true;
       for (const s of t.subs) {
-        if (first) s._resolve({ epoch: t.cursor.epoch, seq: t.cursor.seq });
+        if (first) {
+          s._resolve({ epoch: t.cursor.epoch, seq: t.cursor.seq });
+          s.emit("subscribed", { topic: a.topic, epoch: t.cursor.epoch, seq: t.cursor.seq });
+        }
         else s.emit("resubscribed", { topic: a.topic, since: p.since[i] });
       }
     }

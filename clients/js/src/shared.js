@@ -194,7 +194,7 @@ export class SharedClient extends Emitter {
         t.acked = true;
         for (const s of t.subs) {
           if (first) s._resolve({ epoch: t.cursor.epoch, seq: t.cursor.seq });
-          else s.emit("resubscribed", { topic: msg.topic, since: msg.since ?? null });
+          else s.emit("resubscribed", { topic: msg.topic, since: t.cursor.seq });
         }
         return;
       }
@@ -331,11 +331,13 @@ export class SharedClient extends Emitter {
     forward("dropped");
     forward("reset");
     forward("resubscribed");
+    // At the ack, before the messages that follow it (a promise would answer after them).
+    sub.on("subscribed", ({ epoch, seq }) => {
+      lt.acked = true;
+      for (const tab of lt.tabs) this._toTabs({ k: "subok", to: tab, topic, epoch, seq });
+    });
     sub.ready.then(
-      ({ epoch, seq }) => {
-        lt.acked = true;
-        for (const tab of lt.tabs) this._toTabs({ k: "subok", to: tab, topic, epoch, seq });
-      },
+      () => {},
       (e) => {
         L.topics.delete(topic);
         for (const tab of lt.tabs) this._toTabs({ k: "suberr", to: tab, topic, code: e.code, message: e.message });

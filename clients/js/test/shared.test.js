@@ -111,3 +111,47 @@ test("three tabs share one socket; when the leader closes the others continue wi
   assert.equal(w.live().length, 1, "still one socket");
   for (const t of rest) t.close();
 });
+
+test("a leader tab that dies without a word is replaced; its unanswered publishes fail, nothing repeats", async () => {
+  const w = world();
+  const b = broker(w);
+  const tabs = [w.tab(), w.tab()];
+  const seen = tabs.map(() => []);
+  const resubs = tabs.map(() => []);
+  const subs = tabs.map((t, i) => {
+    const s = t.subscribe("t");
+    s.on("message", (m) => seen[i].push(m.seq));
+    s.on("resubscribed", (r) => resubs[i].push(r.since));
+    return s;
+  });
+  await until("the leader's socket", () => w.sockets.length === 1);
+  await b.serveNew();
+  await Promise.all(subs.map((s) => s.ready));
+  const leader = tabs.findIndex((t) => t.isLeader);
+  const follower = tabs[1 - leader];
+  await follower.publish("t", 1);
+  await until("the first message", () => seen[1 - leader].length === 1);
+  // The leader's page crashes: no resign, no bye; its socket and channel are simply gone and
+  // the browser releases its lock. A publish the follower sent into the void is pending.
+  const dead = tabs[leader];
+  dead.closed = true;
+  dead._channel.close();
+  dead._leader.client.conn._dropSocket();
+  dead._leader.client.conn._stop("crashed");
+  const lost = follower.publish("t", 2).then(
+    () => "acked",
+    (e) => e.code,
+  );
+  await settle();
+  dead._release();
+  b.history.push("x");
+  await until("a new leader's socket", () => w.sockets.length === 2);
+  await b.serveNew();
+  assert.equal(await lost, "disconnected");
+  await follower.publish("t", 3);
+  await until("the replayed and the new message", () => seen[1 - leader].length === 3);
+  assert.deepEqual(seen[1 - leader], [1, 2, 3], "seq 2 (published elsewhere) replayed, seq 3 live");
+  assert.deepEqual(resubs[1 - leader], [1], "one resubscription, from the follower's own position");
+  assert.ok(follower.isLeader);
+  follower.close();
+});
