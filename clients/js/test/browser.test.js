@@ -125,7 +125,10 @@ test("a restarted in-memory server starts a new numbering: the subscriber gets a
   await until("three messages", async () => (await messages(page)).length === 3);
   await srv.stop("SIGKILL");
   srv = await serve([], srv.port);
-  await until("a resubscription", () => page.evaluate(() => window.events.some((e) => e.type === "resubscribed")));
+  await until("a resubscription", () => page.evaluate(() => window.events.some((e) => e.type === "resubscribed"))).catch(async (e) => {
+    const state = await page.evaluate(() => JSON.stringify({ closes: window.closes, events: window.events, state: window.client.conn.state }));
+    throw new Error(`${e.message}; page: ${state}; server log: ${srv.log}`);
+  });
   const ack = await page.evaluate(() => window.publish("mem", 4));
   assert.equal(ack.seq, 1, "the new server numbers from 1");
   assert.notEqual(ack.epoch, first.epoch, "in a new epoch");

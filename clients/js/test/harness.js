@@ -43,8 +43,33 @@ export function tools() {
   return { ringcast, chromium, redis };
 }
 
-/** A free TCP port on 127.0.0.1. */
-export function freePort() {
+function canListen(port) {
+  return new Promise((resolve) => {
+    const s = createNetServer();
+    s.once("error", () => resolve(false));
+    s.listen(port, "127.0.0.1", () => s.close(() => resolve(true)));
+  });
+}
+
+/**
+ * A free TCP port on 127.0.0.1, below the kernel's ephemeral range: a server restarted on it
+ * must find it free again, and a port in the ephemeral range can meanwhile be taken as the
+ * local port of any outgoing connection on the machine (even one of the client's own retries).
+ */
+export async function freePort() {
+  let low = 32768;
+  try {
+    low = Number((await readFile("/proc/sys/net/ipv4/ip_local_port_range", "utf8")).trim().split(/\s+/)[0]);
+  } catch {
+    // Not Linux: use the default range's start.
+  }
+  const floor = 10_000;
+  if (low - floor >= 1000) {
+    for (let i = 0; i < 100; i++) {
+      const port = floor + Math.floor(Math.random() * (low - floor));
+      if (await canListen(port)) return port;
+    }
+  }
   return new Promise((resolve, reject) => {
     const s = createNetServer();
     s.once("error", reject);
@@ -84,24 +109,34 @@ function portOpen(port) {
 
 /** A child process the test owns: started on a port, stopped (or killed) by its pid. */
 export class Proc {
-  constructor(name, cmd, args, port) {
+  /** `ready`: a pattern its output prints once it serves (else: its port accepts). */
+  constructor(name, cmd, args, port, ready = null) {
     this.name = name;
     this.cmd = cmd;
     this.args = args;
     this.port = port;
+    this.ready = ready;
     this.log = "";
   }
   async start() {
-    this.child = spawn(this.cmd, this.args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RINGCAST_LOG: "warn" } });
+    this.child = spawn(this.cmd, this.args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RINGCAST_LOG: "info" } });
+    let said = false;
     const keep = (d) => {
       this.log = (this.log + d).slice(-8000);
+      if (this.ready?.test(this.log)) said = true;
     };
     this.child.stdout.on("data", keep);
     this.child.stderr.on("data", keep);
     const child = this.child;
-    await until(`${this.name} listening on ${this.port}`, async () => {
-      if (child.exitCode !== null) throw new Error(`${this.name} exited ${child.exitCode}: ${this.log}`);
-      return portOpen(this.port);
+    let exited = null;
+    child.once("exit", (code, signal) => {
+      exited = `${code ?? signal}`;
+    });
+    await until(`${this.name} serving on ${this.port}`, async () => {
+      if (exited !== null) throw new Error(`${this.name} exited (${exited}): ${this.log}`);
+      return this.ready ? said : portOpen(this.port);
+    }).catch((e) => {
+      throw new Error(`${e.message}; ${this.name}'s output: ${this.log}`);
     });
     return this;
   }
@@ -121,7 +156,7 @@ export class Proc {
 export async function ringcast(bin, extra = [], port = null) {
   port ??= await freePort();
   const args = ["serve", "--listen", `127.0.0.1:${port}`, "--shards", "1", ...extra];
-  return new Proc("ringcast serve", bin, args, port).start();
+  return new Proc("ringcast serve", bin, args, port, /ringcast listening/).start();
 }
 
 /** Starts a redis-server without persistence on a free port. */
