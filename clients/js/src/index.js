@@ -274,6 +274,37 @@ export class RingcastClient extends Emitter {
     this.conn.close();
   }
 
+  /**
+   * Moves a topic back to an earlier position of the same epoch and has the broker replay from
+   * there (the shared-tab leader does this for a tab that is behind it). Over an open socket it
+   * unsubscribes and subscribes again with `since`, ignoring the topic's messages until the new
+   * subscription's ack (they come again in the replay). Events for what this client already
+   * delivered come again: callers dedupe (each tab's TopicCursor does).
+   * @returns {boolean} whether it rewound
+   */
+  _rewind(topic, since, epoch) {
+    const t = this._topics.get(topic);
+    if (!t || t.cursor.seq === null || since >= t.cursor.seq) return false;
+    if (epoch && t.cursor.epoch && epoch !== t.cursor.epoch) return false;
+    t.rewindTo = { since, epoch: epoch || t.cursor.epoch };
+    if (!this.conn.isOpen) {
+      this._finishRewind(t);
+      return true;
+    }
+    t.rewinding = true;
+    this.conn.send({ type: "unsubscribe", topic });
+    this._sendSubscribe([topic]);
+    return true;
+  }
+
+  _finishRewind(t) {
+    t.cursor.seq = t.rewindTo.since;
+    t.cursor.epoch = t.rewindTo.epoch;
+    t.cursor.loose = false;
+    t.rewinding = false;
+    t.rewindTo = null;
+  }
+
   _request(frame, pending) {
     const id = this._nextId++;
     this._pending.set(id, pending);
@@ -282,7 +313,13 @@ export class RingcastClient extends Emitter {
   }
 
   _sendSubscribe(topics) {
-    const entries = topics.map((topic) => this._topics.get(topic).cursor.entry(topic));
+    const entries = topics.map((topic) => {
+      const t = this._topics.get(topic);
+      if (!t.rewinding) return t.cursor.entry(topic);
+      const e = { topic, since: t.rewindTo.since };
+      if (t.rewindTo.epoch) e.epoch = t.rewindTo.epoch;
+      return e;
+    });
     this._request(
       { type: "subscribe", topics: entries },
       {
@@ -331,7 +368,7 @@ export class RingcastClient extends Emitter {
     switch (m.type) {
       case "message": {
         const t = this._topics.get(m.topic);
-        if (!t) return;
+        if (!t || t.rewinding) return;
         const ev = { type: "message", topic: m.topic, seq: m.seq, data: "data_b64" in m ? decodeBytes(m.data_b64) : m.data };
         this._deliver(t, t.cursor.accept(ev));
         return;
@@ -339,7 +376,7 @@ export class RingcastClient extends Emitter {
       case "dropped":
       case "reset": {
         const t = this._topics.get(m.topic);
-        if (t) this._deliver(t, t.cursor.accept({ ...m }));
+        if (t && !t.rewinding) this._deliver(t, t.cursor.accept({ ...m }));
         return;
       }
       case "ack":
@@ -387,6 +424,11 @@ export class RingcastClient extends Emitter {
       const t = this._topics.get(a.topic);
       if (!t) continue;
       const i = p.topics.indexOf(a.topic);
+      if (t.rewinding) {
+        // The ack of a rewind: the replay from its position follows.
+        this._finishRewind(t);
+        continue;
+      }
       t.cursor.acked(a.epoch, a.seq);
       const first = !t.acked;
       t.acked = true;

@@ -88,7 +88,8 @@ export class SharedClient extends Emitter {
     const since = options.since ?? null;
     t = { cursor: new TopicCursor(since, since !== null ? (options.epoch ?? null) : null), subs: new Set([sub]), acked: false };
     this._topics.set(topic, t);
-    this._toLeader({ k: "sub", from: this.id, entries: [t.cursor.entry(topic)] });
+    // Before a leader is known, the `leader` announcement sends every topic.
+    if (this.leaderId !== null) this._toLeader({ k: "sub", from: this.id, entries: [t.cursor.entry(topic)] });
     return sub;
   }
 
@@ -278,6 +279,7 @@ export class SharedClient extends Emitter {
     switch (msg.k) {
       case "hello":
         this._post({ k: "leader", id: this.id });
+        if (L.client.connected) this._post({ k: "conn", to: msg.from, event: "open", detail: {} });
         return;
       case "sub":
         for (const e of msg.entries) {
@@ -292,6 +294,9 @@ export class SharedClient extends Emitter {
             lt.entries.push(e);
             if (!L.collecting) this._leaderSubscribe(topic, lt);
           } else if (lt.acked) {
+            // A tab behind the socket's position (it answered the handover late, or joined
+            // with an older since): replay from its position; the other tabs drop repeats.
+            if (typeof e === "object" && e.since != null) L.client._rewind(topic, e.since, e.epoch);
             this._toTabs({ k: "subok", to: msg.from, topic, epoch: lt.sub.epoch, seq: lt.sub.seq });
           }
         }

@@ -155,3 +155,38 @@ test("a leader tab that dies without a word is replaced; its unanswered publishe
   assert.ok(follower.isLeader);
   follower.close();
 });
+
+test("a tab that joins behind the socket's position gets the replay; the others see nothing twice", async () => {
+  const w = world();
+  const b = broker(w);
+  const tabs = [w.tab(), w.tab()];
+  const seen = [[], [], []];
+  const subs = tabs.map((t, i) => {
+    const s = t.subscribe("t");
+    s.on("message", (m) => seen[i].push(m.seq));
+    s.on("dropped", (d) => seen[i].push(`dropped ${d.count}`));
+    return s;
+  });
+  await until("the leader's socket", () => w.sockets.length === 1);
+  await b.serveNew();
+  await Promise.all(subs.map((s) => s.ready));
+  for (let i = 1; i <= 5; i++) await tabs[0].publish("t", i);
+  await until("five messages in both tabs", () => seen[0].length === 5 && seen[1].length === 5);
+  const late = w.tab();
+  const sub = late.subscribe("t", { since: 2, epoch: 1 });
+  sub.on("message", (m) => seen[2].push(m.seq));
+  sub.on("dropped", (d) => seen[2].push(`dropped ${d.count}`));
+  await sub.ready;
+  await until("the replay in the late tab", () => seen[2].length === 3).catch((e) => { throw new Error(`${e.message}: ${JSON.stringify(seen)} ${JSON.stringify(w.sockets[0].sent)}`); });
+  await tabs[1].publish("t", 6);
+  await until("the sixth everywhere", () => seen.every((s) => s.at(-1) === 6));
+  assert.deepEqual(seen, [
+    [1, 2, 3, 4, 5, 6],
+    [1, 2, 3, 4, 5, 6],
+    [3, 4, 5, 6],
+  ]);
+  assert.equal(w.sockets.length, 1);
+  const unsubscribes = w.sockets[0].requests("unsubscribe");
+  assert.equal(unsubscribes.length, 1, "the rewind resubscribed the topic once");
+  for (const t of [...tabs, late]) t.close();
+});

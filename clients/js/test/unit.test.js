@@ -275,3 +275,24 @@ test("unsubscribing the last subscription of a topic unsubscribes it", async () 
   assert.deepEqual(ws.requests("unsubscribe").map((r) => r.topic), ["t"]);
   assert.ok(DEFAULTS.backoffMaxMs > DEFAULTS.backoffMinMs);
 });
+
+test("a rewind ignores the topic's messages until its ack, then takes the replay without a false gap", async () => {
+  const t = setup();
+  const { ws, sub } = await openAndSubscribe(t, "t", 7, 0);
+  const seen = record(sub);
+  for (const seq of [1, 2, 3, 4]) ws.deliver({ type: "message", topic: "t", seq, data: seq });
+  assert.equal(t.client._rewind("t", 2, 7), true);
+  assert.deepEqual(ws.requests("unsubscribe").map((r) => r.topic), ["t"]);
+  const req = ws.requests("subscribe").at(-1);
+  assert.deepEqual(req.topics, [{ topic: "t", since: 2, epoch: 7 }]);
+  ws.deliver({ type: "message", topic: "t", seq: 5, data: 5 }); // live, before the unsubscribe landed
+  ws.deliver({ type: "ack", id: req.id, topics: [{ topic: "t", epoch: 7, seq: 5 }] });
+  for (const seq of [3, 4, 5, 6]) ws.deliver({ type: "message", topic: "t", seq, data: seq });
+  assert.deepEqual(
+    seen.map((e) => `${e.type}:${e.seq}`),
+    ["message:1", "message:2", "message:3", "message:4", "message:3", "message:4", "message:5", "message:6"],
+    "the replay from 3 on, 5 once, no dropped event",
+  );
+  assert.equal(t.client._rewind("t", 9, 7), false, "never forwards");
+  assert.equal(t.client._rewind("t", 1, 8), false, "never across epochs");
+});
