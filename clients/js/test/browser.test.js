@@ -179,7 +179,8 @@ test("a subscriber resumes across a kill -9 and restart of its server with no ga
   await page.context().close();
 });
 
-test("three tabs share one socket; the leader tab closes while messages flow and the others miss nothing", { skip }, async () => {
+/** Three tabs on one socket; the leader tab goes away (`close`, or `crash`) while messages flow. */
+async function threeTabs(how) {
   const srv = await serve();
   const url = `ws://127.0.0.1:${srv.port}/`;
   const context = await browser.newContext();
@@ -207,7 +208,16 @@ test("three tabs share one socket; the leader tab closes while messages flow and
   });
   await until("messages flowing", async () => (await pubPage.evaluate(() => window.acked.length)) >= 40);
   const leader = leaders.indexOf(true);
-  await tabs[leader].close();
+  if (how === "close") {
+    await tabs[leader].close();
+  } else {
+    // The renderer dies: no pagehide, no goodbye on the channel; the browser drops the page's
+    // socket and releases its lock.
+    const crashed = new Promise((r) => tabs[leader].once("crash", r));
+    const cdp = await context.newCDPSession(tabs[leader]);
+    cdp.send("Page.crash").catch(() => {});
+    await crashed;
+  }
   const rest = tabs.filter((_, i) => i !== leader);
   await flow;
   const acked = await pubPage.evaluate(() => window.acked);
@@ -226,7 +236,13 @@ test("three tabs share one socket; the leader tab closes while messages flow and
   await pubPage.context().close();
   await until("again one WebSocket connection", async () => (await metric(srv.port, "ringcast_connections_active")) === 2);
   await context.close();
-});
+}
+
+test("three tabs share one socket; the leader tab closes while messages flow and the others miss nothing", { skip }, () =>
+  threeTabs("close"));
+
+test("three tabs share one socket; the leader tab crashes while messages flow and the others miss nothing", { skip }, () =>
+  threeTabs("crash"));
 
 test("an expired token closes with 1008 and the token callback's fresh token resumes the stream", { skip }, async () => {
   const secret = "browser-test-secret";
