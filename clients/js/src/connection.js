@@ -2,11 +2,17 @@
 // token callback before every attempt, applies the close-code policy, retries at once when the
 // browser comes back online, and closes a connection it has heard nothing from.
 //
-// It knows the envelope only as far as it must: it parses each text frame as JSON, sends
-// application pings, and reads the `shutdown` notice. Subscriptions and acks are index.js.
+// It knows the envelope only as far as it must: it turns frames into objects and back through
+// a codec (codec.js: JSON or binary), sends application pings, and reads the `shutdown`
+// notice. Subscriptions and acks are index.js.
+
+import { binaryCodec, jsonCodec } from "./codec.js";
 
 /** The subprotocol of the JSON dialect (protocol/PROTOCOL.md). */
-export const JSON_PROTOCOL = "ringcast.v1.json";
+export const JSON_PROTOCOL = jsonCodec.protocol;
+
+/** The subprotocol of the binary dialect, version 2. */
+export const BINARY_PROTOCOL = binaryCodec.protocol;
 
 /** Prefix of the subprotocol entry that carries a token from a browser. */
 export const TOKEN_PROTOCOL_PREFIX = "ringcast.token.";
@@ -128,6 +134,10 @@ export class Connection extends Emitter {
     if (typeof this._WebSocket !== "function") {
       throw new TypeError("no WebSocket: pass options.WebSocket (in Node, e.g. the ws package)");
     }
+    if (options.encoding !== undefined && options.encoding !== "json" && options.encoding !== "binary") {
+      throw new TypeError(`encoding must be "json" or "binary", not ${options.encoding}`);
+    }
+    this.codec = options.encoding === "binary" ? binaryCodec : jsonCodec;
     this._random = options.random ?? Math.random;
     this._setTimeout = options.setTimeout ?? ((fn, ms) => setTimeout(fn, ms));
     this._clearTimeout = options.clearTimeout ?? ((t) => clearTimeout(t));
@@ -166,10 +176,10 @@ export class Connection extends Emitter {
     return this.state === "open";
   }
 
-  /** Sends one envelope object as a JSON text frame; false when no socket is open. */
+  /** Sends one request object in the connection's encoding; false when no socket is open. */
   send(obj) {
     if (this.state !== "open") return false;
-    this.ws.send(JSON.stringify(obj));
+    this.ws.send(this.codec.encode(obj));
     return true;
   }
 
@@ -197,7 +207,7 @@ export class Connection extends Emitter {
   async _connect() {
     const generation = ++this._generation;
     this.state = "connecting";
-    const protocols = [JSON_PROTOCOL];
+    const protocols = [this.codec.protocol];
     let token = null;
     try {
       token = await this._token();
@@ -216,6 +226,7 @@ export class Connection extends Emitter {
       this._stop(`cannot open a WebSocket to ${this.url}: ${err?.message ?? err}`);
       return;
     }
+    ws.binaryType = "arraybuffer";
     this.ws = ws;
     this._shutdownNotice = false;
     this._connectTimer = this._setTimeout(() => {
@@ -238,15 +249,11 @@ export class Connection extends Emitter {
     ws.onmessage = (event) => {
       if (this.ws !== ws) return;
       this._heard();
-      if (typeof event.data !== "string") {
-        this.emit("error", { message: "binary frame on the JSON dialect, ignored" });
-        return;
-      }
       let msg;
       try {
-        msg = JSON.parse(event.data);
-      } catch {
-        this.emit("error", { message: "a frame that is not JSON, ignored" });
+        msg = this.codec.decode(event.data);
+      } catch (err) {
+        this.emit("error", { message: `a frame the client cannot read, ignored: ${err?.message ?? err}` });
         return;
       }
       if (msg?.type === "shutdown") this._shutdownNotice = true;

@@ -24,6 +24,8 @@ export interface ConnectionOptions {
   token?: string | ((info: { refresh: boolean }) => string | null | Promise<string | null>);
   /** The WebSocket constructor; default the global one (in Node, pass e.g. the ws package's). */
   WebSocket?: unknown;
+  /** The dialect: "json" (`ringcast.v1.json`, the default) or "binary" (`ringcast.v2.bin`). */
+  encoding?: "json" | "binary";
   /** Uniform random numbers in [0, 1), for the jitter. Default Math.random. */
   random?: () => number;
 }
@@ -162,6 +164,16 @@ export function closePolicy(
 ): { action: "reconnect"; delay: "backoff" | "restart" | "now"; refreshToken: boolean };
 
 export const JSON_PROTOCOL: "ringcast.v1.json";
+export const BINARY_PROTOCOL: "ringcast.v2.bin";
+
+/** A dialect: request objects to frames, frames to event objects (a binary payload as `bytes`). */
+export interface Codec {
+  readonly protocol: string;
+  encode(request: object): string | Uint8Array;
+  decode(frame: string | ArrayBuffer | Uint8Array): Record<string, unknown>;
+}
+export const jsonCodec: Codec;
+export const binaryCodec: Codec;
 export const DEFAULTS: Readonly<Required<Omit<ConnectionOptions, "token" | "WebSocket" | "random">>>;
 export const CloseCode: Readonly<{
   NORMAL: 1000;

@@ -13,7 +13,9 @@ export {
   CloseCode,
   DEFAULTS,
   JSON_PROTOCOL,
+  BINARY_PROTOCOL,
 } from "./connection.js";
+export { jsonCodec, binaryCodec } from "./codec.js";
 
 /** A request that failed: `code` is the broker's error code, or one of this client's own
  * (`disconnected`, `queue_full`, `closed`). */
@@ -37,21 +39,6 @@ export const CLIENT_DEFAULTS = Object.freeze({
   // while disconnected fails at once with `disconnected`.
   maxQueuedPublishes: 1000,
 });
-
-function encodeBytes(bytes) {
-  let s = "";
-  for (let i = 0; i < bytes.length; i += 0x8000) {
-    s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
-  }
-  return btoa(s);
-}
-
-function decodeBytes(b64) {
-  const s = atob(b64);
-  const out = new Uint8Array(s.length);
-  for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
-  return out;
-}
 
 /**
  * What a tab has seen of one topic, and the dedupe and gap rule over it: the part of the
@@ -250,7 +237,7 @@ export class RingcastClient extends Emitter {
    */
   publish(topic, data) {
     const frame = { type: "publish", topic };
-    if (data instanceof Uint8Array) frame.data_b64 = encodeBytes(data);
+    if (data instanceof Uint8Array) frame.bytes = data;
     else frame.data = data === undefined ? null : data;
     return new Promise((resolve, reject) => {
       if (this.conn.state === "stopped") {
@@ -369,7 +356,7 @@ export class RingcastClient extends Emitter {
       case "message": {
         const t = this._topics.get(m.topic);
         if (!t || t.rewinding) return;
-        const ev = { type: "message", topic: m.topic, seq: m.seq, data: "data_b64" in m ? decodeBytes(m.data_b64) : m.data };
+        const ev = { type: "message", topic: m.topic, seq: m.seq, data: m.bytes ?? m.data };
         this._deliver(t, t.cursor.accept(ev));
         return;
       }

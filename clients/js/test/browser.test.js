@@ -115,6 +115,27 @@ test("subscribe, publish and the ack's seq, in Chromium against ringcast serve",
   await page.context().close();
 });
 
+test("the binary dialect in Chromium: JSON and binary payloads, acks, errors", { skip }, async () => {
+  const srv = await serve();
+  const url = `ws://127.0.0.1:${srv.port}/`;
+  const page = await openPage();
+  await subscribeIn(page, url, "bin", { encoding: "binary" });
+  assert.equal(await page.evaluate(() => window.client.conn.ws.protocol), "ringcast.v2.bin");
+  const acks = await page.evaluate(async () => [
+    await window.client.publish("bin", { a: [1, 2] }),
+    await window.client.publish("bin", new Uint8Array([0, 1, 254, 255])),
+  ]);
+  assert.deepEqual(acks.map((a) => a.seq), [1, 2]);
+  await until("both messages", async () => (await messages(page)).length === 2);
+  const got = await page.evaluate(() =>
+    window.events.filter((e) => e.type === "message").map((m) => (m.data instanceof Uint8Array ? [...m.data] : m.data)),
+  );
+  assert.deepEqual(got, [{ a: [1, 2] }, [0, 1, 254, 255]]);
+  const refused = await page.evaluate(() => window.client.publish("bad topic", 1).catch((e) => e.code));
+  assert.equal(refused, "bad_topic");
+  await page.context().close();
+});
+
 test("a restarted in-memory server starts a new numbering: the subscriber gets a reset, not a silent jump", { skip }, async () => {
   let srv = await serve();
   const url = `ws://127.0.0.1:${srv.port}/`;

@@ -21,7 +21,7 @@ client
   .publish("prices.BTC", { bid: 1 })
   .then(({ seq, epoch }) => console.log(seq, epoch))
   .catch((e: RingcastError) => console.log(e.code, e.retryAfterMs));
-const own = new RingcastClient("ws://127.0.0.1:9000/", { autoStart: false });
+const own = new RingcastClient("ws://127.0.0.1:9000/", { autoStart: false, encoding: "binary" });
 own.start();
 const delay: number = backoffDelay(3, { backoffMinMs: 100, backoffMaxMs: 1000 });
 void delay;
