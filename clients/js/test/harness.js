@@ -34,7 +34,8 @@ export function requireTool(name, candidates, install) {
 export function tools() {
   const ringcast = requireTool(
     "ringcast",
-    [process.env.RINGCAST_BIN, join(repo, "target", "release", "ringcast")],
+    // RINGCAST_BIN, when set, is the binary (no fallback that would test another build).
+    process.env.RINGCAST_BIN ? [process.env.RINGCAST_BIN] : [join(repo, "target", "release", "ringcast")],
     "cargo build --release -p ringcast-cli, or set RINGCAST_BIN",
   );
   const chromium = requireTool("chromium", [process.env.CHROMIUM, "/usr/bin/chromium"], "apt-get install chromium");
