@@ -265,6 +265,62 @@ test("three tabs share one socket; the leader tab closes while messages flow and
 test("three tabs share one socket; the leader tab crashes while messages flow and the others miss nothing", { skip }, () =>
   threeTabs("crash"));
 
+test("coming back online retries at once instead of waiting out a long backoff", { skip }, async () => {
+  let srv = await serve();
+  const url = `ws://127.0.0.1:${srv.port}/`;
+  const page = await openPage();
+  // A backoff of at least 30 s for every retry: only the online event can bring it back soon.
+  await page.evaluate(() => {
+    window.slow = { backoffMinMs: 60_000, backoffMaxMs: 60_000, random: () => 0.5 };
+  });
+  await page.evaluate(({ url }) => {
+    window.client = window.ringcast.createClient(url, window.slow);
+    window.closes = [];
+    window.opens = 0;
+    window.client.on("close", (e) => window.closes.push(e));
+    window.client.on("open", () => window.opens++);
+    return window.client.subscribe("online").ready;
+  }, { url });
+  await srv.stop("SIGKILL");
+  await until("the loss", () => page.evaluate(() => window.closes.length === 1));
+  assert.equal(await page.evaluate(() => window.closes[0].delayMs), 30_000);
+  srv = await serve([], srv.port);
+  const t0 = Date.now();
+  await page.context().setOffline(true);
+  await page.context().setOffline(false);
+  await until("a reconnect after the online event", () => page.evaluate(() => window.opens === 2), 10_000);
+  assert.ok(Date.now() - t0 < 10_000);
+  await page.context().close();
+});
+
+test("a connection that goes silent is pinged, closed and replaced once the server answers again", { skip }, async () => {
+  const srv = await serve();
+  const url = `ws://127.0.0.1:${srv.port}/`;
+  const page = await openPage();
+  await page.evaluate(({ url }) => {
+    window.client = window.ringcast.createClient(url, { livenessTimeoutMs: 1000, connectTimeoutMs: 1000, backoffMaxMs: 500 });
+    window.closes = [];
+    window.opens = 0;
+    window.client.on("close", (e) => window.closes.push(e));
+    window.client.on("open", () => window.opens++);
+    return window.client.subscribe("quiet").ready;
+  }, { url });
+  // The server stops answering without closing anything (SIGSTOP): only liveness can tell.
+  srv.signal("SIGSTOP");
+  try {
+    await until("the liveness close", () => page.evaluate(() => window.closes.some((c) => c.code === 4000)), 10_000);
+  } finally {
+    srv.signal("SIGCONT");
+  }
+  await until("a new connection", () => page.evaluate(() => window.opens >= 2), 15_000);
+  const closes = await page.evaluate(() => window.closes);
+  assert.equal(closes[0].code, 4000);
+  assert.equal(closes[0].reason, "nothing heard from the server");
+  const ack = await page.evaluate(() => window.client.publish("quiet", 1));
+  assert.equal(ack.seq, 1);
+  await page.context().close();
+});
+
 test("an expired token closes with 1008 and the token callback's fresh token resumes the stream", { skip }, async () => {
   const secret = "browser-test-secret";
   const key = await secretFile(secret);

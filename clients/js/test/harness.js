@@ -137,6 +137,11 @@ export class Proc {
     });
     return this;
   }
+  /** Sends a signal that does not end it (SIGSTOP, SIGCONT). */
+  signal(name) {
+    this.child.kill(name);
+  }
+
   /** Stops it: SIGTERM, or SIGKILL (no drain, no goodbye). */
   async stop(signal = "SIGTERM") {
     const child = this.child;
