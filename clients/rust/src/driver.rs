@@ -1,0 +1,881 @@
+//! The client's one task: connects, resubscribes every topic from its last seq, pumps frames
+//! through `ringcast-protocol`'s codec, answers the application's commands, and decides when
+//! and how soon to reconnect. It owns every topic's position; nothing else mutates it.
+//!
+//! It must not implement any of the wire itself: handshake bytes, frames and envelopes all come
+//! from `ringcast_protocol`.
+
+use std::{
+    borrow::Cow,
+    collections::{HashMap, VecDeque},
+    future::Future,
+    io,
+    time::{Duration, Instant},
+};
+
+use bytes::{Bytes, BytesMut};
+use ringcast_protocol::{
+    envelope::{self, AckPosition, Dialect, Request, ServerMessage, SubscribeTopic},
+    ClientHandshake, CloseCode, CloseFrame, Codec, Event as WsEvent, HandshakeError, HeadReader,
+    Limits,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::{mpsc, oneshot, watch},
+};
+
+use crate::{
+    config::{Config, Encoding, QueuePolicy, Token, Url},
+    Data, Error, Event, Published, Status,
+};
+
+/// The largest response head the client reads at the upgrade.
+const MAX_RESPONSE_HEAD_BYTES: usize = 16 * 1024;
+
+/// The answer to a subscribe: the events' receiver and the subscription's generation.
+pub(crate) type SubscribeReply = oneshot::Sender<Result<(mpsc::Receiver<Event>, u64), Error>>;
+
+/// What the application asks of the task.
+pub(crate) enum Command {
+    Subscribe {
+        topic: String,
+        /// Resume after this seq, in this epoch if known.
+        since: Option<(u64, Option<u64>)>,
+        reply: SubscribeReply,
+    },
+    Unsubscribe {
+        topic: String,
+        /// Only the subscription of this generation: a newer one on the same topic stays.
+        generation: u64,
+    },
+    Publish {
+        topic: String,
+        data: Data,
+        reply: oneshot::Sender<Result<Published, Error>>,
+    },
+    Close,
+}
+
+/// One subscribed topic and where the application stands in it.
+struct Topic {
+    events: mpsc::Sender<Event>,
+    generation: u64,
+    /// The epoch (if known) and the last seq the application was given, or the position the
+    /// subscription started from. What the next resubscribe sends as `since`.
+    last: Option<(Option<u64>, u64)>,
+    /// Whether the next message must be `last + 1` (false only before the first message of a
+    /// subscription that started live, whose first seq may be later).
+    contiguous: bool,
+    /// Until the first ack: the caller's reply and the receiver it will get.
+    waiting: Option<(SubscribeReply, mpsc::Receiver<Event>)>,
+}
+
+struct QueuedPublish {
+    topic: String,
+    data: Data,
+    reply: oneshot::Sender<Result<Published, Error>>,
+}
+
+/// A request sent on this connection and not answered yet.
+enum Inflight {
+    Publish(oneshot::Sender<Result<Published, Error>>),
+    /// The topics (and their generations) the subscribe named.
+    Subscribe(Vec<(String, u64)>),
+    /// Unsubscribe or ping: nothing waits on the answer.
+    Other,
+}
+
+/// Why a session ended, which decides the delay before the next attempt.
+enum End {
+    /// The application closed the client.
+    Stop,
+    /// Close 1012 or a `shutdown` notice: reconnect after a random delay.
+    Restart,
+    /// Close 1008 "token expired": ask for a token and reconnect at once.
+    TokenExpired,
+    /// Anything else: back off.
+    Lost,
+}
+
+/// Why an attempt to connect failed.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("upgrade: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("HTTP {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("the server selected no ringcast subprotocol")]
+    NoSubprotocol,
+}
+
+/// An upgraded connection.
+struct Conn {
+    stream: TcpStream,
+    codec: Codec,
+    dialect: Dialect,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+}
+
+impl Conn {
+    async fn send(&mut self, req: &Request<'_>) -> io::Result<()> {
+        if !self.codec.can_send() {
+            return Err(io::Error::other("the connection is closing"));
+        }
+        let encoding = self.dialect.encoding();
+        let payload = envelope::encode_request(encoding, req);
+        self.wbuf.clear();
+        self.codec
+            .encode_frame(true, encoding.opcode(), &payload, &mut self.wbuf);
+        self.stream.write_all(&self.wbuf).await
+    }
+
+    /// Sends what the codec owes (pongs, the close echo).
+    async fn flush_transmits(&mut self) -> io::Result<()> {
+        while let Some(frame) = self.codec.poll_transmit() {
+            self.stream.write_all(&frame).await?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) struct Driver {
+    config: Config,
+    url: Url,
+    commands: mpsc::UnboundedReceiver<Command>,
+    status: watch::Sender<Status>,
+    topics: HashMap<String, Topic>,
+    queue: VecDeque<QueuedPublish>,
+    inflight: HashMap<u64, Inflight>,
+    next_id: u64,
+    next_generation: u64,
+    /// Failed attempts since the last stable connection: the backoff exponent.
+    attempt: u32,
+    rng: fastrand::Rng,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        config: Config,
+        commands: mpsc::UnboundedReceiver<Command>,
+        status: watch::Sender<Status>,
+    ) -> Result<Self, Error> {
+        Ok(Self {
+            url: Url::parse(&config.url)?,
+            config,
+            commands,
+            status,
+            topics: HashMap::new(),
+            queue: VecDeque::new(),
+            inflight: HashMap::new(),
+            next_id: 1,
+            next_generation: 1,
+            attempt: 0,
+            rng: fastrand::Rng::new(),
+        })
+    }
+
+    pub(crate) async fn run(mut self) {
+        let reason = self.reconnect_loop().await;
+        self.stop(reason);
+    }
+
+    async fn reconnect_loop(&mut self) -> Error {
+        let mut delay = Duration::ZERO;
+        loop {
+            if !delay.is_zero() && self.offline(tokio::time::sleep(delay)).await.is_none() {
+                return Error::Closed;
+            }
+            let token = match &self.config.token {
+                Token::None => None,
+                Token::Static(token) => Some(token.clone()),
+                Token::Callback(f) => match self.offline(f()).await {
+                    None => return Error::Closed,
+                    Some(Ok(token)) => Some(token),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "the token callback failed; backing off");
+                        delay = self.backoff();
+                        continue;
+                    }
+                },
+            };
+            let attempt = tokio::time::timeout(
+                self.config.connect_timeout,
+                connect(
+                    self.url.clone(),
+                    self.config.encoding,
+                    self.config.headers.clone(),
+                    token,
+                    self.rng.u64(..),
+                ),
+            );
+            let conn = match self.offline(attempt).await {
+                None => return Error::Closed,
+                Some(Ok(Ok(conn))) => conn,
+                Some(Ok(Err(ConnectError::Status { status, body })))
+                    if status == 401 || status == 403 =>
+                {
+                    return Error::Unauthorized { status, body };
+                }
+                Some(Ok(Err(e))) => {
+                    tracing::debug!(url = %self.config.url, error = %e, "connect failed");
+                    delay = self.backoff();
+                    continue;
+                }
+                Some(Err(_)) => {
+                    tracing::debug!(url = %self.config.url, "connect timed out");
+                    delay = self.backoff();
+                    continue;
+                }
+            };
+            let started = Instant::now();
+            let end = self.session(conn).await;
+            self.connection_lost();
+            if started.elapsed() >= self.config.stable_after {
+                self.attempt = 0;
+            }
+            delay = match end {
+                End::Stop => return Error::Closed,
+                End::Restart => self.random_upto(self.config.restart_delay_max),
+                End::TokenExpired => Duration::ZERO,
+                End::Lost => self.backoff(),
+            };
+        }
+    }
+
+    /// Full jitter: a random delay up to `min(max, min * 2^attempt)`.
+    fn backoff(&mut self) -> Duration {
+        let ceiling = self
+            .config
+            .backoff_min
+            .saturating_mul(1 << self.attempt.min(30))
+            .min(self.config.backoff_max);
+        self.attempt = self.attempt.saturating_add(1);
+        self.random_upto(ceiling)
+    }
+
+    fn random_upto(&mut self, ceiling: Duration) -> Duration {
+        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(self.rng.u64(0..=nanos))
+    }
+
+    /// Runs `fut` while answering commands as a disconnected client does. `None` when the
+    /// application closed the client (or dropped every handle).
+    async fn offline<F: Future>(&mut self, fut: F) -> Option<F::Output> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                out = &mut fut => return Some(out),
+                cmd = self.commands.recv() => match cmd {
+                    None | Some(Command::Close) => return None,
+                    Some(cmd) => self.command_offline(cmd),
+                },
+            }
+        }
+    }
+
+    fn command_offline(&mut self, cmd: Command) {
+        match cmd {
+            Command::Subscribe {
+                topic,
+                since,
+                reply,
+            } => {
+                self.add_topic(topic, since, reply);
+            }
+            Command::Unsubscribe { topic, generation } => {
+                self.remove_topic(&topic, generation);
+            }
+            Command::Publish { topic, data, reply } => match self.config.queue {
+                QueuePolicy::FailFast => {
+                    let _ = reply.send(Err(Error::Disconnected));
+                }
+                QueuePolicy::Queue(max) if self.queue.len() >= max => {
+                    let _ = reply.send(Err(Error::QueueFull));
+                }
+                QueuePolicy::Queue(_) => self.queue.push_back(QueuedPublish { topic, data, reply }),
+            },
+            Command::Close => {}
+        }
+    }
+
+    /// Files a new subscription; `false` if the topic already has one (the caller was told).
+    fn add_topic(
+        &mut self,
+        topic: String,
+        since: Option<(u64, Option<u64>)>,
+        reply: SubscribeReply,
+    ) -> bool {
+        if self.topics.contains_key(&topic) {
+            let _ = reply.send(Err(Error::AlreadySubscribed(topic)));
+            return false;
+        }
+        let (events, rx) = mpsc::channel(self.config.subscription_buffer);
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        self.topics.insert(
+            topic,
+            Topic {
+                events,
+                generation,
+                last: since.map(|(seq, epoch)| (epoch, seq)),
+                contiguous: since.is_some(),
+                waiting: Some((reply, rx)),
+            },
+        );
+        true
+    }
+
+    fn remove_topic(&mut self, topic: &str, generation: u64) -> bool {
+        if self.topics.get(topic).map(|t| t.generation) == Some(generation) {
+            self.topics.remove(topic);
+            return true;
+        }
+        false
+    }
+
+    fn take_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// One connection, from the resubscribe to its end.
+    async fn session(&mut self, mut conn: Conn) -> End {
+        match self.resume(&mut conn).await {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "connection lost while resubscribing");
+                return End::Lost;
+            }
+        }
+        self.status.send_replace(Status::Connected);
+        let liveness = self.config.liveness_timeout;
+        let ping_every = if liveness.is_zero() {
+            Duration::from_secs(86_400)
+        } else {
+            liveness / 3
+        };
+        let mut tick = tokio::time::interval(ping_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
+        let mut last_heard = Instant::now();
+        let mut shutdown = false;
+        loop {
+            tokio::select! {
+                read = conn.stream.read_buf(&mut conn.rbuf) => {
+                    match read {
+                        Ok(0) => return if shutdown { End::Restart } else { End::Lost },
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!(error = %e, "read failed");
+                            return if shutdown { End::Restart } else { End::Lost };
+                        }
+                    }
+                    if let Some(end) = self.read_events(&mut conn, &mut shutdown).await {
+                        return end;
+                    }
+                    // After delivering, which may have waited for the application.
+                    last_heard = Instant::now();
+                    if conn.flush_transmits().await.is_err() {
+                        return End::Lost;
+                    }
+                }
+                cmd = self.commands.recv() => match cmd {
+                    None | Some(Command::Close) => {
+                        conn.codec.close(Some(CloseFrame::new(CloseCode::NORMAL, "client closed")));
+                        let _ = conn.flush_transmits().await;
+                        return End::Stop;
+                    }
+                    Some(cmd) => {
+                        if let Err(e) = self.command_online(&mut conn, cmd).await {
+                            tracing::debug!(error = %e, "write failed");
+                            return End::Lost;
+                        }
+                    }
+                },
+                _ = tick.tick(), if !liveness.is_zero() => {
+                    if last_heard.elapsed() >= liveness {
+                        tracing::warn!(url = %self.config.url, silent = ?last_heard.elapsed(),
+                            "nothing heard from the server within liveness_timeout; reconnecting");
+                        return End::Lost;
+                    }
+                    let id = self.take_id();
+                    self.inflight.insert(id, Inflight::Other);
+                    if conn.send(&Request::Ping { id: Some(id) }).await.is_err() {
+                        return End::Lost;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Subscribes every topic again from its last position, then sends the queued publishes.
+    async fn resume(&mut self, conn: &mut Conn) -> io::Result<()> {
+        let mut entries = Vec::with_capacity(self.topics.len());
+        let mut resumed = Vec::new();
+        for (name, topic) in &self.topics {
+            entries.push((name.clone(), topic.generation, topic.last));
+            if topic.waiting.is_none() {
+                resumed.push((topic.events.clone(), topic.last.map(|(_, seq)| seq)));
+            }
+        }
+        for (events, since) in resumed {
+            let _ = events.send(Event::Resubscribed { since }).await;
+        }
+        if !entries.is_empty() {
+            let id = self.take_id();
+            let topics = entries
+                .iter()
+                .map(|(name, _, last)| SubscribeTopic {
+                    topic: Cow::Borrowed(name.as_str()),
+                    since: last.map(|(_, seq)| seq),
+                    epoch: last.and_then(|(epoch, _)| epoch),
+                })
+                .collect();
+            conn.send(&Request::Subscribe {
+                id: Some(id),
+                topics,
+            })
+            .await?;
+            let names = entries.into_iter().map(|(n, g, _)| (n, g)).collect();
+            self.inflight.insert(id, Inflight::Subscribe(names));
+        }
+        while let Some(publish) = self.queue.pop_front() {
+            self.send_publish(conn, publish.topic, publish.data, publish.reply)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn send_publish(
+        &mut self,
+        conn: &mut Conn,
+        topic: String,
+        data: Data,
+        reply: oneshot::Sender<Result<Published, Error>>,
+    ) -> io::Result<()> {
+        let id = self.take_id();
+        let req = Request::Publish {
+            id: Some(id),
+            topic: Cow::Borrowed(&topic),
+            payload: envelope::Data::new(data.kind, &data.bytes),
+        };
+        match conn.send(&req).await {
+            Ok(()) => {
+                self.inflight.insert(id, Inflight::Publish(reply));
+                Ok(())
+            }
+            Err(e) => {
+                // Possibly partly written: its fate is unknown.
+                let _ = reply.send(Err(Error::ConnectionLost));
+                Err(e)
+            }
+        }
+    }
+
+    async fn command_online(&mut self, conn: &mut Conn, cmd: Command) -> io::Result<()> {
+        match cmd {
+            Command::Subscribe {
+                topic,
+                since,
+                reply,
+            } => {
+                let generation = self.next_generation;
+                if !self.add_topic(topic.clone(), since, reply) {
+                    return Ok(());
+                }
+                let id = self.take_id();
+                let req = Request::Subscribe {
+                    id: Some(id),
+                    topics: vec![SubscribeTopic {
+                        topic: Cow::Borrowed(&topic),
+                        since: since.map(|(seq, _)| seq),
+                        epoch: since.and_then(|(_, epoch)| epoch),
+                    }],
+                };
+                conn.send(&req).await?;
+                self.inflight
+                    .insert(id, Inflight::Subscribe(vec![(topic, generation)]));
+            }
+            Command::Unsubscribe { topic, generation } => {
+                if self.remove_topic(&topic, generation) {
+                    self.send_unsubscribe(conn, &topic).await?;
+                }
+            }
+            Command::Publish { topic, data, reply } => {
+                self.send_publish(conn, topic, data, reply).await?;
+            }
+            Command::Close => {}
+        }
+        Ok(())
+    }
+
+    async fn send_unsubscribe(&mut self, conn: &mut Conn, topic: &str) -> io::Result<()> {
+        let id = self.take_id();
+        self.inflight.insert(id, Inflight::Other);
+        conn.send(&Request::Unsubscribe {
+            id: Some(id),
+            topics: vec![Cow::Borrowed(topic)],
+        })
+        .await
+    }
+
+    /// Handles every whole message in the read buffer. `Some` when the connection ended.
+    async fn read_events(&mut self, conn: &mut Conn, shutdown: &mut bool) -> Option<End> {
+        loop {
+            let payload = match conn.codec.poll_event(&mut conn.rbuf) {
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the server broke the WebSocket protocol");
+                    let _ = conn.flush_transmits().await;
+                    return Some(End::Lost);
+                }
+                Ok(Some(WsEvent::Text(text))) => text.into_bytes(),
+                Ok(Some(WsEvent::Binary(bytes))) => bytes,
+                Ok(Some(WsEvent::Close(frame))) => {
+                    let _ = conn.flush_transmits().await;
+                    let (code, reason) = frame
+                        .map(|f| (f.code.as_u16(), f.reason.as_str().to_owned()))
+                        .unwrap_or((1005, String::new()));
+                    tracing::info!(code, reason = %reason, "the server closed the connection");
+                    return Some(if code == 1012 || *shutdown {
+                        End::Restart
+                    } else if code == 1008 && reason == "token expired" {
+                        End::TokenExpired
+                    } else {
+                        End::Lost
+                    });
+                }
+                Ok(Some(_)) => continue,
+            };
+            match self.handle_server(conn, payload).await {
+                Ok(true) => *shutdown = true,
+                Ok(false) => {}
+                Err(_) => return Some(End::Lost),
+            }
+        }
+    }
+
+    /// One envelope from the server. `Ok(true)` for a `shutdown` notice.
+    async fn handle_server(&mut self, conn: &mut Conn, frame: Bytes) -> io::Result<bool> {
+        let msg = match envelope::decode_server(conn.dialect, &frame) {
+            Ok(msg) => msg,
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable message from the server, ignored");
+                return Ok(false);
+            }
+        };
+        match msg {
+            ServerMessage::Message {
+                topic,
+                seq,
+                payload,
+            } => {
+                let bytes = match payload.bytes {
+                    Cow::Borrowed(b) => frame.slice_ref(b),
+                    Cow::Owned(v) => Bytes::from(v),
+                };
+                let data = Data {
+                    kind: payload.kind,
+                    bytes,
+                };
+                self.on_message(&topic, seq, data).await;
+            }
+            ServerMessage::Ack { id, position } => {
+                for topic in self.on_ack(id, position) {
+                    self.send_unsubscribe(conn, &topic).await?;
+                }
+            }
+            ServerMessage::Error {
+                id,
+                code,
+                message,
+                retry_after_ms,
+            } => {
+                let err = Error::Server {
+                    code: code.into_owned(),
+                    message: message.into_owned(),
+                    retry_after_ms,
+                };
+                self.on_error(id, err).await;
+            }
+            ServerMessage::Reset {
+                topic,
+                oldest,
+                epoch,
+            } => {
+                if let Some(t) = self.topics.get_mut(&*topic) {
+                    let epoch = epoch.filter(|&e| e != 0);
+                    t.last = Some((epoch, oldest.saturating_sub(1)));
+                    t.contiguous = true;
+                    let events = t.events.clone();
+                    let _ = events.send(Event::Reset { oldest, epoch }).await;
+                }
+            }
+            ServerMessage::Dropped { topic, count, next } => {
+                if let Some(t) = self.topics.get_mut(&*topic) {
+                    let epoch = t.last.and_then(|(e, _)| e);
+                    t.last = Some((epoch, next.saturating_sub(1)));
+                    t.contiguous = true;
+                    let events = t.events.clone();
+                    let _ = events.send(Event::Dropped { count, next }).await;
+                }
+            }
+            ServerMessage::Shutdown { reason } => {
+                tracing::info!(reason = %reason, "the server is shutting down");
+                return Ok(true);
+            }
+            ServerMessage::Pong { id } => {
+                if let Some(id) = id {
+                    self.inflight.remove(&id);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    async fn on_message(&mut self, topic: &str, seq: u64, data: Data) {
+        let Some(t) = self.topics.get_mut(topic) else {
+            // Unsubscribed a moment ago.
+            return;
+        };
+        let mut gap = None;
+        if let Some((_, last)) = t.last {
+            if seq <= last {
+                // The server never repeats a seq within an epoch; guard the promise anyway.
+                tracing::warn!(topic, seq, last, "a repeated seq was dropped");
+                return;
+            }
+            if t.contiguous && seq > last + 1 {
+                // A hole the server did not announce: announce it here.
+                gap = Some(Event::Dropped {
+                    count: seq - last - 1,
+                    next: seq,
+                });
+            }
+        }
+        let epoch = t.last.and_then(|(e, _)| e);
+        t.last = Some((epoch, seq));
+        t.contiguous = true;
+        let events = t.events.clone();
+        if let Some(gap) = gap {
+            let _ = events.send(gap).await;
+        }
+        let _ = events.send(Event::Message { seq, data }).await;
+    }
+
+    /// Answers the request `id` named. Returns topics whose subscriber went away before the
+    /// ack, to unsubscribe.
+    fn on_ack(&mut self, id: Option<u64>, position: AckPosition<'_>) -> Vec<String> {
+        let mut abandoned = Vec::new();
+        let Some(inflight) = id.and_then(|id| self.inflight.remove(&id)) else {
+            return abandoned;
+        };
+        match inflight {
+            Inflight::Publish(reply) => {
+                let published = match position {
+                    AckPosition::Publish { epoch, seq } => Published { epoch, seq },
+                    _ => Published { epoch: 0, seq: 0 },
+                };
+                let _ = reply.send(Ok(published));
+            }
+            Inflight::Subscribe(names) => {
+                let positions: HashMap<&str, (u64, u64)> = match &position {
+                    AckPosition::Subscribe(list) => {
+                        list.iter().map(|p| (&*p.topic, (p.epoch, p.seq))).collect()
+                    }
+                    _ => HashMap::new(),
+                };
+                for (name, generation) in names {
+                    let Some(t) = self.topics.get_mut(&name) else {
+                        continue;
+                    };
+                    if t.generation != generation {
+                        continue;
+                    }
+                    if let Some(&(epoch, seq)) = positions.get(name.as_str()) {
+                        let epoch = (epoch != 0).then_some(epoch);
+                        match &mut t.last {
+                            // A live start: resume later from the subscription's start.
+                            None => {
+                                t.last = Some((epoch, seq));
+                                t.contiguous = false;
+                            }
+                            // `since` without an epoch counted in the current one: learn it.
+                            Some((known @ None, _)) => *known = epoch,
+                            Some(_) => {}
+                        }
+                    }
+                    if let Some((reply, rx)) = t.waiting.take() {
+                        if reply.send(Ok((rx, generation))).is_err() {
+                            self.topics.remove(&name);
+                            abandoned.push(name);
+                        }
+                    }
+                }
+            }
+            Inflight::Other => {}
+        }
+        abandoned
+    }
+
+    async fn on_error(&mut self, id: Option<u64>, err: Error) {
+        match id.and_then(|id| self.inflight.remove(&id)) {
+            Some(Inflight::Publish(reply)) => {
+                let _ = reply.send(Err(err));
+            }
+            Some(Inflight::Subscribe(names)) => {
+                for (name, generation) in names {
+                    if self.topics.get(&name).map(|t| t.generation) != Some(generation) {
+                        continue;
+                    }
+                    let Some(mut t) = self.topics.remove(&name) else {
+                        continue;
+                    };
+                    tracing::warn!(topic = %name, error = %err, "subscribe refused");
+                    match t.waiting.take() {
+                        Some((reply, _)) => {
+                            let _ = reply.send(Err(err.clone()));
+                        }
+                        None => {
+                            let _ = t.events.send(Event::Stopped(err.clone())).await;
+                        }
+                    }
+                }
+            }
+            Some(Inflight::Other) => {
+                tracing::debug!(error = %err, "request refused");
+            }
+            None => tracing::warn!(error = %err, "error from the server"),
+        }
+    }
+
+    /// The connection is gone: publishes in flight have an unknown fate, subscribes in flight
+    /// are sent again with every topic.
+    fn connection_lost(&mut self) {
+        for (_, inflight) in self.inflight.drain() {
+            if let Inflight::Publish(reply) = inflight {
+                let _ = reply.send(Err(Error::ConnectionLost));
+            }
+        }
+        self.status.send_if_modified(|s| {
+            if *s == Status::Connected {
+                *s = Status::Connecting;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn stop(&mut self, reason: Error) {
+        if reason != Error::Closed {
+            tracing::error!(url = %self.config.url, error = %reason, "client stopped");
+        }
+        self.connection_lost();
+        self.status.send_replace(Status::Stopped(reason.clone()));
+        for (_, mut t) in self.topics.drain() {
+            match t.waiting.take() {
+                Some((reply, _)) => {
+                    let _ = reply.send(Err(reason.clone()));
+                }
+                None => {
+                    // Best effort: a full buffer ends the stream without the reason, which
+                    // `Client::stopped` still gives.
+                    let _ = t.events.try_send(Event::Stopped(reason.clone()));
+                }
+            }
+        }
+        for publish in self.queue.drain(..) {
+            let _ = publish.reply.send(Err(reason.clone()));
+        }
+        self.commands.close();
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                Command::Subscribe { reply, .. } => {
+                    let _ = reply.send(Err(reason.clone()));
+                }
+                Command::Publish { reply, .. } => {
+                    let _ = reply.send(Err(reason.clone()));
+                }
+                Command::Unsubscribe { .. } | Command::Close => {}
+            }
+        }
+    }
+}
+
+/// Opens TCP and performs the upgrade with `ringcast-protocol`'s client handshake.
+async fn connect(
+    url: Url,
+    encoding: Encoding,
+    headers: Vec<(String, String)>,
+    token: Option<String>,
+    seed: u64,
+) -> Result<Conn, ConnectError> {
+    let mut stream = TcpStream::connect(&url.authority).await?;
+    stream.set_nodelay(true)?;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut nonce = [0u8; 16];
+    rng.fill(&mut nonce);
+    let protocol = match encoding {
+        Encoding::Json => envelope::JSON_SUBPROTOCOL,
+        Encoding::Binary => envelope::BINARY_V2_SUBPROTOCOL,
+    };
+    let handshake = ClientHandshake::new(nonce, &[protocol]);
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let mut extra: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    if let Some(bearer) = &bearer {
+        extra.push(("Authorization", bearer));
+    }
+    let request = handshake.request(&url.host_header, &url.target, &extra);
+    stream.write_all(&request).await?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut reader = HeadReader::new();
+    let head_len = loop {
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(
+                io::Error::new(io::ErrorKind::UnexpectedEof, "closed during the upgrade").into(),
+            );
+        }
+        if let Some(len) = reader.poll_head(&buf, MAX_RESPONSE_HEAD_BYTES)? {
+            break len;
+        }
+    };
+    let head = buf.split_to(head_len);
+    match handshake.check_response(&head) {
+        Ok(Some(selected)) => {
+            let dialect =
+                Dialect::from_subprotocol(&selected).ok_or(ConnectError::NoSubprotocol)?;
+            let seed = rng.u64(..);
+            Ok(Conn {
+                stream,
+                codec: Codec::client(Limits::default(), seed),
+                dialect,
+                rbuf: buf,
+                wbuf: BytesMut::with_capacity(1024),
+            })
+        }
+        Ok(None) => Err(ConnectError::NoSubprotocol),
+        Err(HandshakeError::Status(status)) => {
+            // The body says why; give it a moment to arrive if it came in its own segment.
+            if buf.is_empty() {
+                let _ = tokio::time::timeout(Duration::from_millis(200), stream.read_buf(&mut buf))
+                    .await;
+            }
+            let body: String = String::from_utf8_lossy(&buf)
+                .trim()
+                .chars()
+                .take(200)
+                .collect();
+            Err(ConnectError::Status { status, body })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
