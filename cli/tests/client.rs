@@ -240,6 +240,35 @@ async fn a_slow_subscriber_with_drop_oldest_sees_every_message_or_its_drop() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_subscribe_is_retried_after_the_servers_hint() {
+    let port = free_port();
+    let _server = serve_at(
+        port,
+        &[
+            "--set",
+            "pubsub.subscribe_rate_per_sec=2",
+            "--set",
+            "pubsub.subscribe_burst=1",
+        ],
+    );
+    let client = Client::connect(config(port)).unwrap();
+    let _first = client.subscribe("one").await.unwrap();
+    // Over budget: refused with rate_limited and a hint, then taken on the retry.
+    let start = std::time::Instant::now();
+    let mut second = client.subscribe("two").await.unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_millis(200),
+        "the second subscribe was not held back: {:?}",
+        start.elapsed()
+    );
+    client.publish("two", Data::json("1")).await.unwrap();
+    assert_eq!(
+        messages(&until_data(&mut second, "1").await),
+        [(1, "1".into())]
+    );
+}
+
 /// An HS256 token for every topic, valid for `secs` seconds.
 fn token(secs: u64) -> String {
     let now = SystemTime::now()
@@ -453,46 +482,52 @@ fn run_pub(url: &str, topic: &str, args: &[&str], stdin: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn wait_lines(lines: &Mutex<Vec<String>>, count: usize) -> Vec<String> {
-    wait_for(&format!("{count} lines from ringcast sub"), || {
-        let lines = lines.lock().unwrap();
-        (lines.len() >= count).then(|| lines.clone())
-    })
-}
-
 #[test]
 fn ringcast_sub_prints_json_lines_across_a_server_restart_and_pub_prints_seqs() {
     let port = free_port();
     let url = format!("ws://127.0.0.1:{port}/");
     let mut server = serve_at(port, &[]);
     let (_sub, lines) = spawn_lines(&["sub", &url, "a", "b", "--bin"]);
-    // Subscribed once the server counts the connection's subscriptions: poll the first
-    // publish until it is delivered.
+    // `sub` has subscribed once a publish reaches it: publish until one does (those before
+    // it went to no subscriber).
     wait_for("ringcast sub to receive", || {
         run_pub(&url, "a", &[r#"{"n":1}"#], "");
         (!lines.lock().unwrap().is_empty()).then_some(())
     });
-    let first = lines.lock().unwrap()[0].clone();
-    let seq: u64 = first
-        .strip_prefix(r#"{"event":"message","topic":"a","seq":"#)
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("a message line: {first}"));
-    assert!(first.ends_with(r#","data":{"n":1}}"#), "{first}");
-    let already = lines.lock().unwrap().len();
-
     assert_eq!(
         run_pub(&url, "b", &["--rate", "1000"], "x\n\"y\"\n"),
         "1\n2\n"
     );
-    let got = wait_lines(&lines, already + 2);
+    let on = |topic: &str, lines: &[String]| -> Vec<String> {
+        let tag = format!(r#""topic":"{topic}""#);
+        lines.iter().filter(|l| l.contains(&tag)).cloned().collect()
+    };
+    let before = wait_for("both messages of b", || {
+        let lines = lines.lock().unwrap();
+        (on("b", &lines).len() >= 2).then(|| lines.clone())
+    });
     assert_eq!(
-        got[already..],
+        on("b", &before),
         [
             r#"{"event":"message","topic":"b","seq":1,"data_b64":"eA=="}"#,
             r#"{"event":"message","topic":"b","seq":2,"data":"y"}"#,
         ]
     );
+    // Every line of a is a message of {"n":1}, numbered on from the first one delivered.
+    let a_lines = on("a", &before);
+    let seqs: Vec<u64> = a_lines
+        .iter()
+        .map(|l| {
+            assert!(l.ends_with(r#","data":{"n":1}}"#), "{l}");
+            l.strip_prefix(r#"{"event":"message","topic":"a","seq":"#)
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("a message line: {l}"))
+        })
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    let a_last = *seqs.last().expect("a line of a");
+    let already = before.len();
 
     server.signal(libc::SIGTERM);
     server.wait_exit(DEADLINE);
@@ -504,7 +539,7 @@ fn ringcast_sub_prints_json_lines_across_a_server_restart_and_pub_prints_seqs() 
         lines
             .iter()
             .any(|l| l.contains(r#""topic":"b","seq":1,"data":3"#))
-            .then(|| lines[already + 2..].to_vec())
+            .then(|| lines[already..].to_vec())
     });
     assert!(
         got.contains(&r#"{"event":"resubscribed","topic":"b","since":2}"#.to_owned()),
@@ -512,7 +547,7 @@ fn ringcast_sub_prints_json_lines_across_a_server_restart_and_pub_prints_seqs() 
     );
     assert!(
         got.contains(&format!(
-            r#"{{"event":"resubscribed","topic":"a","since":{seq}}}"#
+            r#"{{"event":"resubscribed","topic":"a","since":{a_last}}}"#
         )),
         "{got:?}"
     );

@@ -86,6 +86,10 @@ enum Inflight {
     Other,
 }
 
+/// A subscribe to send again: the session it was refused on, and its topics with their
+/// generations.
+type Retry = (u64, Vec<(String, u64)>);
+
 /// Why a session ended, which decides the delay before the next attempt.
 enum End {
     /// The application closed the client.
@@ -155,6 +159,11 @@ pub(crate) struct Driver {
     /// Failed attempts since the last stable connection: the backoff exponent.
     attempt: u32,
     rng: fastrand::Rng,
+    /// Counts connections, so a retry timer from an earlier one is ignored.
+    session: u64,
+    /// Subscribes refused with `rate_limited` or `unavailable`, due again after the server's
+    /// hint: (session, topics with generations).
+    retries: (mpsc::UnboundedSender<Retry>, mpsc::UnboundedReceiver<Retry>),
 }
 
 impl Driver {
@@ -175,6 +184,8 @@ impl Driver {
             next_generation: 1,
             attempt: 0,
             rng: fastrand::Rng::new(),
+            session: 0,
+            retries: mpsc::unbounded_channel(),
         })
     }
 
@@ -246,13 +257,13 @@ impl Driver {
         }
     }
 
-    /// Full jitter: a random delay up to `min(max, min * 2^attempt)`.
+    /// Full jitter: a random delay up to [`backoff_ceiling`] for this attempt.
     fn backoff(&mut self) -> Duration {
-        let ceiling = self
-            .config
-            .backoff_min
-            .saturating_mul(1 << self.attempt.min(30))
-            .min(self.config.backoff_max);
+        let ceiling = backoff_ceiling(
+            self.config.backoff_min,
+            self.config.backoff_max,
+            self.attempt,
+        );
         self.attempt = self.attempt.saturating_add(1);
         self.random_upto(ceiling)
     }
@@ -345,6 +356,7 @@ impl Driver {
 
     /// One connection, from the resubscribe to its end.
     async fn session(&mut self, mut conn: Conn) -> End {
+        self.session += 1;
         match self.resume(&mut conn).await {
             Ok(()) => {}
             Err(e) => {
@@ -397,6 +409,14 @@ impl Driver {
                         }
                     }
                 },
+                Some((session, names)) = self.retries.1.recv() => {
+                    if session == self.session {
+                        if let Err(e) = self.resubscribe(&mut conn, names).await {
+                            tracing::debug!(error = %e, "write failed");
+                            return End::Lost;
+                        }
+                    }
+                }
                 _ = tick.tick(), if !liveness.is_zero() => {
                     if last_heard.elapsed() >= liveness {
                         tracing::warn!(url = %self.config.url, silent = ?last_heard.elapsed(),
@@ -522,6 +542,37 @@ impl Driver {
             topics: vec![Cow::Borrowed(topic)],
         })
         .await
+    }
+
+    /// Sends a subscribe again for those of `names` still subscribed (same generation), each
+    /// from its position now.
+    async fn resubscribe(&mut self, conn: &mut Conn, names: Vec<(String, u64)>) -> io::Result<()> {
+        let names: Vec<(String, u64)> = names
+            .into_iter()
+            .filter(|(n, g)| self.topics.get(n).map(|t| t.generation) == Some(*g))
+            .collect();
+        if names.is_empty() {
+            return Ok(());
+        }
+        let id = self.take_id();
+        let topics = names
+            .iter()
+            .map(|(n, _)| {
+                let last = self.topics.get(n).and_then(|t| t.last);
+                SubscribeTopic {
+                    topic: Cow::Borrowed(n.as_str()),
+                    since: last.map(|(_, seq)| seq),
+                    epoch: last.and_then(|(epoch, _)| epoch),
+                }
+            })
+            .collect();
+        conn.send(&Request::Subscribe {
+            id: Some(id),
+            topics,
+        })
+        .await?;
+        self.inflight.insert(id, Inflight::Subscribe(names));
+        Ok(())
     }
 
     /// Handles every whole message in the read buffer. `Some` when the connection ended.
@@ -728,6 +779,22 @@ impl Driver {
             Some(Inflight::Publish(reply)) => {
                 let _ = reply.send(Err(err));
             }
+            Some(Inflight::Subscribe(names)) if is_transient(&err) => {
+                // Nothing of the request was done: ask again once the server says it may work.
+                let wait = match &err {
+                    Error::Server {
+                        retry_after_ms: Some(ms),
+                        ..
+                    } if *ms > 0 => Duration::from_millis(*ms),
+                    _ => self.config.backoff_min,
+                };
+                tracing::debug!(error = %err, ?wait, "subscribe refused for now; retrying");
+                let (retry, session) = (self.retries.0.clone(), self.session);
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let _ = retry.send((session, names));
+                });
+            }
             Some(Inflight::Subscribe(names)) => {
                 for (name, generation) in names {
                     if self.topics.get(&name).map(|t| t.generation) != Some(generation) {
@@ -808,6 +875,17 @@ impl Driver {
     }
 }
 
+/// Whether a refusal is worth repeating: the server did nothing and says it may work later.
+fn is_transient(err: &Error) -> bool {
+    matches!(err, Error::Server { code, .. } if code == "rate_limited" || code == "unavailable")
+}
+
+/// The largest delay before retry number `attempt` (0-based): `min` doubled per attempt, at
+/// most `max`.
+fn backoff_ceiling(min: Duration, max: Duration, attempt: u32) -> Duration {
+    min.saturating_mul(1 << attempt.min(30)).min(max)
+}
+
 /// Opens TCP and performs the upgrade with `ringcast-protocol`'s client handshake.
 async fn connect(
     url: Url,
@@ -877,5 +955,59 @@ async fn connect(
             Err(ConnectError::Status { status, body })
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_ceilings_double_from_min_up_to_max() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(10));
+        let ceilings: Vec<u128> = (0..10)
+            .map(|a| backoff_ceiling(min, max, a).as_millis())
+            .collect();
+        assert_eq!(
+            ceilings,
+            [100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000]
+        );
+        assert_eq!(backoff_ceiling(min, max, u32::MAX), max, "no overflow");
+    }
+
+    #[tokio::test]
+    async fn backoff_draws_full_jitter_under_each_ceiling() {
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let (status, _) = watch::channel(Status::Connecting);
+        let config = Config::new("ws://127.0.0.1:1/")
+            .with_backoff(Duration::from_millis(100), Duration::from_millis(800));
+        let mut driver = Driver::new(config, rx, status).unwrap();
+        let mut by_attempt = vec![Duration::ZERO; 6];
+        let mut below_half = 0;
+        for _ in 0..200 {
+            driver.attempt = 0;
+            for slot in &mut by_attempt {
+                let delay = driver.backoff();
+                *slot = (*slot).max(delay);
+                if delay < Duration::from_millis(50) {
+                    below_half += 1;
+                }
+            }
+        }
+        for (attempt, worst) in by_attempt.iter().enumerate() {
+            let ceiling = backoff_ceiling(
+                Duration::from_millis(100),
+                Duration::from_millis(800),
+                attempt as u32,
+            );
+            assert!(
+                *worst <= ceiling,
+                "attempt {attempt}: {worst:?} > {ceiling:?}"
+            );
+            // Full jitter spreads up to the ceiling (200 draws each).
+            assert!(*worst > ceiling / 2, "attempt {attempt}: never above half");
+        }
+        // ... and down to zero, not only near the ceiling.
+        assert!(below_half > 0);
     }
 }
