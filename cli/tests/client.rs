@@ -436,6 +436,40 @@ async fn a_server_gone_silent_is_left_and_reconnected() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_answers_server_pings_so_a_quiet_subscriber_stays_connected() {
+    let port = free_port();
+    let server = serve_at(
+        port,
+        &[
+            "--set",
+            "timeouts.ping_interval=\"100ms\"",
+            "--set",
+            "timeouts.pong_timeout=\"100ms\"",
+        ],
+    );
+    // No liveness pings of its own: the server's pings are all that cross the connection.
+    let client = Client::connect(config(port).with_liveness_timeout(Duration::ZERO)).unwrap();
+    let mut sub = client.subscribe("quiet").await.unwrap();
+    // Ten ping rounds, each of which would drop a client that did not answer.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    client.publish("quiet", Data::json("1")).await.unwrap();
+    assert_eq!(
+        next(&mut sub).await,
+        Event::Message {
+            seq: 1,
+            data: Data::json("1")
+        },
+        "the first event is the message: no reconnect came before it"
+    );
+    let scrape = util::http::scrape(server.addr);
+    assert_eq!(
+        util::metric_sum(&scrape, "ringcast_upgrades_accepted_total", &[]),
+        1.0,
+        "the client's one connection, never replaced"
+    );
+}
+
 /// Spawns `ringcast ARGS` with stdout read line by line into the returned list.
 fn spawn_lines(args: &[&str]) -> (util::Spawned, Arc<Mutex<Vec<String>>>) {
     let mut child = Command::new(BIN)
