@@ -470,6 +470,34 @@ async fn the_client_answers_server_pings_so_a_quiet_subscriber_stays_connected()
     );
 }
 
+#[test]
+fn the_blocking_client_subscribes_publishes_and_resumes_across_a_restart() {
+    use ringcast_client::blocking;
+    let port = free_port();
+    let mut server = serve_at(port, &[]);
+    let client = blocking::Client::connect(config(port)).unwrap();
+    let mut sub = client.subscribe("plain").unwrap();
+    assert_eq!(client.publish("plain", Data::json("1")).unwrap().seq, 1);
+    let mut next = || {
+        sub.next_timeout(DEADLINE)
+            .expect("an event within the deadline")
+            .expect("the subscription goes on")
+    };
+    assert_eq!(
+        next(),
+        Event::Message {
+            seq: 1,
+            data: Data::json("1")
+        }
+    );
+    server.signal(libc::SIGTERM);
+    server.wait_exit(DEADLINE);
+    drop(server);
+    let _server = serve_at(port, &[]);
+    assert_eq!(next(), Event::Resubscribed { since: Some(1) });
+    assert!(matches!(next(), Event::Reset { oldest: 1, .. }));
+}
+
 /// Spawns `ringcast ARGS` with stdout read line by line into the returned list.
 fn spawn_lines(args: &[&str]) -> (util::Spawned, Arc<Mutex<Vec<String>>>) {
     let mut child = Command::new(BIN)

@@ -52,9 +52,19 @@
 //! arrived, it fails with [`Error::ConnectionLost`]: the server may or may not have ordered
 //! it, and this client does not resend it (no duplicate publish). A publish made while
 //! disconnected waits in the queue ([`QueuePolicy`]) and is sent after the resubscribe.
+//!
+//! ## Features
+//!
+//! - `blocking` (off by default): [`blocking::Client`], the same client for code without an
+//!   async runtime; it runs the client on a one-worker tokio runtime of its own. Do not use
+//!   it from inside async code (its calls block, and dropping its runtime there panics).
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![deny(unsafe_op_in_unsafe_fn)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "blocking")]
+#[cfg_attr(docsrs, doc(cfg(feature = "blocking")))]
+pub mod blocking;
 mod config;
 mod driver;
 
