@@ -232,13 +232,13 @@ impl Driver {
                     return Error::Unauthorized { status, body };
                 }
                 Some(Ok(Err(e))) => {
-                    tracing::debug!(url = %self.config.url, error = %e, "connect failed");
                     delay = self.backoff();
+                    self.log_failure(&e.to_string(), delay);
                     continue;
                 }
                 Some(Err(_)) => {
-                    tracing::debug!(url = %self.config.url, "connect timed out");
                     delay = self.backoff();
+                    self.log_failure("timed out", delay);
                     continue;
                 }
             };
@@ -254,6 +254,17 @@ impl Driver {
                 End::TokenExpired => Duration::ZERO,
                 End::Lost => self.backoff(),
             };
+        }
+    }
+
+    /// The first failure in a row is a warning (an operator watching `ringcast sub` sees why
+    /// nothing comes); the retries after it are debug lines.
+    fn log_failure(&self, error: &str, retry_in: Duration) {
+        if self.attempt <= 1 {
+            tracing::warn!(url = %self.config.url, error, ?retry_in, "cannot connect; retrying");
+        } else {
+            tracing::debug!(url = %self.config.url, error, ?retry_in, attempt = self.attempt,
+                "cannot connect; retrying");
         }
     }
 
