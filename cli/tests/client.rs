@@ -9,6 +9,7 @@
 mod util;
 
 use std::{
+    future::Future,
     io::{BufRead, BufReader, Read, Write},
     net::TcpListener,
     process::{Command, Stdio},
@@ -266,6 +267,42 @@ async fn a_rate_limited_subscribe_is_retried_after_the_servers_hint() {
     assert_eq!(
         messages(&until_data(&mut second, "1").await),
         [(1, "1".into())]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_while_disconnected_queue_up_to_the_bound_or_fail_fast() {
+    use ringcast_client::QueuePolicy;
+    let port = free_port();
+    // No server yet.
+    let fail_fast = Client::connect(config(port).with_queue(QueuePolicy::FailFast)).unwrap();
+    assert_eq!(
+        fail_fast.publish("q", Data::json("0")).await,
+        Err(Error::Disconnected)
+    );
+    let queued = Client::connect(config(port).with_queue(QueuePolicy::Queue(2))).unwrap();
+    // Polled once each: a publish hands its command to the client's task on its first poll,
+    // so these two are ahead of the third.
+    let mut first = Box::pin(queued.publish("q", Data::json("1")));
+    let mut second = Box::pin(queued.publish("q", Data::json("2")));
+    for publish in [&mut first, &mut second] {
+        let pending = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(publish.as_mut().poll(cx).is_pending())
+        })
+        .await;
+        assert!(pending, "a publish answered while no server runs");
+    }
+    assert_eq!(
+        queued.publish("q", Data::json("3")).await,
+        Err(Error::QueueFull)
+    );
+    let _server = serve_at(port, &[]);
+    let mut seqs = [first.await.unwrap().seq, second.await.unwrap().seq];
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        [1, 2],
+        "both queued publishes made once the server is up"
     );
 }
 
@@ -617,6 +654,15 @@ fn ringcast_sub_prints_json_lines_across_a_server_restart_and_pub_prints_seqs() 
         got.iter()
             .any(|l| l.starts_with(r#"{"event":"reset","topic":"b","oldest":1,"epoch":"#)),
         "{got:?}"
+    );
+
+    // --since replays what the server holds after it; --count ends the command.
+    let (mut replay, lines) = spawn_lines(&["sub", &url, "b", "--since", "0", "--count", "1"]);
+    assert!(replay.wait_exit(DEADLINE).success());
+    wait_until("the replayed line", || !lines.lock().unwrap().is_empty());
+    assert_eq!(
+        lines.lock().unwrap()[..],
+        [r#"{"event":"message","topic":"b","seq":1,"data":3}"#]
     );
 }
 
