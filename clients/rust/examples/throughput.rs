@@ -1,22 +1,25 @@
 //! What ringcast-client costs a subscriber, against the wire's ceiling in the same run.
 //!
-//! Two subscribers on one topic of a running server receive the same stream: one is a
+//! Two subscribers on one topic of a running server get the same stream: one is a
 //! `ringcast_client::Client` (resume bookkeeping, channels, events), the other a bare loop
 //! over `ringcast-protocol`'s codec and envelope decoder on a tokio socket (what any client
-//! must do at least). A third connection, also a `Client`, publishes `COUNT` messages of
-//! `BYTES` bytes as fast as the server acks them (up to 1024 in flight). Each subscriber is
-//! timed from its first message to its last; the ratio is the client's rate over the bare
-//! loop's. The publisher's ack rate is printed too.
+//! must do at least). A third connection, also a `Client`, first publishes `COUNT` messages of
+//! `BYTES` bytes (up to 1024 awaiting their acks) while neither subscriber reads, so the server
+//! holds the stream for both; then the bare loop drains it alone, then the client does. The
+//! ratio is the client's drain rate over the bare loop's. The publisher's ack rate is printed
+//! too.
 //!
 //! ```sh
 //! cargo build --release -p ringcast-cli
 //! target/release/ringcast serve --shards 1 --set pubsub.publish_rate_per_sec=1000000 \
-//!     --set pubsub.publish_burst=1000000 --set pubsub.ring_overflow='"disconnect"'
+//!     --set pubsub.publish_burst=1000000 --set pubsub.ring_overflow='"disconnect"' \
+//!     --set pubsub.ring_max_messages=300000 --set pubsub.ring_max_bytes=268435456
 //! cargo run --release -p ringcast-client --example throughput -- ws://127.0.0.1:9000/ 200000 64
 //! ```
 //!
-//! With `disconnect` as the ring policy a subscriber that falls behind is closed instead of
-//! losing messages, so a run that completes counts every message at both subscribers.
+//! The ring holds the whole stream for each subscriber; with `disconnect` as its policy an
+//! overflow closes the subscriber instead of losing messages, so a run that completes
+//! counts every message at both.
 
 use std::time::{Duration, Instant};
 
@@ -44,48 +47,50 @@ async fn main() -> Result<()> {
     let client = Client::connect(Config::new(url.clone()))?;
     let mut sub = client.subscribe(&topic).await?;
     let bare = bare_subscriber(&url, &topic).await?;
-    let bare = tokio::spawn(bare_count(bare, count));
-    let timed = tokio::spawn(async move {
-        let mut first = None;
-        let mut got = 0u64;
-        while let Some(event) = sub.next().await {
-            match event {
-                Event::Message { .. } => {
-                    first.get_or_insert_with(Instant::now);
-                    got += 1;
-                    if got == count {
-                        break;
-                    }
-                }
-                other => return Err(format!("client subscriber: {other:?}")),
-            }
-        }
-        Ok(first.map(|f| f.elapsed()).unwrap_or_default())
-    });
 
+    // Publish everything first, while neither subscriber reads: the server holds the stream
+    // for both (its ring must be large enough; with `disconnect` an overflow fails the run).
     let publisher = Client::connect(Config::new(url))?;
     let payload = Data::json(format!("\"{}\"", "x".repeat(bytes.saturating_sub(2))));
     let start = Instant::now();
-    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<
+        tokio::task::JoinHandle<
+            std::result::Result<ringcast_client::Published, ringcast_client::Error>,
+        >,
+    >(1024);
     let acks = tokio::spawn(async move {
         while let Some(handle) = rx.recv().await {
-            let handle: tokio::task::JoinHandle<_> = handle;
-            handle.await??;
+            handle.await?.map_err(|e| format!("publish: {e}"))?;
         }
         Result::Ok(start.elapsed())
     });
     for _ in 0..count {
         let (p, t, d) = (publisher.clone(), topic.clone(), payload.clone());
-        tx.send(tokio::spawn(async move { p.publish(&t, d).await }))
-            .await?;
+        if tx
+            .send(tokio::spawn(async move { p.publish(&t, d).await }))
+            .await
+            .is_err()
+        {
+            break;
+        }
     }
     drop(tx);
     let published = acks.await??;
-    let client_time = timed.await?.map_err(|e| e.to_string())?;
-    let bare_time = bare.await??;
+
+    // Then each drains the same stream alone, one after the other.
+    let bare_time = bare_count(bare, count).await?;
+    let drain = Instant::now();
+    let mut got = 0u64;
+    while got < count {
+        match sub.next().await {
+            Some(Event::Message { .. }) => got += 1,
+            other => return Err(format!("client subscriber after {got}: {other:?}").into()),
+        }
+    }
+    let client_time = drain.elapsed();
     let rate = |d: Duration| count as f64 / d.as_secs_f64();
     println!(
-        "{count} messages of {bytes} B: publish+ack {:.0}/s; subscriber rate: \
+        "{count} messages of {bytes} B: publish+ack {:.0}/s; draining alone: \
          ringcast-client {:.0}/s, bare codec loop {:.0}/s, ratio {:.2}",
         rate(published),
         rate(client_time),
@@ -149,7 +154,7 @@ async fn bare_count(
     (mut stream, mut codec, mut buf): (TcpStream, Codec, BytesMut),
     count: u64,
 ) -> Result<Duration> {
-    let mut first = None;
+    let start = Instant::now();
     let mut got = 0u64;
     loop {
         while let Some(event) = codec.poll_event(&mut buf)? {
@@ -157,10 +162,9 @@ async fn bare_count(
                 if let ServerMessage::Message { .. } =
                     envelope::decode_server(Dialect::Json, text.as_bytes())?
                 {
-                    first.get_or_insert_with(Instant::now);
                     got += 1;
                     if got == count {
-                        return Ok(first.map(|f| f.elapsed()).unwrap_or_default());
+                        return Ok(start.elapsed());
                     }
                 }
             }

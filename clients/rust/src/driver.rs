@@ -10,6 +10,10 @@ use std::{
     collections::{HashMap, VecDeque},
     future::Future,
     io,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -21,7 +25,10 @@ use ringcast_protocol::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    net::{
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        TcpStream,
+    },
     sync::{mpsc, oneshot, watch},
 };
 
@@ -115,9 +122,24 @@ enum ConnectError {
     NoSubprotocol,
 }
 
-/// An upgraded connection.
+/// Frame bytes waiting for the writer above which the client takes no new command (it keeps
+/// reading, so the server, which may have paused reading this connection until its replies
+/// drain, is never waited on by a client that waits on it).
+const MAX_PENDING_WRITE_BYTES: usize = 1 << 20;
+
+/// The most bytes the writer gathers into one write.
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
+/// An upgraded connection: the read half here, the write half in a writer task fed through a
+/// channel, so sending never stops the client from reading.
 struct Conn {
-    stream: TcpStream,
+    reader: OwnedReadHalf,
+    /// `None` once [`Conn::finish`] let the writer run out.
+    writer: Option<mpsc::UnboundedSender<Bytes>>,
+    /// Bytes handed to the writer and not yet written.
+    pending: Arc<AtomicUsize>,
+    /// Ends with the first write error (or when the channel closes).
+    written: tokio::task::JoinHandle<io::Result<()>>,
     codec: Codec,
     dialect: Dialect,
     rbuf: BytesMut,
@@ -125,25 +147,94 @@ struct Conn {
 }
 
 impl Conn {
-    async fn send(&mut self, req: &Request<'_>) -> io::Result<()> {
+    fn new(stream: TcpStream, codec: Codec, dialect: Dialect, rbuf: BytesMut) -> Self {
+        let (reader, write_half) = stream.into_split();
+        let (writer, frames) = mpsc::unbounded_channel();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let written = tokio::spawn(write_loop(write_half, frames, pending.clone()));
+        Self {
+            reader,
+            writer: Some(writer),
+            pending,
+            written,
+            codec,
+            dialect,
+            rbuf,
+            wbuf: BytesMut::with_capacity(1024),
+        }
+    }
+
+    /// Queues one request for the writer.
+    fn send(&mut self, req: &Request<'_>) -> io::Result<()> {
         if !self.codec.can_send() {
             return Err(io::Error::other("the connection is closing"));
         }
         let encoding = self.dialect.encoding();
         let payload = envelope::encode_request(encoding, req);
-        self.wbuf.clear();
         self.codec
             .encode_frame(true, encoding.opcode(), &payload, &mut self.wbuf);
-        self.stream.write_all(&self.wbuf).await
+        let frame = self.wbuf.split().freeze();
+        self.push(frame)
     }
 
-    /// Sends what the codec owes (pongs, the close echo).
-    async fn flush_transmits(&mut self) -> io::Result<()> {
+    fn push(&mut self, frame: Bytes) -> io::Result<()> {
+        self.pending.fetch_add(frame.len(), Ordering::Relaxed);
+        self.writer
+            .as_ref()
+            .and_then(|w| w.send(frame).ok())
+            .ok_or_else(|| io::Error::other("the writer stopped"))
+    }
+
+    /// Queues what the codec owes (pongs, the close echo).
+    fn flush_transmits(&mut self) -> io::Result<()> {
         while let Some(frame) = self.codec.poll_transmit() {
-            self.stream.write_all(&frame).await?;
+            self.push(frame)?;
         }
         Ok(())
     }
+
+    /// Lets the writer send what is queued (the close frame) and shut down, for at most
+    /// `within`.
+    async fn finish(mut self, within: Duration) {
+        self.writer = None;
+        let _ = tokio::time::timeout(within, &mut self.written).await;
+    }
+
+    /// Whether the writer has room for what a new command may add.
+    fn can_take_commands(&self) -> bool {
+        self.pending.load(Ordering::Relaxed) < MAX_PENDING_WRITE_BYTES
+    }
+}
+
+impl Drop for Conn {
+    /// A connection given up on (lost, silent) may have a write that never completes: the
+    /// writer goes with it.
+    fn drop(&mut self) {
+        self.written.abort();
+    }
+}
+
+/// Writes queued frames, several per write when they are waiting. Once the channel closes
+/// (the session is over) it writes what is left and shuts the write side down.
+async fn write_loop(
+    mut half: OwnedWriteHalf,
+    mut frames: mpsc::UnboundedReceiver<Bytes>,
+    pending: Arc<AtomicUsize>,
+) -> io::Result<()> {
+    let mut batch = BytesMut::with_capacity(WRITE_BATCH_BYTES);
+    while let Some(frame) = frames.recv().await {
+        batch.extend_from_slice(&frame);
+        while batch.len() < WRITE_BATCH_BYTES {
+            match frames.try_recv() {
+                Ok(frame) => batch.extend_from_slice(&frame),
+                Err(_) => break,
+            }
+        }
+        half.write_all(&batch).await?;
+        pending.fetch_sub(batch.len(), Ordering::Relaxed);
+        batch.clear();
+    }
+    half.shutdown().await
 }
 
 pub(crate) struct Driver {
@@ -389,7 +480,7 @@ impl Driver {
         let mut shutdown = false;
         loop {
             tokio::select! {
-                read = conn.stream.read_buf(&mut conn.rbuf) => {
+                read = conn.reader.read_buf(&mut conn.rbuf) => {
                     match read {
                         Ok(0) => return if shutdown { End::Restart } else { End::Lost },
                         Ok(_) => {}
@@ -399,18 +490,25 @@ impl Driver {
                         }
                     }
                     if let Some(end) = self.read_events(&mut conn, &mut shutdown).await {
+                        // The close echo (if the server closed) goes out before the socket.
+                        conn.finish(Duration::from_millis(500)).await;
                         return end;
                     }
                     // After delivering, which may have waited for the application.
                     last_heard = Instant::now();
-                    if conn.flush_transmits().await.is_err() {
+                    if conn.flush_transmits().is_err() {
                         return End::Lost;
                     }
                 }
-                cmd = self.commands.recv() => match cmd {
+                written = &mut conn.written => {
+                    tracing::debug!(result = ?written, "the writer stopped");
+                    return if shutdown { End::Restart } else { End::Lost };
+                }
+                cmd = self.commands.recv(), if conn.can_take_commands() => match cmd {
                     None | Some(Command::Close) => {
                         conn.codec.close(Some(CloseFrame::new(CloseCode::NORMAL, "client closed")));
-                        let _ = conn.flush_transmits().await;
+                        let _ = conn.flush_transmits();
+                        conn.finish(Duration::from_secs(1)).await;
                         return End::Stop;
                     }
                     Some(cmd) => {
@@ -436,7 +534,7 @@ impl Driver {
                     }
                     let id = self.take_id();
                     self.inflight.insert(id, Inflight::Other);
-                    if conn.send(&Request::Ping { id: Some(id) }).await.is_err() {
+                    if conn.send(&Request::Ping { id: Some(id) }).is_err() {
                         return End::Lost;
                     }
                 }
@@ -470,8 +568,7 @@ impl Driver {
             conn.send(&Request::Subscribe {
                 id: Some(id),
                 topics,
-            })
-            .await?;
+            })?;
             let names = entries.into_iter().map(|(n, g, _)| (n, g)).collect();
             self.inflight.insert(id, Inflight::Subscribe(names));
         }
@@ -495,7 +592,7 @@ impl Driver {
             topic: Cow::Borrowed(&topic),
             payload: envelope::Data::new(data.kind, &data.bytes),
         };
-        match conn.send(&req).await {
+        match conn.send(&req) {
             Ok(()) => {
                 self.inflight.insert(id, Inflight::Publish(reply));
                 Ok(())
@@ -528,7 +625,7 @@ impl Driver {
                         epoch: since.and_then(|(_, epoch)| epoch),
                     }],
                 };
-                conn.send(&req).await?;
+                conn.send(&req)?;
                 self.inflight
                     .insert(id, Inflight::Subscribe(vec![(topic, generation)]));
             }
@@ -552,7 +649,6 @@ impl Driver {
             id: Some(id),
             topics: vec![Cow::Borrowed(topic)],
         })
-        .await
     }
 
     /// Sends a subscribe again for those of `names` still subscribed (same generation), each
@@ -580,8 +676,7 @@ impl Driver {
         conn.send(&Request::Subscribe {
             id: Some(id),
             topics,
-        })
-        .await?;
+        })?;
         self.inflight.insert(id, Inflight::Subscribe(names));
         Ok(())
     }
@@ -593,13 +688,13 @@ impl Driver {
                 Ok(None) => return None,
                 Err(e) => {
                     tracing::warn!(error = %e, "the server broke the WebSocket protocol");
-                    let _ = conn.flush_transmits().await;
+                    let _ = conn.flush_transmits();
                     return Some(End::Lost);
                 }
                 Ok(Some(WsEvent::Text(text))) => text.into_bytes(),
                 Ok(Some(WsEvent::Binary(bytes))) => bytes,
                 Ok(Some(WsEvent::Close(frame))) => {
-                    let _ = conn.flush_transmits().await;
+                    let _ = conn.flush_transmits();
                     let (code, reason) = frame
                         .map(|f| (f.code.as_u16(), f.reason.as_str().to_owned()))
                         .unwrap_or((1005, String::new()));
@@ -943,13 +1038,12 @@ async fn connect(
             let dialect =
                 Dialect::from_subprotocol(&selected).ok_or(ConnectError::NoSubprotocol)?;
             let seed = rng.u64(..);
-            Ok(Conn {
+            Ok(Conn::new(
                 stream,
-                codec: Codec::client(Limits::default(), seed),
+                Codec::client(Limits::default(), seed),
                 dialect,
-                rbuf: buf,
-                wbuf: BytesMut::with_capacity(1024),
-            })
+                buf,
+            ))
         }
         Ok(None) => Err(ConnectError::NoSubprotocol),
         Err(HandshakeError::Status(status)) => {
