@@ -51,6 +51,8 @@ async fn main() -> Result<()> {
     // Publish everything first, while neither subscriber reads: the server holds the stream
     // for both (its ring must be large enough; with `disconnect` an overflow fails the run).
     let publisher = Client::connect(Config::new(url))?;
+    // Connected first: while connecting, publishes past the queue bound (1024) would fail.
+    publisher.connected().await?;
     let payload = Data::json(format!("\"{}\"", "x".repeat(bytes.saturating_sub(2))));
     let start = Instant::now();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<
