@@ -174,6 +174,22 @@ async fn a_restarted_in_memory_server_gives_a_reset_in_a_new_epoch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_from_replays_history_in_order_even_into_a_one_event_buffer() {
+    let port = free_port();
+    let _server = serve_at(port, &[]);
+    let publisher = Client::connect(config(port)).unwrap();
+    publish_range(&publisher, "hist", 1..=20).await;
+    // The replay may reach the client around the ack; with room for one event it must still
+    // come whole, in order, after the subscribe resolves.
+    let reader = Client::connect(config(port).with_subscription_buffer(1)).unwrap();
+    let mut sub = reader.subscribe_from("hist", 5).await.unwrap();
+    let events = until_data(&mut sub, "20").await;
+    let want: Vec<(u64, String)> = (6..=20u64).map(|i| (i, i.to_string())).collect();
+    assert_eq!(messages(&events), want);
+    assert_eq!(events.len(), want.len(), "no notice: {events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_subscriber_with_drop_oldest_sees_every_message_or_its_drop() {
     let port = free_port();
     let _server = serve_at(

@@ -76,6 +76,17 @@ struct Topic {
     contiguous: bool,
     /// Until the first ack: the caller's reply and the receiver it will get.
     waiting: Option<(SubscribeReply, mpsc::Receiver<Event>)>,
+    /// Events that arrived before the first ack, delivered right after it.
+    early: Vec<Event>,
+}
+
+/// What a subscribe's ack leaves to do.
+#[derive(Default)]
+struct Acked {
+    /// Topics whose caller went away before the ack: unsubscribe them.
+    abandoned: Vec<String>,
+    /// Events held until the ack, now to deliver.
+    early: Vec<(mpsc::Sender<Event>, Vec<Event>)>,
 }
 
 struct QueuedPublish {
@@ -437,6 +448,7 @@ impl Driver {
                 last: since.map(|(seq, epoch)| (epoch, seq)),
                 contiguous: since.is_some(),
                 waiting: Some((reply, rx)),
+                early: Vec::new(),
             },
         );
         true
@@ -743,7 +755,13 @@ impl Driver {
                 self.on_message(&topic, seq, data).await;
             }
             ServerMessage::Ack { id, position } => {
-                for topic in self.on_ack(id, position) {
+                let acked = self.on_ack(id, position);
+                for (events, early) in acked.early {
+                    for event in early {
+                        let _ = events.send(event).await;
+                    }
+                }
+                for topic in acked.abandoned {
                     self.send_unsubscribe(conn, &topic).await?;
                 }
             }
@@ -769,8 +787,7 @@ impl Driver {
                     let epoch = epoch.filter(|&e| e != 0);
                     t.last = Some((epoch, oldest.saturating_sub(1)));
                     t.contiguous = true;
-                    let events = t.events.clone();
-                    let _ = events.send(Event::Reset { oldest, epoch }).await;
+                    self.deliver(&topic, Event::Reset { oldest, epoch }).await;
                 }
             }
             ServerMessage::Dropped { topic, count, next } => {
@@ -778,8 +795,7 @@ impl Driver {
                     let epoch = t.last.and_then(|(e, _)| e);
                     t.last = Some((epoch, next.saturating_sub(1)));
                     t.contiguous = true;
-                    let events = t.events.clone();
-                    let _ = events.send(Event::Dropped { count, next }).await;
+                    self.deliver(&topic, Event::Dropped { count, next }).await;
                 }
             }
             ServerMessage::Shutdown { reason } => {
@@ -793,6 +809,21 @@ impl Driver {
             }
         }
         Ok(false)
+    }
+
+    /// Hands `event` to the topic's subscriber, waiting for room in its buffer. Held back
+    /// while the subscribe awaits its ack: the receiver is not the application's yet, so a
+    /// full buffer would never drain.
+    async fn deliver(&mut self, topic: &str, event: Event) {
+        let Some(t) = self.topics.get_mut(topic) else {
+            return;
+        };
+        if t.waiting.is_some() {
+            t.early.push(event);
+            return;
+        }
+        let events = t.events.clone();
+        let _ = events.send(event).await;
     }
 
     async fn on_message(&mut self, topic: &str, seq: u64, data: Data) {
@@ -818,19 +849,18 @@ impl Driver {
         let epoch = t.last.and_then(|(e, _)| e);
         t.last = Some((epoch, seq));
         t.contiguous = true;
-        let events = t.events.clone();
         if let Some(gap) = gap {
-            let _ = events.send(gap).await;
+            self.deliver(topic, gap).await;
         }
-        let _ = events.send(Event::Message { seq, data }).await;
+        self.deliver(topic, Event::Message { seq, data }).await;
     }
 
     /// Answers the request `id` named. Returns topics whose subscriber went away before the
     /// ack, to unsubscribe.
-    fn on_ack(&mut self, id: Option<u64>, position: AckPosition<'_>) -> Vec<String> {
-        let mut abandoned = Vec::new();
+    fn on_ack(&mut self, id: Option<u64>, position: AckPosition<'_>) -> Acked {
+        let mut acked = Acked::default();
         let Some(inflight) = id.and_then(|id| self.inflight.remove(&id)) else {
-            return abandoned;
+            return acked;
         };
         match inflight {
             Inflight::Publish(reply) => {
@@ -870,14 +900,17 @@ impl Driver {
                     if let Some((reply, rx)) = t.waiting.take() {
                         if reply.send(Ok((rx, generation))).is_err() {
                             self.topics.remove(&name);
-                            abandoned.push(name);
+                            acked.abandoned.push(name);
+                        } else if !t.early.is_empty() {
+                            let early = std::mem::take(&mut t.early);
+                            acked.early.push((t.events.clone(), early));
                         }
                     }
                 }
             }
             Inflight::Other => {}
         }
-        abandoned
+        acked
     }
 
     async fn on_error(&mut self, id: Option<u64>, err: Error) {
