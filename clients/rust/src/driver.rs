@@ -822,8 +822,14 @@ impl Driver {
             t.early.push(event);
             return;
         }
-        let events = t.events.clone();
-        let _ = events.send(event).await;
+        // The common case (room in the buffer) without an async send or a sender clone.
+        match t.events.try_send(event) {
+            Err(mpsc::error::TrySendError::Full(event)) => {
+                let events = t.events.clone();
+                let _ = events.send(event).await;
+            }
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
     }
 
     async fn on_message(&mut self, topic: &str, seq: u64, data: Data) {
