@@ -1,8 +1,10 @@
 //! The `ringcast` command: runs the engine as any embedder would, through the public API
 //! (`ringcast serve`), prints its config (`ringcast config`), and checks hosts and plans
-//! capacity with `ringcast-tuning` (`ringcast doctor`, `ringcast capacity`).
+//! capacity with `ringcast-tuning` (`ringcast doctor`, `ringcast capacity`), and prints and
+//! publishes to a broker's topics with `ringcast-client` (`ringcast sub`, `ringcast pub`).
 
 mod echo;
+mod pubsub;
 
 use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
@@ -40,6 +42,11 @@ enum Command {
     Doctor(DoctorArgs),
     /// Plan hosts for a load: hosts needed by open files, memory, CPU and config.
     Capacity(CapacityArgs),
+    /// Print a broker's topics, one line per event (JSON lines, or text on a terminal),
+    /// resuming across server restarts. Exits non-zero when the token is refused.
+    Sub(pubsub::SubArgs),
+    /// Publish DATA (or each line of stdin) to a topic and print each ack's seq.
+    Pub(pubsub::PubArgs),
 }
 
 #[derive(Debug, Args)]
@@ -210,6 +217,8 @@ fn main() -> ExitCode {
         Command::Config(args) => args.load().and_then(|c| emit(&c.to_toml_documented())),
         Command::Doctor(args) => doctor(args),
         Command::Capacity(args) => capacity(args),
+        Command::Sub(args) => pubsub::sub(args),
+        Command::Pub(args) => pubsub::publish(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
