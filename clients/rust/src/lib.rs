@@ -55,7 +55,7 @@
 //!
 //! ## Features
 //!
-//! - `blocking` (off by default): [`blocking::Client`], the same client for code without an
+//! - `blocking` (off by default): `blocking::Client`, the same client for code without an
 //!   async runtime; it runs the client on a one-worker tokio runtime of its own. Do not use
 //!   it from inside async code (its calls block, and dropping its runtime there panics).
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
