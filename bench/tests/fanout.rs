@@ -210,3 +210,27 @@ fn a_server_that_is_not_the_broker_fails_before_the_load() {
     let err = run_fanout(&config(addr, FanoutMode::EnvelopeJson, 1, 1)).unwrap_err();
     assert!(format!("{err:#}").contains("subprotocol"), "{err:#}");
 }
+
+#[test]
+fn a_spinning_client_busy_polls_and_still_receives_everything() {
+    let engine = engine(Broadcast::default());
+    let mut cfg = config(engine.local_addr(), FanoutMode::Raw, 10, 1);
+    cfg.spin = true;
+    let report = run_fanout(&cfg).unwrap();
+    assert!(report.spin, "{report:?}");
+    assert!(
+        report.human().contains("spinning client"),
+        "{}",
+        report.human()
+    );
+    assert_complete(&report, 10);
+    // 400 messages/s to 10 subscribers take a few percent of a core when the client sleeps;
+    // busy-polling keeps a thread on the CPU for the whole window (the machine is shared, so
+    // only a fraction of a core is asked for).
+    assert!(
+        report.cpu.client_util >= 0.2,
+        "the spinning client used {:.2} cores",
+        report.cpu.client_util
+    );
+    engine.stop().unwrap();
+}

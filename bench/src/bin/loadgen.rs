@@ -10,8 +10,9 @@ use clap::{Args, Parser, Subcommand};
 use ringcast_bench::{
     broadcast::{run_broadcast, BroadcastConfig},
     compare::{
-        run_compare, CompareConfig, Load, Scenario as CompareScenario, DEFAULT_BROADCAST_LOADS,
-        DEFAULT_ECHO_LOADS, DEFAULT_NODE_DIR, DEFAULT_RINGCAST_BROADCAST_CMD, DEFAULT_RINGCAST_CMD,
+        run_compare, CompareConfig, Load, Peer, PeerArg, Scenario as CompareScenario,
+        DEFAULT_BROADCAST_LOADS, DEFAULT_ECHO_LOADS, DEFAULT_FANOUT_LOADS, DEFAULT_NODE_DIR,
+        DEFAULT_RINGCAST_BROADCAST_CMD, DEFAULT_RINGCAST_CMD, DEFAULT_RINGCAST_FANOUT_CMD,
         SERVER_NAMES,
     },
     echo::{run_echo, Driver, EchoConfig},
@@ -44,8 +45,8 @@ enum Cmd {
     Idle(IdleArgs),
     /// Lockstep broadcast: each round every client sends one message and waits for N.
     Broadcast(BroadcastArgs),
-    /// Run the scenario matrix (echo, broadcast; idle) against each server, pinned, in
-    /// alternating rounds.
+    /// Run the scenario matrix (echo, broadcast, fan-out; idle) against each server, pinned,
+    /// in alternating rounds. Add any server with --peer NAME=CMD.
     Compare(CompareArgs),
     /// Connection storms: churn (connect, hold, close, repeat) and a mass reconnect.
     Storm(StormArgs),
@@ -263,6 +264,11 @@ struct FanoutArgs {
     /// Deadline for opening and subscribing every connection, in seconds.
     #[arg(long, default_value = "60", value_parser = parse_secs)]
     open_timeout: Duration,
+    /// The subscribers busy-poll their sockets instead of sleeping in epoll_wait, so latency
+    /// measures the server rather than the client's wake-ups (costs a core per subscriber
+    /// process; the publisher still sleeps until each message is due).
+    #[arg(long)]
+    spin: bool,
     /// Exit non-zero when more deliveries than this are missing (dropped or lost).
     #[arg(long)]
     max_missing: Option<u64>,
@@ -357,13 +363,22 @@ struct CompareArgs {
     /// broadcast mode yet), ringcast is skipped for the broadcast scenario.
     #[arg(long, default_value = DEFAULT_RINGCAST_BROADCAST_CMD)]
     ringcast_broadcast_cmd: String,
+    /// The ringcast fan-out command line (a broadcast server without the publish limit).
+    #[arg(long, default_value = DEFAULT_RINGCAST_FANOUT_CMD)]
+    ringcast_fanout_cmd: String,
+    /// Another server to compare: NAME=CMD serves every scenario with CMD, NAME@echo=CMD,
+    /// NAME@broadcast=CMD or NAME@fanout=CMD one scenario (fan-out falls back to the
+    /// broadcast command). CMD is split on whitespace; {port} is replaced with the port to
+    /// listen on at 127.0.0.1. Repeat for more peers or scenarios; peers run after --servers.
+    #[arg(long = "peer", value_name = "NAME[@SCENARIO]=CMD")]
+    peers: Vec<PeerArg>,
     /// Directory of the peer-* binaries (default: beside this executable).
     #[arg(long)]
     peer_dir: Option<PathBuf>,
     /// Directory of the Node peers and their node_modules (`npm ci --prefix DIR`).
     #[arg(long, default_value = DEFAULT_NODE_DIR)]
     node_dir: PathBuf,
-    /// Scenarios to run, comma-separated: echo, broadcast.
+    /// Scenarios to run, comma-separated: echo, broadcast, fanout.
     #[arg(long, value_delimiter = ',', default_values_t = CompareScenario::ALL)]
     scenario: Vec<CompareScenario>,
     /// Echo loads, comma-separated CONNSxBYTES (`k` = 1024 bytes).
@@ -372,6 +387,12 @@ struct CompareArgs {
     /// Broadcast loads, comma-separated NxBYTES (N clients).
     #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_BROADCAST_LOADS)]
     broadcast_loads: Vec<Load>,
+    /// Fan-out loads, comma-separated SUBSxBYTES@RATE (messages per second, `k` = 1000).
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_FANOUT_LOADS)]
+    fanout_loads: Vec<Load>,
+    /// Fan-out subscribers sleep in epoll_wait instead of busy-polling (`fanout --spin`).
+    #[arg(long)]
+    no_spin: bool,
     /// One echo load of this many connections instead of --echo-loads (with --size).
     #[arg(long)]
     conns: Option<usize>,
@@ -534,6 +555,7 @@ fn main() -> Result<()> {
             cfg.sources = a.sources.sources();
             cfg.open_timeout = a.open_timeout;
             cfg.progress = progress;
+            cfg.spin = a.spin;
             let report = run_fanout(&cfg)?;
             a.output.emit(&report, &report.human())?;
             if let Some(dir) = &a.plot_dir {
@@ -555,6 +577,12 @@ fn main() -> Result<()> {
             cfg.servers = a.servers;
             cfg.ringcast_cmd = a.ringcast_cmd;
             cfg.ringcast_broadcast_cmd = a.ringcast_broadcast_cmd;
+            cfg.ringcast_fanout_cmd = a.ringcast_fanout_cmd;
+            for peer in a.peers {
+                Peer::add(&mut cfg.peers, peer)?;
+            }
+            cfg.fanout_loads = a.fanout_loads;
+            cfg.spin = !a.no_spin;
             cfg.node_dir = a.node_dir;
             cfg.scenarios = a.scenario;
             if a.skip_echo {

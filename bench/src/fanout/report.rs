@@ -38,6 +38,10 @@ pub struct FanoutReport {
     pub procs: usize,
     /// Publisher connections.
     pub publishers: usize,
+    /// The subscribers busy-polled their sockets ([`super::FanoutConfig::spin`]); their
+    /// processes' CPU time then includes the spinning.
+    #[serde(default)]
+    pub spin: bool,
     /// Payload bytes per message.
     pub size_bytes: usize,
     /// The measured window, in seconds.
@@ -124,12 +128,13 @@ impl FanoutReport {
             String::new()
         };
         let mut line = format!(
-            "fanout {mode}: {subs} subs over {topics} topic(s) in {procs} proc(s), {size} B at \
+            "fanout {mode}{spin}: {subs} subs over {topics} topic(s) in {procs} proc(s), {size} B at \
              {target:.0} msgs/s (sent {achieved:.0}/s{behind}), {win:.2} s: {dps:.0} \
              deliveries/s | received {received} of {expected} expected ({missing} missing, \
              {in_flight} of them in flight at the end; {dropped} dropped in {notices} notices) \
              | latency us p50 {p50:.1} p90 {p90:.1} p99 {p99:.1} p99.9 {p999:.1} max {max:.1}",
             mode = self.mode,
+            spin = if self.spin { " (spinning client)" } else { "" },
             subs = self.subs,
             topics = self.topics,
             procs = self.procs,
@@ -328,6 +333,7 @@ pub(super) fn report(
         topics: cfg.topics,
         procs,
         publishers: cfg.publishers,
+        spin: cfg.spin,
         size_bytes: cfg.size_bytes,
         window_secs: secs,
         target_rate: cfg.rate,

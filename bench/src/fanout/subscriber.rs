@@ -6,6 +6,7 @@ use std::{
     io,
     ops::Range,
     sync::mpsc,
+    thread,
     time::{Duration, Instant},
 };
 
@@ -58,6 +59,9 @@ pub struct SubscriberPart {
     pub warmup: Duration,
     /// See [`FanoutConfig::duration`](super::FanoutConfig::duration).
     pub duration: Duration,
+    /// Busy-poll the sockets during the load instead of sleeping (see
+    /// [`super::FanoutConfig::spin`]).
+    pub spin: bool,
 }
 
 /// What one part measured; merged into a [`super::FanoutReport`].
@@ -312,8 +316,15 @@ impl Subscribers<'_> {
             } else {
                 window_end
             };
-            let wait = next.saturating_duration_since(now).min(MAX_WAIT);
-            self.turn(if wait.is_zero() { MAX_WAIT } else { wait })?;
+            let wait = if part.spin {
+                Duration::ZERO
+            } else {
+                match next.saturating_duration_since(now).min(MAX_WAIT) {
+                    Duration::ZERO => MAX_WAIT,
+                    wait => wait,
+                }
+            };
+            self.turn(wait)?;
         }
         let span = self.span.take().expect("set above");
         let cpu = span.cpu.spent();
@@ -402,6 +413,11 @@ impl Subscribers<'_> {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
             Err(e) => return Err(e).context("epoll_wait"),
+        }
+        if wait.is_zero() && events.is_empty() {
+            // Spinning: let whatever else is runnable on this core (the publisher, when it
+            // shares the core) go first; with nothing else, this returns at once.
+            thread::yield_now();
         }
         let registry = poll.registry();
         for event in events.iter() {
