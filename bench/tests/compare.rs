@@ -1,8 +1,8 @@
 //! `loadgen compare` with servers given on its command line (`--peer`): the real binary, with
 //! the in-repo tokio-tungstenite peers standing in for an external server, on loopback, one
-//! short round each.
+//! short round each; then `loadgen plot-latency` on the report it saved.
 
-use std::process::Command;
+use std::{fs, process::Command};
 
 use serde_json::Value;
 
@@ -83,6 +83,7 @@ fn peers_from_the_command_line_run_beside_the_built_in_servers() {
     let p99 = fanout["p99_us"]["median"].as_f64().unwrap();
     let max = fanout["max_us"]["median"].as_f64().unwrap();
     assert!(p99 > 0.0 && max >= p99, "{fanout:#}");
+    plots_are_drawn_from_the_saved_report(&out.stdout);
     // A peer whose command serves echo only is skipped elsewhere, saying why.
     let skipped = server(&report, "fanout", "echo-only");
     assert!(
@@ -91,6 +92,73 @@ fn peers_from_the_command_line_run_beside_the_built_in_servers() {
             .is_some_and(|s| s.contains("no fanout server for echo-only")),
         "{skipped:#}"
     );
+}
+
+/// `loadgen plot-latency` on the report saved twice under two labels: one latency and one
+/// throughput SVG per echo and fan-out load, each naming every server of both.
+fn plots_are_drawn_from_the_saved_report(json: &[u8]) {
+    let dir = std::env::temp_dir().join(format!("ringcast-plot-latency-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let report = dir.join("compare.json");
+    fs::write(&report, json).unwrap();
+    let out = loadgen()
+        .arg("plot-latency")
+        .arg(format!("spin={}", report.display()))
+        .arg(format!("again={}", report.display()))
+        .arg("--out")
+        .arg(dir.join("plots"))
+        .output()
+        .expect("loadgen runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut names: Vec<String> = fs::read_dir(dir.join("plots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "echo-4x20-latency.svg",
+            "echo-4x20-throughput.svg",
+            "fanout-5x64@500-latency.svg",
+            "fanout-5x64@500-throughput.svg"
+        ]
+    );
+    for name in &names {
+        let svg = fs::read_to_string(dir.join("plots").join(name)).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+            "{name}"
+        );
+        assert_eq!(svg.matches("<svg").count(), 1, "{name}");
+        assert!(svg.contains("<polyline"), "{name}: no line drawn");
+        let servers: &[&str] = if name.starts_with("echo") {
+            &["tokio-tungstenite", "mine", "echo-only"]
+        } else {
+            &["mine"]
+        };
+        for server in servers {
+            for label in ["spin", "again"] {
+                assert!(
+                    svg.contains(&format!("{label}: {server}")),
+                    "{name}: {label}: {server}"
+                );
+            }
+        }
+    }
+    // A file that is not a compare report is refused.
+    let out = loadgen()
+        .arg("plot-latency")
+        .arg(dir.join("plots/echo-4x20-latency.svg"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]

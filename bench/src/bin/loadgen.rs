@@ -15,6 +15,7 @@ use ringcast_bench::{
         DEFAULT_RINGCAST_BROADCAST_CMD, DEFAULT_RINGCAST_CMD, DEFAULT_RINGCAST_FANOUT_CMD,
         SERVER_NAMES,
     },
+    compare_plot::{plot_compare, LabeledReport},
     echo::{run_echo, Driver, EchoConfig},
     fanout::{self, fanout_worker, run_fanout, FanoutConfig, FanoutMode, SubscriberPart},
     idle::{idle_worker, run_idle, IdleConfig, WorkerConfig},
@@ -48,6 +49,9 @@ enum Cmd {
     /// Run the scenario matrix (echo, broadcast, fan-out; idle) against each server, pinned,
     /// in alternating rounds. Add any server with --peer NAME=CMD.
     Compare(CompareArgs),
+    /// Plot saved `compare --json` reports: per echo and fan-out load, the latency spectrum and
+    /// throughput over time of each server's median round, as SVG.
+    PlotLatency(PlotArgs),
     /// Connection storms: churn (connect, hold, close, repeat) and a mass reconnect.
     Storm(StormArgs),
     /// Fan-out: N subscribers over T topics, a fixed publish rate, publish-to-receive latency.
@@ -279,6 +283,17 @@ struct FanoutArgs {
     sources: SourceArgs,
     #[command(flatten)]
     output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+struct PlotArgs {
+    /// Reports of `loadgen compare --json`, as PATH or LABEL=PATH (lines then read
+    /// "LABEL: server", to draw runs side by side).
+    #[arg(required = true, value_name = "[LABEL=]REPORT")]
+    reports: Vec<String>,
+    /// Where the SVG files go.
+    #[arg(long, default_value = "bench/plots")]
+    out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -606,6 +621,16 @@ fn main() -> Result<()> {
             cfg.driver = a.driver;
             let report = run_compare(&cfg)?;
             a.output.emit(&report, &report.human())?;
+        }
+        Cmd::PlotLatency(a) => {
+            let reports = a
+                .reports
+                .iter()
+                .map(|r| LabeledReport::read(r))
+                .collect::<Result<Vec<_>>>()?;
+            for path in plot_compare(&reports, &a.out)? {
+                println!("wrote {}", path.display());
+            }
         }
         Cmd::IdleWorker(a) => {
             let cfg = WorkerConfig {
