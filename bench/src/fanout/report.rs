@@ -106,6 +106,10 @@ pub struct FanoutReport {
     /// Subscribers still short of some message (neither received nor announced as dropped)
     /// when the load ended.
     pub incomplete_subs: u64,
+    /// The subscribers' `epoll_wait` calls during the load, all processes: about one per
+    /// burst of deliveries when they sleep, far more with `spin`.
+    #[serde(default)]
+    pub subscriber_polls: u64,
     /// The length of one timeline interval, in milliseconds.
     pub timeline_interval_ms: u64,
     /// Deliveries that arrived in each interval of the window, in order (the last may be
@@ -306,6 +310,7 @@ pub(super) fn report(
         t.incomplete += p.incomplete;
         t.errors += p.errors;
         t.cpu_ns += p.cpu_ns;
+        t.polls += p.polls;
         if t.first_error.is_none() {
             t.first_error.clone_from(&p.first_error);
         }
@@ -360,6 +365,7 @@ pub(super) fn report(
         errors: t.errors,
         first_error: t.first_error,
         incomplete_subs: t.incomplete,
+        subscriber_polls: t.polls,
         timeline_interval_ms: timeline::INTERVAL.as_millis() as u64,
         deliveries_timeline: timeline,
         latency_spectrum: spectrum(&latency),

@@ -89,6 +89,10 @@ pub struct SubscriberResult {
     pub first_error: Option<String>,
     /// This process's CPU time over the window, in nanoseconds.
     pub cpu_ns: u64,
+    /// `epoll_wait` calls from `go` to the end: about one per burst of deliveries when the
+    /// subscribers sleep, far more when they spin.
+    #[serde(default)]
+    pub polls: u64,
     /// Latencies of the measured deliveries, as `(nanoseconds, count)` buckets.
     pub latency_ns: Vec<(u64, u64)>,
     /// Deliveries per [`timeline::INTERVAL`] of the window.
@@ -220,6 +224,8 @@ struct Tally {
     done: usize,
     errors: u64,
     first_error: Option<String>,
+    /// `epoll_wait` calls once `go` came.
+    polls: u64,
 }
 
 impl Tally {
@@ -237,6 +243,7 @@ impl Tally {
             done: 0,
             errors: 0,
             first_error: None,
+            polls: 0,
         }
     }
 }
@@ -353,6 +360,7 @@ impl Subscribers<'_> {
             errors: t.errors,
             first_error: t.first_error.clone(),
             cpu_ns: cpu.as_nanos() as u64,
+            polls: t.polls,
             latency_ns: buckets(&t.latency),
             timeline: span.timeline.into_counts(part.duration),
         })
@@ -409,7 +417,11 @@ impl Subscribers<'_> {
             span,
             expect,
         } = self;
-        match poll.poll(events, Some(wait)) {
+        let polled = poll.poll(events, Some(wait));
+        if span.is_some() {
+            tally.polls += 1;
+        }
+        match polled {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
             Err(e) => return Err(e).context("epoll_wait"),
