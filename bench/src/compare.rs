@@ -394,6 +394,9 @@ pub struct CompareConfig {
     pub fanout_loads: Vec<Load>,
     /// The fan-out subscribers busy-poll their sockets (`loadgen fanout --spin`).
     pub spin: bool,
+    /// Processes for the fan-out subscribers (`loadgen fanout --procs`), all on the load
+    /// core; 1 runs them on a thread beside the publisher. With `spin` each one spins.
+    pub fanout_procs: usize,
     /// Measured window per round.
     pub duration: Duration,
     /// Unmeasured load before each window.
@@ -437,6 +440,7 @@ impl CompareConfig {
             broadcast_loads: DEFAULT_BROADCAST_LOADS.to_vec(),
             fanout_loads: DEFAULT_FANOUT_LOADS.to_vec(),
             spin: true,
+            fanout_procs: 1,
             duration: Duration::from_secs(5),
             warmup: Duration::from_secs(1),
             round_timeout: Duration::from_secs(10),
@@ -1274,8 +1278,15 @@ impl RoundRun<'_> {
             Scenario::Fanout => {
                 let rate = self.load.rate_per_sec.unwrap_or(DEFAULT_FANOUT_RATE);
                 args.extend(
-                    ["--mode", "raw", "--procs", "1", "--rate", &rate.to_string()]
-                        .map(str::to_owned),
+                    [
+                        "--mode",
+                        "raw",
+                        "--procs",
+                        &cfg.fanout_procs.to_string(),
+                        "--rate",
+                        &rate.to_string(),
+                    ]
+                    .map(str::to_owned),
                 );
                 if cfg.spin {
                     args.push("--spin".to_owned());

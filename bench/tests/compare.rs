@@ -46,6 +46,8 @@ fn peers_from_the_command_line_run_beside_the_built_in_servers() {
             "4x20",
             "--fanout-loads",
             "5x64@500",
+            "--fanout-procs",
+            "2",
             "--duration",
             "0.5",
             "--warmup",
@@ -76,6 +78,7 @@ fn peers_from_the_command_line_run_beside_the_built_in_servers() {
     let fanout = server(&report, "fanout", "mine");
     assert_eq!(fanout["rounds"].as_array().unwrap().len(), 1, "{fanout:#}");
     assert!(fanout["rounds"][0]["spin"].as_bool().unwrap(), "{fanout:#}");
+    assert_eq!(fanout["rounds"][0]["procs"], 2, "{fanout:#}");
     assert!(
         fanout["rate"]["median"].as_f64().unwrap() > 0.0,
         "{fanout:#}"

@@ -408,6 +408,10 @@ struct CompareArgs {
     /// Fan-out subscribers sleep in epoll_wait instead of busy-polling (`fanout --spin`).
     #[arg(long)]
     no_spin: bool,
+    /// Processes for the fan-out subscribers, all on the load core (1: a thread beside the
+    /// publisher). A million deliveries a second need more than one.
+    #[arg(long, default_value_t = 1)]
+    fanout_procs: usize,
     /// One echo load of this many connections instead of --echo-loads (with --size).
     #[arg(long)]
     conns: Option<usize>,
@@ -598,6 +602,7 @@ fn main() -> Result<()> {
             }
             cfg.fanout_loads = a.fanout_loads;
             cfg.spin = !a.no_spin;
+            cfg.fanout_procs = a.fanout_procs;
             cfg.node_dir = a.node_dir;
             cfg.scenarios = a.scenario;
             if a.skip_echo {
