@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Smoke test of the load generator: every loadgen scenario, briefly, against the peer servers
-# (and ringcast when its binary is there), on loopback. About 22 s in all; exits non-zero when
+# (and ringcast when its binary is there), on loopback. About 28 s in all; exits non-zero when
 # a run is broken (no round trip, a connection error, a failed churn attempt, a connection that
 # did not come back).
 #
@@ -42,7 +42,7 @@ serve() {
 }
 
 run() {
-    echo "+ loadgen $*"
+    echo "+ loadgen $*" >&2
     timeout 60 "$loadgen" --quiet "$@"
 }
 
@@ -103,4 +103,17 @@ if [[ -x "$ringcast" ]]; then
         --halfopen-conns 200 --halfopen-sources 2 --dribble-every 0.1 --max-rtt 2 \
         --server-pid "${pids[-1]}"
 fi
+# The spinning client, then compare with a peer from the command line (the tokio-tungstenite
+# servers standing in for an external one), and plots of its saved report.
+run fanout --url "ws://127.0.0.1:$port_bcast/" --mode raw --subs 10 --rate 500 --spin \
+    --duration 0.5 --warmup 0.2 --procs 1 --max-missing 0 --server-pid "${pids[2]}"
+run compare --servers raw-echo \
+    --peer "tt@echo=$bin/peer-tokio-tungstenite --listen 127.0.0.1:{port}" \
+    --peer "tt@broadcast=$bin/peer-tokio-tungstenite-broadcast --listen 127.0.0.1:{port}" \
+    --scenario echo,fanout --echo-loads 4x20 --fanout-loads 5x64@500 --duration 0.5 \
+    --warmup 0.2 --rounds 1 --retries 0 --max-other-cpu 2 --base-port 19720 --json \
+    >"$out/compare.json"
+run plot-latency "$out/compare.json" --out "$out/plots-compare"
+test -s "$out/plots-compare/echo-4x20-latency.svg"
+test -s "$out/plots-compare/fanout-5x64@500-latency.svg"
 echo "smoke: all loadgen scenarios ran"

@@ -7,6 +7,11 @@
 //!   1000 x 20 B and 100 x 1 KiB ([`DEFAULT_ECHO_LOADS`]).
 //! - [`Scenario::Broadcast`]: the lockstep all-to-all rounds ([`crate::broadcast`]); by default
 //!   N = 100 and N = 1000 with 20 B messages ([`DEFAULT_BROADCAST_LOADS`]).
+//! - [`Scenario::Fanout`]: the fixed-rate fan-out in raw mode ([`crate::fanout`]) against each
+//!   server's broadcast command: one publisher, N subscribers, publish-to-receive latency
+//!   corrected for coordinated omission; by default 10 and 100 subscribers at 1,000 and 10,000
+//!   msg/s of 64 B ([`DEFAULT_FANOUT_LOADS`]), the subscribers busy-polling with
+//!   [`CompareConfig::spin`].
 //!
 //! plus, once per server, the idle scenario if asked for. Not every server has a peer for
 //! every scenario (fastwebsockets and raw-echo have no broadcast server); those are reported
@@ -14,6 +19,11 @@
 //! mode, the command exits at start and ringcast is skipped for the broadcast scenario with
 //! its output as the reason. The Node `ws` servers (`node-ws`, from `bench/node`) run when
 //! `node` is on `PATH` and `bench/node/node_modules` exists.
+//!
+//! External peers come from the command line ([`Peer`], `--peer NAME=CMD`, or
+//! `NAME@SCENARIO=CMD` for a peer that serves one scenario with that command): anyone can put
+//! their own build of another server (uWebSockets, say) beside ringcast without this crate
+//! knowing it. A peer's fan-out command is its broadcast command unless given.
 //!
 //! Each round starts a fresh server (`taskset -c SERVER_CORE`), waits (bounded) for its port,
 //! runs this binary's `echo` or `broadcast` subcommand (or `idle`) pinned with
@@ -40,8 +50,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::{
     broadcast::BroadcastReport,
     echo::{Driver, EchoReport},
+    fanout::FanoutReport,
     idle::IdleReport,
-    stats::median,
+    stats::{median, LatencySummary},
 };
 
 /// The ringcast echo command when none is given: `{port}` is replaced with the port to listen
@@ -53,6 +64,13 @@ pub const DEFAULT_RINGCAST_CMD: &str =
 /// this exits at start and ringcast is skipped for the broadcast scenario.
 pub const DEFAULT_RINGCAST_BROADCAST_CMD: &str =
     "target/release/ringcast serve --broadcast --shards 1 --listen 127.0.0.1:{port}";
+
+/// The ringcast command for the fan-out scenario when none is given: the broadcast server with
+/// the per-connection publish limit lifted (`bench/ringcast-fanout.toml`, relative to the
+/// workspace root, where compare is meant to be run).
+pub const DEFAULT_RINGCAST_FANOUT_CMD: &str =
+    "target/release/ringcast serve --broadcast --shards 1 \
+     -c bench/ringcast-fanout.toml --listen 127.0.0.1:{port}";
 
 /// The servers [`run_compare`] knows, in the order it runs them.
 pub const SERVER_NAMES: [&str; 5] = [
@@ -77,6 +95,18 @@ pub const DEFAULT_ECHO_LOADS: [Load; 3] = [
 /// The broadcast loads compare runs when not told: N = 100 and N = 1000, 20 B messages.
 pub const DEFAULT_BROADCAST_LOADS: [Load; 2] = [Load::new(100, 20), Load::new(1000, 20)];
 
+/// The fan-out loads compare runs when not told: 10 and 100 subscribers at 1,000 and 10,000
+/// msg/s of 64 B.
+pub const DEFAULT_FANOUT_LOADS: [Load; 4] = [
+    Load::new(10, 64).at_rate(1000),
+    Load::new(10, 64).at_rate(10_000),
+    Load::new(100, 64).at_rate(1000),
+    Load::new(100, 64).at_rate(10_000),
+];
+
+/// The publish rate of a fan-out load written without `@RATE`.
+pub const DEFAULT_FANOUT_RATE: u64 = 1000;
+
 /// How long a started server gets to accept on its port.
 const PORT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -91,17 +121,19 @@ pub enum Scenario {
     Echo,
     /// Lockstep all-to-all rounds; the unit of work is a delivery.
     Broadcast,
+    /// Fixed-rate fan-out through a broadcast server; the unit of work is a delivery.
+    Fanout,
 }
 
 impl Scenario {
     /// Every scenario, in the order compare runs them.
-    pub const ALL: [Self; 2] = [Self::Echo, Self::Broadcast];
+    pub const ALL: [Self; 3] = [Self::Echo, Self::Broadcast, Self::Fanout];
 
     /// What one unit of work is called in reports.
     pub fn unit(self) -> &'static str {
         match self {
             Self::Echo => "msg",
-            Self::Broadcast => "delivery",
+            Self::Broadcast | Self::Fanout => "delivery",
         }
     }
 }
@@ -113,7 +145,10 @@ impl FromStr for Scenario {
         match s {
             "echo" => Ok(Self::Echo),
             "broadcast" => Ok(Self::Broadcast),
-            other => Err(format!("unknown scenario {other:?}: echo or broadcast")),
+            "fanout" => Ok(Self::Fanout),
+            other => Err(format!(
+                "unknown scenario {other:?}: echo, broadcast or fanout"
+            )),
         }
     }
 }
@@ -123,27 +158,43 @@ impl fmt::Display for Scenario {
         f.write_str(match self {
             Self::Echo => "echo",
             Self::Broadcast => "broadcast",
+            Self::Fanout => "fanout",
         })
     }
 }
 
-/// One load of a scenario: connections (for broadcast, the clients N) and payload bytes per
-/// message.
+/// One load of a scenario: connections (for broadcast, the clients N; for fan-out, the
+/// subscribers), payload bytes per message and, for fan-out, the publish rate.
 ///
 /// Written `CONNSxBYTES` (`100x20`, `100x1k`: `k` or `KiB` is 1024 bytes) or just `CONNS`
-/// (20 bytes).
+/// (20 bytes), then `@RATE` for fan-out (`10x64@10k`: messages per second, `k` is 1000).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Load {
     /// Connections.
     pub conns: usize,
     /// Payload bytes per message.
     pub size_bytes: usize,
+    /// Messages per second (fan-out only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_sec: Option<u64>,
 }
 
 impl Load {
     /// `conns` connections with `size_bytes` messages.
     pub const fn new(conns: usize, size_bytes: usize) -> Self {
-        Self { conns, size_bytes }
+        Self {
+            conns,
+            size_bytes,
+            rate_per_sec: None,
+        }
+    }
+
+    /// This load published at `rate_per_sec` messages per second (fan-out).
+    pub const fn at_rate(self, rate_per_sec: u64) -> Self {
+        Self {
+            rate_per_sec: Some(rate_per_sec),
+            ..self
+        }
     }
 }
 
@@ -151,6 +202,25 @@ impl FromStr for Load {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
+        let (s, rate) = match s.split_once('@') {
+            Some((load, rate)) => (load, Some(rate.trim())),
+            None => (s, None),
+        };
+        let rate_per_sec = rate
+            .map(|r| {
+                let (digits, unit) = match r.strip_suffix(['k', 'K']) {
+                    Some(d) => (d, 1000),
+                    None => (r, 1),
+                };
+                digits
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+                    .and_then(|n| n.checked_mul(unit))
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| format!("{s:?}: bad rate {r:?} (messages per second)"))
+            })
+            .transpose()?;
         let (conns, size) = s.split_once(['x', 'X']).unwrap_or((s, "20"));
         let conns: usize = conns
             .trim()
@@ -173,13 +243,126 @@ impl FromStr for Load {
         if conns == 0 {
             return Err(format!("{s:?}: at least 1 connection"));
         }
-        Ok(Self { conns, size_bytes })
+        Ok(Self {
+            conns,
+            size_bytes,
+            rate_per_sec,
+        })
     }
 }
 
 impl fmt::Display for Load {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}x{}", self.conns, self.size_bytes)
+        write!(f, "{}x{}", self.conns, self.size_bytes)?;
+        match self.rate_per_sec {
+            Some(rate) => write!(f, "@{rate}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A server given on the command line: a name and the command that serves each scenario
+/// (`{port}` in it is replaced with the port to listen on, on 127.0.0.1). A scenario without a
+/// command is skipped for this peer; fan-out falls back to the broadcast command.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// The name in the tables.
+    pub name: String,
+    /// The echo server's command line.
+    pub echo: Option<String>,
+    /// The all-to-all broadcast server's command line.
+    pub broadcast: Option<String>,
+    /// The fan-out server's command line (by default, `broadcast`).
+    pub fanout: Option<String>,
+}
+
+impl Peer {
+    /// The command line for `scenario`, if this peer serves it.
+    pub fn command(&self, scenario: Scenario) -> Option<&str> {
+        match scenario {
+            Scenario::Echo => self.echo.as_deref(),
+            Scenario::Broadcast => self.broadcast.as_deref(),
+            Scenario::Fanout => self.fanout.as_deref().or(self.broadcast.as_deref()),
+        }
+    }
+
+    /// Adds `arg` to the peers: a new peer, or another scenario's command for a peer named
+    /// before.
+    ///
+    /// # Errors
+    /// The name is one of [`SERVER_NAMES`], or the command has no `{port}`.
+    pub fn add(peers: &mut Vec<Self>, arg: PeerArg) -> Result<()> {
+        ensure!(
+            !SERVER_NAMES.contains(&arg.name.as_str()),
+            "--peer {}: that name is a built-in server; pick another",
+            arg.name
+        );
+        ensure!(
+            arg.cmd.contains("{port}"),
+            "--peer {}: the command must say where to listen with {{port}}: {:?}",
+            arg.name,
+            arg.cmd
+        );
+        let i = match peers.iter().position(|p| p.name == arg.name) {
+            Some(i) => i,
+            None => {
+                peers.push(Self {
+                    name: arg.name.clone(),
+                    ..Self::default()
+                });
+                peers.len() - 1
+            }
+        };
+        let peer = &mut peers[i];
+        let cmd = Some(arg.cmd);
+        match arg.scenario {
+            None => {
+                peer.echo.clone_from(&cmd);
+                peer.broadcast.clone_from(&cmd);
+                peer.fanout = cmd;
+            }
+            Some(Scenario::Echo) => peer.echo = cmd,
+            Some(Scenario::Broadcast) => peer.broadcast = cmd,
+            Some(Scenario::Fanout) => peer.fanout = cmd,
+        }
+        Ok(())
+    }
+}
+
+/// One `--peer` argument: `NAME=CMD` (every scenario) or `NAME@SCENARIO=CMD`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerArg {
+    /// The peer's name.
+    pub name: String,
+    /// The scenario the command serves, or `None` for all.
+    pub scenario: Option<Scenario>,
+    /// The command line, split on whitespace at launch.
+    pub cmd: String,
+}
+
+impl FromStr for PeerArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (head, cmd) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected NAME=CMD or NAME@SCENARIO=CMD"))?;
+        let (name, scenario) = match head.split_once('@') {
+            Some((name, scenario)) => (name, Some(scenario.trim().parse::<Scenario>()?)),
+            None => (head, None),
+        };
+        let name = name.trim();
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return Err(format!("{s:?}: the peer needs a name without spaces"));
+        }
+        if cmd.trim().is_empty() {
+            return Err(format!("{s:?}: empty command"));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            scenario,
+            cmd: cmd.trim().to_owned(),
+        })
     }
 }
 
@@ -193,6 +376,10 @@ pub struct CompareConfig {
     /// The ringcast broadcast command line, like `ringcast_cmd`. If it exits before accepting,
     /// ringcast is skipped for the broadcast scenario.
     pub ringcast_broadcast_cmd: String,
+    /// The ringcast fan-out command line, like `ringcast_broadcast_cmd`.
+    pub ringcast_fanout_cmd: String,
+    /// Servers from the command line, run after the built-in ones in `servers`.
+    pub peers: Vec<Peer>,
     /// Where the `peer-*` binaries are (by default, beside this executable).
     pub peer_dir: PathBuf,
     /// Where the Node peers are ([`DEFAULT_NODE_DIR`]).
@@ -203,6 +390,13 @@ pub struct CompareConfig {
     pub echo_loads: Vec<Load>,
     /// Loads of the broadcast scenario.
     pub broadcast_loads: Vec<Load>,
+    /// Loads of the fan-out scenario (subscribers x bytes @ rate).
+    pub fanout_loads: Vec<Load>,
+    /// The fan-out subscribers busy-poll their sockets (`loadgen fanout --spin`).
+    pub spin: bool,
+    /// Processes for the fan-out subscribers (`loadgen fanout --procs`), all on the load
+    /// core; 1 runs them on a thread beside the publisher. With `spin` each one spins.
+    pub fanout_procs: usize,
     /// Measured window per round.
     pub duration: Duration,
     /// Unmeasured load before each window.
@@ -229,18 +423,24 @@ pub struct CompareConfig {
 }
 
 impl CompareConfig {
-    /// The defaults: all servers, both scenarios with their default loads, 1 s warmup, 5 s
-    /// window, 3 rounds, servers on core 0 and load on core 1.
+    /// The defaults: all built-in servers, every scenario with its default loads, spinning
+    /// fan-out subscribers, 1 s warmup, 5 s window, 3 rounds, servers on core 0 and load on
+    /// core 1.
     pub fn new(peer_dir: PathBuf) -> Self {
         Self {
             servers: SERVER_NAMES.iter().map(|s| (*s).to_owned()).collect(),
             ringcast_cmd: DEFAULT_RINGCAST_CMD.to_owned(),
             ringcast_broadcast_cmd: DEFAULT_RINGCAST_BROADCAST_CMD.to_owned(),
+            ringcast_fanout_cmd: DEFAULT_RINGCAST_FANOUT_CMD.to_owned(),
+            peers: Vec::new(),
             peer_dir,
             node_dir: PathBuf::from(DEFAULT_NODE_DIR),
             scenarios: Scenario::ALL.to_vec(),
             echo_loads: DEFAULT_ECHO_LOADS.to_vec(),
             broadcast_loads: DEFAULT_BROADCAST_LOADS.to_vec(),
+            fanout_loads: DEFAULT_FANOUT_LOADS.to_vec(),
+            spin: true,
+            fanout_procs: 1,
             duration: Duration::from_secs(5),
             warmup: Duration::from_secs(1),
             round_timeout: Duration::from_secs(10),
@@ -259,7 +459,19 @@ impl CompareConfig {
         match scenario {
             Scenario::Echo => &self.echo_loads,
             Scenario::Broadcast => &self.broadcast_loads,
+            Scenario::Fanout => &self.fanout_loads,
         }
+    }
+
+    /// Every server to run: the built-in ones, then the peers not already listed.
+    pub fn all_servers(&self) -> Vec<String> {
+        let mut all = self.servers.clone();
+        for p in &self.peers {
+            if !all.contains(&p.name) {
+                all.push(p.name.clone());
+            }
+        }
+        all
     }
 }
 
@@ -295,6 +507,8 @@ pub enum RoundReport {
     Echo(Box<EchoReport>),
     /// From `loadgen broadcast`.
     Broadcast(BroadcastReport),
+    /// From `loadgen fanout --mode raw` (boxed, like echo).
+    Fanout(Box<FanoutReport>),
 }
 
 impl RoundReport {
@@ -302,6 +516,7 @@ impl RoundReport {
         match self {
             Self::Echo(r) => r.human(),
             Self::Broadcast(r) => r.human(),
+            Self::Fanout(r) => r.human(),
         }
     }
 
@@ -310,6 +525,7 @@ impl RoundReport {
         match self {
             Self::Echo(r) => r.msgs_per_sec,
             Self::Broadcast(r) => r.deliveries_per_sec,
+            Self::Fanout(r) => r.deliveries_per_sec,
         }
     }
 
@@ -318,21 +534,17 @@ impl RoundReport {
         match self {
             Self::Echo(r) => r.server_cpu_us_per_msg,
             Self::Broadcast(r) => r.server_cpu_us_per_delivery,
+            Self::Fanout(r) => r.server_cpu_us_per_delivery,
         }
     }
 
-    /// Round-trip (echo) or round (broadcast) latency percentiles, in microseconds.
-    fn p50_us(&self) -> f64 {
+    /// Round-trip (echo), round (broadcast) or publish-to-receive (fan-out) latency
+    /// percentiles, in microseconds.
+    fn latency(&self) -> &LatencySummary {
         match self {
-            Self::Echo(r) => r.latency.p50_us,
-            Self::Broadcast(r) => r.round_latency.p50_us,
-        }
-    }
-
-    fn p99_us(&self) -> f64 {
-        match self {
-            Self::Echo(r) => r.latency.p99_us,
-            Self::Broadcast(r) => r.round_latency.p99_us,
+            Self::Echo(r) => &r.latency,
+            Self::Broadcast(r) => &r.round_latency,
+            Self::Fanout(r) => &r.latency,
         }
     }
 
@@ -340,6 +552,7 @@ impl RoundReport {
         match self {
             Self::Echo(r) => r.cpu.other_util,
             Self::Broadcast(r) => r.cpu.other_util,
+            Self::Fanout(r) => r.cpu.other_util,
         }
     }
 }
@@ -367,6 +580,10 @@ pub struct ServerResult {
     pub p50_us: Option<Figure>,
     /// The rounds' p99 latency, in microseconds.
     pub p99_us: Option<Figure>,
+    /// The rounds' p99.9 latency, in microseconds.
+    pub p999_us: Option<Figure>,
+    /// The rounds' largest latency, in microseconds.
+    pub max_us: Option<Figure>,
     /// CPU (in cores) used by everything else during the rounds.
     pub other_cpu: Option<Figure>,
     /// Median rate divided by ringcast's.
@@ -388,6 +605,8 @@ impl ServerResult {
             cpu_us: None,
             p50_us: None,
             p99_us: None,
+            p999_us: None,
+            max_us: None,
             other_cpu: None,
             rate_vs_ringcast: None,
             cpu_vs_ringcast: None,
@@ -404,6 +623,8 @@ pub struct ScenarioResult {
     pub load: Load,
     /// What one unit of work is: `"msg"` (a round trip) or `"delivery"`.
     pub unit: String,
+    /// Fan-out: the subscribers busy-polled their sockets.
+    pub spin: bool,
     /// Per server, in run order.
     pub servers: Vec<ServerResult>,
 }
@@ -506,7 +727,21 @@ fn scenario_table(s: &ScenarioResult, duration_secs: f64, rounds: usize) -> Stri
             "round p50 ms",
             latency_ms_text,
         ),
+        Scenario::Fanout => (
+            format!(
+                "fan-out (raw{}): {} subscribers x {} B at {} msg/s, latency from each \
+                 message's due time",
+                if s.spin { ", spinning client" } else { "" },
+                s.load.conns,
+                s.load.size_bytes,
+                s.load.rate_per_sec.unwrap_or(DEFAULT_FANOUT_RATE)
+            ),
+            "deliveries/s",
+            "p50 us",
+            latency_text,
+        ),
     };
+    let tail = s.scenario == Scenario::Fanout;
     let mut out = format!(
         "{title}, {duration_secs:.1} s window, {rounds} rounds\n{:<18} {:>24} {:>22} {:>22} \
          {:>22} {:>7} {:>7} {:>7}\n",
@@ -519,6 +754,12 @@ fn scenario_table(s: &ScenarioResult, duration_secs: f64, rounds: usize) -> Stri
         "x cpu",
         "other%"
     );
+    if tail {
+        out.insert_str(
+            out.len() - 1,
+            &format!(" {:>22} {:>22}", "p99.9 us", "max us"),
+        );
+    }
     let ringcast_measured = s
         .servers
         .iter()
@@ -536,7 +777,7 @@ fn scenario_table(s: &ScenarioResult, duration_secs: f64, rounds: usize) -> Stri
             notes.push(format!("{} noisy rounds kept", r.noisy_rounds));
         }
         out += &format!(
-            "{:<18} {:>24} {:>22} {:>22} {:>22} {:>7} {:>7} {:>7}{}\n",
+            "{:<18} {:>24} {:>22} {:>22} {:>22} {:>7} {:>7} {:>7}{}{}\n",
             r.name,
             figure(r.rate.as_ref(), rate_text),
             figure(r.cpu_us.as_ref(), cpu_text),
@@ -545,6 +786,15 @@ fn scenario_table(s: &ScenarioResult, duration_secs: f64, rounds: usize) -> Stri
             opt(r.rate_vs_ringcast, 2),
             opt(r.cpu_vs_ringcast, 2),
             opt(r.other_cpu.map(|o| o.median * 100.0), 0),
+            if tail {
+                format!(
+                    " {:>22} {:>22}",
+                    figure(r.p999_us.as_ref(), latency_text),
+                    figure(r.max_us.as_ref(), latency_text)
+                )
+            } else {
+                String::new()
+            },
             if notes.is_empty() {
                 String::new()
             } else {
@@ -657,28 +907,34 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<CompareReport> {
     );
     for name in &cfg.servers {
         ensure!(
-            SERVER_NAMES.contains(&name.as_str()),
-            "unknown server {name:?}; known: {}",
+            SERVER_NAMES.contains(&name.as_str()) || cfg.peers.iter().any(|p| &p.name == name),
+            "unknown server {name:?}; known: {} (or add one with --peer NAME=CMD)",
             SERVER_NAMES.join(", ")
         );
     }
+    for p in &cfg.peers {
+        ensure!(
+            !SERVER_NAMES.contains(&p.name.as_str()),
+            "peer {:?} has the name of a built-in server",
+            p.name
+        );
+    }
+    let servers = cfg.all_servers();
 
     let mut ports = PortPicker::new(cfg.base_port);
     let mut scenarios = Vec::new();
     for &scenario in &cfg.scenarios {
-        let mut specs: Vec<Prepared> = cfg
-            .servers
+        let mut specs: Vec<Prepared> = servers
             .iter()
             .map(|name| prepare(name, scenario, cfg))
             .collect();
-        for (name, spec) in cfg.servers.iter().zip(&specs) {
+        for (name, spec) in servers.iter().zip(&specs) {
             if let Err(why) = spec {
                 eprintln!("compare: {scenario}: skipping {name}: {why}");
             }
         }
         for &load in cfg.loads(scenario) {
-            let mut results: Vec<ServerResult> = cfg
-                .servers
+            let mut results: Vec<ServerResult> = servers
                 .iter()
                 .zip(&specs)
                 .map(|(name, spec)| ServerResult::new(name, spec.as_ref().err().cloned()))
@@ -720,6 +976,7 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<CompareReport> {
                 scenario,
                 load,
                 unit: scenario.unit().to_owned(),
+                spin: scenario == Scenario::Fanout && cfg.spin,
                 servers: results,
             });
         }
@@ -727,7 +984,7 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<CompareReport> {
 
     let mut idle = Vec::new();
     if let Some(conns) = cfg.idle_conns {
-        for name in &cfg.servers {
+        for name in &servers {
             let mut result = IdleResult {
                 name: name.clone(),
                 report: None,
@@ -787,8 +1044,10 @@ fn summarize(results: &mut [ServerResult]) {
         };
         r.rate = pick(|e| Some(e.rate()));
         r.cpu_us = pick(RoundReport::cpu_us);
-        r.p50_us = pick(|e| Some(e.p50_us()));
-        r.p99_us = pick(|e| Some(e.p99_us()));
+        r.p50_us = pick(|e| Some(e.latency().p50_us));
+        r.p99_us = pick(|e| Some(e.latency().p99_us));
+        r.p999_us = pick(|e| Some(e.latency().p999_us));
+        r.max_us = pick(|e| Some(e.latency().max_us));
         r.other_cpu = pick(RoundReport::other_cpu);
     }
     let Some(base) = results.iter().find(|r| r.name == "ringcast").cloned() else {
@@ -805,7 +1064,7 @@ fn summarize(results: &mut [ServerResult]) {
 /// missing, the Node packages not installed).
 ///
 /// # Panics
-/// `name` is not one of [`SERVER_NAMES`] (checked by [`run_compare`] first).
+/// `name` is neither one of [`SERVER_NAMES`] nor a peer (checked by [`run_compare`] first).
 fn prepare(name: &str, scenario: Scenario, cfg: &CompareConfig) -> Prepared {
     let spec = server_spec(name, scenario, cfg)
         .expect("server names are checked before preparing")
@@ -854,8 +1113,17 @@ fn server_spec(name: &str, scenario: Scenario, cfg: &CompareConfig) -> Result<Op
         ]
     };
     let split = |cmd: &str| cmd.split_ascii_whitespace().map(str::to_owned).collect();
-    let broadcast = scenario == Scenario::Broadcast;
+    if let Some(peer) = cfg.peers.iter().find(|p| p.name == name) {
+        return Ok(peer.command(scenario).map(|cmd| ServerSpec {
+            name: name.to_owned(),
+            argv: split(cmd),
+            raw: false,
+        }));
+    }
+    // Fan-out runs against each server's broadcast server.
+    let broadcast = scenario != Scenario::Echo;
     let argv = match name {
+        "ringcast" if scenario == Scenario::Fanout => split(&cfg.ringcast_fanout_cmd),
         "ringcast" if broadcast => split(&cfg.ringcast_broadcast_cmd),
         "ringcast" => split(&cfg.ringcast_cmd),
         "fastwebsockets" if broadcast => return Ok(None),
@@ -885,7 +1153,7 @@ fn unsupported_broadcast(
     spec: &ServerSpec,
     scenario: Scenario,
 ) -> Option<String> {
-    if scenario != Scenario::Broadcast || spec.name != "ringcast" {
+    if scenario == Scenario::Echo || spec.name != "ringcast" {
         return None;
     }
     let exited = err.downcast_ref::<ExitedEarly>()?;
@@ -965,15 +1233,16 @@ impl RoundRun<'_> {
     fn once(&self, port: u16) -> Result<RoundReport> {
         let cfg = self.cfg;
         let server = Server::start(self.spec, cfg.server_core, port)?;
-        let subcommand = match self.scenario {
-            Scenario::Echo => "echo",
-            Scenario::Broadcast => "broadcast",
+        let (subcommand, conns) = match self.scenario {
+            Scenario::Echo => ("echo", "--conns"),
+            Scenario::Broadcast => ("broadcast", "--conns"),
+            Scenario::Fanout => ("fanout", "--subs"),
         };
         let mut args: Vec<String> = [
             subcommand,
             "--url",
             &format!("ws://127.0.0.1:{port}/"),
-            "--conns",
+            conns,
             &self.load.conns.to_string(),
             "--size",
             &self.load.size_bytes.to_string(),
@@ -1005,6 +1274,27 @@ impl RoundRun<'_> {
                 // The window may run over by one round, and a stall takes the round timeout.
                 limit += cfg.round_timeout * 2;
                 run_pinned_json(self.exe, &args, cfg.load_core, limit).map(RoundReport::Broadcast)
+            }
+            Scenario::Fanout => {
+                let rate = self.load.rate_per_sec.unwrap_or(DEFAULT_FANOUT_RATE);
+                args.extend(
+                    [
+                        "--mode",
+                        "raw",
+                        "--procs",
+                        &cfg.fanout_procs.to_string(),
+                        "--rate",
+                        &rate.to_string(),
+                    ]
+                    .map(str::to_owned),
+                );
+                if cfg.spin {
+                    args.push("--spin".to_owned());
+                }
+                // The subscribers may drain for up to the drain timeout after the window.
+                limit += crate::echo::rate::DRAIN_TIMEOUT * 2;
+                run_pinned_json(self.exe, &args, cfg.load_core, limit)
+                    .map(|r| RoundReport::Fanout(Box::new(r)))
             }
         };
         server.stop();
@@ -1290,6 +1580,64 @@ mod tests {
         assert_eq!(Load::new(100, 1024).to_string(), "100x1024");
         assert_eq!("echo".parse(), Ok(Scenario::Echo));
         assert!("storm".parse::<Scenario>().is_err());
+    }
+
+    #[test]
+    fn fanout_loads_carry_a_rate() {
+        assert_eq!(
+            "10x64@10k".parse::<Load>(),
+            Ok(Load::new(10, 64).at_rate(10_000))
+        );
+        assert_eq!(
+            "100@500".parse::<Load>(),
+            Ok(Load::new(100, 20).at_rate(500))
+        );
+        assert!("10x64@0".parse::<Load>().is_err());
+        assert!("10x64@fast".parse::<Load>().is_err());
+        assert_eq!(Load::new(10, 64).at_rate(1000).to_string(), "10x64@1000");
+        assert_eq!("fanout".parse(), Ok(Scenario::Fanout));
+    }
+
+    #[test]
+    fn peers_gather_their_commands_by_scenario() {
+        let mut peers = Vec::new();
+        let arg = |s: &str| s.parse::<PeerArg>().unwrap();
+        Peer::add(&mut peers, arg("uws@echo=/tmp/uws/echo {port}")).unwrap();
+        Peer::add(&mut peers, arg("uws@broadcast=/tmp/uws/pubsub {port}")).unwrap();
+        Peer::add(&mut peers, arg("other=srv --port {port}")).unwrap();
+        assert_eq!(peers.len(), 2);
+        let uws = &peers[0];
+        assert_eq!(uws.command(Scenario::Echo), Some("/tmp/uws/echo {port}"));
+        // Fan-out falls back to the broadcast server.
+        assert_eq!(
+            uws.command(Scenario::Fanout),
+            Some("/tmp/uws/pubsub {port}")
+        );
+        assert_eq!(
+            peers[1].command(Scenario::Broadcast),
+            Some("srv --port {port}")
+        );
+        assert!(Peer::add(&mut peers, arg("ringcast=x {port}")).is_err());
+        assert!(Peer::add(&mut peers, arg("x=srv 9000")).is_err());
+        assert!("=srv".parse::<PeerArg>().is_err());
+        assert!("a b=srv".parse::<PeerArg>().is_err());
+        assert!("x@idle=srv".parse::<PeerArg>().is_err());
+
+        let mut cfg = CompareConfig::new(PathBuf::from("."));
+        cfg.servers = vec!["ringcast".to_owned()];
+        cfg.peers = peers;
+        assert_eq!(cfg.all_servers(), ["ringcast", "uws", "other"]);
+        let spec = server_spec("uws", Scenario::Fanout, &cfg).unwrap().unwrap();
+        assert_eq!(spec.argv(9000), ["/tmp/uws/pubsub", "9000"]);
+        assert!(server_spec("other", Scenario::Echo, &cfg)
+            .unwrap()
+            .is_some());
+        let ringcast = server_spec("ringcast", Scenario::Fanout, &cfg)
+            .unwrap()
+            .unwrap();
+        assert!(ringcast
+            .argv
+            .contains(&"bench/ringcast-fanout.toml".to_owned()));
     }
 
     #[test]

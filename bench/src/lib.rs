@@ -30,9 +30,11 @@
 //!     publish -> ack -> message round trip every 50 ms beside them; reports the live client's
 //!     p50/p99/worst and what the server answered each attack, and fails past `--max-rtt`
 //!     ([`abuse`]).
-//!   - `compare`: the scenario matrix (echo and broadcast loads, and idle) against each server
-//!     in turn, server and load pinned to different cores, medians with min and max over
-//!     alternating rounds ([`compare`]).
+//!   - `compare`: the scenario matrix (echo, broadcast and fan-out loads, and idle) against
+//!     each server in turn, built-in or given with `--peer NAME=CMD`, server and load pinned
+//!     to different cores, medians with min and max over alternating rounds ([`compare`]).
+//!   - `plot-latency`: SVG plots of saved compare reports, latency spectra and throughput
+//!     with one line per server ([`compare_plot`]).
 //! - `peer-tokio-tungstenite`, `peer-fastwebsockets`: WebSocket echo servers on a tokio
 //!   current-thread runtime, the way each library's examples write them.
 //! - `peer-tokio-tungstenite-broadcast`: a broadcast server with tokio-tungstenite and a
@@ -56,6 +58,7 @@
 pub mod abuse;
 pub mod broadcast;
 pub mod compare;
+pub mod compare_plot;
 pub mod echo;
 pub mod fanout;
 pub mod idle;

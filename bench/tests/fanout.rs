@@ -210,3 +210,38 @@ fn a_server_that_is_not_the_broker_fails_before_the_load() {
     let err = run_fanout(&config(addr, FanoutMode::EnvelopeJson, 1, 1)).unwrap_err();
     assert!(format!("{err:#}").contains("subprotocol"), "{err:#}");
 }
+
+#[test]
+fn a_spinning_client_busy_polls_and_still_receives_everything() {
+    let engine = engine(Broadcast::default());
+    let mut cfg = config(engine.local_addr(), FanoutMode::Raw, 10, 1);
+    cfg.spin = true;
+    let report = run_fanout(&cfg).unwrap();
+    assert!(report.spin, "{report:?}");
+    assert!(
+        report.human().contains("spinning client"),
+        "{}",
+        report.human()
+    );
+    assert_complete(&report, 10);
+    // Sleeping, the subscribers wake about once per message (all ten arrive in one wake-up or
+    // a few); spinning, they poll again as soon as a poll comes back empty. The CPU share a
+    // spinning thread gets depends on what else the machine runs, so count polls instead.
+    let polls_per_message = report.subscriber_polls as f64 / report.published as f64;
+    assert!(
+        polls_per_message > 20.0,
+        "{} polls for {} messages",
+        report.subscriber_polls,
+        report.published
+    );
+    let mut sleeping = cfg.clone();
+    sleeping.spin = false;
+    let report = run_fanout(&sleeping).unwrap();
+    assert_complete(&report, 10);
+    let sleeping_per_message = report.subscriber_polls as f64 / report.published as f64;
+    assert!(
+        sleeping_per_message < 5.0 && sleeping_per_message < polls_per_message / 4.0,
+        "sleeping: {sleeping_per_message:.1} polls a message, spinning {polls_per_message:.1}"
+    );
+    engine.stop().unwrap();
+}

@@ -107,6 +107,10 @@ struct DoctorArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Check what latency mode needs instead (isolated and tickless cores, IRQ affinity,
+    /// frequency governor, transparent huge pages); exit status 1 when not ready.
+    #[arg(long, conflicts_with_all = ["target", "outbound"])]
+    latency: bool,
 }
 
 #[derive(Debug, Args)]
@@ -348,6 +352,19 @@ fn connection_cap(config: &EngineConfig) -> ConnectionCap {
 
 fn doctor(args: DoctorArgs) -> Result<()> {
     use ringcast_tuning::doctor::{self, Host, Target};
+    if args.latency {
+        let report = doctor::run_latency(&args.root)
+            .with_context(|| format!("reading the host under {}", args.root.display()))?;
+        match args.json {
+            true => emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?,
+            false => emit(&report.to_string())?,
+        }
+        if !report.ready {
+            // The report says why; exit status 1 says "not ready".
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     let config = args.config.load()?;
     let host = Host::read(&args.root)
         .with_context(|| format!("reading the host under {}", args.root.display()))?;

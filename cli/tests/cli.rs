@@ -209,6 +209,31 @@ fn doctor_exit_status_says_whether_the_target_fits() {
 }
 
 #[test]
+fn doctor_latency_says_whether_latency_mode_has_what_it_needs() {
+    let out = ringcast(&[
+        "doctor",
+        "--latency",
+        "--root",
+        &fixture("latency-tuned"),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let report = json(&out);
+    assert_eq!(report["ready"], true);
+    assert_eq!(report["spin_cores"], serde_json::json!([2, 3, 4, 5, 6, 7]));
+
+    let out = ringcast(&["doctor", "--latency", "--root", &fixture("latency-untuned")]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("not ready for latency mode"), "{text}");
+    assert!(text.contains("[FIX] irq-affinity"), "{text}");
+
+    // A target is a question for the capacity doctor, not this one.
+    let out = ringcast(&["doctor", "--latency", "--target", "10"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+#[test]
 fn doctor_uses_the_effective_config_and_defaults_the_target_to_its_cap() {
     // Without --target: 16 cores x 65,536 connections per shard.
     let out = ringcast(&["doctor", "--root", &fixture("tuned"), "--json"]);

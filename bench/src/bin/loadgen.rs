@@ -11,10 +11,12 @@ use ringcast_bench::{
     abuse::{run_abuse, AbuseConfig, Attack},
     broadcast::{run_broadcast, BroadcastConfig},
     compare::{
-        run_compare, CompareConfig, Load, Scenario as CompareScenario, DEFAULT_BROADCAST_LOADS,
-        DEFAULT_ECHO_LOADS, DEFAULT_NODE_DIR, DEFAULT_RINGCAST_BROADCAST_CMD, DEFAULT_RINGCAST_CMD,
+        run_compare, CompareConfig, Load, Peer, PeerArg, Scenario as CompareScenario,
+        DEFAULT_BROADCAST_LOADS, DEFAULT_ECHO_LOADS, DEFAULT_FANOUT_LOADS, DEFAULT_NODE_DIR,
+        DEFAULT_RINGCAST_BROADCAST_CMD, DEFAULT_RINGCAST_CMD, DEFAULT_RINGCAST_FANOUT_CMD,
         SERVER_NAMES,
     },
+    compare_plot::{plot_compare, LabeledReport},
     echo::{run_echo, Driver, EchoConfig},
     fanout::{self, fanout_worker, run_fanout, FanoutConfig, FanoutMode, SubscriberPart},
     idle::{idle_worker, run_idle, IdleConfig, WorkerConfig},
@@ -45,9 +47,12 @@ enum Cmd {
     Idle(IdleArgs),
     /// Lockstep broadcast: each round every client sends one message and waits for N.
     Broadcast(BroadcastArgs),
-    /// Run the scenario matrix (echo, broadcast; idle) against each server, pinned, in
-    /// alternating rounds.
+    /// Run the scenario matrix (echo, broadcast, fan-out; idle) against each server, pinned,
+    /// in alternating rounds. Add any server with --peer NAME=CMD.
     Compare(CompareArgs),
+    /// Plot saved `compare --json` reports: per echo and fan-out load, the latency spectrum and
+    /// throughput over time of each server's median round, as SVG.
+    PlotLatency(PlotArgs),
     /// Connection storms: churn (connect, hold, close, repeat) and a mass reconnect.
     Storm(StormArgs),
     /// Fan-out: N subscribers over T topics, a fixed publish rate, publish-to-receive latency.
@@ -274,6 +279,11 @@ struct FanoutArgs {
     /// Deadline for opening and subscribing every connection, in seconds.
     #[arg(long, default_value = "60", value_parser = parse_secs)]
     open_timeout: Duration,
+    /// The subscribers busy-poll their sockets instead of sleeping in epoll_wait, so latency
+    /// measures the server rather than the client's wake-ups (costs a core per subscriber
+    /// process; the publisher still sleeps until each message is due).
+    #[arg(long)]
+    spin: bool,
     /// Exit non-zero when more deliveries than this are missing (dropped or lost).
     #[arg(long)]
     max_missing: Option<u64>,
@@ -335,6 +345,17 @@ struct AbuseArgs {
     server_pid: Option<u32>,
     #[command(flatten)]
     output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+struct PlotArgs {
+    /// Reports of `loadgen compare --json`, as PATH or LABEL=PATH (lines then read
+    /// "LABEL: server", to draw runs side by side).
+    #[arg(required = true, value_name = "[LABEL=]REPORT")]
+    reports: Vec<String>,
+    /// Where the SVG files go.
+    #[arg(long, default_value = "bench/plots")]
+    out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -419,13 +440,22 @@ struct CompareArgs {
     /// broadcast mode yet), ringcast is skipped for the broadcast scenario.
     #[arg(long, default_value = DEFAULT_RINGCAST_BROADCAST_CMD)]
     ringcast_broadcast_cmd: String,
+    /// The ringcast fan-out command line (a broadcast server without the publish limit).
+    #[arg(long, default_value = DEFAULT_RINGCAST_FANOUT_CMD)]
+    ringcast_fanout_cmd: String,
+    /// Another server to compare: NAME=CMD serves every scenario with CMD, NAME@echo=CMD,
+    /// NAME@broadcast=CMD or NAME@fanout=CMD one scenario (fan-out falls back to the
+    /// broadcast command). CMD is split on whitespace; {port} is replaced with the port to
+    /// listen on at 127.0.0.1. Repeat for more peers or scenarios; peers run after --servers.
+    #[arg(long = "peer", value_name = "NAME[@SCENARIO]=CMD")]
+    peers: Vec<PeerArg>,
     /// Directory of the peer-* binaries (default: beside this executable).
     #[arg(long)]
     peer_dir: Option<PathBuf>,
     /// Directory of the Node peers and their node_modules (`npm ci --prefix DIR`).
     #[arg(long, default_value = DEFAULT_NODE_DIR)]
     node_dir: PathBuf,
-    /// Scenarios to run, comma-separated: echo, broadcast.
+    /// Scenarios to run, comma-separated: echo, broadcast, fanout.
     #[arg(long, value_delimiter = ',', default_values_t = CompareScenario::ALL)]
     scenario: Vec<CompareScenario>,
     /// Echo loads, comma-separated CONNSxBYTES (`k` = 1024 bytes).
@@ -434,6 +464,16 @@ struct CompareArgs {
     /// Broadcast loads, comma-separated NxBYTES (N clients).
     #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_BROADCAST_LOADS)]
     broadcast_loads: Vec<Load>,
+    /// Fan-out loads, comma-separated SUBSxBYTES@RATE (messages per second, `k` = 1000).
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_FANOUT_LOADS)]
+    fanout_loads: Vec<Load>,
+    /// Fan-out subscribers sleep in epoll_wait instead of busy-polling (`fanout --spin`).
+    #[arg(long)]
+    no_spin: bool,
+    /// Processes for the fan-out subscribers, all on the load core (1: a thread beside the
+    /// publisher). A million deliveries a second need more than one.
+    #[arg(long, default_value_t = 1)]
+    fanout_procs: usize,
     /// One echo load of this many connections instead of --echo-loads (with --size).
     #[arg(long)]
     conns: Option<usize>,
@@ -596,6 +636,7 @@ fn main() -> Result<()> {
             cfg.sources = a.sources.sources();
             cfg.open_timeout = a.open_timeout;
             cfg.progress = progress;
+            cfg.spin = a.spin;
             let report = run_fanout(&cfg)?;
             a.output.emit(&report, &report.human())?;
             if let Some(dir) = &a.plot_dir {
@@ -635,6 +676,13 @@ fn main() -> Result<()> {
             cfg.servers = a.servers;
             cfg.ringcast_cmd = a.ringcast_cmd;
             cfg.ringcast_broadcast_cmd = a.ringcast_broadcast_cmd;
+            cfg.ringcast_fanout_cmd = a.ringcast_fanout_cmd;
+            for peer in a.peers {
+                Peer::add(&mut cfg.peers, peer)?;
+            }
+            cfg.fanout_loads = a.fanout_loads;
+            cfg.spin = !a.no_spin;
+            cfg.fanout_procs = a.fanout_procs;
             cfg.node_dir = a.node_dir;
             cfg.scenarios = a.scenario;
             if a.skip_echo {
@@ -658,6 +706,16 @@ fn main() -> Result<()> {
             cfg.driver = a.driver;
             let report = run_compare(&cfg)?;
             a.output.emit(&report, &report.human())?;
+        }
+        Cmd::PlotLatency(a) => {
+            let reports = a
+                .reports
+                .iter()
+                .map(|r| LabeledReport::read(r))
+                .collect::<Result<Vec<_>>>()?;
+            for path in plot_compare(&reports, &a.out)? {
+                println!("wrote {}", path.display());
+            }
         }
         Cmd::IdleWorker(a) => {
             let cfg = WorkerConfig {

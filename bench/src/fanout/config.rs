@@ -112,6 +112,11 @@ pub struct FanoutConfig {
     pub open_timeout: Duration,
     /// Draw a progress bar on stderr (when it is a terminal and the run lasts over a second).
     pub progress: bool,
+    /// The subscribers busy-poll their sockets (`epoll_wait` with a zero timeout) from the
+    /// start of the load to its end instead of sleeping in `epoll_wait`, so a delivery is read
+    /// without the client's own wake-up in its latency. Costs one core per subscriber process
+    /// for the run.
+    pub spin: bool,
 }
 
 impl FanoutConfig {
@@ -134,6 +139,7 @@ impl FanoutConfig {
             sources: SourceAddrs::default(),
             open_timeout: Duration::from_secs(60),
             progress: false,
+            spin: false,
         }
     }
 
@@ -197,6 +203,7 @@ pub(super) fn subscriber_parts(cfg: &FanoutConfig, procs: usize) -> Vec<Subscrib
             open_timeout: cfg.open_timeout,
             warmup: cfg.warmup,
             duration: cfg.duration,
+            spin: cfg.spin,
         })
         .collect()
 }

@@ -44,6 +44,14 @@
 //! latency it had reached, a lower bound, and counted as in flight. A message missing before
 //! the last one received was dropped (announced or not) and has no latency.
 //!
+//! Spinning ([`FanoutConfig::spin`], `--spin`): the subscribers busy-poll their sockets
+//! (`epoll_wait` with a zero timeout, yielding the core when nothing is ready) from `go` to the
+//! end, so a delivery is read as it lands rather than after the client's own wake-up, which on
+//! a VM can cost tens of microseconds. It costs a core per subscriber process, and helps only
+//! on a core the client has to itself: on a crowded one a spinning thread loses the wake-up
+//! priority a sleeping one has, and latency gets worse. The publishers still sleep until each
+//! message is due (their lateness is the report's `send lag`).
+//!
 //! Processes: the subscribers are split over worker processes (this binary re-executed with the
 //! hidden `fanout-worker` subcommand, see `workers.rs`), or run on a thread of this process when
 //! there is one. Each drives all its connections from one thread on one mio `Poll`,

@@ -38,6 +38,10 @@ pub struct FanoutReport {
     pub procs: usize,
     /// Publisher connections.
     pub publishers: usize,
+    /// The subscribers busy-polled their sockets ([`super::FanoutConfig::spin`]); their
+    /// processes' CPU time then includes the spinning.
+    #[serde(default)]
+    pub spin: bool,
     /// Payload bytes per message.
     pub size_bytes: usize,
     /// The measured window, in seconds.
@@ -102,6 +106,10 @@ pub struct FanoutReport {
     /// Subscribers still short of some message (neither received nor announced as dropped)
     /// when the load ended.
     pub incomplete_subs: u64,
+    /// The subscribers' `epoll_wait` calls during the load, all processes: about one per
+    /// burst of deliveries when they sleep, far more with `spin`.
+    #[serde(default)]
+    pub subscriber_polls: u64,
     /// The length of one timeline interval, in milliseconds.
     pub timeline_interval_ms: u64,
     /// Deliveries that arrived in each interval of the window, in order (the last may be
@@ -124,12 +132,13 @@ impl FanoutReport {
             String::new()
         };
         let mut line = format!(
-            "fanout {mode}: {subs} subs over {topics} topic(s) in {procs} proc(s), {size} B at \
+            "fanout {mode}{spin}: {subs} subs over {topics} topic(s) in {procs} proc(s), {size} B at \
              {target:.0} msgs/s (sent {achieved:.0}/s{behind}), {win:.2} s: {dps:.0} \
              deliveries/s | received {received} of {expected} expected ({missing} missing, \
              {in_flight} of them in flight at the end; {dropped} dropped in {notices} notices) \
              | latency us p50 {p50:.1} p90 {p90:.1} p99 {p99:.1} p99.9 {p999:.1} max {max:.1}",
             mode = self.mode,
+            spin = if self.spin { " (spinning client)" } else { "" },
             subs = self.subs,
             topics = self.topics,
             procs = self.procs,
@@ -301,6 +310,7 @@ pub(super) fn report(
         t.incomplete += p.incomplete;
         t.errors += p.errors;
         t.cpu_ns += p.cpu_ns;
+        t.polls += p.polls;
         if t.first_error.is_none() {
             t.first_error.clone_from(&p.first_error);
         }
@@ -328,6 +338,7 @@ pub(super) fn report(
         topics: cfg.topics,
         procs,
         publishers: cfg.publishers,
+        spin: cfg.spin,
         size_bytes: cfg.size_bytes,
         window_secs: secs,
         target_rate: cfg.rate,
@@ -354,6 +365,7 @@ pub(super) fn report(
         errors: t.errors,
         first_error: t.first_error,
         incomplete_subs: t.incomplete,
+        subscriber_polls: t.polls,
         timeline_interval_ms: timeline::INTERVAL.as_millis() as u64,
         deliveries_timeline: timeline,
         latency_spectrum: spectrum(&latency),

@@ -6,6 +6,7 @@ use std::{
     io,
     ops::Range,
     sync::mpsc,
+    thread,
     time::{Duration, Instant},
 };
 
@@ -58,6 +59,9 @@ pub struct SubscriberPart {
     pub warmup: Duration,
     /// See [`FanoutConfig::duration`](super::FanoutConfig::duration).
     pub duration: Duration,
+    /// Busy-poll the sockets during the load instead of sleeping (see
+    /// [`super::FanoutConfig::spin`]).
+    pub spin: bool,
 }
 
 /// What one part measured; merged into a [`super::FanoutReport`].
@@ -85,6 +89,10 @@ pub struct SubscriberResult {
     pub first_error: Option<String>,
     /// This process's CPU time over the window, in nanoseconds.
     pub cpu_ns: u64,
+    /// `epoll_wait` calls from `go` to the end: about one per burst of deliveries when the
+    /// subscribers sleep, far more when they spin.
+    #[serde(default)]
+    pub polls: u64,
     /// Latencies of the measured deliveries, as `(nanoseconds, count)` buckets.
     pub latency_ns: Vec<(u64, u64)>,
     /// Deliveries per [`timeline::INTERVAL`] of the window.
@@ -216,6 +224,8 @@ struct Tally {
     done: usize,
     errors: u64,
     first_error: Option<String>,
+    /// `epoll_wait` calls once `go` came.
+    polls: u64,
 }
 
 impl Tally {
@@ -233,6 +243,7 @@ impl Tally {
             done: 0,
             errors: 0,
             first_error: None,
+            polls: 0,
         }
     }
 }
@@ -312,8 +323,15 @@ impl Subscribers<'_> {
             } else {
                 window_end
             };
-            let wait = next.saturating_duration_since(now).min(MAX_WAIT);
-            self.turn(if wait.is_zero() { MAX_WAIT } else { wait })?;
+            let wait = if part.spin {
+                Duration::ZERO
+            } else {
+                match next.saturating_duration_since(now).min(MAX_WAIT) {
+                    Duration::ZERO => MAX_WAIT,
+                    wait => wait,
+                }
+            };
+            self.turn(wait)?;
         }
         let span = self.span.take().expect("set above");
         let cpu = span.cpu.spent();
@@ -342,6 +360,7 @@ impl Subscribers<'_> {
             errors: t.errors,
             first_error: t.first_error.clone(),
             cpu_ns: cpu.as_nanos() as u64,
+            polls: t.polls,
             latency_ns: buckets(&t.latency),
             timeline: span.timeline.into_counts(part.duration),
         })
@@ -398,10 +417,19 @@ impl Subscribers<'_> {
             span,
             expect,
         } = self;
-        match poll.poll(events, Some(wait)) {
+        let polled = poll.poll(events, Some(wait));
+        if span.is_some() {
+            tally.polls += 1;
+        }
+        match polled {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
             Err(e) => return Err(e).context("epoll_wait"),
+        }
+        if wait.is_zero() && events.is_empty() {
+            // Spinning: let whatever else is runnable on this core (the publisher, when it
+            // shares the core) go first; with nothing else, this returns at once.
+            thread::yield_now();
         }
         let registry = poll.registry();
         for event in events.iter() {

@@ -8,6 +8,10 @@
 //! reads the host, `judge.rs` works out the limits and findings, `render.rs` writes the text;
 //! every public item is re-exported here.
 //!
+//! `--latency` ([`run_latency`], `latency.rs`) asks another question: whether the host is
+//! ready for the engine's latency mode (isolated cores, tickless cores, IRQ affinity, the
+//! frequency governor, transparent huge pages), with the fix for each shortfall.
+//!
 //! It only reads files. It never changes the host, and never opens a socket or a ring to probe:
 //! a probe would need the privileges and descriptors it is meant to count.
 //!
@@ -54,6 +58,7 @@ use std::{io, path::Path};
 use ringcast::EngineConfig;
 
 mod judge;
+mod latency;
 mod read;
 mod render;
 
@@ -61,6 +66,10 @@ pub use crate::constraint::Constraint;
 pub use judge::{
     diagnose, effective_shards, EngineFacts, Finding, IoUring, LimitCheck, Report, Severity,
     Target, MIN_KERNEL_IO_URING,
+};
+pub use latency::{
+    cpu_list, judge_latency, run_latency, CheckStatus, CpuSet, LatencyCheck, LatencyHost,
+    LatencyReport,
 };
 pub use read::{Host, KernelVersion, PortRange, Rlim, Rlimit};
 
