@@ -1,7 +1,7 @@
 //! # ringcast
 //!
 //! An io_uring, thread-per-core WebSocket engine. One shard per CPU core: a pinned OS thread
-//! running its own monoio runtime, its own `SO_REUSEPORT` listener, and a slab of the
+//! running its own loop on its own io_uring, its own `SO_REUSEPORT` listener, and a slab of the
 //! connections it accepted. A shard reads every socket into one shared buffer, parses frames in
 //! place and hands payloads to your [`Handler`] without copying; replies go out in vectored
 //! writes from a bounded per-connection queue. Shards share nothing mutable.
@@ -105,7 +105,9 @@
 //! scraper's operator sees it.
 //!
 //! Without any feature the tree has none of redis, jsonwebtoken, prometheus-client, mio or
-//! tokio: the io_uring driver needs only monoio's `iouring`, `sync`, `macros` and `bytes`.
+//! tokio. The io_uring driver is the engine's own loop on the `io-uring` crate; monoio is
+//! still linked (its `iouring`, `sync`, `macros` and `bytes` features) but runs only the
+//! epoll driver.
 //!
 //! This crate is the library only: the `ringcast` command (`ringcast serve`, with mimalloc as
 //! its global allocator, clap, signal handling and log output, and all four features) is the
@@ -133,14 +135,14 @@ mod runtime;
 mod shard;
 mod types;
 
-use std::{net::SocketAddr, sync::Arc, thread};
+use std::{net::SocketAddr, sync::Arc, thread, time::Duration};
 
 pub use api::handler::{Ctx, Handler};
 pub use broker::{Broadcast, Broker};
 pub use config::{
     AdmissionConfig, AuthConfig, BrokerConfig, Driver, EngineConfig, HttpConfig, IoConfig,
-    LimitsConfig, OverflowPolicy, PubSubConfig, RingOverflow, TimeoutsConfig,
-    HISTORY_MESSAGE_BYTES, KERNEL_BYTES_PER_CONNECTION, TOPIC_BYTES,
+    LatencyConfig, LatencyMode, LimitsConfig, OverflowPolicy, PubSubConfig, RingOverflow,
+    TimeoutsConfig, HISTORY_MESSAGE_BYTES, KERNEL_BYTES_PER_CONNECTION, TOPIC_BYTES,
 };
 pub use conn::table::ConnInfo;
 pub use error::{ConfigError, Error, Result};
@@ -280,6 +282,8 @@ impl Engine {
                 gate: gate.clone(),
                 canary: canary_topic.clone(),
                 canary_interval: config.http.canary_interval,
+                spin: Duration::from_micros(config.latency.spin_us),
+                latency_mode: config.latency.mode,
                 ready,
             };
             match crate::runtime::spawn(spec, factory.clone()) {
