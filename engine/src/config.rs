@@ -46,6 +46,60 @@ pub struct EngineConfig {
     pub auth: AuthConfig,
     /// Where topics are ordered: in this process (the default) or in Redis, shared by hosts.
     pub broker: BrokerConfig,
+    /// Trading CPU for latency: shards that spin instead of sleeping (io_uring driver).
+    pub latency: LatencyConfig,
+}
+
+/// `[latency]`: whether an idle shard spins before it sleeps (io_uring driver; the epoll
+/// driver ignores it). Off by default: a shard sleeps in its ring as soon as it has nothing
+/// to do, and another thread's publish wakes it with an eventfd write (tens of microseconds
+/// on a VM whose idle core must be woken). A spinning shard polls its ring's completions
+/// and its inbox without a system call; publishers see that it is not parked and do not wake
+/// it, so a message is picked up within a spin iteration. The cost is CPU: a spinning shard
+/// uses its whole core while it spins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct LatencyConfig {
+    /// How long a shard that just had work spins before it parks, in microseconds. Default
+    /// 0: parks at once. At most 1,000,000 (1 s). An idle shard spins this long once per
+    /// burst of work, then sleeps until woken; a shard busy more often than this never
+    /// sleeps (and costs a whole core).
+    pub spin_us: u64,
+    /// `"idle"` (default): spin `spin_us`, then park. `"always"`: never park (for cores
+    /// isolated for the shard, `isolcpus`/`nohz_full`): the shard's core is always at 100%,
+    /// and `spin_us` is ignored. Deadlines (timeouts, pings) still fire on time.
+    pub mode: LatencyMode,
+}
+
+impl Default for LatencyConfig {
+    fn default() -> Self {
+        Self {
+            spin_us: 0,
+            mode: LatencyMode::Idle,
+        }
+    }
+}
+
+/// [`LatencyConfig::mode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum LatencyMode {
+    /// Spin `spin_us` after work, then park in the ring.
+    Idle,
+    /// Never park: spin for work without end.
+    Always,
+}
+
+impl LatencyMode {
+    /// The name used in config files and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            LatencyMode::Idle => "idle",
+            LatencyMode::Always => "always",
+        }
+    }
 }
 
 /// Admission: checks the engine makes on every upgrade request before the handler sees it,
@@ -311,6 +365,7 @@ impl Default for EngineConfig {
             admission: AdmissionConfig::default(),
             auth: AuthConfig::default(),
             broker: BrokerConfig::default(),
+            latency: LatencyConfig::default(),
         }
     }
 }
@@ -1096,6 +1151,11 @@ impl EngineConfig {
             p.max_bad_requests > 0,
             "pubsub.max_bad_requests",
             "must be > 0",
+        )?;
+        check(
+            self.latency.spin_us <= 1_000_000,
+            "latency.spin_us",
+            "must be at most 1000000 (1 s)",
         )?;
         check(
             (8..=32768).contains(&io.uring_entries),

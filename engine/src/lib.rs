@@ -1,7 +1,7 @@
 //! # ringcast
 //!
 //! An io_uring, thread-per-core WebSocket engine. One shard per CPU core: a pinned OS thread
-//! running its own monoio runtime, its own `SO_REUSEPORT` listener, and a slab of the
+//! running its own loop on its own io_uring, its own `SO_REUSEPORT` listener, and a slab of the
 //! connections it accepted. A shard reads every socket into one shared buffer, parses frames in
 //! place and hands payloads to your [`Handler`] without copying; replies go out in vectored
 //! writes from a bounded per-connection queue. Shards share nothing mutable.
@@ -85,14 +85,14 @@
 //! Four, all on by default, because a server expects them; an embedder that needs fewer
 //! takes `default-features = false` and names the ones it uses. The counts are crates in the
 //! normal dependency tree (`cargo tree -p ringcast -e normal --prefix none`, deduplicated),
-//! ringcast itself included: 69 with no features, 168 with all four.
+//! ringcast itself included: 55 with no features, 167 with all four.
 //!
 //! | feature | adds | crates (alone) |
 //! |---|---|---|
-//! | `redis` | the Redis broker backend, [`BrokerConfig::url`] `= "redis://..."`: the `redis` crate's async client on a current-thread tokio runtime in one bridge thread | +43 (112) |
-//! | `jwt` | token auth at the upgrade ([`AuthConfig`]): `Auth`, `Grants`, `AuthError` and `Broker::with_auth`, JWT signatures checked by `jsonwebtoken` with pure-Rust crypto | +53 (122) |
-//! | `metrics` | `/metrics` in the OpenMetrics text format and `Metrics::to_openmetrics`, encoded by `prometheus-client` | +6 (75) |
-//! | `epoll` | the epoll driver, [`EngineConfig::driver`] `= "epoll"`, for hosts where io_uring is disabled or blocked: monoio's legacy driver (mio) and its `poll-io` readiness IO, which uses tokio's IO traits (a bare tokio: no features, no runtime) | +3 (72) |
+//! | `redis` | the Redis broker backend, [`BrokerConfig::url`] `= "redis://..."`: the `redis` crate's async client on a current-thread tokio runtime in one bridge thread | +45 (100) |
+//! | `jwt` | token auth at the upgrade ([`AuthConfig`]): `Auth`, `Grants`, `AuthError` and `Broker::with_auth`, JWT signatures checked by `jsonwebtoken` with pure-Rust crypto | +55 (110) |
+//! | `metrics` | `/metrics` in the OpenMetrics text format and `Metrics::to_openmetrics`, encoded by `prometheus-client` | +8 (63) |
+//! | `epoll` | the epoll driver, [`EngineConfig::driver`] `= "epoll"`, for hosts where io_uring is disabled or blocked: monoio's runtime with its legacy driver (mio) and its `poll-io` readiness IO, which uses tokio's IO traits (a bare tokio: no features, no runtime) | +16 (71) |
 //!
 //! A config that asks for a part the build leaves out is refused, never half-served:
 //! [`EngineConfig::validate`] (so [`Engine::start`] too) returns [`ConfigError::Invalid`]
@@ -104,8 +104,8 @@
 //! `[http] metrics_path` answers 404 with a plain-text body naming the feature, where a
 //! scraper's operator sees it.
 //!
-//! Without any feature the tree has none of redis, jsonwebtoken, prometheus-client, mio or
-//! tokio: the io_uring driver needs only monoio's `iouring`, `sync`, `macros` and `bytes`.
+//! Without any feature the tree has none of redis, jsonwebtoken, prometheus-client, monoio,
+//! mio or tokio: the io_uring driver is the engine's own loop on the `io-uring` crate.
 //!
 //! This crate is the library only: the `ringcast` command (`ringcast serve`, with mimalloc as
 //! its global allocator, clap, signal handling and log output, and all four features) is the
@@ -133,14 +133,14 @@ mod runtime;
 mod shard;
 mod types;
 
-use std::{net::SocketAddr, sync::Arc, thread};
+use std::{net::SocketAddr, sync::Arc, thread, time::Duration};
 
 pub use api::handler::{Ctx, Handler};
 pub use broker::{Broadcast, Broker};
 pub use config::{
     AdmissionConfig, AuthConfig, BrokerConfig, Driver, EngineConfig, HttpConfig, IoConfig,
-    LimitsConfig, OverflowPolicy, PubSubConfig, RingOverflow, TimeoutsConfig,
-    HISTORY_MESSAGE_BYTES, KERNEL_BYTES_PER_CONNECTION, TOPIC_BYTES,
+    LatencyConfig, LatencyMode, LimitsConfig, OverflowPolicy, PubSubConfig, RingOverflow,
+    TimeoutsConfig, HISTORY_MESSAGE_BYTES, KERNEL_BYTES_PER_CONNECTION, TOPIC_BYTES,
 };
 pub use conn::table::ConnInfo;
 pub use error::{ConfigError, Error, Result};
@@ -280,6 +280,8 @@ impl Engine {
                 gate: gate.clone(),
                 canary: canary_topic.clone(),
                 canary_interval: config.http.canary_interval,
+                spin: Duration::from_micros(config.latency.spin_us),
+                latency_mode: config.latency.mode,
                 ready,
             };
             match crate::runtime::spawn(spec, factory.clone()) {

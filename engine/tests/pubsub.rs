@@ -165,7 +165,12 @@ fn clients_on_every_shard(engine: &Engine, per_shard: usize) -> Vec<BrokerClient
 
 #[test]
 fn every_subscriber_on_every_shard_sees_one_order_with_two_publisher_threads() {
-    let engine = broker(config(2));
+    // The clients are read one after another, so the last waits with all 4000 messages
+    // queued: its data ring must hold what the kernel's socket buffers do not, or the test
+    // would see drop notices instead of the order it checks.
+    let mut cfg = config(2);
+    cfg.pubsub.ring_max_messages = 4096;
+    let engine = broker(cfg);
     let mut subs = clients_on_every_shard(&engine, 2);
     for (i, c) in subs.iter_mut().enumerate() {
         c.subscribe(i as u64, "orders", None);

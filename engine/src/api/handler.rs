@@ -343,7 +343,20 @@ impl Ctx<'_> {
             Some(t) => t,
             None => self.table.hub.topic(topic)?,
         };
-        self.table.hub.publish(&topic, payload, reply)
+        // io_uring: this shard's own subscribers get the message in this loop turn, not
+        // through the shard's inbox.
+        let mut own = None;
+        let local = self
+            .table
+            .same_turn_delivery
+            .then_some((self.table.shard.0, &mut own));
+        let result = self.table.hub.publish(&topic, payload, reply, local);
+        if let Some(msg) = own {
+            self.table.deliver(&msg);
+            self.table.metrics.published_in.incr();
+            self.table.metrics.published_local.incr();
+        }
+        result
     }
 
     /// The options to decode this connection's broker requests with

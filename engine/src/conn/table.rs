@@ -650,6 +650,9 @@ pub(crate) struct ConnTable {
     pub(crate) driver_waker: Option<Waker>,
     /// io_uring driver: its task is running now (so it need not be woken).
     pub(crate) driver_running: bool,
+    /// A publish from one of this shard's connections is delivered to the shard's own
+    /// subscribers at once, not through its inbox (io_uring driver).
+    pub(crate) same_turn_delivery: bool,
     /// Topics with subscribers here.
     pub(crate) topics: LocalTopics,
     /// Every topic of the process.
@@ -693,6 +696,7 @@ impl ConnTable {
             timers: BinaryHeap::with_capacity(reserve),
             driver_waker: None,
             driver_running: false,
+            same_turn_delivery: false,
             topics: LocalTopics::default(),
             hub,
             now: Stamp::now(),

@@ -1,9 +1,11 @@
-//! The socket ring: the io_uring on which a shard runs its sockets (io_uring driver).
+//! The shard's ring: the one io_uring a shard runs its sockets in and sleeps in (io_uring
+//! driver).
 //!
-//! Owns the ring and the eventfd that wakes the shard's monoio runtime when completions
-//! arrive, the provided-buffer pool that multishot receives fill, the table of sends in
-//! flight (whose memory the kernel reads until they complete), and the encoding of operations
-//! in `user_data`. It knows nothing of WebSocket or connections beyond a slot and a generation:
+//! Owns the ring and its setup flags (SINGLE_ISSUER with DEFER_TASKRUN where the kernel allows),
+//! the read on the shard's wake eventfd that other threads write when the shard is parked, the
+//! provided-buffer pool that multishot receives fill, the table of sends in flight (whose
+//! memory the kernel reads until they complete), entering the kernel (submit, run completion
+//! work, and optionally wait with a timeout), and the encoding of operations in `user_data`. It knows nothing of WebSocket or connections beyond a slot and a generation:
 //! `uring_driver.rs` decides what to submit and what completions mean.
 //!
 //! Every `unsafe` here is about memory the kernel reads or writes after a call returns: the
@@ -12,9 +14,8 @@
 
 use std::{
     fmt, io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::RawFd,
     ptr::NonNull,
-    rc::Rc,
     sync::atomic::{AtomicU16, Ordering},
 };
 
@@ -42,6 +43,8 @@ pub(crate) enum Op {
     Shutdown { key: usize, gen: u32 },
     /// Anything whose completion needs no handling (cancellations).
     Ignore,
+    /// The read on the shard's wake eventfd: another thread woke the parked shard.
+    Wake,
 }
 
 const KIND_ACCEPT: u64 = 1;
@@ -49,6 +52,10 @@ const KIND_RECV: u64 = 2;
 const KIND_SEND: u64 = 3;
 const KIND_IGNORE: u64 = 4;
 const KIND_SHUTDOWN: u64 = 5;
+const KIND_WAKE: u64 = 6;
+
+/// `IORING_ENTER_GETEVENTS`: run completion work and reap (and wait for `min_complete`).
+const ENTER_GETEVENTS: u32 = 1;
 
 /// A connection's slot and generation in `user_data` below the kind byte.
 fn encode_conn(kind: u64, key: usize, gen: u32) -> u64 {
@@ -71,6 +78,7 @@ impl Op {
             Op::Send { slot } => KIND_SEND << 56 | u64::from(slot),
             Op::Shutdown { key, gen } => encode_conn(KIND_SHUTDOWN, key, gen),
             Op::Ignore => KIND_IGNORE << 56,
+            Op::Wake => KIND_WAKE << 56,
         }
     }
 
@@ -88,6 +96,7 @@ impl Op {
             KIND_SEND => Op::Send {
                 slot: (data & 0xFFFF_FFFF) as u32,
             },
+            KIND_WAKE => Op::Wake,
             _ => Op::Ignore,
         }
     }
@@ -325,8 +334,64 @@ pub(crate) struct SocketRing {
     spare_sends: Vec<Box<SendSlot>>,
     /// Entries that did not fit the submission queue; pushed first at the next submit.
     backlog: Vec<squeue::Entry>,
-    /// Read by the shard's monoio runtime; the kernel signals it for every completion.
-    eventfd: Rc<monoio::fs::File>,
+    /// How the kernel runs completion work for this ring (the setup flags it accepted).
+    mode: TaskRun,
+    /// The shard's wake eventfd, read by an operation in this ring (see [`Op::Wake`]).
+    wake_fd: RawFd,
+    /// Where that read puts the eventfd's counter (boxed: the kernel writes it).
+    wake_buf: Box<u64>,
+    /// The wake read is in flight.
+    wake_armed: bool,
+}
+
+/// How the kernel runs a ring's completion work (receives after data arrives, and so on):
+/// the setup flags the kernel accepted, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TaskRun {
+    /// `SINGLE_ISSUER | DEFER_TASKRUN | TASKRUN_FLAG` (Linux 6.1): the work runs only when the
+    /// shard enters the ring to reap, never interrupting it; no wake-up IPIs.
+    Deferred,
+    /// `SINGLE_ISSUER | COOP_TASKRUN | TASKRUN_FLAG` (Linux 6.0): the work runs at the shard's
+    /// next kernel entry; a sleeping shard is still woken for it.
+    Cooperative,
+    /// No flags: the kernel interrupts the shard to run the work.
+    Plain,
+}
+
+impl TaskRun {
+    /// The name logged at start.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            TaskRun::Deferred => "single-issuer+defer-taskrun",
+            TaskRun::Cooperative => "single-issuer+coop-taskrun",
+            TaskRun::Plain => "plain",
+        }
+    }
+}
+
+/// Builds a ring of `entries` with the best [`TaskRun`] the kernel accepts.
+fn build_ring(entries: u32) -> io::Result<(IoUring, TaskRun)> {
+    let deferred = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_taskrun_flag()
+        .build(entries);
+    let first = match deferred {
+        Ok(ring) => return Ok((ring, TaskRun::Deferred)),
+        Err(e) => e,
+    };
+    let coop = IoUring::builder()
+        .setup_single_issuer()
+        .setup_coop_taskrun()
+        .setup_taskrun_flag()
+        .build(entries);
+    if let Ok(ring) = coop {
+        tracing::warn!(error = %first, "io_uring refused DEFER_TASKRUN; using COOP_TASKRUN");
+        return Ok((ring, TaskRun::Cooperative));
+    }
+    let ring = IoUring::builder().build(entries)?;
+    tracing::warn!(error = %first, "io_uring refused DEFER_TASKRUN and COOP_TASKRUN; using none");
+    Ok((ring, TaskRun::Plain))
 }
 
 impl fmt::Debug for SocketRing {
@@ -340,44 +405,66 @@ impl fmt::Debug for SocketRing {
 
 impl SocketRing {
     /// Sets up the ring (`entries` submission slots) and a pool of `buffers` provided
-    /// buffers of `buffer_bytes` each. Must run on the shard's thread, inside its runtime.
+    /// buffers of `buffer_bytes` each; `wake_fd` is the shard's wake eventfd, which must stay
+    /// open as long as the ring. Must run on the shard's thread: the ring is single-issuer.
     ///
     /// # Errors
     /// The kernel lacks a feature used here (multishot receive needs Linux 6.0, provided
     /// buffer rings 5.19), or memory or descriptors ran out.
-    pub(crate) fn new(entries: u32, buffers: u16, buffer_bytes: usize) -> io::Result<Self> {
-        // COOP_TASKRUN: completing work (a receive after data arrives) does not interrupt this
-        // thread while it runs; it is done when the thread next enters the kernel, and a
-        // sleeping thread is still woken for it (task_work's TWA_SIGNAL_NO_IPI), which posts
-        // the completion and signals the eventfd monoio waits on. Not DEFER_TASKRUN: that runs
-        // the work only when this ring is entered, and the thread sleeps in monoio's ring.
-        let ring = IoUring::builder()
-            .setup_coop_taskrun()
-            .setup_single_issuer()
-            .build(entries)?;
-        // SAFETY: eventfd(2) with valid flags; the result is checked below.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(io::Error::last_os_error());
+    pub(crate) fn new(
+        entries: u32,
+        buffers: u16,
+        buffer_bytes: usize,
+        wake_fd: RawFd,
+    ) -> io::Result<Self> {
+        let (ring, mode) = build_ring(entries)?;
+        if !ring.params().is_feature_ext_arg() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "io_uring lacks EXT_ARG (Linux 5.11): a shard cannot wait with a timeout",
+            ));
         }
-        // SAFETY: a descriptor we just created and own.
-        let efd = unsafe { OwnedFd::from_raw_fd(efd) };
-        ring.submitter().register_eventfd(efd.as_raw_fd())?;
         let pool = BufPool::new(&ring, buffers, buffer_bytes)?;
-        let eventfd = Rc::new(monoio::fs::File::from_std(std::fs::File::from(efd))?);
-        Ok(Self {
+        let mut ring = Self {
             ring,
             pool,
             sends: Slab::new(),
             spare_sends: Vec::new(),
             backlog: Vec::new(),
-            eventfd,
-        })
+            mode,
+            wake_fd,
+            wake_buf: Box::new(0),
+            wake_armed: false,
+        };
+        ring.arm_wake();
+        Ok(ring)
     }
 
-    /// The eventfd the kernel signals on every completion.
-    pub(crate) fn eventfd(&self) -> Rc<monoio::fs::File> {
-        self.eventfd.clone()
+    /// The setup flags the kernel accepted.
+    pub(crate) fn mode(&self) -> TaskRun {
+        self.mode
+    }
+
+    /// Arms the read on the wake eventfd unless it is in flight. Called again after each
+    /// [`Op::Wake`] completion (see [`SocketRing::woken`]).
+    pub(crate) fn arm_wake(&mut self) {
+        if self.wake_armed {
+            return;
+        }
+        let buf: *mut u64 = &mut *self.wake_buf;
+        // SAFETY (for `push`): the 8 bytes live in a box owned by this ring, which is dropped
+        // after the ring itself (field order), so the kernel never writes freed memory.
+        let entry = opcode::Read::new(types::Fd(self.wake_fd), buf.cast(), 8)
+            .build()
+            .user_data(Op::Wake.encode());
+        self.push(entry);
+        self.wake_armed = true;
+    }
+
+    /// The wake read completed: re-arm it.
+    pub(crate) fn woken(&mut self) {
+        self.wake_armed = false;
+        self.arm_wake();
     }
 
     fn push(&mut self, entry: squeue::Entry) {
@@ -504,11 +591,11 @@ impl SocketRing {
         }
     }
 
-    /// Submits what was queued. Never waits.
-    pub(crate) fn submit(&mut self) -> io::Result<()> {
-        if self.backlog.is_empty() && self.ring.submission().is_empty() {
-            return Ok(());
-        }
+    /// Submits what was queued and runs the ring's pending completion work, so that
+    /// completions are visible; with `wait`, then sleeps until at least one completion is
+    /// posted or the timeout (`None`: none) passes. One system call unless the submission
+    /// queue overflowed into the backlog.
+    pub(crate) fn enter(&mut self, wait: Option<Option<std::time::Duration>>) -> io::Result<()> {
         loop {
             while !self.backlog.is_empty() {
                 let entry = self.backlog[0].clone();
@@ -518,19 +605,58 @@ impl SocketRing {
                 }
                 self.backlog.remove(0);
             }
-            match self.ring.submit() {
+            // A wait with work still in the backlog would stall it: submit it first.
+            let waiting = wait.filter(|_| self.backlog.is_empty());
+            let to_submit = self.ring.submission().len() as u32;
+            let submitter = self.ring.submitter();
+            let result = match waiting {
+                None => {
+                    // SAFETY: no argument; the flags are valid for this ring.
+                    unsafe {
+                        submitter.enter::<libc::sigset_t>(to_submit, 0, ENTER_GETEVENTS, None)
+                    }
+                }
+                Some(timeout) => {
+                    let ts = timeout.map(|t| {
+                        types::Timespec::new()
+                            .sec(t.as_secs())
+                            .nsec(t.subsec_nanos())
+                    });
+                    let args = match &ts {
+                        Some(ts) => types::SubmitArgs::new().timespec(ts),
+                        None => types::SubmitArgs::new(),
+                    };
+                    submitter.submit_with_args(1, &args)
+                }
+            };
+            match result {
                 Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EBUSY | libc::ETIME | libc::EINTR | libc::EAGAIN)
+                    ) => {}
                 Err(e) => return Err(e),
             }
             if self.backlog.is_empty() {
                 return Ok(());
             }
             if !self.ring.completion().is_empty() {
-                // The caller drains completions, which makes room, then submits again.
+                // The caller drains completions, which makes room, then enters again.
                 return Ok(());
             }
+        }
+    }
+
+    /// Whether the kernel has completion work waiting to run (only known with
+    /// `TASKRUN_FLAG`, see [`TaskRun`]): a spinning shard enters the ring only then.
+    pub(crate) fn work_pending(&self) -> bool {
+        match self.mode {
+            TaskRun::Deferred | TaskRun::Cooperative => {
+                // SAFETY: reading the shared flags word only; nothing is pushed meanwhile.
+                unsafe { self.ring.submission_shared() }.taskrun()
+            }
+            TaskRun::Plain => true,
         }
     }
 
@@ -575,6 +701,7 @@ mod tests {
                 gen: 0x12_3456,
             },
             Op::Ignore,
+            Op::Wake,
         ] {
             assert_eq!(Op::decode(op.encode()), op);
         }

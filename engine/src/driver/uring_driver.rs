@@ -1,4 +1,4 @@
-//! The io_uring driver: one task per shard runs every socket through the shard's socket ring.
+//! The io_uring driver: a shard runs every socket through its one ring.
 //!
 //! Owns, for `driver = "io-uring"`: accepting (multishot, paused while the shard is full,
 //! backing off when descriptors run out), receiving (multishot into the provided-buffer pool,
@@ -6,25 +6,20 @@
 //! per connection per loop turn, gathering everything queued), deadlines, and tearing a
 //! connection down only after every operation on its socket has completed.
 //!
-//! Each loop turn: take every completion, return buffers, fire deadlines, serve connections
-//! marked dirty, submit everything in one system call, then sleep until the kernel signals the
-//! ring's eventfd, a deadline passes, or another task hands the driver work. What the bytes
-//! mean is `shard/process.rs`'s business.
+//! Each turn ([`Driver::turn`], called by the shard loop in `runtime.rs`): take every
+//! completion, return buffers, fire deadlines, serve connections marked dirty and queue what
+//! they need. The loop then enters the ring once: submit, and sleep there when no turn has
+//! work. What the bytes mean is `shard/process.rs`'s business.
 
 use std::{
-    future::{poll_fn, Future},
     mem,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    pin::Pin,
-    rc::Rc,
-    task::Poll,
     time::Instant,
 };
 
 use bytes::BytesMut;
-use monoio::time::Sleep;
 use ringcast_protocol::CloseCode;
-use tracing::{debug, error};
+use tracing::debug;
 
 use crate::{
     api::handler::Handler,
@@ -47,32 +42,11 @@ use crate::{
 /// The longest an accept waits for evicted sockets to close after running out of descriptors.
 const EVICTION_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
-type EventfdRead = Pin<Box<dyn Future<Output = (std::io::Result<usize>, Vec<u8>)>>>;
-
-/// Runs the shard's sockets until the shard stops and every connection is gone.
-pub(crate) async fn run<H: Handler>(shard: Rc<Shard<H>>, ring: SocketRing, listener: OwnedFd) {
-    let mut driver = Driver {
-        shard: &shard,
-        ring,
-        listener,
-        accept_armed: false,
-        accept_cancelling: false,
-        paused_counted: false,
-        retry_at: None,
-        awaiting_evictions: false,
-        evictable_at: None,
-        backoff: AcceptBackoff::new(),
-        starved: Vec::new(),
-        eventfd_read: None,
-        eventfd_buf: Some(vec![0u8; 8]),
-        sleep: None,
-    };
-    driver.run().await;
-}
-
-struct Driver<'a, H> {
+/// A shard's sockets on its ring: turned by the shard loop (`runtime.rs`), which also parks
+/// in the ring when no turn has work.
+pub(crate) struct Driver<'a, H> {
     shard: &'a Shard<H>,
-    ring: SocketRing,
+    pub(crate) ring: SocketRing,
     listener: OwnedFd,
     accept_armed: bool,
     accept_cancelling: bool,
@@ -88,108 +62,69 @@ struct Driver<'a, H> {
     backoff: AcceptBackoff,
     /// Connections whose receive stopped because every buffer was in use.
     starved: Vec<usize>,
-    eventfd_read: Option<EventfdRead>,
-    eventfd_buf: Option<Vec<u8>>,
-    sleep: Option<(Instant, Pin<Box<Sleep>>)>,
 }
 
-impl<H: Handler> Driver<'_, H> {
-    async fn run(&mut self) {
-        loop {
-            let now = Instant::now();
-            {
-                let mut table = self.shard.table.borrow_mut();
-                table.driver_running = true;
-                table.now = Stamp::from_instant(now);
-            }
-            self.reap();
-            self.ring.pool.reclaim();
-            if self.ring.pool.available() > 0 && !self.starved.is_empty() {
-                let mut table = self.shard.table.borrow_mut();
-                for key in mem::take(&mut self.starved) {
-                    if table.conns.contains(key) {
-                        table.notify(key, usize::MAX);
-                    }
-                }
-            }
-            self.expire(now);
-            self.serve();
-            self.serve_accept();
-            self.ring.pool.publish();
-            if let Err(e) = self.ring.submit() {
-                error!(shard = %self.shard.id, error = %e, "socket ring submit failed");
-            }
-            if self.ring.has_completions() {
-                continue;
-            }
-            {
-                let mut table = self.shard.table.borrow_mut();
-                if !table.dirty.is_empty() {
-                    continue;
-                }
-                if table.stopping
-                    && table.conns.is_empty()
-                    && !self.accept_armed
-                    && self.ring.sends_in_flight() == 0
-                {
-                    return;
-                }
-                table.driver_running = false;
-            }
-            self.wait().await;
+impl<'a, H: Handler> Driver<'a, H> {
+    /// The driver of `shard`'s sockets on `ring`, accepting from `listener`.
+    pub(crate) fn new(shard: &'a Shard<H>, ring: SocketRing, listener: OwnedFd) -> Self {
+        {
+            let mut table = shard.table.borrow_mut();
+            table.driver_running = true;
+            table.same_turn_delivery = true;
+        }
+        Self {
+            shard,
+            ring,
+            listener,
+            accept_armed: false,
+            accept_cancelling: false,
+            paused_counted: false,
+            retry_at: None,
+            awaiting_evictions: false,
+            evictable_at: None,
+            backoff: AcceptBackoff::new(),
+            starved: Vec::new(),
         }
     }
 
-    /// Sleeps until the kernel posts a completion, the next deadline passes, or another task
-    /// hands the driver work.
-    async fn wait(&mut self) {
-        let next = self.next_deadline();
-        if self.sleep.as_ref().map(|(when, _)| *when) != next {
-            self.sleep = next.map(|when| (when, Box::pin(monoio::time::sleep_until(when.into()))));
+    /// One turn: handle the completions the ring holds, return buffers, fire deadlines, serve
+    /// connections marked dirty and the accept. Queues submissions; the loop enters the ring.
+    pub(crate) fn turn(&mut self, now: Instant) {
+        self.shard.table.borrow_mut().now = Stamp::from_instant(now);
+        self.reap();
+        self.ring.pool.reclaim();
+        if self.ring.pool.available() > 0 && !self.starved.is_empty() {
+            let mut table = self.shard.table.borrow_mut();
+            for key in mem::take(&mut self.starved) {
+                if table.conns.contains(key) {
+                    table.notify(key, usize::MAX);
+                }
+            }
         }
-        if self.eventfd_read.is_none() {
-            let file = self.ring.eventfd();
-            let buf = self.eventfd_buf.take().unwrap_or_else(|| vec![0u8; 8]);
-            self.eventfd_read = Some(Box::pin(async move { file.read_at(buf, 0).await }));
-        }
-        poll_fn(|cx| {
-            {
-                let mut table = self.shard.table.borrow_mut();
-                if !table
-                    .driver_waker
-                    .as_ref()
-                    .is_some_and(|w| w.will_wake(cx.waker()))
-                {
-                    table.driver_waker = Some(cx.waker().clone());
-                }
-                if !table.dirty.is_empty()
-                    || (table.stopping && self.accept_armed && !self.accept_cancelling)
-                {
-                    return Poll::Ready(());
-                }
-            }
-            if let Some(read) = self.eventfd_read.as_mut() {
-                if let Poll::Ready((result, buf)) = read.as_mut().poll(cx) {
-                    self.eventfd_read = None;
-                    self.eventfd_buf = Some(buf);
-                    if let Err(e) = result {
-                        error!(shard = %self.shard.id, error = %e, "socket ring eventfd read failed");
-                    }
-                    return Poll::Ready(());
-                }
-            }
-            if let Some((_, timer)) = self.sleep.as_mut() {
-                if timer.as_mut().poll(cx).is_ready() {
-                    self.sleep = None;
-                    return Poll::Ready(());
-                }
-            }
-            Poll::Pending
-        })
-        .await;
+        self.expire(now);
+        self.serve();
+        self.serve_accept();
+        self.ring.pool.publish();
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
+    /// Whether another turn has work without waiting: completions to handle, connections
+    /// marked dirty.
+    pub(crate) fn busy(&mut self) -> bool {
+        self.ring.has_completions() || !self.shard.table.borrow().dirty.is_empty()
+    }
+
+    /// The shard stopped and every connection and operation is gone.
+    pub(crate) fn finished(&self) -> bool {
+        let table = self.shard.table.borrow();
+        table.stopping
+            && table.conns.is_empty()
+            && !self.accept_armed
+            && self.ring.sends_in_flight() == 0
+    }
+
+    /// The next time a turn has work though nothing completes: a connection's deadline, an
+    /// accept retry.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         let table = self.shard.table.borrow();
         let timer = table.timers.peek().map(|r| r.0 .0.instant());
         [timer, self.retry_at, self.evictable_at]
@@ -206,6 +141,7 @@ impl<H: Handler> Driver<'_, H> {
                 Op::Recv { key, gen } => self.on_recv(key, gen, c),
                 Op::Send { slot } => self.on_send(slot, c.result),
                 Op::Shutdown { key, gen } => self.on_shutdown(key, gen, c.result),
+                Op::Wake => self.ring.woken(),
                 Op::Ignore => {}
             }
         }

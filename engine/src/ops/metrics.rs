@@ -308,8 +308,16 @@ shard_metrics! {
     /// Topic messages this shard took from its inbox (one per message, however many local
     /// subscribers it had).
     published_in,
+    /// Topic messages published by this shard's own connections and delivered to its own
+    /// subscribers in the same loop turn, not through its inbox (io_uring driver; also
+    /// counted in `published_in`).
+    published_local,
     /// Topic messages offered to subscribers' data rings (one per subscriber).
     deliveries,
+    /// Times another thread woke this shard from its sleep with an eventfd write (io_uring
+    /// driver): the wake-ups that cost a system call. A running or spinning shard
+    /// (`[latency]`) is not woken: it finds its inbox on its own.
+    shard_wakes,
     /// Topic messages dropped by a data ring's overflow policy (drop-oldest, drop-newest,
     /// conflate): the sum of the three counters below.
     ring_dropped,

@@ -362,11 +362,17 @@ impl Hub {
     /// Sequences `payload` in `topic`, keeps it in history and hands it to every shard with
     /// subscribers, in the backend's order. A backend that sequences later (Redis) answers
     /// `Pending` and sends the outcome to `reply`.
+    ///
+    /// `local`: the publishing shard and where to put its own share. The in-memory backend
+    /// puts the message there instead of in that shard's inbox when nothing is waiting in the
+    /// inbox (so delivering it at once keeps the topic's order); the shard delivers it in the
+    /// same loop turn.
     pub(crate) fn publish(
         &self,
         topic: &Arc<Topic>,
         payload: Payload,
         reply: ReplyTo,
+        local: Option<(u16, &mut Option<Arc<Published>>)>,
     ) -> Result<Publish, PublishError> {
         if self.stopped.load(Relaxed) {
             return Err(PublishError::Stopped);
@@ -385,7 +391,13 @@ impl Hub {
                 history_max_messages,
                 history_max_bytes,
             } => self
-                .publish_memory(topic, payload, *history_max_messages, *history_max_bytes)
+                .publish_memory(
+                    topic,
+                    payload,
+                    *history_max_messages,
+                    *history_max_bytes,
+                    local,
+                )
                 .map(Publish::Done),
             Backend::Redis(bridge) => {
                 // Shards with a full inbox: the same back-pressure as in memory, over all
@@ -414,13 +426,13 @@ impl Hub {
         payload: Payload,
     ) -> Result<PublishReceipt, PublishError> {
         let Some(bridge) = self.bridge() else {
-            return match self.publish(topic, payload, ReplyTo::Nobody)? {
+            return match self.publish(topic, payload, ReplyTo::Nobody, None)? {
                 Publish::Done(receipt) => Ok(receipt),
                 Publish::Pending { .. } => unreachable!("the in-memory backend never defers"),
             };
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.publish(topic, payload, ReplyTo::Thread(tx))?;
+        self.publish(topic, payload, ReplyTo::Thread(tx), None)?;
         rx.recv_timeout(bridge.reply_wait())
             .unwrap_or(Err(PublishError::Unavailable))
     }
@@ -432,6 +444,7 @@ impl Hub {
         payload: Payload,
         history_max_messages: usize,
         history_max_bytes: usize,
+        mut local: Option<(u16, &mut Option<Arc<Published>>)>,
     ) -> Result<PublishReceipt, PublishError> {
         let mut payload = Some(payload);
         let mut stale = None;
@@ -479,7 +492,16 @@ impl Hub {
                 self.held_bytes.fetch_add(bytes as u64, Relaxed);
             }
             for &shard in &st.interest {
-                self.fanout.hand_off(usize::from(shard), &msg);
+                match &mut local {
+                    // Nothing waits in its inbox: no message of this topic can be ahead.
+                    Some((own, slot))
+                        if *own == shard
+                            && self.fanout.pending[usize::from(shard)].load(Relaxed) == 0 =>
+                    {
+                        **slot = Some(msg.clone());
+                    }
+                    _ => self.fanout.hand_off(usize::from(shard), &msg),
+                }
             }
             Ok(PublishReceipt {
                 seq,

@@ -2,4 +2,5 @@
 //! endpoints, the codec, handler calls, deadlines and liveness, the inbox's deliveries, the
 //! drain and the end of a connection. Called by the drivers in `driver/`; knows no socket.
 
+pub(crate) mod local;
 pub(crate) mod process;

@@ -1,4 +1,5 @@
-//! A shard: one pinned thread, one monoio runtime, one slab of connections.
+//! A shard: one pinned thread, one loop (io_uring: one ring; epoll: monoio's runtime), one
+//! slab of connections.
 //!
 //! Owns what happens to a connection whatever drives its socket: the upgrade, the HTTP
 //! endpoints, the codec, handler calls, deadlines, and the end of a connection; and the
@@ -208,17 +209,16 @@ impl<H: Handler> Shard<H> {
                 return report;
             }
             // Until the next share is due, keep delivering to the connections still open.
-            monoio::select! {
-                msg = inbox.recv() => match msg {
-                    // A second stop changes nothing: the drain is under way.
-                    Some(ShardMsg::Stop) => {}
-                    Some(msg) => {
-                        self.deliver(inbox, msg).await;
-                    }
-                    // The engine is gone: no more deliveries; just wait out the window.
-                    None => monoio::time::sleep(DRAIN_TICK).await,
-                },
-                () = monoio::time::sleep(DRAIN_TICK) => {}
+            let tick = crate::shard::local::sleep(DRAIN_TICK);
+            match crate::shard::local::timeout(DRAIN_TICK, inbox.recv()).await {
+                // A second stop changes nothing: the drain is under way.
+                Ok(Some(ShardMsg::Stop)) => {}
+                Ok(Some(msg)) => {
+                    self.deliver(inbox, msg).await;
+                }
+                // The engine is gone: no more deliveries; just wait out the window.
+                Ok(None) => tick.await,
+                Err(()) => {}
             }
         }
     }
