@@ -138,9 +138,9 @@ use std::{net::SocketAddr, sync::Arc, thread};
 pub use api::handler::{Ctx, Handler};
 pub use broker::{Broadcast, Broker};
 pub use config::{
-    AdmissionConfig, AuthConfig, BrokerConfig, Driver, EngineConfig, HttpConfig, IoConfig,
-    LimitsConfig, OverflowPolicy, PubSubConfig, RingOverflow, TimeoutsConfig,
-    HISTORY_MESSAGE_BYTES, KERNEL_BYTES_PER_CONNECTION, TOPIC_BYTES,
+    AdmissionConfig, AuthConfig, BrokerConfig, CompressionConfig, CompressionMode, Driver,
+    EngineConfig, HttpConfig, IoConfig, LimitsConfig, OverflowPolicy, PubSubConfig, RingOverflow,
+    TimeoutsConfig, HISTORY_MESSAGE_BYTES, KERNEL_BYTES_PER_CONNECTION, TOPIC_BYTES,
 };
 pub use conn::table::ConnInfo;
 pub use error::{ConfigError, Error, Result};
