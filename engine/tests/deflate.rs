@@ -204,3 +204,83 @@ fn the_upgrade_hook_can_turn_compression_off_per_connection() {
     let (_, params) = RawClient::connect_deflate(engine.local_addr(), DeflateConfig::default());
     assert_eq!(params, None, "the hook chose off");
 }
+
+fn subscriber(addr: std::net::SocketAddr, offer: Option<DeflateConfig>) -> RawClient {
+    let mut c = match offer {
+        Some(offer) => {
+            let (c, params) = RawClient::connect_deflate(addr, offer);
+            assert!(params.is_some(), "agreed");
+            c
+        }
+        None => RawClient::connect(addr),
+    };
+    c.send_message(
+        OpCode::Text,
+        br#"{"type":"subscribe","id":1,"topic":"prices.eurusd"}"#,
+    );
+    let ack = c.next_data().expect("ack");
+    assert!(
+        String::from_utf8_lossy(&ack).contains("\"ack\""),
+        "{}",
+        String::from_utf8_lossy(&ack)
+    );
+    c
+}
+
+fn publish_json(engine: &Engine, n: usize) -> String {
+    let body = json(n);
+    engine
+        .handle()
+        .publisher()
+        .publish(
+            "prices.eurusd",
+            ringcast::Payload::json(body.clone()).unwrap(),
+        )
+        .expect("publish");
+    body
+}
+
+#[test]
+fn fan_out_compresses_once_for_every_shared_subscriber() {
+    let mut config = config(1);
+    config.compression.mode = CompressionMode::Shared;
+    let engine = Engine::start(config, |_| ringcast::Broker::new()).expect("start");
+    let addr = engine.local_addr();
+    let mut subs: Vec<RawClient> = (0..5)
+        .map(|_| subscriber(addr, Some(DeflateConfig::default())))
+        .collect();
+    // One without the extension gets the plain frame of the same message.
+    subs.push(subscriber(addr, None));
+    for n in 0..10 {
+        let body = publish_json(&engine, n);
+        for s in &mut subs {
+            let got = String::from_utf8(s.next_data().expect("message")).unwrap();
+            assert!(got.contains(&body), "{got}");
+        }
+    }
+    let m = engine.handle().metrics().total();
+    assert_eq!(
+        m.deflate_messages, 10,
+        "each publish compressed once for the five shared subscribers"
+    );
+}
+
+#[test]
+fn fan_out_in_dedicated_mode_compresses_per_subscriber_with_its_context() {
+    let mut config = config(1);
+    config.compression.mode = CompressionMode::Dedicated;
+    config.compression.window_bits = 10;
+    let engine = Engine::start(config, |_| ringcast::Broker::new()).expect("start");
+    let addr = engine.local_addr();
+    let offer = DeflateConfig::default().with_server_no_context_takeover(false);
+    let mut subs: Vec<RawClient> = (0..3).map(|_| subscriber(addr, Some(offer))).collect();
+    for n in 0..100 {
+        let body = publish_json(&engine, n);
+        for s in &mut subs {
+            let got = String::from_utf8(s.next_data().expect("message")).unwrap();
+            assert!(got.contains(&body), "{got}");
+        }
+    }
+    let m = engine.handle().metrics().total();
+    assert_eq!(m.deflate_messages, 300, "once per subscriber per message");
+}
