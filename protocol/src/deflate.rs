@@ -420,8 +420,8 @@ fn split_outside_quotes(s: &str, sep: char) -> impl Iterator<Item = &str> {
 }
 
 thread_local! {
-    static DEFLATERS: RefCell<Vec<(u8, u8, Compress)>> = const { RefCell::new(Vec::new()) };
-    static INFLATERS: RefCell<Vec<(u8, Decompress)>> = const { RefCell::new(Vec::new()) };
+    static DEFLATERS: RefCell<Vec<(u8, u8, Box<Compress>)>> = const { RefCell::new(Vec::new()) };
+    static INFLATERS: RefCell<Vec<(u8, Box<Decompress>)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// One direction's compressor: raw deflate with a window of `window_bits`.
@@ -431,7 +431,8 @@ pub(crate) struct Deflater {
     level: u8,
     /// No context takeover: back to the pool after each message.
     reset: bool,
-    state: Option<Compress>,
+    /// Boxed: an idle connection pays a pointer, not the inline stream struct.
+    state: Option<Box<Compress>>,
 }
 
 impl Deflater {
@@ -491,7 +492,7 @@ fn compress_into(state: &mut Compress, payload: &[u8], dst: &mut Vec<u8>) {
     }
 }
 
-fn take_deflater(bits: u8, level: u8) -> Compress {
+fn take_deflater(bits: u8, level: u8) -> Box<Compress> {
     DEFLATERS
         .with(|pool| {
             let mut pool = pool.borrow_mut();
@@ -501,11 +502,15 @@ fn take_deflater(bits: u8, level: u8) -> Compress {
             Some(pool.swap_remove(at).2)
         })
         .unwrap_or_else(|| {
-            Compress::new_with_window_bits(Compression::new(level.into()), false, bits)
+            Box::new(Compress::new_with_window_bits(
+                Compression::new(level.into()),
+                false,
+                bits,
+            ))
         })
 }
 
-fn give_deflater(bits: u8, level: u8, state: Compress) {
+fn give_deflater(bits: u8, level: u8, state: Box<Compress>) {
     DEFLATERS.with(|pool| {
         let mut pool = pool.borrow_mut();
         if pool
@@ -519,17 +524,17 @@ fn give_deflater(bits: u8, level: u8, state: Compress) {
     });
 }
 
-fn take_inflater(bits: u8) -> Decompress {
+fn take_inflater(bits: u8) -> Box<Decompress> {
     INFLATERS
         .with(|pool| {
             let mut pool = pool.borrow_mut();
             let at = pool.iter().position(|(b, _)| *b == bits)?;
             Some(pool.swap_remove(at).1)
         })
-        .unwrap_or_else(|| Decompress::new_with_window_bits(false, bits))
+        .unwrap_or_else(|| Box::new(Decompress::new_with_window_bits(false, bits)))
 }
 
-fn give_inflater(bits: u8, state: Decompress) {
+fn give_inflater(bits: u8, state: Box<Decompress>) {
     INFLATERS.with(|pool| {
         let mut pool = pool.borrow_mut();
         if pool.iter().filter(|(b, _)| *b == bits).count() < POOL_SIZE {
@@ -543,7 +548,8 @@ fn give_inflater(bits: u8, state: Decompress) {
 pub(crate) struct Inflater {
     window_bits: u8,
     reset: bool,
-    state: Option<Decompress>,
+    /// Boxed, as `Deflater::state`.
+    state: Option<Box<Decompress>>,
 }
 
 impl Inflater {
