@@ -284,3 +284,91 @@ fn fan_out_in_dedicated_mode_compresses_per_subscriber_with_its_context() {
     let m = engine.handle().metrics().total();
     assert_eq!(m.deflate_messages, 300, "once per subscriber per message");
 }
+
+/// The directory of the Node `ws` peer, or `None` (skipped loudly; a failure under CI) when
+/// node or `npm ci --prefix bench/node` is missing.
+fn node_ws() -> Option<String> {
+    let install = "apt-get install nodejs npm, then npm ci --prefix bench/node";
+    if !require("node", install) {
+        return None;
+    }
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/node");
+    if !std::path::Path::new(dir).join("node_modules/ws").is_dir() {
+        assert!(
+            !ringcast_testkit::under_ci(),
+            "bench/node/node_modules/ws is missing and CI must run this test: {install}"
+        );
+        eprintln!("SKIPPED: bench/node/node_modules/ws is missing ({install})");
+        return None;
+    }
+    Some(format!("{dir}/deflate.js"))
+}
+
+/// Node `ws` as the client: its compressor and decompressor against ours, at several
+/// windows, with and without context takeover (1,000 messages with it at window 15).
+#[test]
+fn node_ws_clients_round_trip_through_ringcast_at_every_window() {
+    let Some(script) = node_ws() else {
+        return;
+    };
+    let cases = [
+        (CompressionMode::Dedicated, 15, false, 1000),
+        (CompressionMode::Dedicated, 12, false, 200),
+        (CompressionMode::Dedicated, 9, false, 200),
+        (CompressionMode::Shared, 15, true, 200),
+        (CompressionMode::Shared, 10, true, 200),
+    ];
+    for (mode, bits, no_context, count) in cases {
+        let engine = start(mode, |c| c.compression.threshold_bytes = 0);
+        let mut node = process::Spawned::start({
+            let mut cmd = std::process::Command::new("node");
+            cmd.arg(&script)
+                .arg("client")
+                .arg(engine.local_addr().port().to_string())
+                .arg(count.to_string())
+                .arg(bits.to_string())
+                .arg(if no_context { "1" } else { "0" });
+            cmd
+        });
+        let status = node.wait_exit(std::time::Duration::from_secs(120));
+        let log = node.final_log();
+        assert!(status.success(), "{mode:?} bits {bits}: {log}");
+        assert!(
+            log.contains(&format!("ok {count} permessage-deflate")),
+            "{mode:?} bits {bits}: {log}"
+        );
+        let m = engine.handle().metrics().total();
+        assert_eq!(m.deflate_messages, count as u64, "{mode:?} bits {bits}");
+    }
+}
+
+/// Node `ws` as the server: this crate's client codec against its compressor and
+/// decompressor, at every window from 9 to 15, with context takeover.
+#[test]
+fn ringcast_clients_round_trip_through_a_node_ws_server_at_every_window() {
+    let Some(script) = node_ws() else {
+        return;
+    };
+    let port = free_port();
+    let mut node = process::Spawned::start({
+        let mut cmd = std::process::Command::new("node");
+        cmd.arg(&script).arg("server").arg(port.to_string());
+        cmd
+    });
+    node.wait_for_line("listening");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    for bits in 9..=15u8 {
+        let offer = DeflateConfig::default()
+            .with_server_no_context_takeover(false)
+            .with_server_max_window_bits(bits)
+            .with_client_max_window_bits(bits)
+            .with_threshold(0);
+        let (mut client, params) = RawClient::connect_deflate(addr, offer);
+        let params = params.expect("ws agreed");
+        assert_eq!(params.server_max_window_bits, bits);
+        let count = if bits == 15 { 1000 } else { 100 };
+        for n in 0..count {
+            assert_echoes(&mut client, &json(n));
+        }
+    }
+}
