@@ -68,6 +68,7 @@
 //! | origins, per-IP / per-user caps, upgrade rate | off | [`AdmissionConfig`] |
 //! | token auth (broker) | off | [`AuthConfig`] |
 //! | broker backend | in memory; `redis://HOST:PORT` for several hosts | [`BrokerConfig`] |
+//! | permessage-deflate | off; `shared` or `dedicated`, level 1, 256-byte threshold | [`CompressionConfig`] |
 //!
 //! ## Pub/sub
 //!
