@@ -468,6 +468,13 @@ impl Deflater {
 
 /// Compresses `payload` as one sync-flushed message and strips the flush tail.
 fn compress_into(state: &mut Compress, payload: &[u8], dst: &mut Vec<u8>) {
+    if payload.is_empty() {
+        // Nothing to add to the window. A second sync flush in a row produces nothing (zlib
+        // answers Z_BUF_ERROR), so an empty message is written as the first byte of an empty
+        // stored block, which the peer completes with the 00 00 FF FF it appends.
+        dst.push(0x00);
+        return;
+    }
     let start = dst.len();
     dst.reserve(payload.len() / 2 + 64);
     let mut input = payload;
@@ -475,17 +482,24 @@ fn compress_into(state: &mut Compress, payload: &[u8], dst: &mut Vec<u8>) {
         if dst.capacity() - dst.len() < 64 {
             dst.reserve(dst.len().max(256));
         }
-        let before = state.total_in();
+        let (before_in, before_out) = (state.total_in(), dst.len());
         // Only a stream error (impossible with our own parameters) fails here.
         let _ = state.compress_vec(input, dst, FlushCompress::Sync);
-        let used = (state.total_in() - before) as usize;
+        let used = (state.total_in() - before_in) as usize;
         input = &input[used..];
+        let room = dst.capacity() - dst.len() >= 64;
         // Done once all input is taken and the flush fit with room to spare.
-        if input.is_empty() && dst.capacity() - dst.len() >= 64 && dst[start..].ends_with(&TAIL) {
+        if input.is_empty() && room && dst[start..].ends_with(&TAIL) {
+            break;
+        }
+        // No progress with room to spare: nothing more will come (never loop forever).
+        if used == 0 && dst.len() == before_out && room {
             break;
         }
     }
-    dst.truncate(dst.len() - TAIL.len());
+    if dst[start..].ends_with(&TAIL) {
+        dst.truncate(dst.len() - TAIL.len());
+    }
     if dst.len() == start {
         // An empty message compresses to a single empty stored block's first byte.
         dst.push(0x00);
@@ -832,6 +846,18 @@ mod tests {
         let err = i.inflate(&body, 1 << 20).unwrap_err();
         assert!(matches!(err, ProtocolError::MessageTooLarge { max, .. } if max == 1 << 20));
         assert_eq!(err.close_code().as_u16(), 1009);
+    }
+
+    #[test]
+    fn empty_messages_between_others_keep_the_context_and_never_hang() {
+        // A sync flush right after another produces nothing: this used to loop forever.
+        let mut d = Deflater::new(15, 1, false);
+        let mut i = Inflater::new(15, false);
+        for msg in [&b"abcabc"[..], b"", b"", b"abcabcabc", b""] {
+            let mut body = Vec::new();
+            d.compress(msg, &mut body);
+            assert_eq!(&i.inflate(&body, 1000).unwrap()[..], msg);
+        }
     }
 
     #[test]
