@@ -6,7 +6,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use ringcast_protocol::Limits;
+use ringcast_protocol::{deflate::DeflateConfig, Limits};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
@@ -48,6 +48,8 @@ pub struct EngineConfig {
     pub broker: BrokerConfig,
     /// Trading CPU for latency: shards that spin instead of sleeping (io_uring driver).
     pub latency: LatencyConfig,
+    /// permessage-deflate (RFC 7692): off, shared or dedicated, and its knobs.
+    pub compression: CompressionConfig,
 }
 
 /// `[latency]`: whether an idle shard spins before it sleeps (io_uring driver; the epoll
@@ -81,6 +83,51 @@ impl Default for LatencyConfig {
     }
 }
 
+/// permessage-deflate (RFC 7692) for the listener's connections. A handler can choose another
+/// mode per connection at the upgrade ([`Upgrade::with_compression`](crate::Upgrade)).
+/// A client that offers nothing acceptable is answered without the extension.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CompressionConfig {
+    /// `off`, `shared` or `dedicated`. Default `off`: the echo and broadcast benchmarks
+    /// measure framing, and compression is a trade of CPU for bytes that a deployment
+    /// chooses. `shared`: the server compresses each message on its own
+    /// (`server_no_context_takeover`) and asks clients to do the same, so a published message
+    /// is compressed once per delivery format for every subscriber and an idle connection
+    /// holds no compression state. `dedicated`: the server keeps its compression context per
+    /// connection (better ratios on 1:1 traffic with redundancy across messages), costing a
+    /// compressor per connection from its first compressed message on.
+    pub mode: CompressionMode,
+    /// Messages shorter than this are sent uncompressed (RSV1 clear), in bytes. Default 256.
+    /// Small messages gain little and cost a compression each.
+    pub threshold_bytes: usize,
+    /// Deflate level, 0 (store) to 9 (smallest, slowest). Default 1: the fastest, most of the
+    /// gain on JSON (bench/RESULTS.md). Out of range: a ConfigError.
+    pub level: u8,
+    /// The server's compression window, as a power of two, 9 to 15. Default 15 (32 KiB). In
+    /// `dedicated` mode each connection keeps a window of twice this size twice over, so 10
+    /// to 12 keeps memory down; in `shared` mode compressors are pooled per shard. An offer
+    /// asking for less is honoured; one asking for 8 is declined (zlib cannot produce it).
+    pub window_bits: u8,
+    /// The compression window asked of clients that support choosing it, as a power of two,
+    /// 8 to 15. Default 15. It bounds the server's decompressor in `dedicated` mode, where
+    /// clients may keep their context.
+    pub client_window_bits: u8,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        Self {
+            mode: CompressionMode::Off,
+            threshold_bytes: 256,
+            level: 1,
+            window_bits: 15,
+            client_window_bits: 15,
+        }
+    }
+}
+
 /// [`LatencyConfig::mode`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -100,6 +147,39 @@ impl LatencyMode {
             LatencyMode::Always => "always",
         }
     }
+}
+
+impl CompressionConfig {
+    /// The protocol settings for `mode` (`None` for `off`).
+    pub(crate) fn deflate(&self, mode: CompressionMode) -> Option<DeflateConfig> {
+        let shared = match mode {
+            CompressionMode::Off => return None,
+            CompressionMode::Shared => true,
+            CompressionMode::Dedicated => false,
+        };
+        Some(
+            DeflateConfig::default()
+                .with_server_no_context_takeover(shared)
+                .with_client_no_context_takeover(shared)
+                .with_server_max_window_bits(self.window_bits)
+                .with_client_max_window_bits(self.client_window_bits)
+                .with_level(self.level)
+                .with_threshold(self.threshold_bytes),
+        )
+    }
+}
+
+/// How a connection uses permessage-deflate; see [`CompressionConfig::mode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum CompressionMode {
+    /// Not negotiated: offers are declined.
+    Off,
+    /// No context takeover on either side: one compressed frame serves every subscriber.
+    Shared,
+    /// Context takeover on the server side, per connection.
+    Dedicated,
 }
 
 /// Admission: checks the engine makes on every upgrade request before the handler sees it,
@@ -366,6 +446,7 @@ impl Default for EngineConfig {
             auth: AuthConfig::default(),
             broker: BrokerConfig::default(),
             latency: LatencyConfig::default(),
+            compression: CompressionConfig::default(),
         }
     }
 }
@@ -1171,6 +1252,18 @@ impl EngineConfig {
             (512..=(1 << 20)).contains(&io.ring_buffer_bytes),
             "io.ring_buffer_bytes",
             "must be between 512 and 1048576",
+        )?;
+        let c = &self.compression;
+        check(c.level <= 9, "compression.level", "must be between 0 and 9")?;
+        check(
+            (9..=15).contains(&c.window_bits),
+            "compression.window_bits",
+            "must be between 9 and 15",
+        )?;
+        check(
+            (8..=15).contains(&c.client_window_bits),
+            "compression.client_window_bits",
+            "must be between 8 and 15",
         )?;
         let b = &self.broker;
         check(

@@ -68,6 +68,7 @@
 //! | origins, per-IP / per-user caps, upgrade rate | off | [`AdmissionConfig`] |
 //! | token auth (broker) | off | [`AuthConfig`] |
 //! | broker backend | in memory; `redis://HOST:PORT` for several hosts | [`BrokerConfig`] |
+//! | permessage-deflate | off; `shared` or `dedicated`, level 1, 256-byte threshold | [`CompressionConfig`] |
 //!
 //! ## Pub/sub
 //!
@@ -138,8 +139,9 @@ use std::{net::SocketAddr, sync::Arc, thread, time::Duration};
 pub use api::handler::{Ctx, Handler};
 pub use broker::{Broadcast, Broker};
 pub use config::{
-    AdmissionConfig, AuthConfig, BrokerConfig, Driver, EngineConfig, HttpConfig, IoConfig,
-    LatencyConfig, LatencyMode, LimitsConfig, OverflowPolicy, PubSubConfig, RingOverflow,
+    AdmissionConfig, AuthConfig, BrokerConfig, CompressionConfig, CompressionMode, Driver,
+    EngineConfig, HttpConfig, IoConfig, LatencyConfig, LatencyMode, LimitsConfig, OverflowPolicy,
+    PubSubConfig, RingOverflow,
     TimeoutsConfig, HISTORY_MESSAGE_BYTES, KERNEL_BYTES_PER_CONNECTION, TOPIC_BYTES,
 };
 pub use conn::table::ConnInfo;

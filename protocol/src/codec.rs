@@ -10,6 +10,7 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use crate::{
     close::CloseFrame,
+    deflate::{compressed_frame, DeflateConfig, DeflateParams, Deflater, Inflater},
     error::ProtocolError,
     frame::{encode_frame, FrameHeader, OpCode},
     limits::Limits,
@@ -69,7 +70,19 @@ struct Partial {
 #[derive(Debug)]
 struct Fragmented {
     text: bool,
+    /// The first frame had RSV1: the joined payloads are inflated when the message ends.
+    compressed: bool,
     data: BytesMut,
+}
+
+/// permessage-deflate, once negotiated: both directions' settings and their (lazily
+/// allocated) state.
+#[derive(Debug)]
+struct Deflate {
+    params: DeflateParams,
+    threshold: usize,
+    tx: Deflater,
+    rx: Inflater,
 }
 
 /// A sans-IO WebSocket connection.
@@ -102,6 +115,9 @@ pub struct Codec {
     owed: Vec<Bytes>,
     /// SplitMix64 state for client masking keys.
     mask_state: u64,
+    /// permessage-deflate, when negotiated (boxed: most connections of a server without
+    /// compression never have it).
+    deflate: Option<Box<Deflate>>,
 }
 
 impl Codec {
@@ -129,7 +145,83 @@ impl Codec {
             utf8: Utf8Validator::new(),
             owed: Vec::new(),
             mask_state: seed,
+            deflate: None,
         }
+    }
+
+    /// Turns on permessage-deflate as `params` agreed (the server's answer), with `config`'s
+    /// level and threshold for what this side sends. From here a data frame's RSV1 means a
+    /// compressed message, and [`Codec::encode_message`] compresses.
+    #[must_use]
+    pub fn with_deflate(mut self, params: DeflateParams, config: &DeflateConfig) -> Self {
+        let (tx_bits, tx_reset, rx_bits, rx_reset) = match self.role {
+            Role::Server => (
+                params.server_max_window_bits,
+                params.server_no_context_takeover,
+                params.client_max_window_bits,
+                params.client_no_context_takeover,
+            ),
+            Role::Client => (
+                params.client_max_window_bits,
+                params.client_no_context_takeover,
+                params.server_max_window_bits,
+                params.server_no_context_takeover,
+            ),
+        };
+        self.deflate = Some(Box::new(Deflate {
+            params,
+            threshold: config.threshold,
+            tx: Deflater::new(tx_bits, config.level, tx_reset),
+            rx: Inflater::new(rx_bits, rx_reset),
+        }));
+        self
+    }
+
+    /// The permessage-deflate parameters in force, if it was negotiated.
+    pub fn deflate_params(&self) -> Option<DeflateParams> {
+        self.deflate.as_ref().map(|d| d.params)
+    }
+
+    /// Whether a message of `len` bytes would be sent compressed by
+    /// [`Codec::encode_message`]: permessage-deflate is on and `len` reaches its threshold.
+    pub fn compresses(&self, len: usize) -> bool {
+        self.deflate.as_ref().is_some_and(|d| len >= d.threshold)
+    }
+
+    /// Whether compressor or decompressor state is allocated now. Without context takeover
+    /// in a direction its state is released after each message, so an idle connection holds
+    /// none.
+    pub fn holds_deflate_state(&self) -> (bool, bool) {
+        self.deflate.as_ref().map_or((false, false), |d| {
+            (d.tx.is_allocated(), d.rx.is_allocated())
+        })
+    }
+
+    /// Encodes a whole message as one frame: compressed (RSV1 set) when
+    /// [`Codec::compresses`] its length, otherwise as [`Codec::encode_frame`] would. Call it
+    /// only while [`Codec::can_send`] holds.
+    pub fn encode_message(&mut self, opcode: OpCode, payload: &[u8], dst: &mut BytesMut) {
+        if !self.compresses(payload.len()) {
+            self.encode_frame(true, opcode, payload, dst);
+            return;
+        }
+        let frame = self.compress_message(opcode, payload);
+        dst.extend_from_slice(&frame);
+    }
+
+    /// A whole message as one frame, compressed when [`Codec::compresses`] its length
+    /// (otherwise `None`).
+    pub fn compressed_message(&mut self, opcode: OpCode, payload: &[u8]) -> Option<Bytes> {
+        self.compresses(payload.len())
+            .then(|| self.compress_message(opcode, payload))
+    }
+
+    fn compress_message(&mut self, opcode: OpCode, payload: &[u8]) -> Bytes {
+        let mask = self.next_mask();
+        let deflate = self.deflate.as_mut().expect("compresses() checked it");
+        let mut body = Vec::new();
+        deflate.tx.compress(payload, &mut body);
+        compressed_frame(opcode, &body, mask)
     }
 
     /// The role this codec plays.
@@ -188,7 +280,7 @@ impl Codec {
                 if let Some(key) = partial.header.mask {
                     apply_mask(fresh, key, partial.done);
                 }
-                if self.is_text(partial.header.opcode) {
+                if self.is_plain_text(&partial.header) {
                     // Validate as bytes arrive, so bad text fails before the frame ends.
                     if self.utf8.feed(fresh).is_err() {
                         return Err(self.fail(ProtocolError::InvalidUtf8));
@@ -256,18 +348,32 @@ impl Codec {
         Some((z as u32).to_ne_bytes())
     }
 
-    fn is_text(&self, opcode: OpCode) -> bool {
-        match opcode {
-            OpCode::Text => true,
-            OpCode::Continuation => self.fragmented.as_ref().is_some_and(|f| f.text),
+    /// Whether this frame's payload is text to validate as it arrives (a compressed message
+    /// is validated after it is inflated).
+    fn is_plain_text(&self, header: &FrameHeader) -> bool {
+        match header.opcode {
+            OpCode::Text => header.rsv & 0b100 == 0,
+            OpCode::Continuation => self
+                .fragmented
+                .as_ref()
+                .is_some_and(|f| f.text && !f.compressed),
             _ => false,
         }
     }
 
     /// Per-frame rules that need no payload: RFC 6455 §5.1, §5.2, §5.4, §5.5 and the limits.
     fn check_header(&self, h: &FrameHeader) -> Result<(), ProtocolError> {
-        if h.rsv != 0 {
+        if h.rsv & 0b011 != 0 || (h.rsv != 0 && self.deflate.is_none()) {
             return Err(ProtocolError::ReservedBits);
+        }
+        if h.rsv != 0 {
+            // RSV1 with permessage-deflate (RFC 7692 §6.1).
+            if h.opcode.is_control() {
+                return Err(ProtocolError::CompressedControl);
+            }
+            if h.opcode == OpCode::Continuation {
+                return Err(ProtocolError::CompressedContinuation);
+            }
         }
         match (self.role, h.mask.is_some()) {
             (Role::Server, false) => return Err(ProtocolError::UnmaskedFrame),
@@ -315,12 +421,18 @@ impl Codec {
         payload: Bytes,
     ) -> Result<Option<Event>, ProtocolError> {
         match header.opcode {
-            OpCode::Text | OpCode::Binary if header.fin => self
-                .finish_message(header.opcode == OpCode::Text, payload)
-                .map(Some),
+            OpCode::Text | OpCode::Binary if header.fin => {
+                let text = header.opcode == OpCode::Text;
+                if header.rsv & 0b100 != 0 {
+                    let payload = self.inflate(&payload, text)?;
+                    return self.finish_message(text, payload).map(Some);
+                }
+                self.finish_message(text, payload).map(Some)
+            }
             OpCode::Text | OpCode::Binary => {
                 self.fragmented = Some(Box::new(Fragmented {
                     text: header.opcode == OpCode::Text,
+                    compressed: header.rsv & 0b100 != 0,
                     data: BytesMut::from(&payload[..]),
                 }));
                 Ok(None)
@@ -335,6 +447,10 @@ impl Codec {
                     return Ok(None);
                 }
                 let frag = self.fragmented.take().expect("checked just above");
+                if frag.compressed {
+                    let payload = self.inflate(&frag.data, frag.text)?;
+                    return self.finish_message(frag.text, payload).map(Some);
+                }
                 self.finish_message(frag.text, frag.data.freeze()).map(Some)
             }
             OpCode::Ping => {
@@ -361,6 +477,24 @@ impl Codec {
                 Ok(Some(Event::Close(frame)))
             }
         }
+    }
+
+    /// Inflates a compressed message, bounded by the message limit after inflation; text is
+    /// fed to the UTF-8 validator (which `finish_message` then finishes).
+    fn inflate(&mut self, compressed: &[u8], text: bool) -> Result<Bytes, ProtocolError> {
+        let max = self.max_message_bytes as usize;
+        let deflate = self
+            .deflate
+            .as_mut()
+            .expect("check_header refuses RSV1 without deflate");
+        let payload = deflate
+            .rx
+            .inflate(compressed, max)
+            .map_err(|e| self.fail(e))?;
+        if text && self.utf8.feed(&payload).is_err() {
+            return Err(self.fail(ProtocolError::InvalidUtf8));
+        }
+        Ok(payload)
     }
 
     fn finish_message(&mut self, text: bool, payload: Bytes) -> Result<Event, ProtocolError> {
@@ -541,5 +675,145 @@ mod tests {
         );
         let ev = server.poll_event(&mut wire).unwrap().unwrap();
         assert_eq!(ev, Event::Binary(Bytes::from_static(b"payload")));
+    }
+
+    fn deflate_pair(params_offer: &str) -> (Codec, Codec) {
+        let config = DeflateConfig::default();
+        let params =
+            crate::deflate::negotiate(&config, [params_offer.as_bytes()]).expect("accepted");
+        (
+            Codec::server(Limits::default()).with_deflate(params, &config),
+            Codec::client(Limits::default(), 9).with_deflate(params, &config),
+        )
+    }
+
+    fn rsv1_frame(opcode: OpCode, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = client_frame(opcode, fin, payload);
+        bytes[0] |= 0x40;
+        bytes
+    }
+
+    #[test]
+    fn compressed_messages_round_trip_both_ways() {
+        let (mut server, mut client) = deflate_pair("permessage-deflate; client_max_window_bits");
+        let text = "{\"price\":1.2345,\"qty\":100}".repeat(20);
+        for _ in 0..3 {
+            let mut wire = BytesMut::new();
+            client.encode_message(OpCode::Text, text.as_bytes(), &mut wire);
+            assert_eq!(wire[0] & 0x40, 0x40, "RSV1 set");
+            assert!(wire.len() < text.len() / 2);
+            let ev = server.poll_event(&mut wire).unwrap().unwrap();
+            assert_eq!(ev, Event::Text(Utf8Bytes::from(text.clone())));
+            let mut wire = BytesMut::new();
+            server.encode_message(OpCode::Binary, text.as_bytes(), &mut wire);
+            let ev = client.poll_event(&mut wire).unwrap().unwrap();
+            assert_eq!(ev, Event::Binary(Bytes::from(text.clone())));
+        }
+        // Under the threshold: sent plain, RSV1 clear.
+        let mut wire = BytesMut::new();
+        server.encode_message(OpCode::Text, b"hi", &mut wire);
+        assert_eq!(&wire[..], b"\x81\x02hi");
+        // server_no_context_takeover (the default): nothing held between messages.
+        assert!(!server.holds_deflate_state().0);
+    }
+
+    #[test]
+    fn a_compressed_message_in_fragments_inflates_once_whole() {
+        let (mut server, mut client) = deflate_pair("permessage-deflate");
+        let text = "fragmented and compressed ".repeat(10);
+        let Some(frame) = client.compressed_message(OpCode::Text, text.as_bytes()) else {
+            panic!("over the threshold");
+        };
+        // Unmask the client's frame to cut its payload in two fragments.
+        let (h, hl) = FrameHeader::parse(&frame).unwrap().unwrap();
+        let mut body = frame[hl..].to_vec();
+        crate::mask::apply_mask(&mut body, h.mask.unwrap(), 0);
+        let (a, b) = body.split_at(body.len() / 2);
+        let mut bytes = rsv1_frame(OpCode::Text, false, a);
+        bytes.extend(client_frame(OpCode::Ping, true, b"p"));
+        bytes.extend(client_frame(OpCode::Continuation, true, b));
+        let evs = events(&mut server, &bytes);
+        assert_eq!(
+            evs,
+            vec![
+                Ok(Event::Ping(Bytes::from_static(b"p"))),
+                Ok(Event::Text(Utf8Bytes::from(text))),
+            ]
+        );
+    }
+
+    fn close_code_of(codec: &mut Codec) -> u16 {
+        let close = codec.poll_transmit().unwrap();
+        u16::from_be_bytes([close[2], close[3]])
+    }
+
+    #[test]
+    fn rsv1_rules_fail_with_their_close_codes() {
+        // No extension negotiated: RSV1 is a reserved bit.
+        let mut plain = Codec::server(Limits::default());
+        let evs = events(&mut plain, &rsv1_frame(OpCode::Text, true, b"x"));
+        assert_eq!(evs, vec![Err(ProtocolError::ReservedBits)]);
+        assert_eq!(close_code_of(&mut plain), 1002);
+
+        let cases: [(Vec<u8>, ProtocolError, u16); 5] = [
+            (
+                rsv1_frame(OpCode::Ping, true, b"x"),
+                ProtocolError::CompressedControl,
+                1002,
+            ),
+            (
+                [
+                    client_frame(OpCode::Text, false, b"a"),
+                    rsv1_frame(OpCode::Continuation, true, b"b"),
+                ]
+                .concat(),
+                ProtocolError::CompressedContinuation,
+                1002,
+            ),
+            (
+                {
+                    let mut f = client_frame(OpCode::Text, true, b"x");
+                    f[0] |= 0x20;
+                    f
+                },
+                ProtocolError::ReservedBits,
+                1002,
+            ),
+            (
+                rsv1_frame(OpCode::Binary, true, &[0xFF; 8]),
+                ProtocolError::InvalidDeflate,
+                1007,
+            ),
+            (
+                // "\xFF" compressed at level 0: a stored block, deflate-valid, bad UTF-8.
+                rsv1_frame(OpCode::Text, true, &[0x00, 0x01, 0x00, 0xFE, 0xFF, 0xFF]),
+                ProtocolError::InvalidUtf8,
+                1007,
+            ),
+        ];
+        for (bytes, err, code) in cases {
+            let (mut server, _) = deflate_pair("permessage-deflate");
+            let evs = events(&mut server, &bytes);
+            assert_eq!(evs, vec![Err(err.clone())], "{err}");
+            assert_eq!(close_code_of(&mut server), code, "{err}");
+        }
+    }
+
+    #[test]
+    fn a_bomb_is_refused_with_1009_after_inflation() {
+        let config = DeflateConfig::default().with_level(9);
+        let params = crate::deflate::negotiate(&config, [&b"permessage-deflate"[..]]).unwrap();
+        let limits = Limits::default().with_max_message_bytes(1 << 20);
+        let mut server = Codec::server(limits).with_deflate(params, &config);
+        let mut client = Codec::client(Limits::default(), 3).with_deflate(params, &config);
+        let mut wire = BytesMut::new();
+        client.encode_message(OpCode::Binary, &vec![0u8; 64 << 20], &mut wire);
+        assert!(wire.len() < 128 << 10, "{}", wire.len());
+        let evs = events(&mut server, &wire);
+        assert!(
+            matches!(evs[..], [Err(ProtocolError::MessageTooLarge { max, .. })] if max == 1 << 20),
+            "{evs:?}"
+        );
+        assert_eq!(close_code_of(&mut server), 1009);
     }
 }

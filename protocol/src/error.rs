@@ -26,9 +26,21 @@ pub enum Error {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProtocolError {
-    /// A frame had RSV1, RSV2 or RSV3 set while no extension was negotiated (§5.2).
+    /// A frame had RSV1, RSV2 or RSV3 set while no extension was negotiated (§5.2); or RSV2
+    /// or RSV3 with permessage-deflate, which only defines RSV1.
     #[error("reserved bits set without a negotiated extension")]
     ReservedBits,
+    /// A control frame had RSV1 set: permessage-deflate never compresses control frames
+    /// (RFC 7692 §6.1).
+    #[error("RSV1 set on a control frame")]
+    CompressedControl,
+    /// A continuation frame had RSV1 set: only a message's first frame carries it
+    /// (RFC 7692 §6.1).
+    #[error("RSV1 set on a continuation frame")]
+    CompressedContinuation,
+    /// A compressed message was not valid deflate data (RFC 7692 §7.2.2).
+    #[error("compressed message does not inflate")]
+    InvalidDeflate,
     /// A frame used an opcode that RFC 6455 reserves (§5.2).
     #[error("reserved opcode {0:#x}")]
     ReservedOpcode(u8),
@@ -85,7 +97,7 @@ impl ProtocolError {
     /// The close code to fail the connection with (RFC 6455 §7.4.1).
     pub fn close_code(&self) -> CloseCode {
         match self {
-            Self::InvalidUtf8 => CloseCode::INVALID_PAYLOAD,
+            Self::InvalidUtf8 | Self::InvalidDeflate => CloseCode::INVALID_PAYLOAD,
             Self::FrameTooLarge { .. } | Self::MessageTooLarge { .. } => CloseCode::TOO_BIG,
             _ => CloseCode::PROTOCOL_ERROR,
         }
@@ -144,6 +156,10 @@ pub enum HandshakeError {
     /// Client role: the server selected a subprotocol we did not offer.
     #[error("server selected subprotocol {0:?} that was not offered")]
     UnexpectedSubprotocol(String),
+    /// Client role: the server's `Sec-WebSocket-Extensions` answer is not one our offer allows
+    /// (RFC 6455 §4.1, RFC 7692 §7.1).
+    #[error("server's extension answer is not acceptable: {0}")]
+    InvalidExtension(String),
 }
 
 impl HandshakeError {
@@ -157,7 +173,8 @@ impl HandshakeError {
             Self::Status(_)
             | Self::MissingUpgradeHeaders
             | Self::AcceptMismatch
-            | Self::UnexpectedSubprotocol(_) => 502,
+            | Self::UnexpectedSubprotocol(_)
+            | Self::InvalidExtension(_) => 502,
             _ => 400,
         }
     }
@@ -173,6 +190,12 @@ mod tests {
         let big = ProtocolError::FrameTooLarge { size: 10, max: 5 };
         assert_eq!(big.close_code().as_u16(), 1009);
         assert_eq!(ProtocolError::ReservedBits.close_code().as_u16(), 1002);
+        assert_eq!(ProtocolError::CompressedControl.close_code().as_u16(), 1002);
+        assert_eq!(
+            ProtocolError::CompressedContinuation.close_code().as_u16(),
+            1002
+        );
+        assert_eq!(ProtocolError::InvalidDeflate.close_code().as_u16(), 1007);
     }
 
     #[test]

@@ -10,7 +10,10 @@ use base64::{engine::general_purpose::STANDARD as BASE64, Engine as _};
 use bytes::Bytes;
 use sha1::{Digest, Sha1};
 
-use crate::error::HandshakeError;
+use crate::{
+    deflate::{self, DeflateConfig, DeflateParams},
+    error::HandshakeError,
+};
 
 /// The most header lines an upgrade request may carry; more is answered with 431.
 pub const MAX_HEADERS: usize = 64;
@@ -205,12 +208,32 @@ impl<'a> UpgradeRequest<'a> {
         self.key
     }
 
+    /// The permessage-deflate parameters to agree to, from the client's
+    /// `Sec-WebSocket-Extensions` offers and this server's `config` (see
+    /// [`deflate::negotiate`]); `None` declines.
+    pub fn negotiate_deflate(&self, config: &DeflateConfig) -> Option<DeflateParams> {
+        deflate::negotiate(config, self.headers_named("sec-websocket-extensions"))
+    }
+
     /// Builds the 101 response that completes the upgrade, selecting `subprotocol`.
     /// Extensions the client offered are declined by leaving them out.
     ///
     /// # Errors
     /// [`HandshakeError::SubprotocolNotOffered`] if the client did not offer `subprotocol`.
     pub fn accept(&self, subprotocol: Option<&str>) -> Result<Bytes, HandshakeError> {
+        self.accept_with(subprotocol, None)
+    }
+
+    /// [`UpgradeRequest::accept`], also agreeing to permessage-deflate with `deflate` (from
+    /// [`UpgradeRequest::negotiate_deflate`]).
+    ///
+    /// # Errors
+    /// [`HandshakeError::SubprotocolNotOffered`] if the client did not offer `subprotocol`.
+    pub fn accept_with(
+        &self,
+        subprotocol: Option<&str>,
+        deflate: Option<&DeflateParams>,
+    ) -> Result<Bytes, HandshakeError> {
         if let Some(p) = subprotocol {
             if !self.protocols().any(|offered| offered == p) {
                 return Err(HandshakeError::SubprotocolNotOffered(p.to_owned()));
@@ -223,6 +246,9 @@ impl<'a> UpgradeRequest<'a> {
         out.push_str("\r\n");
         if let Some(p) = subprotocol {
             let _ = write!(out, "Sec-WebSocket-Protocol: {p}\r\n");
+        }
+        if let Some(d) = deflate {
+            let _ = write!(out, "Sec-WebSocket-Extensions: {}\r\n", d.answer());
         }
         out.push_str("\r\n");
         Ok(Bytes::from(out))
@@ -335,6 +361,7 @@ pub fn error_response(err: &HandshakeError) -> Bytes {
 pub struct ClientHandshake {
     key: String,
     protocols: Vec<String>,
+    deflate: Option<DeflateConfig>,
 }
 
 impl ClientHandshake {
@@ -344,7 +371,16 @@ impl ClientHandshake {
         Self {
             key: BASE64.encode(nonce),
             protocols: protocols.iter().map(|p| (*p).to_owned()).collect(),
+            deflate: None,
         }
+    }
+
+    /// Offers permessage-deflate as `config` describes; read the outcome with
+    /// [`ClientHandshake::check_response_deflate`].
+    #[must_use]
+    pub fn with_deflate(mut self, config: DeflateConfig) -> Self {
+        self.deflate = Some(config);
+        self
     }
 
     /// The request head to send for `host` and `target` (path and query), with
@@ -364,6 +400,9 @@ impl ClientHandshake {
                 self.protocols.join(", ")
             );
         }
+        if let Some(d) = &self.deflate {
+            let _ = write!(out, "Sec-WebSocket-Extensions: {}\r\n", d.offer());
+        }
         for (name, value) in extra_headers {
             let _ = write!(out, "{name}: {value}\r\n");
         }
@@ -378,6 +417,20 @@ impl ClientHandshake {
     /// A status other than 101, missing upgrade headers, a wrong accept key, or a subprotocol
     /// that was not offered.
     pub fn check_response(&self, head: &[u8]) -> Result<Option<String>, HandshakeError> {
+        self.check_response_deflate(head).map(|(p, _)| p)
+    }
+
+    /// [`ClientHandshake::check_response`], also returning the permessage-deflate parameters
+    /// the server agreed to (`None`: declined or not offered). Give them to
+    /// [`Codec::with_deflate`](crate::Codec::with_deflate).
+    ///
+    /// # Errors
+    /// As [`ClientHandshake::check_response`], and [`HandshakeError::InvalidExtension`] for an
+    /// extension answer the offer does not allow (any extension when none was offered).
+    pub fn check_response_deflate(
+        &self,
+        head: &[u8],
+    ) -> Result<(Option<String>, Option<DeflateParams>), HandshakeError> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut headers);
         match resp.parse(head) {
@@ -411,11 +464,31 @@ impl ClientHandshake {
         if find("sec-websocket-accept").next().map(str::trim) != Some(expected.as_str()) {
             return Err(HandshakeError::AcceptMismatch);
         }
-        match find("sec-websocket-protocol").next().map(str::trim) {
-            None => Ok(None),
-            Some(p) if self.protocols.iter().any(|o| o == p) => Ok(Some(p.to_owned())),
-            Some(p) => Err(HandshakeError::UnexpectedSubprotocol(p.to_owned())),
-        }
+        let protocol = match find("sec-websocket-protocol").next().map(str::trim) {
+            None => None,
+            Some(p) if self.protocols.iter().any(|o| o == p) => Some(p.to_owned()),
+            Some(p) => return Err(HandshakeError::UnexpectedSubprotocol(p.to_owned())),
+        };
+        let answers: Vec<&str> = find("sec-websocket-extensions").map(str::trim).collect();
+        let answer = match answers[..] {
+            [] => None,
+            [one] => Some(one),
+            _ => {
+                return Err(HandshakeError::InvalidExtension(
+                    "several Sec-WebSocket-Extensions headers".to_owned(),
+                ))
+            }
+        };
+        let deflate = match (&self.deflate, answer) {
+            (Some(config), answer) => config.check_answer(answer)?,
+            (None, None) => None,
+            (None, Some(a)) => {
+                return Err(HandshakeError::InvalidExtension(format!(
+                    "no extension was offered: {a}"
+                )))
+            }
+        };
+        Ok((protocol, deflate))
     }
 }
 

@@ -70,6 +70,7 @@
 // the module path and have no root re-export.
 mod close;
 mod codec;
+pub mod deflate;
 pub mod envelope;
 mod error;
 mod frame;

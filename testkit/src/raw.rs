@@ -121,6 +121,52 @@ impl RawClient {
         }
     }
 
+    /// Connects and upgrades to `/`, offering permessage-deflate as `offer` says; returns the
+    /// client (its codec compresses and inflates as agreed) and the parameters the server
+    /// agreed to (`None`: declined).
+    pub fn connect_deflate(
+        addr: SocketAddr,
+        offer: ringcast_protocol::deflate::DeflateConfig,
+    ) -> (Self, Option<ringcast_protocol::deflate::DeflateParams>) {
+        let mut stream = raw(addr);
+        let hs = ringcast_protocol::ClientHandshake::new([5; 16], &[]).with_deflate(offer);
+        stream
+            .write_all(&hs.request("localhost", "/", &[]))
+            .expect("write upgrade");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        let end = loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            let n = stream.read(&mut buf).expect("read 101");
+            assert!(n > 0, "closed before 101");
+            got.extend_from_slice(&buf[..n]);
+        };
+        let (_, params) = hs
+            .check_response_deflate(&got[..end])
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&got[..end])));
+        let mut codec = Codec::client(Default::default(), 7);
+        if let Some(p) = params {
+            codec = codec.with_deflate(p, &offer);
+        }
+        let client = Self {
+            stream,
+            codec,
+            buf: bytes::BytesMut::from(&got[end..]),
+            upgraded: true,
+        };
+        (client, params)
+    }
+
+    /// Sends a whole message as one frame, compressed when permessage-deflate was agreed and
+    /// the message reaches the offer's threshold.
+    pub fn send_message(&mut self, opcode: OpCode, payload: &[u8]) {
+        let mut out = bytes::BytesMut::new();
+        self.codec.encode_message(opcode, payload, &mut out);
+        self.send_raw(&out);
+    }
+
     /// Wraps a stream that has sent its upgrade request (and maybe frames after it) without
     /// reading the answer yet: the 101 is read and checked on the first read.
     pub fn after_upgrade_sent(stream: TcpStream) -> Self {

@@ -579,6 +579,7 @@ pub(crate) struct Settings {
     /// Upgrades per second and burst per shard; 0 is unshaped.
     pub(crate) upgrade_rate: (u32, u32),
     pub(crate) drain_window: Duration,
+    pub(crate) compression: crate::config::CompressionConfig,
 }
 
 impl Settings {
@@ -612,6 +613,7 @@ impl Settings {
                 (a.upgrades_per_sec, burst)
             },
             drain_window: config.timeouts.drain_window,
+            compression: config.compression.clone(),
         }
     }
 }
@@ -852,18 +854,43 @@ impl ConnTable {
         self.conns[key].info()
     }
 
+    /// Queues `msg`, compressed when the connection negotiated permessage-deflate and the
+    /// message reaches the threshold. It is compressed only once it is sure to be queued: with
+    /// context takeover a compressed message that was then dropped would corrupt the peer's
+    /// decompression context.
     pub(crate) fn send_message(&mut self, key: usize, msg: &Message, running: usize) -> Enqueue {
         let payload = msg.payload();
         let header = FrameHeader::new(msg.opcode(), payload.len() as u64);
+        // The uncompressed size stands for the compressed one in the limit check (an upper
+        // bound within a few bytes).
         let len = header.encoded_len() + payload.len();
-        self.enqueue(key, len, running, |out| {
-            out.push_frame(&header, payload.clone())
+        self.enqueue(key, len, running, |conn, metrics| {
+            if let Phase::Open(codec) = &mut conn.phase {
+                if codec.compresses(payload.len()) {
+                    let started = std::time::Instant::now();
+                    if let Some(frame) = codec.compressed_message(msg.opcode(), payload) {
+                        metrics
+                            .deflate_nanos
+                            .add(started.elapsed().as_nanos() as u64);
+                        metrics.deflate_messages.incr();
+                        metrics.deflate_bytes_in.add(payload.len() as u64);
+                        let body = FrameHeader::parse(&frame)
+                            .ok()
+                            .flatten()
+                            .map_or(0, |(h, _)| h.payload_len);
+                        metrics.deflate_bytes_out.add(body);
+                        conn.out.push_encoded(frame);
+                        return;
+                    }
+                }
+            }
+            conn.out.push_frame(&header, payload.clone())
         })
     }
 
     pub(crate) fn send_frame(&mut self, key: usize, frame: &Frame, running: usize) -> Enqueue {
-        self.enqueue(key, frame.len(), running, |out| {
-            out.push_encoded(frame.0.clone())
+        self.enqueue(key, frame.len(), running, |conn, _| {
+            conn.out.push_encoded(frame.0.clone())
         })
     }
 
@@ -872,7 +899,7 @@ impl ConnTable {
         key: usize,
         len: usize,
         running: usize,
-        push: impl FnOnce(&mut Outbound),
+        push: impl FnOnce(&mut Conn, &ShardMetrics),
     ) -> Enqueue {
         let max = self.settings.max_outbound_bytes;
         let conn = &mut self.conns[key];
@@ -909,7 +936,8 @@ impl ConnTable {
                 }
             };
         }
-        push(&mut conn.out);
+        let conn = &mut self.conns[key];
+        push(conn, &self.metrics);
         self.metrics.messages_out.incr();
         if queued == 0 {
             self.notify(key, running);

@@ -16,7 +16,7 @@ use std::{
 use bytes::Bytes;
 use ringcast_protocol::{
     envelope::{self, Dialect, Encoding},
-    CloseCode,
+    CloseCode, Codec, FrameHeader,
 };
 
 use crate::pubsub::data_ring::{ConnPubSub, Item, LocalTopic, Offer, Sub, PENDING};
@@ -24,6 +24,7 @@ use crate::pubsub::notices;
 use crate::{
     config::RingOverflow,
     conn::table::{ConnTable, Phase},
+    ops::metrics::ShardMetrics,
     pubsub::topic::{Attach, AttachStart, Attached, BackendMsg, Published, Replay, Topic},
     types::{
         clock::When,
@@ -352,7 +353,9 @@ impl ConnTable {
         let Some(ps) = conn.pubsub.as_mut() else {
             return Offer::Queued;
         };
-        let frame = msg.frame(ps.format).clone();
+        let frame = msg
+            .frame_for(ps.format, codec, &self.settings.compression, metrics)
+            .clone();
         let len = frame.len();
         let fits = |ps: &ConnPubSub| {
             ps.data_ring.is_empty()
@@ -499,9 +502,17 @@ impl ConnTable {
             return false;
         };
         // Nothing may follow a close frame.
-        if !matches!(&conn.phase, Phase::Open(codec) if codec.can_send()) {
+        let Phase::Open(codec) = &mut conn.phase else {
+            return false;
+        };
+        if !codec.can_send() {
             return false;
         }
+        // Context takeover (dedicated): each message is compressed for this connection as it
+        // leaves the ring, the only point after which it is never dropped.
+        let dedicated = codec
+            .deflate_params()
+            .is_some_and(|p| !p.server_no_context_takeover);
         if ps.data_ring.is_empty() && ps.drops.is_empty() {
             return false;
         }
@@ -531,7 +542,12 @@ impl ConnTable {
                         .push_encoded(notices::dropped(enc, &name, count, item.seq));
                 }
             }
-            conn.out.push_encoded(item.frame);
+            let frame = if dedicated {
+                compress_for(codec, item.frame, &self.metrics)
+            } else {
+                item.frame
+            };
+            conn.out.push_encoded(frame);
             if ps.write_mark.is_none() {
                 ps.write_mark = Some((item.at, conn.out.len_bytes()));
             }
@@ -553,4 +569,31 @@ impl ConnTable {
         }
         !ps.data_ring.is_empty()
     }
+}
+
+/// `frame` (a plain server frame) compressed with `codec`'s own context when it reaches the
+/// threshold; otherwise, or if it is compressed already, `frame` itself.
+fn compress_for(codec: &mut Codec, frame: Bytes, metrics: &ShardMetrics) -> Bytes {
+    let Ok(Some((header, header_len))) = FrameHeader::parse(&frame) else {
+        return frame;
+    };
+    let payload = &frame[header_len..];
+    if header.rsv != 0 || !codec.compresses(payload.len()) {
+        return frame;
+    }
+    let started = Instant::now();
+    let Some(out) = codec.compressed_message(header.opcode, payload) else {
+        return frame;
+    };
+    metrics
+        .deflate_nanos
+        .add(started.elapsed().as_nanos() as u64);
+    metrics.deflate_messages.incr();
+    metrics.deflate_bytes_in.add(payload.len() as u64);
+    let body = FrameHeader::parse(&out)
+        .ok()
+        .flatten()
+        .map_or(0, |(h, _)| h.payload_len);
+    metrics.deflate_bytes_out.add(body);
+    out
 }

@@ -290,6 +290,14 @@ shard_metrics! {
     bytes_in,
     /// Bytes written to sockets.
     bytes_out,
+    /// Message payload bytes compressed with permessage-deflate, before compression.
+    deflate_bytes_in,
+    /// What those payloads became after compression (frame headers not counted).
+    deflate_bytes_out,
+    /// Messages compressed with permessage-deflate (a shared frame counts once).
+    deflate_messages,
+    /// Time spent compressing them, in nanoseconds.
+    deflate_nanos,
     /// Connections failed for a protocol violation (closed with 1002, 1007 or 1009).
     protocol_errors,
     /// Handler hooks that panicked, caught: the connection was closed with 1011 (or its

@@ -469,6 +469,7 @@ impl Hub {
                 payload,
                 at: When::from_instant(now),
                 frames: Default::default(),
+                deflated: Default::default(),
             });
             if history_max_messages > 0 {
                 // Replays made from here on see the new message; the old slice is freed

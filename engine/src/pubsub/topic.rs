@@ -12,6 +12,10 @@ use std::{
 use bytes::Bytes;
 use ringcast_protocol::envelope::{self, Dialect};
 
+use ringcast_protocol::{deflate::deflate_server_frame, Codec, FrameHeader};
+
+use crate::config::CompressionConfig;
+use crate::ops::metrics::ShardMetrics;
 use crate::pubsub::notices;
 use crate::types::{
     clock::When,
@@ -28,6 +32,10 @@ pub(crate) struct Published {
     pub(crate) at: When,
     /// The frame for each delivery format, made by the first shard that needs it.
     pub(crate) frames: [OnceLock<Bytes>; 3],
+    /// The frame for each delivery format compressed with permessage-deflate without context
+    /// (`None`: under the threshold), made by the first shard with a subscriber that agreed
+    /// to `server_no_context_takeover`, then shared by every such subscriber on every shard.
+    pub(crate) deflated: [OnceLock<Option<Bytes>>; 3],
 }
 
 impl fmt::Debug for Published {
@@ -48,12 +56,59 @@ impl Published {
             payload,
             at: When::from_instant(Instant::now()),
             frames: Default::default(),
+            deflated: Default::default(),
         }
     }
 
     /// The complete WebSocket frame of this message for `format`, encoded once.
     pub(crate) fn frame(&self, format: DeliveryFormat) -> &Bytes {
         self.frames[format.index()].get_or_init(|| self.encode(format))
+    }
+
+    /// The frame of this message for `format` as a subscriber with `codec` receives it:
+    /// compressed once for everyone who agreed to `server_no_context_takeover` with a window
+    /// at least `compression.window_bits`, when it reaches the threshold; otherwise plain
+    /// (a dedicated connection compresses it itself as it is written, see `refill_within`).
+    pub(crate) fn frame_for(
+        &self,
+        format: DeliveryFormat,
+        codec: &Codec,
+        compression: &CompressionConfig,
+        metrics: &ShardMetrics,
+    ) -> &Bytes {
+        let plain = self.frame(format);
+        let shared = codec.deflate_params().is_some_and(|p| {
+            p.server_no_context_takeover && p.server_max_window_bits >= compression.window_bits
+        });
+        if !shared {
+            return plain;
+        }
+        let deflated = self.deflated[format.index()].get_or_init(|| {
+            let (header, header_len) = FrameHeader::parse(plain).ok().flatten()?;
+            let payload = &plain[header_len..];
+            if payload.len() < compression.threshold_bytes {
+                return None;
+            }
+            let started = Instant::now();
+            let frame = deflate_server_frame(
+                header.opcode,
+                payload,
+                compression.window_bits,
+                compression.level,
+            );
+            metrics
+                .deflate_nanos
+                .add(started.elapsed().as_nanos() as u64);
+            metrics.deflate_messages.incr();
+            metrics.deflate_bytes_in.add(payload.len() as u64);
+            let body = FrameHeader::parse(&frame)
+                .ok()
+                .flatten()
+                .map_or(0, |(h, _)| h.payload_len);
+            metrics.deflate_bytes_out.add(body);
+            Some(frame)
+        });
+        deflated.as_ref().unwrap_or(plain)
     }
 
     fn encode(&self, format: DeliveryFormat) -> Bytes {

@@ -391,8 +391,12 @@ impl<H: Handler> Shard<H> {
                 return false;
             }
         };
-        let (subprotocol, user) = match decision {
-            Upgrade::Accept { subprotocol, user } => (subprotocol, user),
+        let (subprotocol, user, compression) = match decision {
+            Upgrade::Accept {
+                subprotocol,
+                user,
+                compression,
+            } => (subprotocol, user, compression),
             Upgrade::Reject {
                 status,
                 body,
@@ -416,7 +420,12 @@ impl<H: Handler> Shard<H> {
                 return false;
             }
         };
-        let response = match req.accept(subprotocol.as_deref()) {
+        let settings = &table.settings.compression;
+        let deflate_config = settings.deflate(compression.unwrap_or(settings.mode));
+        let deflate = deflate_config
+            .as_ref()
+            .and_then(|config| req.negotiate_deflate(config));
+        let response = match req.accept_with(subprotocol.as_deref(), deflate.as_ref()) {
             Ok(r) => r,
             Err(e) => {
                 error!(error = %e, "handler selected a subprotocol the client did not offer");
@@ -445,7 +454,11 @@ impl<H: Handler> Shard<H> {
         let conn = &mut table.conns[key];
         conn.out.push_encoded(response);
         conn.set_upgraded(&req, head, facts);
-        conn.open(Codec::server(limits));
+        let codec = match (deflate, &deflate_config) {
+            (Some(params), Some(config)) => Codec::server(limits).with_deflate(params, config),
+            _ => Codec::server(limits),
+        };
+        conn.open(codec);
         conn.deadline = None;
         conn.spoke = table.now;
         if let Some(first) = first_liveness_check(&table.settings) {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use ringcast_protocol::{server_frame, CloseCode, OpCode, Utf8Bytes};
 
-use crate::types::ids::ShardId;
+use crate::{config::CompressionMode, types::ids::ShardId};
 
 /// Facts about a connection being upgraded, beside the request itself.
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +41,9 @@ pub enum Upgrade {
         /// `admission.max_connections_per_user` and readable as
         /// [`ConnInfo::user`](crate::ConnInfo::user).
         user: Option<String>,
+        /// permessage-deflate for this connection (set with [`Upgrade::with_compression`]);
+        /// `None` keeps `compression.mode` from the config.
+        compression: Option<CompressionMode>,
     },
     /// Refuse with an HTTP status and a plain-text body, then close.
     Reject {
@@ -59,6 +62,7 @@ impl Upgrade {
         Self::Accept {
             subprotocol: None,
             user: None,
+            compression: None,
         }
     }
 
@@ -67,6 +71,7 @@ impl Upgrade {
         Self::Accept {
             subprotocol: Some(subprotocol.into()),
             user: None,
+            compression: None,
         }
     }
 
@@ -75,6 +80,17 @@ impl Upgrade {
     pub fn with_user(mut self, id: impl Into<String>) -> Self {
         if let Self::Accept { user, .. } = &mut self {
             *user = Some(id.into());
+        }
+        self
+    }
+
+    /// Chooses permessage-deflate's mode for an acceptance, overriding `compression.mode`
+    /// (for example `Off` for a client whose traffic does not compress); a rejection is
+    /// returned unchanged. The client still has to offer the extension.
+    #[must_use]
+    pub fn with_compression(mut self, mode: CompressionMode) -> Self {
+        if let Self::Accept { compression, .. } = &mut self {
+            *compression = Some(mode);
         }
         self
     }
