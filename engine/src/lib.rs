@@ -141,8 +141,8 @@ pub use broker::{Broadcast, Broker};
 pub use config::{
     AdmissionConfig, AuthConfig, BrokerConfig, CompressionConfig, CompressionMode, Driver,
     EngineConfig, HttpConfig, IoConfig, LatencyConfig, LatencyMode, LimitsConfig, OverflowPolicy,
-    PubSubConfig, RingOverflow,
-    TimeoutsConfig, HISTORY_MESSAGE_BYTES, KERNEL_BYTES_PER_CONNECTION, TOPIC_BYTES,
+    PubSubConfig, RingOverflow, TimeoutsConfig, HISTORY_MESSAGE_BYTES, KERNEL_BYTES_PER_CONNECTION,
+    TOPIC_BYTES,
 };
 pub use conn::table::ConnInfo;
 pub use error::{ConfigError, Error, Result};
