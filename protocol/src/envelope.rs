@@ -482,6 +482,14 @@ impl Fail {
         Self::new(ErrorCode::BadRequest, message)
     }
 
+    /// A subscribe or unsubscribe naming more than `max` topics.
+    fn too_many_topics(max: usize) -> Self {
+        Self::new(
+            ErrorCode::TooLarge,
+            format!("request names more than {max} topics"),
+        )
+    }
+
     fn with_id(self, id: Option<u64>) -> DecodeError {
         DecodeError {
             id,
@@ -524,6 +532,10 @@ pub fn validate_topic(topic: &str) -> Result<(), &'static str> {
 /// ([`DecodeOptions::max_json_depth`]): 64.
 pub const DEFAULT_MAX_JSON_DEPTH: usize = 64;
 
+/// The most topics one subscribe or unsubscribe may name unless told otherwise
+/// ([`DecodeOptions::max_request_topics`]): 1,024.
+pub const DEFAULT_MAX_REQUEST_TOPICS: usize = 1024;
+
 /// What [`decode_request_with`] accepts beyond the wire format itself. A server sets these
 /// from its configuration; [`decode_request`] uses the defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -537,12 +549,18 @@ pub struct DecodeOptions {
     /// without recursion, after the JSON is known to be valid; free for a payload shorter
     /// than twice the limit or with no more opening brackets than it.
     pub max_json_depth: usize,
+    /// The most topics (entries, repeats included) one subscribe or unsubscribe may name.
+    /// Default [`DEFAULT_MAX_REQUEST_TOPICS`] (1,024). More: [`ErrorCode::TooLarge`],
+    /// found at the first entry past the limit (the rest is not read), so a request costs
+    /// at most this many entries' work however long it is.
+    pub max_request_topics: usize,
 }
 
 impl Default for DecodeOptions {
     fn default() -> Self {
         Self {
             max_json_depth: DEFAULT_MAX_JSON_DEPTH,
+            max_request_topics: DEFAULT_MAX_REQUEST_TOPICS,
         }
     }
 }
@@ -552,6 +570,13 @@ impl DecodeOptions {
     #[must_use]
     pub const fn max_json_depth(mut self, depth: usize) -> Self {
         self.max_json_depth = depth;
+        self
+    }
+
+    /// Sets [`DecodeOptions::max_request_topics`].
+    #[must_use]
+    pub const fn max_request_topics(mut self, topics: usize) -> Self {
+        self.max_request_topics = topics;
         self
     }
 }
@@ -582,14 +607,16 @@ pub fn decode_request(encoding: Encoding, input: &[u8]) -> Result<Request<'_>, D
 /// - [`ErrorCode::BadPayload`]: a binary payload flagged JSON that is not JSON, `data_b64`
 ///   that is not base64, or a JSON payload nested deeper than
 ///   [`DecodeOptions::max_json_depth`].
+/// - [`ErrorCode::TooLarge`]: a subscribe or unsubscribe naming more topics than
+///   [`DecodeOptions::max_request_topics`].
 pub fn decode_request_with(
     encoding: Encoding,
     input: &[u8],
     options: DecodeOptions,
 ) -> Result<Request<'_>, DecodeError> {
     let request = match encoding {
-        Encoding::Json => json::decode_request(input),
-        Encoding::Binary => binary::decode_request(input),
+        Encoding::Json => json::decode_request(input, options.max_request_topics),
+        Encoding::Binary => binary::decode_request(input, options.max_request_topics),
     }?;
     if let Request::Publish { id, payload, .. } = &request {
         if payload.kind == DataKind::Json
