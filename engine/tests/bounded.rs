@@ -557,3 +557,58 @@ fn a_subscribe_naming_30000_topics_is_refused_too_large_without_stalling_the_sha
         report.worst()
     );
 }
+
+#[test]
+fn publishes_nested_100000_deep_are_refused_at_the_limit_without_stalling_the_shards() {
+    let engine = broker(config(2));
+    let addr = engine.local_addr();
+    // 200 KB each; `id` first, so the refusal names it. Before the early refusal, each was
+    // scanned whole as JSON (and once more for its brackets) before the depth check.
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let publish = format!(r#"{{"type":"publish","id":7,"topic":"deep","data":{deep}}}"#);
+    let publish: Arc<[u8]> = client_frame(1, true, publish.as_bytes()).into();
+    let attackers: Vec<_> = (0..8)
+        .map(|_| BrokerClient::connect(addr, Dialect::Json))
+        .collect();
+    let probe = LiveProbe::start(addr, "live.probe");
+    thread::sleep(Duration::from_millis(200)); // rounds before the attack, for comparison
+    let threads: Vec<_> = attackers
+        .into_iter()
+        .map(|mut client| {
+            let publish = publish.clone();
+            thread::spawn(move || {
+                // Under the bad-request budget (20): none is closed.
+                for _ in 0..15 {
+                    send_frame(&mut client, &publish);
+                    match client.recv() {
+                        Got::Error { id, code } => {
+                            assert_eq!((id, code.as_str()), (Some(7), "bad_payload"))
+                        }
+                        other => panic!("expected bad_payload, got {other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("an attacker got its answers");
+    }
+    thread::sleep(Duration::from_millis(200));
+    let report = probe.finish();
+    report.assert_ran(8);
+    eprintln!("100,000-deep publishes: live client {report}");
+    assert_eq!(engine.handle().metrics().total().bad_requests, 8 * 15);
+    assert!(engine.handle().publisher().topic_stats("deep").is_none());
+    // The 24 MB are still received, unmasked and checked as UTF-8 (a debug build does that
+    // some 30 times slower; margin as above); only the parsing is gone.
+    let bound = if cfg!(debug_assertions) {
+        Duration::from_millis(1500)
+    } else {
+        ROUND_TRIP_BOUND
+    };
+    assert!(
+        report.worst() < bound,
+        "the live client's worst round trip {:?} is not under {bound:?}: {report}",
+        report.worst()
+    );
+}

@@ -1958,16 +1958,24 @@ fn deep_nesting_is_an_error_or_a_payload_never_a_stack_overflow() {
     let publish = format!(r#"{{"type":"publish","id":1,"topic":"t","data":{deep}}}"#);
     let e = json_req(&publish).expect_err("too deep");
     assert_eq!((e.id, e.code), (Some(1), ErrorCode::BadPayload), "{e}");
+    // Any field this deep is refused the same way, before the request is parsed (the id,
+    // read before the deep part, is kept).
     for input in [
         format!(r#"{{"type":"ping","id":1,"unknown":{deep}}}"#),
         format!(r#"{{"type":"ping","id":1,"since":{deep}}}"#),
         format!(r#"{{"id":1,"type":"subscribe","topics":[{{"topic":"t","x":{deep}}}]}}"#),
     ] {
-        match json_req(&input) {
-            Ok(_) => {}
-            Err(e) => assert_eq!((e.id, e.code), (Some(1), ErrorCode::BadRequest), "{e}"),
-        }
+        let e = json_req(&input).expect_err("too deep");
+        assert_eq!((e.id, e.code), (Some(1), ErrorCode::BadPayload), "{e}");
     }
+    // After the deep part, the id is not read: the rest of the request never is.
+    let late_id = format!(r#"{{"type":"publish","topic":"t","data":{deep},"id":1}}"#);
+    let e = json_req(&late_id).expect_err("too deep");
+    assert_eq!((e.id, e.code), (None, ErrorCode::BadPayload), "{e}");
+    // Garbage after the bracket past the limit is never looked at either.
+    let tail = format!(r#"{{"id":2,"data":{}#not json"#, "[".repeat(200));
+    let e = json_req(&tail).expect_err("too deep");
+    assert_eq!((e.id, e.code), (Some(2), ErrorCode::BadPayload), "{e}");
 }
 
 /// A JSON value nested exactly `depth` deep, alternating arrays and objects, with a string

@@ -384,6 +384,15 @@ fn parse_object<'a>(
     })
 }
 
+/// The `id` of a request cut short (`input` is its beginning), when it was read before the
+/// cut.
+pub(super) fn read_id(input: &[u8]) -> Option<u64> {
+    let mut id = None;
+    let mut fields = Fields::new();
+    let _ = parse_object(input, &mut id, &mut fields);
+    id
+}
+
 /// Decodes a request; a subscribe or unsubscribe naming more than `max_topics` topics is
 /// refused at the first entry past it.
 pub(super) fn decode_request(input: &[u8], max_topics: usize) -> Result<Request<'_>, DecodeError> {
