@@ -591,7 +591,8 @@ pub struct PubSubConfig {
     /// Topics one subscribe or unsubscribe request may name, repeats included. Default
     /// 1024 (four times `max_subscriptions_per_connection`); must be > 0. More: the request
     /// is refused whole (`too_large`, "request names more than N topics", charged to
-    /// `max_bad_requests`) at the first entry past the limit, nothing of it done. Bounds the
+    /// `max_bad_requests`, and to the subscribe budget as this many topics, so a client
+    /// repeating it is slowed) at the first entry past the limit, nothing of it done. Bounds the
     /// work one request costs its shard: every entry is validated, looked up and may replay
     /// history, all in one loop turn that other connections wait for.
     pub max_topics_per_request: usize,
