@@ -614,3 +614,33 @@ fn publishes_nested_100000_deep_are_refused_at_the_limit_without_stalling_the_sh
         report.worst()
     );
 }
+
+#[test]
+fn a_request_over_the_topic_cap_is_charged_to_the_subscribe_budget() {
+    let mut config = config(1);
+    config.pubsub.max_topics_per_request = 3;
+    config.pubsub.subscribe_rate_per_sec = 10;
+    config.pubsub.subscribe_burst = 4;
+    let engine = broker(config);
+    let mut client = BrokerClient::connect(engine.local_addr(), Dialect::Json);
+    client.send_json(r#"{"type":"unsubscribe","id":1,"topics":["a","b","c","d"]}"#);
+    let reply: serde_json::Value = serde_json::from_slice(&client.next_bytes()).unwrap();
+    assert_eq!(
+        (&reply["id"], &reply["code"], &reply["message"]),
+        (
+            &serde_json::json!(1),
+            &serde_json::json!("too_large"),
+            &serde_json::json!("request names more than 3 topics")
+        ),
+        "{reply}"
+    );
+    // Charged as 3 topics of the 4-token burst: two more are over budget, and the refusal
+    // made none of them.
+    client.send_json(r#"{"type":"subscribe","id":2,"topics":["a","b"]}"#);
+    let reply: serde_json::Value = serde_json::from_slice(&client.next_bytes()).unwrap();
+    assert_eq!(reply["code"], "rate_limited", "{reply}");
+    assert!(reply["retry_after_ms"].as_u64().is_some(), "{reply}");
+    let m = engine.handle().metrics().total();
+    assert_eq!((m.bad_requests, m.subscribes_refused), (1, 1));
+    assert!(engine.handle().publisher().topic_stats("a").is_none());
+}
