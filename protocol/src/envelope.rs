@@ -631,8 +631,11 @@ pub fn decode_request_with(
         Encoding::Json => json::decode_request(input, options.max_request_topics),
         Encoding::Binary => binary::decode_request(input, options.max_request_topics),
     }?;
+    // A JSON request's `data` was checked with the whole request above (it sits one level
+    // inside the object): only a binary request's JSON payload is left to check.
     if let Request::Publish { id, payload, .. } = &request {
-        if payload.kind == DataKind::Json
+        if encoding == Encoding::Binary
+            && payload.kind == DataKind::Json
             && !json_depth_within(&payload.bytes, options.max_json_depth)
         {
             let max = options.max_json_depth;
