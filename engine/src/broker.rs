@@ -145,7 +145,18 @@ impl Handler for Broker {
         };
         match request {
             Ok(request) => handle(ctx, dialect, grants, request),
-            Err(e) => refuse(ctx, dialect, e.id, e.code, &e.message),
+            Err(e) => {
+                // Decoding refuses `too_large` only for a subscribe or unsubscribe naming more
+                // than `max_topics_per_request` topics: charged to the subscribe budget as
+                // that many, as the most a request may cost, so that a client repeating it
+                // is slowed (not read until the budget allows) like one subscribing that
+                // much, instead of having its request scanned again at once.
+                if e.code == ErrorCode::TooLarge {
+                    let most = ctx.pubsub_config().max_topics_per_request;
+                    let _ = ctx.charge_subscriptions(most);
+                }
+                refuse(ctx, dialect, e.id, e.code, &e.message)
+            }
         }
     }
 }

@@ -724,6 +724,14 @@ pub struct PubSubConfig {
     /// rate. Default 512 (twice `max_subscriptions_per_connection`: subscribing to the
     /// most a connection may hold, then unsubscribing from all of them).
     pub subscribe_burst: u32,
+    /// Topics one subscribe or unsubscribe request may name, repeats included. Default
+    /// 1024 (four times `max_subscriptions_per_connection`); must be > 0. More: the request
+    /// is refused whole (`too_large`, "request names more than N topics", charged to
+    /// `max_bad_requests`, and to the subscribe budget as this many topics, so a client
+    /// repeating it is slowed) at the first entry past the limit, nothing of it done. Bounds the
+    /// work one request costs its shard: every entry is validated, looked up and may replay
+    /// history, all in one loop turn that other connections wait for.
+    pub max_topics_per_request: usize,
 }
 
 /// The memory one topic costs without its history, in bytes: the registry entry, the
@@ -775,6 +783,7 @@ impl Default for PubSubConfig {
             topic_idle_timeout: Duration::from_secs(60),
             subscribe_rate_per_sec: 100,
             subscribe_burst: 512,
+            max_topics_per_request: ringcast_protocol::envelope::DEFAULT_MAX_REQUEST_TOPICS,
         }
     }
 }
@@ -1205,6 +1214,7 @@ impl EngineConfig {
             (p.max_publish_bytes, "pubsub.max_publish_bytes"),
             (p.max_json_depth, "pubsub.max_json_depth"),
             (p.max_topics, "pubsub.max_topics"),
+            (p.max_topics_per_request, "pubsub.max_topics_per_request"),
         ] {
             check(value > 0, key, "must be > 0")?;
         }

@@ -60,6 +60,7 @@
 //! | data ring | 1024 messages or 1 MiB per connection, drop-oldest | [`PubSubConfig`] |
 //! | subscriptions / publishes | 256 per connection / 1000 per s, burst 1000 | [`PubSubConfig`] |
 //! | subscribes + unsubscribes | 100 topics per s per connection, burst 512 | [`PubSubConfig::subscribe_rate_per_sec`] |
+//! | topics per subscribe / unsubscribe request | 1024, then `too_large` | [`PubSubConfig::max_topics_per_request`] |
 //! | topics | 100,000 per process; idle ones (no subscriber, no publish) removed after 60 s | [`PubSubConfig::max_topics`] |
 //! | bad requests before 1008 | 20, refilled at 1 per s | [`PubSubConfig::max_bad_requests`] |
 //! | JSON payload nesting | 64 levels of arrays and objects | [`PubSubConfig::max_json_depth`] |

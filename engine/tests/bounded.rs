@@ -479,3 +479,168 @@ fn a_subscribe_repeating_one_topic_100000_times_does_not_stall_the_shards() {
         report.worst()
     );
 }
+
+#[test]
+fn a_subscribe_naming_30000_topics_is_refused_too_large_without_stalling_the_shards() {
+    let mut config = config(2);
+    assert_eq!(config.pubsub.max_topics_per_request, 1024);
+    // The refusal is charged as 1,024 topics, the subscribe at the cap as many again.
+    config.pubsub.subscribe_burst = 2048;
+    let engine = broker(config);
+    let addr = engine.local_addr();
+    let publisher = engine.handle().publisher();
+    for i in 0..1000 {
+        publisher
+            .publish("live.topic", Payload::json(format!("{i}")).unwrap())
+            .unwrap();
+    }
+    // 1 MB, under the largest request the broker parses: before the per-request cap, each
+    // was parsed whole (30,000 entries validated and looked up) in one loop turn.
+    let many = repeating_subscribe(1, "live.topic", 30_000);
+    assert!(many.len() > 900_000 && many.len() < 1_400_000);
+    let many: Arc<[u8]> = client_frame(1, true, many.as_bytes()).into();
+    // At the cap: served (merged into one subscription, one replay).
+    let at_cap = repeating_subscribe(2, "live.topic", 1024);
+    let at_cap: Arc<[u8]> = client_frame(1, true, at_cap.as_bytes()).into();
+    let attackers: Vec<_> = (0..4)
+        .map(|_| BrokerClient::connect(addr, Dialect::Json))
+        .collect();
+    let probe = LiveProbe::start(addr, "live.probe");
+    thread::sleep(Duration::from_millis(200)); // rounds before the attack, for comparison
+    let threads: Vec<_> = attackers
+        .into_iter()
+        .map(|mut client| {
+            let (many, at_cap) = (many.clone(), at_cap.clone());
+            thread::spawn(move || {
+                let t = Instant::now();
+                {
+                    send_frame(&mut client, &many);
+                    match client.recv() {
+                        Got::Error { id, code } => {
+                            assert_eq!((id, code.as_str()), (Some(1), "too_large"))
+                        }
+                        other => panic!("expected too_large, got {other:?}"),
+                    }
+                }
+                send_frame(&mut client, &at_cap);
+                let envelope::AckPosition::Subscribe(positions) = client.expect_ack(2) else {
+                    panic!("a subscribe ack")
+                };
+                assert_eq!(positions.len(), 1, "the topic subscribed once");
+                let acked = t.elapsed();
+                assert_eq!(client.read_until("999").len(), 1000, "replayed once");
+                eprintln!(
+                    "attacker: refused, then acked after {acked:?}, replayed after {:?}",
+                    t.elapsed()
+                );
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("an attacker got its answers");
+    }
+    thread::sleep(Duration::from_millis(200));
+    let report = probe.finish();
+    report.assert_ran(8);
+    eprintln!("30,000-topic subscribes: live client {report}");
+    // Counted as malformed (under the budget of 20: none was closed).
+    assert_eq!(engine.handle().metrics().total().bad_requests, 4);
+    // Margin as in the 100,000-repeat test above: the 4 MB are still received, unmasked,
+    // checked as UTF-8 and scanned once as JSON (up to the end of the object) before the
+    // list is cut at entry 1,025, which a debug build does some 30 times slower.
+    let bound = if cfg!(debug_assertions) {
+        Duration::from_millis(1500)
+    } else {
+        ROUND_TRIP_BOUND
+    };
+    assert!(
+        report.worst() < bound,
+        "the live client's worst round trip {:?} is not under {bound:?}: {report}",
+        report.worst()
+    );
+}
+
+#[test]
+fn publishes_nested_100000_deep_are_refused_at_the_limit_without_stalling_the_shards() {
+    let engine = broker(config(2));
+    let addr = engine.local_addr();
+    // 200 KB each; `id` first, so the refusal names it. Before the early refusal, each was
+    // scanned whole as JSON (and once more for its brackets) before the depth check.
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let publish = format!(r#"{{"type":"publish","id":7,"topic":"deep","data":{deep}}}"#);
+    let publish: Arc<[u8]> = client_frame(1, true, publish.as_bytes()).into();
+    let attackers: Vec<_> = (0..8)
+        .map(|_| BrokerClient::connect(addr, Dialect::Json))
+        .collect();
+    let probe = LiveProbe::start(addr, "live.probe");
+    thread::sleep(Duration::from_millis(200)); // rounds before the attack, for comparison
+    let threads: Vec<_> = attackers
+        .into_iter()
+        .map(|mut client| {
+            let publish = publish.clone();
+            thread::spawn(move || {
+                // Under the bad-request budget (20): none is closed.
+                for _ in 0..15 {
+                    send_frame(&mut client, &publish);
+                    match client.recv() {
+                        Got::Error { id, code } => {
+                            assert_eq!((id, code.as_str()), (Some(7), "bad_payload"))
+                        }
+                        other => panic!("expected bad_payload, got {other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("an attacker got its answers");
+    }
+    thread::sleep(Duration::from_millis(200));
+    let report = probe.finish();
+    report.assert_ran(8);
+    eprintln!("100,000-deep publishes: live client {report}");
+    assert_eq!(engine.handle().metrics().total().bad_requests, 8 * 15);
+    assert!(engine.handle().publisher().topic_stats("deep").is_none());
+    // The 24 MB are still received, unmasked and checked as UTF-8 (a debug build does that
+    // some 30 times slower; margin as above); only the parsing is gone.
+    let bound = if cfg!(debug_assertions) {
+        Duration::from_millis(1500)
+    } else {
+        ROUND_TRIP_BOUND
+    };
+    assert!(
+        report.worst() < bound,
+        "the live client's worst round trip {:?} is not under {bound:?}: {report}",
+        report.worst()
+    );
+}
+
+#[test]
+fn a_request_over_the_topic_cap_is_charged_to_the_subscribe_budget() {
+    let mut config = config(1);
+    config.pubsub.max_topics_per_request = 3;
+    config.pubsub.subscribe_rate_per_sec = 10;
+    config.pubsub.subscribe_burst = 4;
+    let engine = broker(config);
+    let mut client = BrokerClient::connect(engine.local_addr(), Dialect::Json);
+    client.send_json(r#"{"type":"unsubscribe","id":1,"topics":["a","b","c","d"]}"#);
+    let reply: serde_json::Value = serde_json::from_slice(&client.next_bytes()).unwrap();
+    assert_eq!(
+        (&reply["id"], &reply["code"], &reply["message"]),
+        (
+            &serde_json::json!(1),
+            &serde_json::json!("too_large"),
+            &serde_json::json!("request names more than 3 topics")
+        ),
+        "{reply}"
+    );
+    // Charged as 3 topics of the 4-token burst: two more are over budget, and the refusal
+    // made none of them.
+    client.send_json(r#"{"type":"subscribe","id":2,"topics":["a","b"]}"#);
+    let reply: serde_json::Value = serde_json::from_slice(&client.next_bytes()).unwrap();
+    assert_eq!(reply["code"], "rate_limited", "{reply}");
+    assert!(reply["retry_after_ms"].as_u64().is_some(), "{reply}");
+    let m = engine.handle().metrics().total();
+    assert_eq!((m.bad_requests, m.subscribes_refused), (1, 1));
+    assert!(engine.handle().publisher().topic_stats("a").is_none());
+}

@@ -482,6 +482,14 @@ impl Fail {
         Self::new(ErrorCode::BadRequest, message)
     }
 
+    /// A subscribe or unsubscribe naming more than `max` topics.
+    fn too_many_topics(max: usize) -> Self {
+        Self::new(
+            ErrorCode::TooLarge,
+            format!("request names more than {max} topics"),
+        )
+    }
+
     fn with_id(self, id: Option<u64>) -> DecodeError {
         DecodeError {
             id,
@@ -524,6 +532,10 @@ pub fn validate_topic(topic: &str) -> Result<(), &'static str> {
 /// ([`DecodeOptions::max_json_depth`]): 64.
 pub const DEFAULT_MAX_JSON_DEPTH: usize = 64;
 
+/// The most topics one subscribe or unsubscribe may name unless told otherwise
+/// ([`DecodeOptions::max_request_topics`]): 1,024.
+pub const DEFAULT_MAX_REQUEST_TOPICS: usize = 1024;
+
 /// What [`decode_request_with`] accepts beyond the wire format itself. A server sets these
 /// from its configuration; [`decode_request`] uses the defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -534,15 +546,23 @@ pub struct DecodeOptions {
     /// Default [`DEFAULT_MAX_JSON_DEPTH`] (64). Deeper: [`ErrorCode::BadPayload`]. Parsers
     /// in other languages recurse per level (and many stop at a few hundred), so a server
     /// that forwarded such a payload would break its subscribers. Checked in one pass
-    /// without recursion, after the JSON is known to be valid; free for a payload shorter
-    /// than twice the limit or with no more opening brackets than it.
+    /// without recursion; free for a payload shorter than twice the limit or with no more
+    /// opening brackets than it. A JSON request nesting deeper than one more level anywhere
+    /// (any field) is refused before it is parsed, at the bracket past the limit, so the
+    /// rest of it is never read (its `id` is kept if it came before).
     pub max_json_depth: usize,
+    /// The most topics (entries, repeats included) one subscribe or unsubscribe may name.
+    /// Default [`DEFAULT_MAX_REQUEST_TOPICS`] (1,024). More: [`ErrorCode::TooLarge`],
+    /// found at the first entry past the limit (the rest is not read), so a request costs
+    /// at most this many entries' work however long it is.
+    pub max_request_topics: usize,
 }
 
 impl Default for DecodeOptions {
     fn default() -> Self {
         Self {
             max_json_depth: DEFAULT_MAX_JSON_DEPTH,
+            max_request_topics: DEFAULT_MAX_REQUEST_TOPICS,
         }
     }
 }
@@ -552,6 +572,13 @@ impl DecodeOptions {
     #[must_use]
     pub const fn max_json_depth(mut self, depth: usize) -> Self {
         self.max_json_depth = depth;
+        self
+    }
+
+    /// Sets [`DecodeOptions::max_request_topics`].
+    #[must_use]
+    pub const fn max_request_topics(mut self, topics: usize) -> Self {
+        self.max_request_topics = topics;
         self
     }
 }
@@ -582,17 +609,33 @@ pub fn decode_request(encoding: Encoding, input: &[u8]) -> Result<Request<'_>, D
 /// - [`ErrorCode::BadPayload`]: a binary payload flagged JSON that is not JSON, `data_b64`
 ///   that is not base64, or a JSON payload nested deeper than
 ///   [`DecodeOptions::max_json_depth`].
+/// - [`ErrorCode::TooLarge`]: a subscribe or unsubscribe naming more topics than
+///   [`DecodeOptions::max_request_topics`].
 pub fn decode_request_with(
     encoding: Encoding,
     input: &[u8],
     options: DecodeOptions,
 ) -> Result<Request<'_>, DecodeError> {
+    // A JSON request nesting deeper than its payload may (the object itself is one level)
+    // is refused before it is parsed, at the bracket past the limit: the rest, however
+    // long, is never read. Only the part before it is parsed, for the id.
+    if encoding == Encoding::Json {
+        let max = options.max_json_depth;
+        if let Some(at) = depth_exceeded_at(input, max.saturating_add(1)) {
+            let message = format!("data nests arrays and objects deeper than {max} levels");
+            let id = json::read_id(&input[..at]);
+            return Err(Fail::new(ErrorCode::BadPayload, message).with_id(id));
+        }
+    }
     let request = match encoding {
-        Encoding::Json => json::decode_request(input),
-        Encoding::Binary => binary::decode_request(input),
+        Encoding::Json => json::decode_request(input, options.max_request_topics),
+        Encoding::Binary => binary::decode_request(input, options.max_request_topics),
     }?;
+    // A JSON request's `data` was checked with the whole request above (it sits one level
+    // inside the object): only a binary request's JSON payload is left to check.
     if let Request::Publish { id, payload, .. } = &request {
-        if payload.kind == DataKind::Json
+        if encoding == Encoding::Binary
+            && payload.kind == DataKind::Json
             && !json_depth_within(&payload.bytes, options.max_json_depth)
         {
             let max = options.max_json_depth;
@@ -612,12 +655,18 @@ pub fn decode_request_with(
 /// within at once (one vectorized count); any other is walked once, without branches per
 /// byte when it has no backslash (string bounds are then the parity of the quotes).
 pub fn json_depth_within(json: &[u8], max_depth: usize) -> bool {
+    depth_exceeded_at(json, max_depth).is_none()
+}
+
+/// Where `json` first nests deeper than `max_depth`: an index at most 8 bytes past the
+/// opening bracket that does it, or `None` when it never does (as [`json_depth_within`]).
+fn depth_exceeded_at(json: &[u8], max_depth: usize) -> Option<usize> {
     // Every level costs an opening and a closing bracket.
     if json.len() < max_depth.saturating_add(1).saturating_mul(2) {
-        return true;
+        return None;
     }
     if count_openers(json) <= max_depth {
-        return true;
+        return None;
     }
     if json.contains(&b'\\') {
         depth_within_escaped(json, max_depth)
@@ -661,7 +710,7 @@ fn count_openers(json: &[u8]) -> usize {
 /// as a prefix XOR of the quote flags, and the depth moved by popcounts of the brackets
 /// outside strings. A word is walked bracket by bracket only when its opening brackets could
 /// pass the limit.
-fn depth_within_unescaped(json: &[u8], max_depth: usize) -> bool {
+fn depth_within_unescaped(json: &[u8], max_depth: usize) -> Option<usize> {
     let max = i64::try_from(max_depth).unwrap_or(i64::MAX);
     let mut depth = 0i64;
     // All ones while the word boundary lies inside a string.
@@ -703,16 +752,18 @@ fn depth_within_unescaped(json: &[u8], max_depth: usize) -> bool {
         }
         true
     };
+    let mut end = 0;
     for word in words.by_ref() {
+        end += 8;
         let word: [u8; 8] = word.try_into().unwrap_or_default();
         if !check(word) {
-            return false;
+            return Some(end);
         }
     }
     let mut last = [0u8; 8]; // NUL is neither a quote nor a bracket
     let rest = words.remainder();
     last[..rest.len()].copy_from_slice(rest);
-    check(last)
+    (!check(last)).then_some(json.len())
 }
 
 /// 0x01 in every byte.
@@ -728,7 +779,7 @@ fn byte_flags(w: u64, v: u8) -> u64 {
 
 /// The nesting check for text with backslashes: a walk that skips each string, escapes
 /// included.
-fn depth_within_escaped(json: &[u8], max_depth: usize) -> bool {
+fn depth_within_escaped(json: &[u8], max_depth: usize) -> Option<usize> {
     let mut depth = 0usize;
     let mut bytes = json.iter();
     while let Some(&b) = bytes.next() {
@@ -736,7 +787,7 @@ fn depth_within_escaped(json: &[u8], max_depth: usize) -> bool {
             OPEN => {
                 depth += 1;
                 if depth > max_depth {
-                    return false;
+                    return Some(json.len() - bytes.len());
                 }
             }
             CLOSE => depth = depth.saturating_sub(1),
@@ -755,7 +806,7 @@ fn depth_within_escaped(json: &[u8], max_depth: usize) -> bool {
             _ => {}
         }
     }
-    true
+    None
 }
 
 /// Encodes a client request as a message payload (frame it as a client with

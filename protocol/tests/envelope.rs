@@ -17,6 +17,7 @@ use ringcast_protocol::envelope::{
 };
 use ringcast_protocol::envelope::{
     decode_request_with, json_depth_within, DecodeOptions, DEFAULT_MAX_JSON_DEPTH,
+    DEFAULT_MAX_REQUEST_TOPICS,
 };
 use ringcast_protocol::{Codec, Event, FrameHeader, Limits, OpCode};
 use serde_json::{json, Value};
@@ -1957,16 +1958,24 @@ fn deep_nesting_is_an_error_or_a_payload_never_a_stack_overflow() {
     let publish = format!(r#"{{"type":"publish","id":1,"topic":"t","data":{deep}}}"#);
     let e = json_req(&publish).expect_err("too deep");
     assert_eq!((e.id, e.code), (Some(1), ErrorCode::BadPayload), "{e}");
+    // Any field this deep is refused the same way, before the request is parsed (the id,
+    // read before the deep part, is kept).
     for input in [
         format!(r#"{{"type":"ping","id":1,"unknown":{deep}}}"#),
         format!(r#"{{"type":"ping","id":1,"since":{deep}}}"#),
         format!(r#"{{"id":1,"type":"subscribe","topics":[{{"topic":"t","x":{deep}}}]}}"#),
     ] {
-        match json_req(&input) {
-            Ok(_) => {}
-            Err(e) => assert_eq!((e.id, e.code), (Some(1), ErrorCode::BadRequest), "{e}"),
-        }
+        let e = json_req(&input).expect_err("too deep");
+        assert_eq!((e.id, e.code), (Some(1), ErrorCode::BadPayload), "{e}");
     }
+    // After the deep part, the id is not read: the rest of the request never is.
+    let late_id = format!(r#"{{"type":"publish","topic":"t","data":{deep},"id":1}}"#);
+    let e = json_req(&late_id).expect_err("too deep");
+    assert_eq!((e.id, e.code), (None, ErrorCode::BadPayload), "{e}");
+    // Garbage after the bracket past the limit is never looked at either.
+    let tail = format!(r#"{{"id":2,"data":{}#not json"#, "[".repeat(200));
+    let e = json_req(&tail).expect_err("too deep");
+    assert_eq!((e.id, e.code), (Some(2), ErrorCode::BadPayload), "{e}");
 }
 
 /// A JSON value nested exactly `depth` deep, alternating arrays and objects, with a string
@@ -2147,5 +2156,66 @@ proptest! {
         let value: Value = serde_json::from_str(&text).expect("valid");
         let depth = value_depth(&value);
         prop_assert_eq!(json_depth_within(text.as_bytes(), max), depth <= max, "{} depth {}", text, depth);
+    }
+}
+
+/// A subscribe (entries with `since`, so JSON writes objects) or an unsubscribe naming
+/// `n` topics, `t0`, `t1`, ..., in `enc`.
+fn many_topics_wire(enc: Encoding, subscribe: bool, n: usize) -> Vec<u8> {
+    let names: Vec<String> = (0..n).map(|i| format!("t{i}")).collect();
+    let req = if subscribe {
+        Request::Subscribe {
+            id: Some(4),
+            topics: names
+                .iter()
+                .map(|t| SubscribeTopic {
+                    topic: t.as_str().into(),
+                    since: Some(0),
+                    epoch: None,
+                })
+                .collect(),
+        }
+    } else {
+        Request::Unsubscribe {
+            id: Some(4),
+            topics: names.iter().map(|t| t.as_str().into()).collect(),
+        }
+    };
+    encode_request(enc, &req)
+}
+
+fn topic_count(req: &Request<'_>) -> usize {
+    match req {
+        Request::Subscribe { topics, .. } => topics.len(),
+        Request::Unsubscribe { topics, .. } => topics.len(),
+        other => panic!("not a topic request: {other:?}"),
+    }
+}
+
+#[test]
+fn a_request_naming_more_topics_than_the_limit_is_too_large() {
+    assert_eq!(DEFAULT_MAX_REQUEST_TOPICS, 1024);
+    assert_eq!(DecodeOptions::default().max_request_topics, 1024);
+    for enc in ENCODINGS {
+        for subscribe in [true, false] {
+            let at = many_topics_wire(enc, subscribe, 1024);
+            let req = decode_request(enc, &at).expect("1,024 topics");
+            assert_eq!(topic_count(&req), 1024, "{enc:?} {subscribe}");
+            let e = decode_request(enc, &many_topics_wire(enc, subscribe, 1025)).expect_err("1025");
+            assert_eq!(
+                (e.id, e.code),
+                (Some(4), ErrorCode::TooLarge),
+                "{enc:?}: {e}"
+            );
+            assert_eq!(e.message, "request names more than 1024 topics");
+            // A configured limit, repeats counted: 3 pass, 4 do not.
+            let three = DecodeOptions::default().max_request_topics(3);
+            let wire = many_topics_wire(enc, subscribe, 3);
+            let ok = decode_request_with(enc, &wire, three).expect("3 topics");
+            assert_eq!(topic_count(&ok), 3);
+            let e = decode_request_with(enc, &many_topics_wire(enc, subscribe, 4), three)
+                .expect_err("4 topics");
+            assert_eq!(e.code, ErrorCode::TooLarge, "{enc:?}: {e}");
+        }
     }
 }

@@ -361,11 +361,14 @@ impl Ctx<'_> {
 
     /// The options to decode this connection's broker requests with
     /// ([`envelope::decode_request_with`](ringcast_protocol::envelope::decode_request_with)),
-    /// as the engine's config sets them (`pubsub.max_json_depth`): what the built-in broker
-    /// uses, so that a payload it acks would also pass [`Ctx::publish`].
+    /// as the engine's config sets them (`pubsub.max_json_depth`,
+    /// `pubsub.max_topics_per_request`): what the built-in broker uses, so that a payload it
+    /// acks would also pass [`Ctx::publish`].
     pub fn decode_options(&self) -> ringcast_protocol::envelope::DecodeOptions {
+        let pubsub = &self.table.settings.pubsub;
         ringcast_protocol::envelope::DecodeOptions::default()
-            .max_json_depth(self.table.settings.pubsub.max_json_depth)
+            .max_json_depth(pubsub.max_json_depth)
+            .max_request_topics(pubsub.max_topics_per_request)
     }
 
     /// A publisher for use outside hooks (another thread, a timer).

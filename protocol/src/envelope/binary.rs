@@ -177,7 +177,9 @@ fn truncated(what: &str) -> Fail {
     Fail::bad_request(format!("message truncated in {what}"))
 }
 
-pub(super) fn decode_request(input: &[u8]) -> Result<Request<'_>, DecodeError> {
+/// Decodes a request; a subscribe or unsubscribe naming more than `max_topics` topics is
+/// refused at the first entry past it.
+pub(super) fn decode_request(input: &[u8], max_topics: usize) -> Result<Request<'_>, DecodeError> {
     let mut r = Reader { rest: input };
     let op = r
         .u8("the op")
@@ -188,14 +190,22 @@ pub(super) fn decode_request(input: &[u8]) -> Result<Request<'_>, DecodeError> {
         return Err(fail.with_id(id.ok().flatten()));
     }
     let id = id.map_err(|fail| fail.with_id(None))?;
-    request(op, id, &mut r).map_err(|fail| fail.with_id(id))
+    request(op, id, &mut r, max_topics).map_err(|fail| fail.with_id(id))
 }
 
-fn request<'a>(op: u8, id: Option<u64>, r: &mut Reader<'a>) -> Result<Request<'a>, Fail> {
+fn request<'a>(
+    op: u8,
+    id: Option<u64>,
+    r: &mut Reader<'a>,
+    max_topics: usize,
+) -> Result<Request<'a>, Fail> {
     Ok(match op {
         SUBSCRIBE => {
             let mut topics = Vec::new();
             while !r.is_empty() {
+                if topics.len() == max_topics {
+                    return Err(Fail::too_many_topics(max_topics));
+                }
                 let flags = r.flags(FLAG_SINCE | FLAG_EPOCH, "the entry flags")?;
                 if flags == FLAG_EPOCH {
                     return Err(Fail::bad_request("entry has an epoch without a since"));
@@ -224,6 +234,9 @@ fn request<'a>(op: u8, id: Option<u64>, r: &mut Reader<'a>) -> Result<Request<'a
         UNSUBSCRIBE => {
             let mut topics = Vec::new();
             while !r.is_empty() {
+                if topics.len() == max_topics {
+                    return Err(Fail::too_many_topics(max_topics));
+                }
                 topics.push(r.topic()?);
             }
             if topics.is_empty() {

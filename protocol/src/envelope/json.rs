@@ -384,27 +384,42 @@ fn parse_object<'a>(
     })
 }
 
-pub(super) fn decode_request(input: &[u8]) -> Result<Request<'_>, DecodeError> {
+/// The `id` of a request cut short (`input` is its beginning), when it was read before the
+/// cut.
+pub(super) fn read_id(input: &[u8]) -> Option<u64> {
+    let mut id = None;
+    let mut fields = Fields::new();
+    let _ = parse_object(input, &mut id, &mut fields);
+    id
+}
+
+/// Decodes a request; a subscribe or unsubscribe naming more than `max_topics` topics is
+/// refused at the first entry past it.
+pub(super) fn decode_request(input: &[u8], max_topics: usize) -> Result<Request<'_>, DecodeError> {
     let mut id = None;
     let mut fields = Fields::new();
     let request = parse_object(input, &mut id, &mut fields).and_then(|()| {
         // A wrongly typed id fails here; the first step left `id` empty for it.
         id = fields.u64(F::Id)?;
-        request(&fields, id)
+        request(&fields, id, max_topics)
     });
     request.map_err(|fail| fail.with_id(id))
 }
 
-fn request<'a>(fields: &Fields<'a>, id: Option<u64>) -> Result<Request<'a>, Fail> {
+fn request<'a>(
+    fields: &Fields<'a>,
+    id: Option<u64>,
+    max_topics: usize,
+) -> Result<Request<'a>, Fail> {
     let ty = fields.required_str(F::Type)?;
     Ok(match &*ty {
         "subscribe" => Request::Subscribe {
             id,
-            topics: subscribe_topics(fields)?,
+            topics: subscribe_topics(fields, max_topics)?,
         },
         "unsubscribe" => Request::Unsubscribe {
             id,
-            topics: unsubscribe_topics(fields)?,
+            topics: unsubscribe_topics(fields, max_topics)?,
         },
         "publish" => Request::Publish {
             id,
@@ -423,8 +438,11 @@ fn unknown_type(ty: &str) -> Fail {
     )
 }
 
-fn subscribe_topics<'a>(fields: &Fields<'a>) -> Result<Vec<SubscribeTopic<'a>>, Fail> {
-    let Some(list) = topic_list(fields)? else {
+fn subscribe_topics<'a>(
+    fields: &Fields<'a>,
+    max_topics: usize,
+) -> Result<Vec<SubscribeTopic<'a>>, Fail> {
+    let Some(list) = topic_list(fields, max_topics)? else {
         return subscribe_entry(fields).map(|entry| vec![entry]);
     };
     for f in [F::Since, F::Epoch] {
@@ -468,8 +486,11 @@ fn subscribe_entry<'a>(fields: &Fields<'a>) -> Result<SubscribeTopic<'a>, Fail> 
     })
 }
 
-fn unsubscribe_topics<'a>(fields: &Fields<'a>) -> Result<Vec<Cow<'a, str>>, Fail> {
-    match topic_list(fields)? {
+fn unsubscribe_topics<'a>(
+    fields: &Fields<'a>,
+    max_topics: usize,
+) -> Result<Vec<Cow<'a, str>>, Fail> {
+    match topic_list(fields, max_topics)? {
         None => Ok(vec![fields.topic()?]),
         Some(list) => list
             .into_iter()
@@ -479,8 +500,12 @@ fn unsubscribe_topics<'a>(fields: &Fields<'a>) -> Result<Vec<Cow<'a, str>>, Fail
     }
 }
 
-/// The raw entries of `topics`, or `None` when the request uses `topic` instead.
-fn topic_list<'a>(fields: &Fields<'a>) -> Result<Option<Vec<&'a RawValue>>, Fail> {
+/// The raw entries of `topics`, or `None` when the request uses `topic` instead. More than
+/// `max_topics` entries: [`ErrorCode::TooLarge`], at the first one past it.
+fn topic_list<'a>(
+    fields: &Fields<'a>,
+    max_topics: usize,
+) -> Result<Option<Vec<&'a RawValue>>, Fail> {
     let Some(raw) = fields.raw(F::Topics)? else {
         return Ok(None);
     };
@@ -489,12 +514,51 @@ fn topic_list<'a>(fields: &Fields<'a>) -> Result<Option<Vec<&'a RawValue>>, Fail
             "fields \"topic\" and \"topics\" exclude each other",
         ));
     }
-    let list: Vec<&RawValue> = serde_json::from_str(raw.get())
-        .map_err(|_| Fail::bad_request("field \"topics\" must be an array"))?;
+    let mut over = false;
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    let list = de
+        .deserialize_seq(CappedList {
+            max: max_topics,
+            over: &mut over,
+        })
+        .map_err(|_| {
+            if over {
+                Fail::too_many_topics(max_topics)
+            } else {
+                Fail::bad_request("field \"topics\" must be an array")
+            }
+        })?;
     if list.is_empty() {
         return Err(Fail::bad_request("field \"topics\" is empty"));
     }
     Ok(Some(list))
+}
+
+/// A JSON array's raw entries, at most `max` of them: at the next one it sets `over` and
+/// fails without reading further.
+struct CappedList<'s> {
+    max: usize,
+    over: &'s mut bool,
+}
+
+impl<'de> Visitor<'de> for CappedList<'_> {
+    type Value = Vec<&'de RawValue>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array")
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut list = Vec::new();
+        while let Some(item) = seq.next_element::<&RawValue>()? {
+            if list.len() == self.max {
+                *self.over = true;
+                return Err(de::Error::custom("too many entries"));
+            }
+            list.push(item);
+        }
+        Ok(list)
+    }
 }
 
 /// Entry `i` of `topics` as a plain topic string.
