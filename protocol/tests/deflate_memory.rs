@@ -42,6 +42,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// The allocator counts every thread: the tests measure one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn live() -> isize {
     LIVE.load(Relaxed)
 }
@@ -97,6 +100,7 @@ fn held(config: &DeflateConfig, offer: &str) -> (isize, isize) {
 
 #[test]
 fn idle_connections_hold_no_deflate_state_without_context_takeover() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let shared = DeflateConfig::default()
         .with_server_no_context_takeover(true)
         .with_client_no_context_takeover(true);
@@ -120,5 +124,30 @@ fn idle_connections_hold_no_deflate_state_without_context_takeover() {
             after > 4096,
             "context takeover keeps both states: {after} B"
         );
+    }
+}
+
+#[test]
+fn a_lower_memory_level_holds_fewer_bytes_per_dedicated_connection() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for bits in [15u8, 10] {
+        let mut last = isize::MAX;
+        for mem_level in [9u8, 8, 4, 1] {
+            let dedicated = DeflateConfig::default()
+                .with_server_no_context_takeover(false)
+                .with_server_max_window_bits(bits)
+                .with_client_max_window_bits(bits)
+                .with_mem_level(mem_level);
+            let (_, after) = held(&dedicated, "permessage-deflate; client_max_window_bits");
+            println!(
+                "dedicated, window bits {bits}, mem_level {mem_level}: {after} B after a \
+                 message each way"
+            );
+            assert!(
+                after < last,
+                "mem_level {mem_level} holds less than the level above: {after} B"
+            );
+            last = after;
+        }
     }
 }

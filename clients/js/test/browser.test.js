@@ -384,9 +384,9 @@ test("an expired token closes with 1008 and the token callback's fresh token res
  * Chromium offers permessage-deflate on every WebSocket: with compression on, the server
  * compresses the large JSON messages it delivers (and only those) and the page reads each intact.
  */
-async function compressedJson(mode) {
+async function compressedJson(mode, extra = []) {
   const threshold = 256;
-  const srv = await serve(["--set", `compression.mode="${mode}"`, "--set", `compression.threshold_bytes=${threshold}`]);
+  const srv = await serve(["--set", `compression.mode="${mode}"`, "--set", `compression.threshold_bytes=${threshold}`, ...extra]);
   const url = `ws://127.0.0.1:${srv.port}/`;
   const page = await openPage();
   await subscribeIn(page, url, "deflate.json");
@@ -426,3 +426,6 @@ async function compressedJson(mode) {
 test("Chromium receives compressed JSON through the broker, compression.mode=shared", { skip }, () => compressedJson("shared"));
 
 test("Chromium receives compressed JSON through the broker, compression.mode=dedicated", { skip }, () => compressedJson("dedicated"));
+
+test("Chromium receives compressed JSON through the broker, dedicated with a small window and mem_level", { skip }, () =>
+  compressedJson("dedicated", ["--set", "compression.window_bits=10", "--set", "compression.mem_level=2"]));
