@@ -67,11 +67,11 @@ pub struct DeflateConfig {
     /// Messages shorter than this many bytes are sent uncompressed (RSV1 clear), as RFC 7692
     /// §6 allows. Default 64.
     pub threshold: usize,
-    /// The compressor's memory level, 1 to 9 (zlib's `memLevel`): its hash table and pending
-    /// buffer scale with `2^(mem_level + 7)` entries each. Default 8 (zlib's default). Lower
-    /// saves memory per compressor (bench/RESULTS.md has the bytes per connection) at some
-    /// compression ratio; it matters where a compressor lives as long as a connection
-    /// (context takeover).
+    /// The compressor's memory level, 1 to 9 (zlib's `memLevel`): its hash table has
+    /// `2^(mem_level + 7)` entries and its pending buffer grows in step. Default 8 (zlib's
+    /// default). Lower saves memory per compressor (bench/RESULTS.md: bytes per connection,
+    /// and the ratio, unchanged at level 1, worse at level 6 below 4); it matters where a
+    /// compressor lives as long as a connection (context takeover).
     pub mem_level: u8,
 }
 
