@@ -114,6 +114,14 @@ pub struct CompressionConfig {
     /// 8 to 15. Default 15. It bounds the server's decompressor in `dedicated` mode, where
     /// clients may keep their context.
     pub client_window_bits: u8,
+    /// The compressor's memory level (zlib's `memLevel`), 1 to 9. Default 8. Each step down
+    /// halves the compressor's hash table and pending buffer. Measured heap per `dedicated`
+    /// connection after a message each way (bench/RESULTS.md): window_bits 15: 418 KiB at 8,
+    /// 313 KiB at 4, 307 KiB at 1; window_bits 10: 294 KiB at 8, 189 KiB at 4, 183 KiB at 1.
+    /// Measured cost in ratio and time: none at level 1; at level 6 none down to 4, worse at 1.
+    /// In `shared` mode compressors are pooled per shard, so it matters little. Out of range:
+    /// a ConfigError.
+    pub mem_level: u8,
 }
 
 impl Default for CompressionConfig {
@@ -124,6 +132,7 @@ impl Default for CompressionConfig {
             level: 1,
             window_bits: 15,
             client_window_bits: 15,
+            mem_level: 8,
         }
     }
 }
@@ -164,6 +173,7 @@ impl CompressionConfig {
                 .with_server_max_window_bits(self.window_bits)
                 .with_client_max_window_bits(self.client_window_bits)
                 .with_level(self.level)
+                .with_mem_level(self.mem_level)
                 .with_threshold(self.threshold_bytes),
         )
     }
@@ -1266,6 +1276,11 @@ impl EngineConfig {
         let c = &self.compression;
         check(c.level <= 9, "compression.level", "must be between 0 and 9")?;
         check(
+            (1..=9).contains(&c.mem_level),
+            "compression.mem_level",
+            "must be between 1 and 9",
+        )?;
+        check(
             (9..=15).contains(&c.window_bits),
             "compression.window_bits",
             "must be between 9 and 15",
@@ -1469,6 +1484,21 @@ mod tests {
                     assert!(!built_in, "{e}");
                     let text = e.to_string();
                     assert!(text.starts_with(key) && text.contains(feature), "{text}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn compression_mem_level_is_checked() {
+        for (mem_level, ok) in [(0u8, false), (1, true), (8, true), (9, true), (10, false)] {
+            let mut config = EngineConfig::default();
+            config.compression.mem_level = mem_level;
+            match config.validate() {
+                Ok(()) => assert!(ok, "mem_level {mem_level} accepted"),
+                Err(e) => {
+                    assert!(!ok, "mem_level {mem_level}: {e}");
+                    assert!(e.to_string().starts_with("compression.mem_level"), "{e}");
                 }
             }
         }

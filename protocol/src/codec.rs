@@ -171,7 +171,7 @@ impl Codec {
         self.deflate = Some(Box::new(Deflate {
             params,
             threshold: config.threshold,
-            tx: Deflater::new(tx_bits, config.level, tx_reset),
+            tx: Deflater::new(tx_bits, config.level, config.mem_level, tx_reset),
             rx: Inflater::new(rx_bits, rx_reset),
         }));
         self

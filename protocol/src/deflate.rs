@@ -26,7 +26,8 @@ use std::cell::RefCell;
 use std::fmt::Write as _;
 
 use bytes::{Bytes, BytesMut};
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use flate2::{Decompress, FlushDecompress, Status};
+use zlib_rs::{Deflate as Compress, DeflateConfig as ZConfig, DeflateFlush};
 
 use crate::error::{HandshakeError, ProtocolError};
 
@@ -66,6 +67,12 @@ pub struct DeflateConfig {
     /// Messages shorter than this many bytes are sent uncompressed (RSV1 clear), as RFC 7692
     /// §6 allows. Default 64.
     pub threshold: usize,
+    /// The compressor's memory level, 1 to 9 (zlib's `memLevel`): its hash table has
+    /// `2^(mem_level + 7)` entries and its pending buffer grows in step. Default 8 (zlib's
+    /// default). Lower saves memory per compressor (bench/RESULTS.md: bytes per connection,
+    /// and the ratio, unchanged at level 1, worse at level 6 below 4); it matters where a
+    /// compressor lives as long as a connection (context takeover).
+    pub mem_level: u8,
 }
 
 impl Default for DeflateConfig {
@@ -76,6 +83,7 @@ impl Default for DeflateConfig {
             server_max_window_bits: 15,
             client_max_window_bits: 15,
             level: 1,
+            mem_level: 8,
             threshold: 64,
         }
     }
@@ -114,6 +122,13 @@ impl DeflateConfig {
     #[must_use]
     pub fn with_level(mut self, level: u8) -> Self {
         self.level = level.min(9);
+        self
+    }
+
+    /// Sets [`DeflateConfig::mem_level`], clamped to 1..=9.
+    #[must_use]
+    pub fn with_mem_level(mut self, mem_level: u8) -> Self {
+        self.mem_level = mem_level.clamp(1, 9);
         self
     }
 
@@ -420,26 +435,42 @@ fn split_outside_quotes(s: &str, sep: char) -> impl Iterator<Item = &str> {
 }
 
 thread_local! {
-    static DEFLATERS: RefCell<Vec<(u8, u8, Box<Compress>)>> = const { RefCell::new(Vec::new()) };
+    static DEFLATERS: RefCell<Vec<(Key, Box<Compress>)>> = const { RefCell::new(Vec::new()) };
     static INFLATERS: RefCell<Vec<(u8, Box<Decompress>)>> = const { RefCell::new(Vec::new()) };
 }
 
+/// What a pooled compressor was made with: window bits, level, memory level.
+type Key = (u8, u8, u8);
+
 /// One direction's compressor: raw deflate with a window of `window_bits`.
-#[derive(Debug)]
 pub(crate) struct Deflater {
     window_bits: u8,
     level: u8,
+    mem_level: u8,
     /// No context takeover: back to the pool after each message.
     reset: bool,
     /// Boxed: an idle connection pays a pointer, not the inline stream struct.
     state: Option<Box<Compress>>,
 }
 
+impl std::fmt::Debug for Deflater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deflater")
+            .field("window_bits", &self.window_bits)
+            .field("level", &self.level)
+            .field("mem_level", &self.mem_level)
+            .field("reset", &self.reset)
+            .field("allocated", &self.state.is_some())
+            .finish()
+    }
+}
+
 impl Deflater {
-    pub(crate) fn new(window_bits: u8, level: u8, reset: bool) -> Self {
+    pub(crate) fn new(window_bits: u8, level: u8, mem_level: u8, reset: bool) -> Self {
         Self {
             window_bits: window_bits.clamp(9, 15),
             level: level.min(9),
+            mem_level: mem_level.clamp(1, 9),
             reset,
             state: None,
         }
@@ -454,13 +485,13 @@ impl Deflater {
     /// Compresses one message's payload, appending the deflate bytes (without the final
     /// `00 00 FF FF`) to `dst`.
     pub(crate) fn compress(&mut self, payload: &[u8], dst: &mut Vec<u8>) {
-        let (bits, level) = (self.window_bits, self.level);
-        let state = self.state.get_or_insert_with(|| take_deflater(bits, level));
+        let key = (self.window_bits, self.level, self.mem_level);
+        let state = self.state.get_or_insert_with(|| take_deflater(key));
         compress_into(state, payload, dst);
         if self.reset {
             if let Some(mut state) = self.state.take() {
                 state.reset();
-                give_deflater(bits, level, state);
+                give_deflater(key, state);
             }
         }
     }
@@ -483,8 +514,12 @@ fn compress_into(state: &mut Compress, payload: &[u8], dst: &mut Vec<u8>) {
             dst.reserve(dst.len().max(256));
         }
         let (before_in, before_out) = (state.total_in(), dst.len());
+        // Into the spare capacity, zeroed first (safe code; the copy is small next to deflate).
+        dst.resize(dst.capacity(), 0);
+        let before_total_out = state.total_out();
         // Only a stream error (impossible with our own parameters) fails here.
-        let _ = state.compress_vec(input, dst, FlushCompress::Sync);
+        let _ = state.compress(input, &mut dst[before_out..], DeflateFlush::SyncFlush);
+        dst.truncate(before_out + (state.total_out() - before_total_out) as usize);
         let used = (state.total_in() - before_in) as usize;
         input = &input[used..];
         let room = dst.capacity() - dst.len() >= 64;
@@ -506,34 +541,30 @@ fn compress_into(state: &mut Compress, payload: &[u8], dst: &mut Vec<u8>) {
     }
 }
 
-fn take_deflater(bits: u8, level: u8) -> Box<Compress> {
+fn take_deflater(key: Key) -> Box<Compress> {
     DEFLATERS
         .with(|pool| {
             let mut pool = pool.borrow_mut();
-            let at = pool
-                .iter()
-                .position(|(b, l, _)| *b == bits && *l == level)?;
-            Some(pool.swap_remove(at).2)
+            let at = pool.iter().position(|(k, _)| *k == key)?;
+            Some(pool.swap_remove(at).1)
         })
         .unwrap_or_else(|| {
-            Box::new(Compress::new_with_window_bits(
-                Compression::new(level.into()),
-                false,
-                bits,
-            ))
+            let (bits, level, mem_level) = key;
+            // Raw deflate (negative window bits), as RFC 7692 frames carry it.
+            Box::new(Compress::new_with_config(ZConfig {
+                level: level.into(),
+                window_bits: -i32::from(bits),
+                mem_level: mem_level.into(),
+                ..ZConfig::default()
+            }))
         })
 }
 
-fn give_deflater(bits: u8, level: u8, state: Box<Compress>) {
+fn give_deflater(key: Key, state: Box<Compress>) {
     DEFLATERS.with(|pool| {
         let mut pool = pool.borrow_mut();
-        if pool
-            .iter()
-            .filter(|(b, l, _)| *b == bits && *l == level)
-            .count()
-            < POOL_SIZE
-        {
-            pool.push((bits, level, state));
+        if pool.iter().filter(|(k, _)| *k == key).count() < POOL_SIZE {
+            pool.push((key, state));
         }
     });
 }
@@ -657,8 +688,9 @@ pub fn deflate_server_frame(
     payload: &[u8],
     window_bits: u8,
     level: u8,
+    mem_level: u8,
 ) -> Bytes {
-    let mut deflater = Deflater::new(window_bits, level, true);
+    let mut deflater = Deflater::new(window_bits, level, mem_level, true);
     let mut body = Vec::new();
     deflater.compress(payload, &mut body);
     compressed_frame(opcode, &body, None)
@@ -819,9 +851,9 @@ mod tests {
 
     #[test]
     fn compress_and_inflate_round_trip_with_and_without_context() {
-        for reset in [false, true] {
+        for (reset, mem_level) in [(false, 8), (true, 8), (false, 1), (false, 4), (true, 9)] {
             for bits in 9..=15 {
-                let mut d = Deflater::new(bits, 6, reset);
+                let mut d = Deflater::new(bits, 6, mem_level, reset);
                 let mut i = Inflater::new(bits, reset);
                 for n in 0..50 {
                     let msg = format!("{{\"seq\":{n},\"data\":\"{}\"}}", "abc".repeat(n * 7));
@@ -838,7 +870,7 @@ mod tests {
 
     #[test]
     fn inflate_stops_at_the_limit_without_allocating_the_bomb() {
-        let mut d = Deflater::new(15, 9, true);
+        let mut d = Deflater::new(15, 9, 8, true);
         let mut body = Vec::new();
         d.compress(&vec![0u8; 8 << 20], &mut body);
         assert!(body.len() < 16 << 10, "{}", body.len());
@@ -851,7 +883,7 @@ mod tests {
     #[test]
     fn empty_messages_between_others_keep_the_context_and_never_hang() {
         // A sync flush right after another produces nothing: this used to loop forever.
-        let mut d = Deflater::new(15, 1, false);
+        let mut d = Deflater::new(15, 1, 8, false);
         let mut i = Inflater::new(15, false);
         for msg in [&b"abcabc"[..], b"", b"", b"abcabcabc", b""] {
             let mut body = Vec::new();

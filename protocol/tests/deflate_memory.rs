@@ -121,4 +121,31 @@ fn idle_connections_hold_no_deflate_state_without_context_takeover() {
             "context takeover keeps both states: {after} B"
         );
     }
+    lower_memory_levels_hold_less();
+}
+
+/// A lower memory level holds fewer bytes per dedicated connection. Called from the one test:
+/// the allocator counts every thread, and a second test (or the harness reporting one) running
+/// alongside would be counted too.
+fn lower_memory_levels_hold_less() {
+    for bits in [15u8, 10] {
+        let mut last = isize::MAX;
+        for mem_level in [9u8, 8, 4, 1] {
+            let dedicated = DeflateConfig::default()
+                .with_server_no_context_takeover(false)
+                .with_server_max_window_bits(bits)
+                .with_client_max_window_bits(bits)
+                .with_mem_level(mem_level);
+            let (_, after) = held(&dedicated, "permessage-deflate; client_max_window_bits");
+            println!(
+                "dedicated, window bits {bits}, mem_level {mem_level}: {after} B after a \
+                 message each way"
+            );
+            assert!(
+                after < last,
+                "mem_level {mem_level} holds less than the level above: {after} B"
+            );
+            last = after;
+        }
+    }
 }

@@ -379,3 +379,53 @@ test("an expired token closes with 1008 and the token callback's fresh token res
   assert.deepEqual((await messages(page)).map((m) => m.seq), [1, outcome.ack.seq]);
   await page.context().close();
 });
+
+/**
+ * Chromium offers permessage-deflate on every WebSocket: with compression on, the server
+ * compresses the large JSON messages it delivers (and only those) and the page reads each intact.
+ */
+async function compressedJson(mode, extra = []) {
+  const threshold = 256;
+  const srv = await serve(["--set", `compression.mode="${mode}"`, "--set", `compression.threshold_bytes=${threshold}`, ...extra]);
+  const url = `ws://127.0.0.1:${srv.port}/`;
+  const page = await openPage();
+  await subscribeIn(page, url, "deflate.json");
+  const extensions = await page.evaluate(() => window.client.conn.ws.extensions);
+  assert.match(extensions, /^permessage-deflate/, "the server accepted Chromium's offer");
+  if (mode === "shared") assert.match(extensions, /server_no_context_takeover/);
+  await publisherIn(page, url);
+  // Every third message is small (sent uncompressed); the others are ~2 KiB of repetitive JSON.
+  const sent = Array.from({ length: 30 }, (_, i) =>
+    i % 3 === 2
+      ? { i, small: true }
+      : { i, quotes: Array.from({ length: 40 }, (_, k) => ({ symbol: "BTC-USD", bid: 64000 + k, ask: 64001 + k, size: i + k })) },
+  );
+  const big = sent.filter((m) => !m.small).length;
+  assert.ok(sent.every((m) => m.small || JSON.stringify(m).length > 2048), "large messages are over 2 KiB");
+  assert.ok(sent.every((m) => !m.small || JSON.stringify(m).length < threshold), "small ones are under it");
+  const before = {
+    messages: await metric(srv.port, "ringcast_deflate_messages_total"),
+    bytesIn: await metric(srv.port, "ringcast_deflate_bytes_in_total"),
+    bytesOut: await metric(srv.port, "ringcast_deflate_bytes_out_total"),
+  };
+  for (const m of sent) await page.evaluate((m) => window.publish("deflate.json", m), m);
+  await until("every message in the page", async () => (await messages(page)).length === sent.length);
+  const got = await messages(page);
+  assert.deepEqual(got.map((m) => m.data), sent, "every message intact and in order");
+  assertContiguous(got.map((m) => m.seq), 1, sent.length, "subscriber");
+  assert.deepEqual(await page.evaluate(() => window.failed), []);
+  const messagesDelta = (await metric(srv.port, "ringcast_deflate_messages_total")) - before.messages;
+  const bytesIn = (await metric(srv.port, "ringcast_deflate_bytes_in_total")) - before.bytesIn;
+  const bytesOut = (await metric(srv.port, "ringcast_deflate_bytes_out_total")) - before.bytesOut;
+  assert.equal(messagesDelta, big, "each large delivery compressed once, the small ones not at all");
+  assert.ok(bytesIn > big * 2048, `the large payloads went through deflate (${bytesIn} bytes)`);
+  assert.ok(bytesOut * 4 < bytesIn, `and shrank (${bytesIn} -> ${bytesOut} bytes)`);
+  await page.context().close();
+}
+
+test("Chromium receives compressed JSON through the broker, compression.mode=shared", { skip }, () => compressedJson("shared"));
+
+test("Chromium receives compressed JSON through the broker, compression.mode=dedicated", { skip }, () => compressedJson("dedicated"));
+
+test("Chromium receives compressed JSON through the broker, dedicated with a small window and mem_level", { skip }, () =>
+  compressedJson("dedicated", ["--set", "compression.window_bits=10", "--set", "compression.mem_level=2"]));

@@ -95,6 +95,7 @@ impl Published {
                 payload,
                 compression.window_bits,
                 compression.level,
+                compression.mem_level,
             );
             metrics
                 .deflate_nanos
