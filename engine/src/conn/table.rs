@@ -869,16 +869,7 @@ impl ConnTable {
                 if codec.compresses(payload.len()) {
                     let started = std::time::Instant::now();
                     if let Some(frame) = codec.compressed_message(msg.opcode(), payload) {
-                        metrics
-                            .deflate_nanos
-                            .add(started.elapsed().as_nanos() as u64);
-                        metrics.deflate_messages.incr();
-                        metrics.deflate_bytes_in.add(payload.len() as u64);
-                        let body = FrameHeader::parse(&frame)
-                            .ok()
-                            .flatten()
-                            .map_or(0, |(h, _)| h.payload_len);
-                        metrics.deflate_bytes_out.add(body);
+                        metrics.deflated(started, payload.len(), &frame);
                         conn.out.push_encoded(frame);
                         return;
                     }

@@ -137,6 +137,19 @@ impl ShardMetrics {
     pub(crate) fn closed(&self, code: CloseCode, by: CloseInitiator) {
         self.closes[initiator_index(by)][close_slot(code.as_u16())].incr();
     }
+
+    /// Counts one compressed message: `plain_len` bytes in, `frame` (a whole encoded frame)
+    /// out, compressed since `started`.
+    pub(crate) fn deflated(&self, started: std::time::Instant, plain_len: usize, frame: &[u8]) {
+        self.deflate_nanos.add(started.elapsed().as_nanos() as u64);
+        self.deflate_messages.incr();
+        self.deflate_bytes_in.add(plain_len as u64);
+        let body = ringcast_protocol::FrameHeader::parse(frame)
+            .ok()
+            .flatten()
+            .map_or(0, |(h, _)| h.payload_len);
+        self.deflate_bytes_out.add(body);
+    }
 }
 
 /// A counter written by one shard and read by any thread.

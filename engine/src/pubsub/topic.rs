@@ -97,16 +97,7 @@ impl Published {
                 compression.level,
                 compression.mem_level,
             );
-            metrics
-                .deflate_nanos
-                .add(started.elapsed().as_nanos() as u64);
-            metrics.deflate_messages.incr();
-            metrics.deflate_bytes_in.add(payload.len() as u64);
-            let body = FrameHeader::parse(&frame)
-                .ok()
-                .flatten()
-                .map_or(0, |(h, _)| h.payload_len);
-            metrics.deflate_bytes_out.add(body);
+            metrics.deflated(started, payload.len(), &frame);
             Some(frame)
         });
         deflated.as_ref().unwrap_or(plain)
