@@ -141,30 +141,13 @@ impl DeflateConfig {
 
     /// Client role: the `Sec-WebSocket-Extensions` value offering permessage-deflate.
     pub fn offer(&self) -> String {
-        let mut out = String::from(EXTENSION_NAME);
-        if self.server_no_context_takeover {
-            out.push_str("; server_no_context_takeover");
-        }
-        if self.client_no_context_takeover {
-            out.push_str("; client_no_context_takeover");
-        }
-        if self.server_max_window_bits < 15 {
-            let _ = write!(
-                out,
-                "; server_max_window_bits={}",
-                self.server_max_window_bits.clamp(9, 15)
-            );
-        }
-        if self.client_max_window_bits < 15 {
-            let _ = write!(
-                out,
-                "; client_max_window_bits={}",
-                self.client_max_window_bits.clamp(8, 15)
-            );
-        } else {
-            out.push_str("; client_max_window_bits");
-        }
-        out
+        extension_value(
+            self.server_no_context_takeover,
+            self.client_no_context_takeover,
+            self.server_max_window_bits.clamp(9, 15),
+            // Offered bare at 15: the server may then choose any client window.
+            Some(self.client_max_window_bits.clamp(8, 15)),
+        )
     }
 
     /// Client role: checks the server's `Sec-WebSocket-Extensions` answer to
@@ -237,29 +220,42 @@ pub struct DeflateParams {
 impl DeflateParams {
     /// Server role: the `Sec-WebSocket-Extensions` value for the 101.
     pub fn answer(&self) -> String {
-        let mut out = String::from(EXTENSION_NAME);
-        if self.server_no_context_takeover {
-            out.push_str("; server_no_context_takeover");
-        }
-        if self.client_no_context_takeover {
-            out.push_str("; client_no_context_takeover");
-        }
-        if self.server_max_window_bits < 15 {
-            let _ = write!(
-                out,
-                "; server_max_window_bits={}",
-                self.server_max_window_bits
-            );
-        }
-        if self.client_max_window_bits < 15 {
-            let _ = write!(
-                out,
-                "; client_max_window_bits={}",
-                self.client_max_window_bits
-            );
-        }
-        out
+        extension_value(
+            self.server_no_context_takeover,
+            self.client_no_context_takeover,
+            self.server_max_window_bits,
+            (self.client_max_window_bits < 15).then_some(self.client_max_window_bits),
+        )
     }
+}
+
+/// One permessage-deflate extension value, as an offer or an answer. Window bits of 15 are
+/// the default and left out; `client_bits` of `Some(15)` is written bare
+/// (`client_max_window_bits` with no value, an offer's "any window"), `None` at 15 not at all.
+fn extension_value(
+    server_no_context_takeover: bool,
+    client_no_context_takeover: bool,
+    server_bits: u8,
+    client_bits: Option<u8>,
+) -> String {
+    let mut out = String::from(EXTENSION_NAME);
+    if server_no_context_takeover {
+        out.push_str("; server_no_context_takeover");
+    }
+    if client_no_context_takeover {
+        out.push_str("; client_no_context_takeover");
+    }
+    if server_bits < 15 {
+        let _ = write!(out, "; server_max_window_bits={server_bits}");
+    }
+    match client_bits {
+        Some(15) => out.push_str("; client_max_window_bits"),
+        Some(bits) => {
+            let _ = write!(out, "; client_max_window_bits={bits}");
+        }
+        None => {}
+    }
+    out
 }
 
 /// Server role: the first acceptable permessage-deflate offer among `Sec-WebSocket-Extensions`
